@@ -1,0 +1,80 @@
+"""Options and helpers shared by CLI subcommands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ..errors import ConfigError
+
+err_console = Console(stderr=True)
+
+BITS_HELP = "2, 3, 4 or none"
+
+
+def parse_bits(value: str | None, allowed: tuple[int, ...], name: str) -> int | None:
+    if value is None or value.strip().lower() in ("none", "16", "bf16", "fp16"):
+        return None
+    try:
+        bits = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))} or none, got {value!r}") from None
+    if bits not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))} or none, got {value!r}")
+    return bits
+
+
+def resolve_model(model_dir: Path | None) -> tuple[Path, bool]:
+    """(directory, is_random_default)."""
+    if model_dir is not None:
+        return model_dir, False
+    from ..defaults import default_model_dir
+
+    with err_console.status("preparing the embedded default model..."):
+        return default_model_dir()
+
+
+def load_engine(
+    model_dir: Path,
+    device: str,
+    experts_bits: str | None,
+    attn_bits: str | None,
+    cache_per_layer: int | None,
+    gpu_budget: str | None,
+    prefetch: bool,
+    quiet: bool = False,
+):
+    import moe_llm
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    eb = parse_bits(experts_bits, (2, 3, 4), "--experts-bits")
+    ab = parse_bits(attn_bits, (4,), "--attn-bits")
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=quiet,
+    ) as progress:
+        task = progress.add_task("loading experts", total=None)
+
+        def cb(stage: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, description=f"loading {stage}")
+
+        return moe_llm.load(
+            model_dir, device=device, experts_bits=eb, attn_bits=ab, cache_per_layer=cache_per_layer,
+            gpu_budget=gpu_budget, prefetch=prefetch, progress=cb,
+        )  # fmt: skip
+
+
+ModelArg = typer.Argument(None, help="Local HF checkpoint directory (default: the embedded demo model).")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda.")
+ExpertsBitsOpt = typer.Option("none", "--experts-bits", help=f"Expert quantization: {BITS_HELP}.")
+AttnBitsOpt = typer.Option("none", "--attn-bits", help="Dense/attention quantization: 4 or none.")
+CacheOpt = typer.Option(None, "--cache-per-layer", help="Expert slots per MoE layer.")
+BudgetOpt = typer.Option(None, "--gpu-budget", help="Device memory budget, e.g. 12GiB.")
+NoPrefetchOpt = typer.Option(False, "--no-prefetch", help="Disable speculative expert prefetch.")

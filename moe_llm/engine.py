@@ -1,0 +1,276 @@
+"""Engine: prefill, decode, stream, on top of the offloaded transformers trunk.
+
+`Engine.stream` is the core generator: tokenize (chat template for message
+lists), prefill the prompt into a fresh `DynamicCache`, then decode one token at
+a time, yielding text deltas. `generate` drains `stream`. Requests are
+serialised by a FIFO lock, so threads sharing one engine never interleave KV
+state; a consumer that abandons a stream releases the engine in `finally`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .cache import ExpertCache
+from .config import EngineConfig, GenerationConfig
+from .errors import InputError
+from .expert_format import ExpertFormat
+from .planner import Plan
+from .sampling import sample
+from .stats import Stats
+from .textstream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamChunk:
+    text: str  # new text since the previous chunk
+    token_ids: list[int]  # tokens generated since the previous chunk
+    finish_reason: str | None = None  # set on the last chunk: "stop" or "length"
+    stats: dict[str, Any] | None = None  # set on the last chunk
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats,
+        }
+
+
+class FifoLock:
+    """A lock that admits waiters in arrival order."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+        self._held = False
+
+    def __enter__(self):
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            while self._held or self._queue[0] is not me:
+                self._cond.wait()
+            self._queue.popleft()
+            self._held = True
+        return self
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        hf_config,
+        config: EngineConfig,
+        cache: ExpertCache,
+        fmt: ExpertFormat,
+        plan: Plan,
+        model_path: str,
+        stats: Stats,
+        runtime,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hf_config = hf_config
+        self.config = config
+        self.cache = cache
+        self.fmt = fmt
+        self.plan = plan
+        self.model_path = model_path
+        self.stats = stats
+        self.runtime = runtime
+        self.device = torch.device(config.device)
+        self._lock = FifoLock()
+        self.eos_ids = self._eos_ids()
+        # transformers >= 5.2x renamed past_key_values to cache
+        self._kv_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    # -- properties ------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        n = getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        return int(min(self.config.max_context, n)) if self.config.max_context else int(n)
+
+    @property
+    def model_name(self) -> str:
+        from pathlib import Path
+
+        return Path(self.model_path).name
+
+    @property
+    def expert_bits_per_param(self) -> float:
+        return self.fmt.bits_per_param
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.hf_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, (list, tuple)):
+                ids.update(int(i) for i in src)
+        return ids
+
+    # -- tokenization ------------------------------------------------------------
+    def encode(self, prompt: str | list[dict] | list[int]) -> list[int]:
+        """Prompt text, chat messages, or token ids -> token ids."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InputError("prompt is empty")
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            vocab = self.hf_config.vocab_size
+            if any(t < 0 or t >= vocab for t in prompt):
+                raise InputError(f"token ids must be in [0, {vocab})")
+            return list(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            for m in prompt:
+                if "role" not in m or "content" not in m:
+                    raise InputError("each chat message needs 'role' and 'content'")
+            if not self.tokenizer.chat_template:
+                raise InputError("this model has no chat template; pass a plain prompt")
+            text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        raise InputError("prompt must be a non-empty string, a list of chat messages, or a list of token ids")
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- model calls -------------------------------------------------------------
+    def _new_kv(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf_config)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Full-sequence logits [T, V] for one prompt (tests, perplexity)."""
+        with self._lock:
+            ids = torch.tensor([token_ids], device=self.device)
+            out = self.model(input_ids=ids, use_cache=False)
+            return out.logits[0].float()
+
+    # -- generation ----------------------------------------------------------------
+    def stream(self, prompt, **kwargs) -> Iterator[StreamChunk]:
+        """Yield text deltas as they are generated. Options as in `GenerationConfig`."""
+        gen = GenerationConfig.build(**kwargs)
+        prompt_ids = self.encode(prompt)
+        if len(prompt_ids) >= self.context_length:
+            raise InputError(
+                f"prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}"
+            )
+        return self._stream(prompt_ids, gen)
+
+    def _stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[StreamChunk]:
+        with self._lock:
+            yield from self._run(prompt_ids, gen)
+
+    @torch.inference_mode()
+    def _run(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[StreamChunk]:
+        before = self.stats.copy()
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(gen.seed) if gen.seed is not None else None
+        max_new = min(gen.max_new_tokens, self.context_length - len(prompt_ids))
+        text = TextStream(self.tokenizer, gen.stop)
+        kv = self._new_kv()
+        pending: list[int] = []
+        finish = "length"
+        ttft = None
+        t_first = t0
+        try:
+            ids = torch.tensor([prompt_ids], device=self.device)
+            for step in range(max_new):
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._kv_arg: kv})
+                tok = sample(out.logits[0, -1], gen.temperature, gen.top_k, gen.top_p, generator)
+                if step == 0:
+                    t_first = time.perf_counter()
+                    ttft = t_first - t0
+                    self.stats.prefill_seconds += ttft
+                self.stats.tokens_generated += 1
+                if tok in self.eos_ids:
+                    finish = "stop"
+                    break
+                pending.append(tok)
+                delta = text.push(tok)
+                if text.stopped:
+                    finish = "stop"
+                    if delta:
+                        yield StreamChunk(delta, pending)
+                        pending = []
+                    break
+                if delta:
+                    yield StreamChunk(delta, pending)
+                    pending = []
+                ids = torch.tensor([[tok]], device=self.device)
+            tail = text.flush() if not text.stopped else ""
+            self.stats.decode_seconds += time.perf_counter() - t_first
+            self.stats.requests += 1
+            self.stats.prompt_tokens += len(prompt_ids)
+            call = self.stats - before
+            yield StreamChunk(tail, pending, finish, self._call_stats(call, ttft, len(prompt_ids), text))
+        finally:
+            # abandoned or failed streams: fence in-flight copies, drop per-request state
+            self.cache.synchronize()
+            if self.runtime.prefetcher is not None:
+                self.runtime.prefetcher.clear()
+            del kv
+
+    def _call_stats(self, call: Stats, ttft: float | None, prompt_tokens: int, text: TextStream) -> dict:
+        d = call.to_dict()
+        d.update(
+            prompt_tokens=prompt_tokens,
+            time_to_first_token_s=ttft or 0.0,
+            expert_bits_per_param=self.expert_bits_per_param,
+            slots_per_layer=self.cache.slots_per_layer,
+        )
+        return d
+
+    def generate(self, prompt, **kwargs) -> GenerationResult:
+        """Generate a completion. Options as in `GenerationConfig`."""
+        gen = GenerationConfig.build(**kwargs)
+        prompt_ids = self.encode(prompt)
+        if len(prompt_ids) >= self.context_length:
+            raise InputError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
+        parts, ids, last = [], [], None
+        for chunk in self._stream(prompt_ids, gen):
+            parts.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        return GenerationResult("".join(parts), ids, len(prompt_ids), last.finish_reason, last.stats or {})
+
+    def stats_dict(self) -> dict[str, Any]:
+        d = self.stats.to_dict()
+        d["expert_bits_per_param"] = self.expert_bits_per_param
+        d["slots_per_layer"] = self.cache.slots_per_layer
+        return d
+
+    def reset_cache(self) -> None:
+        """Drop every resident expert (benchmarks, tests)."""
+        with self._lock:
+            self.cache.reset()

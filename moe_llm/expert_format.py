@@ -1,0 +1,75 @@
+"""How one expert is laid out in bytes: unquantized tensors or the compact format.
+
+An expert is the pair ``gate_up_proj`` [2I, H] and ``down_proj`` [H, I], named as
+in transformers. Unquantized experts keep both in the compute dtype; quantized
+ones hold the compact tensors of `quant.compact` under the same prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quant import ExpertLayout, QuantSpec, pick_group_size
+from .quant import compact
+
+MATRICES = ("gate_up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    hidden: int
+    intermediate: int
+    bits: int | None
+    dtype: torch.dtype
+    specs: dict[str, QuantSpec] | None
+    layout: ExpertLayout
+
+    @classmethod
+    def build(
+        cls, hidden: int, intermediate: int, bits: int | None, dtype: torch.dtype, group_size: int | None = None
+    ) -> ExpertFormat:
+        shapes = {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate)}
+        if bits is None:
+            layout = ExpertLayout.build({name: (dtype, shape) for name, shape in shapes.items()})
+            return cls(hidden, intermediate, None, dtype, None, layout)
+        specs = {
+            name: QuantSpec(bits, pick_group_size(bits, shape[1], group_size), shape[0], shape[1])
+            for name, shape in shapes.items()
+        }
+        tensors: dict = {}
+        for name, spec in specs.items():
+            tensors.update(spec.tensors(name))
+        return cls(hidden, intermediate, bits, dtype, specs, ExpertLayout.build(tensors))
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+    @property
+    def params(self) -> int:
+        return 3 * self.hidden * self.intermediate
+
+    @property
+    def bits_per_param(self) -> float:
+        """Bits moved to the device per expert parameter (the whole slot buffer)."""
+        return self.nbytes * 8 / self.params
+
+    def encode(self, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors -> named tensors of this format (quantizing if needed)."""
+        mats = {"gate_up_proj": gate_up, "down_proj": down}
+        if self.specs is None:
+            return {k: v.to(self.dtype) for k, v in mats.items()}
+        out = {}
+        for name, spec in self.specs.items():
+            for key, t in compact.quantize(mats[name], spec.bits, spec.group_size).items():
+                out[f"{name}.{key}"] = t
+        return out
+
+    def dense(self, views: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """Full-precision matrix `name` from slot views (reference path)."""
+        if self.specs is None:
+            return views[name]
+        sub = {k.split(".", 1)[1]: v for k, v in views.items() if k.startswith(name + ".")}
+        return compact.dequantize(sub, self.specs[name], self.dtype)

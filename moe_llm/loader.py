@@ -1,0 +1,152 @@
+"""`moe_llm.load`: checkpoint directory -> ready `Engine`.
+
+checkpoint -> meta skeleton -> trunk on device (optionally 4-bit dense layers)
+-> experts encoded into the pinned `ExpertStore` -> budget plan -> `ExpertCache`
+-> `Prefetcher` -> `OffloadedExperts` swapped into every MoE layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .cache import ExpertCache
+from .checkpoint import Checkpoint
+from .config import EngineConfig
+from .engine import Engine
+from .errors import ConfigError, ModelLoadError
+from .expert_format import ExpertFormat
+from .model import (
+    build_skeleton,
+    decoder_layers,
+    fill_store,
+    load_trunk,
+    module_bytes,
+    moe_info,
+    quantize_dense,
+    read_config,
+)
+from .offload import OffloadedExperts, OffloadRuntime
+from .planner import kv_cache_bytes, plan_slots, workspace_bytes
+from .prefetch import Prefetcher
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {msg}") from None
+
+
+def _check_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def load(
+    model_dir: str | Path,
+    device: str = "cpu",
+    experts_bits: int | None = None,
+    attn_bits: int | None = None,
+    cache_per_layer: int | None = None,
+    gpu_budget: str | int | None = None,
+    prefetch: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    **options,
+) -> Engine:
+    """Load a Mixture-of-Experts checkpoint directory for offloaded inference.
+
+    `None` bits keep the checkpoint's precision. Give `cache_per_layer` (expert
+    slots per MoE layer) or `gpu_budget` (e.g. "12GiB"); with neither, every
+    expert gets a slot. Extra options: see `EngineConfig`.
+    """
+    cfg = EngineConfig.build(
+        device=device, experts_bits=experts_bits, attn_bits=attn_bits, cache_per_layer=cache_per_layer,
+        gpu_budget=gpu_budget, prefetch=prefetch, **options,
+    )  # fmt: skip
+    dev = _check_device(cfg.device)
+    dtype = _DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    ckpt = Checkpoint(model_dir)
+    hf_config = read_config(ckpt)
+    model = build_skeleton(hf_config, dtype)
+    info = moe_info(model, hf_config)
+    if cfg.cache_per_layer is not None and cfg.cache_per_layer > info.num_experts:
+        raise ConfigError(
+            f"cache_per_layer must be between 1 and num_experts ({info.num_experts}), got {cfg.cache_per_layer}"
+        )
+    tokenizer = _load_tokenizer(ckpt.path)
+
+    load_trunk(model, ckpt, hf_config, dev, dtype)
+    if cfg.attn_bits is not None:
+        n = quantize_dense(model, cfg.attn_bits, dtype, dev)
+        log.info("quantized %d dense projections to %d-bit", n, cfg.attn_bits)
+
+    try:
+        fmt = ExpertFormat.build(info.hidden, info.intermediate, cfg.experts_bits, dtype, cfg.group_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    quant_dev = dev if dev.type == "cuda" else torch.device("cpu")
+    cb = (lambda done, total: progress("experts", done, total)) if progress else None
+    store = fill_store(ckpt, info, fmt, pin=dev.type == "cuda", quant_device=quant_dev, progress=cb)
+    ckpt.close()
+
+    context = min(cfg.max_context or 4096, getattr(hf_config, "max_position_embeddings", 4096) or 4096)
+    dsize = torch.empty((), dtype=dtype).element_size()
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    plan = plan_slots(
+        budget=cfg.gpu_budget,
+        cache_per_layer=cfg.cache_per_layer,
+        trunk_bytes=module_bytes(model),
+        kv_bytes=kv_cache_bytes(hf_config.num_hidden_layers, kv_heads, head_dim, context, dsize),
+        workspace=workspace_bytes(info.hidden, info.intermediate, hf_config.vocab_size, context, dsize),
+        expert_bytes=fmt.nbytes,
+        moe_layers=len(info.layers),
+        num_experts=info.num_experts,
+    )
+    log.info("expert slots per layer: %d of %d", plan.slots_per_layer, info.num_experts)
+    return assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, str(ckpt.path))
+
+
+def assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, path, retain: bool = True) -> Engine:
+    """Wire store, cache, prefetcher and offloaded experts into the trunk."""
+    stats = Stats()
+    cache = ExpertCache(store, dev, plan.slots_per_layer, stats=stats, retain=retain)
+    layers = decoder_layers(model)
+    act_fn = layers[info.layers[0]].mlp.experts.act_fn
+    prefetcher = None
+    if cfg.prefetch and len(info.layers) > 1:
+        routers = {i: layers[i].mlp.gate.weight for i in info.layers}
+        nxt = dict(zip(info.layers[:-1], info.layers[1:]))
+        ratios = {}
+        for cur, n in nxt.items():
+            w_cur = getattr(layers[cur], "post_attention_layernorm", None)
+            w_nxt = getattr(layers[n], "post_attention_layernorm", None)
+            if w_cur is not None and w_nxt is not None and hasattr(w_cur, "weight") and hasattr(w_nxt, "weight"):
+                wc = w_cur.weight.float()
+                ratio = torch.where(wc.abs() > 1e-6, w_nxt.weight.float() / wc, torch.ones_like(wc))
+                ratios[cur] = ratio.to(w_cur.weight.dtype)
+            else:
+                ratios[cur] = None
+        guesses = cfg.prefetch_experts or info.top_k
+        prefetcher = Prefetcher(cache, routers, ratios, nxt, guesses)
+    runtime = OffloadRuntime(cache, fmt, act_fn, prefetcher)
+    for i in info.layers:
+        layers[i].mlp.experts = OffloadedExperts(i, runtime, info.num_experts)
+    return Engine(model, tokenizer, hf_config, cfg, cache, fmt, plan, path, stats, runtime)

@@ -1,0 +1,192 @@
+"""Build the transformers trunk on the meta device and fill it from a checkpoint.
+
+The trunk (embeddings, attention, norms, routers, LM head) stays transformers'
+own code and is materialised tensor by tensor. Dense projections inside the
+decoder layers are optionally quantized to `QuantLinear`. Expert weights never
+enter the trunk: they are encoded one at a time into the `ExpertStore`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint
+from .errors import CheckpointIntegrityError, ModelLoadError, UnsupportedModelError
+from .expert_format import ExpertFormat
+from .quant_linear import QuantLinear
+from .store import ExpertStore
+
+log = logging.getLogger(__name__)
+
+VERIFIED_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
+
+
+@dataclass(frozen=True)
+class MoeInfo:
+    layers: list[int]  # indices of decoder layers with routed experts
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+
+
+def read_config(ckpt: Checkpoint):
+    from transformers import AutoConfig
+
+    model_type = ckpt.config_dict.get("model_type")
+    if not model_type:
+        raise UnsupportedModelError(f"config.json in {ckpt.path} has no model_type")
+    try:
+        return AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnsupportedModelError(f"unknown or invalid architecture {model_type!r}: {msg}") from None
+
+
+def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"{config.model_type}: not a causal LM transformers can build ({exc})") from None
+    return model.eval()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def moe_info(model: nn.Module, config) -> MoeInfo:
+    layers, shapes = [], set()
+    for i, layer in enumerate(decoder_layers(model)):
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if experts is not None and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"):
+            if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
+                raise UnsupportedModelError(f"{config.model_type}: biased or transposed experts are not supported")
+            layers.append(i)
+            shapes.add(tuple(experts.gate_up_proj.shape) + tuple(experts.down_proj.shape))
+    if not layers:
+        raise UnsupportedModelError(f"{config.model_type} is not a Mixture-of-Experts model (no routed experts)")
+    if len(shapes) != 1:
+        raise UnsupportedModelError("MoE layers with different expert shapes are not supported")
+    e, two_i, h, _, _, _ = shapes.pop()
+    top_k = getattr(config, "num_experts_per_tok", None) or 2
+    if config.model_type not in VERIFIED_FAMILIES:
+        log.warning("%s is not one of the verified families %s", config.model_type, VERIFIED_FAMILIES)
+    return MoeInfo(layers, e, top_k, h, two_i // 2)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[attr] = value
+
+
+def _is_expert_param(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def load_trunk(model: nn.Module, ckpt: Checkpoint, config, device: torch.device, dtype: torch.dtype) -> None:
+    """Materialise every non-expert parameter from the checkpoint."""
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        if _is_expert_param(name):
+            continue
+        key = name
+        if key not in ckpt.trunk_keys:
+            if name == "lm_head.weight" and tied:
+                continue
+            raise CheckpointIntegrityError(f"tensor {name} is missing from the checkpoint")
+        t = ckpt.trunk_tensor(key)
+        if tuple(t.shape) != tuple(param.shape):
+            raise CheckpointIntegrityError(
+                f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(param.shape)}"
+            )
+        _set_tensor(model, name, t.to(device=device, dtype=dtype))
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    _rebuild_meta_buffers(model, config, device)
+
+
+def _rebuild_meta_buffers(model: nn.Module, config, device: torch.device) -> None:
+    """Non-persistent buffers (RoPE inv_freq) were built on meta: rebuild their modules."""
+    for name, mod in list(model.named_modules()):
+        if not any(b.is_meta for b in mod.buffers(recurse=False)):
+            continue
+        try:
+            with torch.device("cpu"):
+                fresh = type(mod)(config=config).to(device)
+        except TypeError as exc:
+            raise ModelLoadError(f"cannot materialise {name} ({type(mod).__name__}): {exc}") from None
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
+
+
+def quantize_dense(model: nn.Module, bits: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Replace nn.Linear modules inside decoder layers with QuantLinear. Returns the count."""
+    count = 0
+    for layer in decoder_layers(model):
+        for name, mod in list(layer.named_modules()):
+            if isinstance(mod, nn.Linear) and ".experts" not in name:
+                q = QuantLinear.from_linear(mod.weight.data, mod.bias, bits, dtype, device)
+                parent, _, attr = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, attr, q)
+                count += 1
+    return count
+
+
+def module_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_meta or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def fill_store(
+    ckpt: Checkpoint,
+    info: MoeInfo,
+    fmt: ExpertFormat,
+    pin: bool,
+    quant_device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExpertStore:
+    """Encode every expert from the checkpoint into one pinned host buffer each."""
+    ck_layers = ckpt.moe_layers()
+    if ck_layers != info.layers:
+        raise CheckpointIntegrityError(f"checkpoint has experts for layers {ck_layers}, config expects {info.layers}")
+    store = ExpertStore(fmt, info.layers, info.num_experts, pin=pin)
+    total, done = len(info.layers) * info.num_experts, 0
+    want_gu, want_d = (2 * info.intermediate, info.hidden), (info.hidden, info.intermediate)
+    for layer in info.layers:
+        if ckpt.num_experts(layer) != info.num_experts:
+            raise CheckpointIntegrityError(
+                f"layer {layer} has {ckpt.num_experts(layer)} experts, config says {info.num_experts}"
+            )
+        for e in range(info.num_experts):
+            gate_up, down = ckpt.expert(layer, e)
+            if tuple(gate_up.shape) != want_gu or tuple(down.shape) != want_d:
+                raise CheckpointIntegrityError(
+                    f"layer {layer} expert {e}: shapes {tuple(gate_up.shape)}/{tuple(down.shape)}, "
+                    f"expected {want_gu}/{want_d}"
+                )
+            if fmt.bits is not None:
+                gate_up, down = gate_up.to(quant_device), down.to(quant_device)
+            encoded = fmt.encode(gate_up, down)
+            store.put(layer, e, {k: v.cpu() for k, v in encoded.items()})
+            done += 1
+            if progress:
+                progress(done, total)
+    return store

@@ -1,0 +1,51 @@
+"""Counters shared by the cache, the prefetcher and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class Stats:
+    cache_hits: int = 0
+    cache_misses: int = 0
+    evictions: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    prefetch_recall_sum: float = 0.0  # sum over (layer, step) guesses of |guess ∩ routed| / |routed|
+    prefetch_recall_n: int = 0
+    bytes_to_device: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    requests: int = 0
+    decode_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+
+    def copy(self) -> Stats:
+        return Stats(**asdict(self))
+
+    def __sub__(self, other: Stats) -> Stats:
+        return Stats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.cache_hits + self.cache_misses
+        return self.cache_hits / n if n else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        return self.prefetch_recall_sum / self.prefetch_recall_n if self.prefetch_recall_n else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        # decode rate: tokens after the first over the time spent decoding them
+        n = self.tokens_generated - self.requests
+        return n / self.decode_seconds if self.decode_seconds > 0 and n > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hit_rate"] = self.hit_rate
+        d["prefetch_recall"] = self.prefetch_recall
+        d["tokens_per_second"] = self.tokens_per_second
+        return d

@@ -1,0 +1,123 @@
+"""Tiny random-init MoE checkpoints in the real HF format (no download).
+
+`make_tiny(dir, family)` writes config.json, safetensors weights and a
+byte-level BPE tokenizer (trained offline on a fixed text) with a chat
+template. The weights are random: output is noise, routing is near uniform.
+Used by the tests, the examples and the README's demo fallback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>\n"
+    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+    "{% else %}[{{ m['role'] }}] {{ m['content'] }}\n{% endif %}{% endfor %}"
+)
+
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. A mixture of experts routes every token
+to a few expert networks. Experts live in host memory and are copied to the GPU when
+the router asks for them. An LRU cache keeps recently used experts on the device, and
+the next layer's router guesses which experts come next. Beautiful is better than ugly.
+Explicit is better than implicit. Simple is better than complex. Complex is better than
+complicated. Flat is better than nested. Sparse is better than dense. Readability counts.
+def main(): return 0  # numbers 0123456789 and symbols ()[]{}<>.,;:!?'"-_=+*/\\|@#$%^&~`
+"""
+
+
+def train_tokenizer(vocab_size: int = 512):
+    """A deterministic byte-level BPE wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", clean_up_tokenization_spaces=False
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int, layers: int = 2, experts: int = 8, bos: int = 0, eos: int = 1, pad: int = 2):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=4096,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
+    )  # fmt: skip
+    if family == "mixtral":
+        return MixtralConfig(intermediate_size=128, num_local_experts=experts, **common)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            intermediate_size=256, moe_intermediate_size=128, num_experts=experts, head_dim=16,
+            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **common,
+        )  # fmt: skip
+    if family == "olmoe":
+        return OlmoeConfig(intermediate_size=128, num_experts=experts, **common)
+    raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def make_tiny(
+    out_dir: str | Path,
+    family: str = "mixtral",
+    seed: int = 0,
+    layers: int = 2,
+    experts: int = 8,
+    fused: bool = False,
+    shards: int = 1,
+    init_std: float = 0.08,
+) -> Path:
+    """Write a seeded random-init tiny MoE checkpoint. Returns the directory."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer()
+    cfg = tiny_config(
+        family, len(tok), layers, experts, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    )
+    cfg.initializer_range = init_std  # a wider init gives routing with some structure
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, init_std)
+    if fused:
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        cfg.save_pretrained(out)
+    else:
+        total = sum(p.numel() * 4 for p in model.parameters())
+        shard = f"{max(1, total // shards // 1024 + 1)}KB" if shards > 1 else "10GB"
+        model.save_pretrained(out, max_shard_size=shard)
+    tok.save_pretrained(out)
+    (out / "MOE_LLM_TINY.json").write_text(
+        json.dumps({"family": family, "seed": seed, "random_weights": True}, indent=2)
+    )
+    return out

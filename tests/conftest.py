@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-init MoE checkpoints in the real HF format, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_llm.tiny import make_tiny
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """family -> checkpoint dir (2 layers, 8 experts, hidden 64)."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for family in ("mixtral", "qwen3_moe", "olmoe"):
+        out[family] = make_tiny(root / family, family, seed=0, layers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tiny_dirs):
+    return tiny_dirs["mixtral"]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_mixtral):
+    """One shared unquantized CPU engine on the tiny Mixtral (2 slots per layer)."""
+    import moe_llm
+
+    return moe_llm.load(tiny_mixtral, device="cpu", cache_per_layer=2)
