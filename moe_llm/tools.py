@@ -49,6 +49,7 @@ class InvalidToolCall:
 class ChatPrompt:
     token_ids: list[int]
     prefill: str = ""  # assistant text already placed in the prompt; the output continues it
+    complete: bool = False  # the prefill is the whole reply (a forced call of a tool without parameters)
 
 
 # -- rendering -----------------------------------------------------------------------
@@ -115,15 +116,18 @@ def _inline_tool_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def forced_prefill(tools: list[dict[str, Any]], tool_choice: str | None) -> str:
-    """The start of the assistant's reply that a forced tool choice fixes in advance."""
+def forced_prefill(tools: list[dict[str, Any]], tool_choice: str | None) -> tuple[str, bool]:
+    """(start of the reply that a forced tool choice fixes, whether that already is the whole reply)."""
     if not tools or tool_choice in (None, "auto", "none"):
-        return ""
-    names = [t.get("function", t)["name"] for t in tools]
-    if tool_choice == "any" and len(names) > 1:
-        return f'{MISTRAL} [{{"name": "'
-    name = names[0] if tool_choice == "any" else tool_choice
-    return f'{MISTRAL} [{{"name": {json.dumps(name)}, "arguments": '
+        return "", False
+    specs = {t.get("function", t)["name"]: t.get("function", t) for t in tools}
+    if tool_choice == "any" and len(specs) > 1:
+        return f'{MISTRAL} [{{"name": "', False
+    name = next(iter(specs)) if tool_choice == "any" else tool_choice
+    start = f'{MISTRAL} [{{"name": {json.dumps(name)}, "arguments": '
+    if not (specs[name].get("parameters") or {}).get("properties"):
+        return start + "{}}]", True  # a tool without parameters: nothing left for the model to choose
+    return start, False
 
 
 def json_instructions(response_format: dict[str, Any]) -> str:
@@ -153,11 +157,11 @@ def render_chat(
     tools = tools if tools and tool_choice != "none" else None
     native = bool(tools) and template_supports_tools(tokenizer)
     msgs = [dict(m) for m in messages]
-    prefill = ""
+    prefill, complete = "", False
     if tools and not native:
         msgs = _inline_tool_turns(msgs)
         msgs.insert(0, {"role": "system", "content": tool_instructions(tools, tool_choice)})
-        prefill = forced_prefill(tools, tool_choice)
+        prefill, complete = forced_prefill(tools, tool_choice)
     elif not native:
         msgs = _inline_tool_turns(msgs)
     if response_format and response_format.get("type") in ("json_object", "json_schema"):
@@ -174,7 +178,7 @@ def render_chat(
         msgs = fold_system(msgs)
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
     ids = list(tokenizer(text + prefill, add_special_tokens=False)["input_ids"])
-    return ChatPrompt(ids, prefill)
+    return ChatPrompt(ids, prefill, complete)
 
 
 def normalize_tool_choice(tool_choice: Any) -> str | None:

@@ -54,6 +54,11 @@ def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def _decided(prompt: ChatPrompt) -> StreamChunk:
+    """The engine's last chunk for a reply the prompt already fixed: nothing is generated."""
+    return StreamChunk("", [], "stop", {"prompt_tokens": len(prompt.token_ids)})
+
+
 class _Assembler:
     """Engine stream chunks -> ChatGenerationChunks (tool calls parsed at the end)."""
 
@@ -129,7 +134,8 @@ class ChatMoeLLM(MoeParams, BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         # BaseChatModel fires on_llm_new_token for each yielded chunk itself
         prompt, assembler, opts = self._prepare(messages, stop, kwargs)
-        for piece in self._engine.stream(prompt.token_ids, **opts):
+        pieces = [_decided(prompt)] if prompt.complete else self._engine.stream(prompt.token_ids, **opts)
+        for piece in pieces:
             chunk = assembler.feed(piece)
             if chunk is not None:
                 yield chunk
@@ -142,6 +148,9 @@ class ChatMoeLLM(MoeParams, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         prompt, assembler, opts = self._prepare(messages, stop, kwargs)
+        if prompt.complete:
+            yield assembler.feed(_decided(prompt))
+            return
         async for piece in astream(self._engine, prompt.token_ids, **opts):
             chunk = assembler.feed(piece)
             if chunk is not None:

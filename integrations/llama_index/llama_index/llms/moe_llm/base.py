@@ -10,6 +10,7 @@ engine in a worker thread and never block the event loop.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -43,6 +44,15 @@ def to_chat_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         role = m.role.value if isinstance(m.role, MessageRole) else str(m.role)
         out.append({"role": _ROLES.get(role, role), "content": m.content or ""})
     return out
+
+
+async def _final(responses: AsyncIterator[CompletionResponse]) -> CompletionResponse:
+    """The last response of a stream (it carries the full text and the usage)."""
+    last = None
+    async for r in responses:
+        last = r
+    assert last is not None
+    return last
 
 
 class _Running:
@@ -136,9 +146,7 @@ class MoeLLM(EngineOptions, CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        last = None
-        for last in self._complete_stream(self._prompt(prompt, formatted), kwargs):
-            pass
+        last = deque(self._complete_stream(self._prompt(prompt, formatted), kwargs), maxlen=1)[0]
         return CompletionResponse(text=last.text, raw=last.raw)
 
     @llm_completion_callback()
@@ -147,9 +155,7 @@ class MoeLLM(EngineOptions, CustomLLM):
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        last = None
-        async for last in self._acomplete_stream(self._prompt(prompt, formatted), kwargs):
-            pass
+        last = await _final(self._acomplete_stream(self._prompt(prompt, formatted), kwargs))
         return CompletionResponse(text=last.text, raw=last.raw)
 
     @llm_completion_callback()
@@ -164,9 +170,7 @@ class MoeLLM(EngineOptions, CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        last = None
-        for last in self._complete_stream(self._chat_ids(messages), kwargs):
-            pass
+        last = deque(self._complete_stream(self._chat_ids(messages), kwargs), maxlen=1)[0]
         return self._chat_response(CompletionResponse(text=last.text, raw=last.raw))
 
     @llm_chat_callback()
@@ -175,9 +179,7 @@ class MoeLLM(EngineOptions, CustomLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        last = None
-        async for last in self._acomplete_stream(self._chat_ids(messages), kwargs):
-            pass
+        last = await _final(self._acomplete_stream(self._chat_ids(messages), kwargs))
         return self._chat_response(CompletionResponse(text=last.text, raw=last.raw))
 
     @llm_chat_callback()
