@@ -131,6 +131,24 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return list(self._files)
 
+    def file_of(self, key: str) -> Path:
+        """The shard that holds tensor `key`."""
+        return self._key_file[key]
+
+    def is_fused(self, layer: int) -> bool:
+        """Whether `layer`'s experts are stored as one fused (E, ...) tensor pair."""
+        ek = self.experts.get(layer)
+        return bool(ek and ek.gate_up_fused and ek.down_fused)
+
+    def expert_part_keys(self, layer: int, expert: int) -> list[str]:
+        """Raw keys read by `expert(layer, expert)`."""
+        ek = self.experts.get(layer)
+        if ek is None:
+            return []
+        if ek.gate_up_fused and ek.down_fused:
+            return [ek.gate_up_fused, ek.down_fused]
+        return [d[expert] for d in (ek.gate, ek.up, ek.down) if expert in d]
+
     # -- tensors -----------------------------------------------------------
     def trunk_tensor(self, name: str) -> torch.Tensor:
         return self._read(self.trunk_keys[name])

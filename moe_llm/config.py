@@ -56,7 +56,7 @@ def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"{loc}: {msg}"
+    return msg if msg.startswith(loc) else f"{loc}: {msg}"
 
 
 class EngineConfig(BaseModel):
@@ -80,6 +80,9 @@ class EngineConfig(BaseModel):
         None, description="Context length to plan the KV cache for; default min(model max, 4096)."
     )
     group_size: int | None = Field(None, description="Expert quantization group size; default per bits.")
+    verify_checksums: bool = Field(
+        True, description="Check every file of a quantized directory against its manifest sha256 on load."
+    )
 
     @field_validator("device")
     @classmethod
@@ -101,7 +104,7 @@ class EngineConfig(BaseModel):
     @classmethod
     def _cache(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
-            raise ValueError(f"cache_per_layer must be at least 1, got {v}")
+            raise ValueError(f"cache_per_layer must be between 1 and num_experts, got {v}")
         return v
 
     @field_validator("gpu_budget", mode="before")
@@ -111,9 +114,9 @@ class EngineConfig(BaseModel):
 
     @field_validator("prefetch_experts", "max_context", "group_size")
     @classmethod
-    def _positive(cls, v: int | None) -> int | None:
+    def _positive(cls, v: int | None, info) -> int | None:
         if v is not None and v < 1:
-            raise ValueError(f"must be positive, got {v}")
+            raise ValueError(f"{info.field_name} must be positive, got {v}")
         return v
 
     @classmethod

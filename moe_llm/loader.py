@@ -7,6 +7,7 @@ checkpoint -> meta skeleton -> trunk on device (optionally 4-bit dense layers)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,6 @@ import torch
 
 from .cache import ExpertCache
 from .checkpoint import Checkpoint
-from .config import EngineConfig
 from .engine import Engine
 from .errors import ConfigError, ModelLoadError
 from .expert_format import ExpertFormat
@@ -30,8 +30,11 @@ from .model import (
     read_config,
 )
 from .offload import OffloadedExperts, OffloadRuntime
-from .planner import kv_cache_bytes, plan_slots, workspace_bytes
+from .planner import Plan, kv_cache_bytes, plan_slots, workspace_bytes
 from .prefetch import Prefetcher
+from .qformat import QuantizedCheckpoint, is_quantized_dir
+from .retry import allocate_shrinking
+from .settings import resolve_engine_config
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -61,12 +64,12 @@ def _check_device(device: str) -> torch.device:
 
 def load(
     model_dir: str | Path,
-    device: str = "cpu",
-    experts_bits: int | None = None,
-    attn_bits: int | None = None,
+    device: str | None = None,
+    experts_bits: int | str | None = None,
+    attn_bits: int | str | None = None,
     cache_per_layer: int | None = None,
     gpu_budget: str | int | None = None,
-    prefetch: bool = True,
+    prefetch: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     **options,
 ) -> Engine:
@@ -74,15 +77,23 @@ def load(
 
     `None` bits keep the checkpoint's precision. Give `cache_per_layer` (expert
     slots per MoE layer) or `gpu_budget` (e.g. "12GiB"); with neither, every
-    expert gets a slot. Extra options: see `EngineConfig`.
+    expert gets a slot. Extra options: see `EngineConfig`. An argument left as
+    `None` falls back to `MOE_LLM_*` variables, then the settings file (see
+    `moe_llm.settings`), then the defaults (device "cpu", prefetch on); pass
+    bits "none" to force full precision over a setting. A directory written by
+    `moe-llm quantize` loads without re-quantization at its stored bits.
     """
-    cfg = EngineConfig.build(
+    cfg = resolve_engine_config(dict(
         device=device, experts_bits=experts_bits, attn_bits=attn_bits, cache_per_layer=cache_per_layer,
         gpu_budget=gpu_budget, prefetch=prefetch, **options,
-    )  # fmt: skip
+    ))  # fmt: skip
+    qckpt = None
+    if is_quantized_dir(model_dir):
+        qckpt = QuantizedCheckpoint(model_dir, verify_checksums=cfg.verify_checksums)
+        cfg = qckpt.resolve(cfg)
     dev = _check_device(cfg.device)
     dtype = _DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    ckpt = Checkpoint(model_dir)
+    ckpt = qckpt or Checkpoint(model_dir)
     hf_config = read_config(ckpt)
     model = build_skeleton(hf_config, dtype)
     info = moe_info(model, hf_config)
@@ -92,8 +103,10 @@ def load(
         )
     tokenizer = _load_tokenizer(ckpt.path)
 
+    if qckpt is not None:
+        qckpt.install_dense(model, dtype, dev)
     load_trunk(model, ckpt, hf_config, dev, dtype)
-    if cfg.attn_bits is not None:
+    if cfg.attn_bits is not None and qckpt is None:
         n = quantize_dense(model, cfg.attn_bits, dtype, dev)
         log.info("quantized %d dense projections to %d-bit", n, cfg.attn_bits)
 
@@ -103,14 +116,24 @@ def load(
         raise ConfigError(str(exc)) from None
     quant_dev = dev if dev.type == "cuda" else torch.device("cpu")
     cb = (lambda done, total: progress("experts", done, total)) if progress else None
-    store = fill_store(ckpt, info, fmt, pin=dev.type == "cuda", quant_device=quant_dev, progress=cb)
+    if qckpt is not None:
+        store = qckpt.fill_store(info.layers, info.num_experts, fmt, pin=dev.type == "cuda", progress=cb)
+    else:
+        store = fill_store(ckpt, info, fmt, pin=dev.type == "cuda", quant_device=quant_dev, progress=cb)
     ckpt.close()
 
+    plan = plan_for(model, hf_config, cfg, info, fmt, dtype)
+    log.info("expert slots per layer: %d of %d", plan.slots_per_layer, info.num_experts)
+    return assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, str(ckpt.path))
+
+
+def plan_for(model, hf_config, cfg, info, fmt: ExpertFormat, dtype: torch.dtype) -> Plan:
+    """Budget plan for a trunk already on its device (see `planner.plan_slots`)."""
     context = min(cfg.max_context or 4096, getattr(hf_config, "max_position_embeddings", 4096) or 4096)
     dsize = torch.empty((), dtype=dtype).element_size()
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    plan = plan_slots(
+    return plan_slots(
         budget=cfg.gpu_budget,
         cache_per_layer=cfg.cache_per_layer,
         trunk_bytes=module_bytes(model),
@@ -120,14 +143,18 @@ def load(
         moe_layers=len(info.layers),
         num_experts=info.num_experts,
     )
-    log.info("expert slots per layer: %d of %d", plan.slots_per_layer, info.num_experts)
-    return assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, str(ckpt.path))
 
 
 def assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, path, retain: bool = True) -> Engine:
     """Wire store, cache, prefetcher and offloaded experts into the trunk."""
     stats = Stats()
-    cache = ExpertCache(store, dev, plan.slots_per_layer, stats=stats, retain=retain)
+    cache, slots = allocate_shrinking(
+        lambda k: ExpertCache(store, dev, k, stats=stats, retain=retain),
+        plan.slots_per_layer,
+        bytes_per_slot=len(info.layers) * fmt.nbytes,
+        shrink=cfg.cache_per_layer is None,  # a slot count the user fixed is not silently changed
+    )
+    plan = dataclasses.replace(plan, slots_per_layer=slots)
     layers = decoder_layers(model)
     act_fn = layers[info.layers[0]].mlp.experts.act_fn
     prefetcher = None

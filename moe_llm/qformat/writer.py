@@ -1,0 +1,253 @@
+"""Quantize a Hugging Face MoE checkpoint once into a self-contained moe-llm directory.
+
+The source is streamed shard by shard. Each source shard yields one output shard
+holding the tensors that became complete in it: trunk tensors unchanged (their
+transformers 5.x names), dense projections as compact tensors
+``<module>.q/scale_q/zero_q/meta``, and every expert as one uint8 tensor
+``experts.L.E`` holding exactly its `ExpertFormat` bytes. At most one source shard
+(memory-mapped), one output shard and one dense expert are alive at a time.
+config.json, the tokenizer and other small files are copied; `manifest.json`
+(format version, source config, settings, per-file sha256) is written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..errors import CheckpointIntegrityError, ConfigError
+from ..expert_format import ExpertFormat
+from ..model import build_skeleton, decoder_layers, moe_info, read_config
+from ..quant import QuantSpec, compact, pick_group_size
+from ..quant.compact import META_GROUP
+from .manifest import (
+    EXPERT_KEY,
+    MANIFEST,
+    METADATA_TAG,
+    DenseEntry,
+    ExpertsEntry,
+    FileEntry,
+    Manifest,
+    QuantSettings,
+    file_entry,
+)
+from .safetensors_io import read_header
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+_SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", MANIFEST}
+
+
+@dataclass
+class QuantizeProgress:
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int  # source bytes consumed
+    bytes_total: int
+    elapsed_s: float
+
+
+def dense_modules(model: nn.Module, bits: int) -> dict[str, QuantSpec]:
+    """Module name -> spec of every projection `model.quantize_dense` would quantize."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    out = {}
+    for i, layer in enumerate(layers):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear) and ".experts" not in name:
+                out_f, in_f = mod.weight.shape
+                out[f"{prefix}.{i}.{name}"] = QuantSpec(bits, pick_group_size(bits, in_f), out_f, in_f)
+    return out
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out.resolve() == src.resolve():
+        raise ConfigError("the output directory must differ from the source directory")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path exists and is not a directory: {out}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {out} is not empty (pass --overwrite to replace it)")
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists():
+        for child in out.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _quant_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    experts_bits: int = 2,
+    attn_bits: int | None = 4,
+    group_size: int | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[QuantizeProgress], None] | None = None,
+) -> Manifest:
+    """Write the quantized form of checkpoint `src` to `out`; returns its manifest."""
+    from .. import __version__
+
+    if experts_bits not in (2, 3, 4):
+        raise ConfigError(f"experts_bits must be 2, 3 or 4, got {experts_bits!r}")
+    if attn_bits not in (4, None):
+        raise ConfigError(f"attn_bits must be 4 or None, got {attn_bits!r}")
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if (src / MANIFEST).is_file():
+        raise ConfigError(f"{src} is already a quantized moe-llm directory")
+    qdev = _quant_device(device)
+    ckpt = Checkpoint(src)
+    _check_out(src, out, overwrite)
+    hf_config = read_config(ckpt)
+    model = build_skeleton(hf_config, torch.float32)  # meta: names and shapes only
+    info = moe_info(model, hf_config)
+    try:
+        fmt = ExpertFormat.build(info.hidden, info.intermediate, experts_bits, torch.float32, group_size)
+        dense = dense_modules(model, attn_bits) if attn_bits else {}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if ckpt.moe_layers() != info.layers:
+        raise CheckpointIntegrityError(
+            f"checkpoint has experts for layers {ckpt.moe_layers()}, config expects {info.layers}"
+        )
+    for layer in info.layers:
+        if ckpt.num_experts(layer) != info.num_experts:
+            raise CheckpointIntegrityError(
+                f"layer {layer} has {ckpt.num_experts(layer)} experts, config says {info.num_experts}"
+            )
+    params = {n: tuple(p.shape) for n, p in model.named_parameters() if ".mlp.experts." not in n}
+    dense_weights = {f"{m}.weight": m for m in dense}
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    for name in params:
+        if name not in ckpt.trunk_keys and not (tied and name == "lm_head.weight"):
+            raise CheckpointIntegrityError(f"tensor {name} is missing from the checkpoint")
+
+    # -- plan: which source shard completes each unit of work ----------------------------------------
+    order = {f: i for i, f in enumerate(ckpt.files)}
+    headers = {f: read_header(f)[0] for f in ckpt.files}
+    size_of = {k: headers[f][k].nbytes for f in ckpt.files for k in headers[f]}
+    trunk_by_file: dict[Path, list[str]] = {f: [] for f in ckpt.files}
+    for canon, raw in ckpt.trunk_keys.items():
+        if canon in params:
+            trunk_by_file[ckpt.file_of(raw)].append(canon)
+    experts_by_file: dict[Path, list[tuple[int, int, int]]] = {f: [] for f in ckpt.files}
+    for layer in info.layers:
+        for e in range(info.num_experts):
+            keys = ckpt.expert_part_keys(layer, e)
+            if not keys:
+                raise CheckpointIntegrityError(f"layer {layer} expert {e}: missing gate/up/down tensors")
+            last = max((ckpt.file_of(k) for k in keys), key=order.__getitem__)
+            share = info.num_experts if ckpt.is_fused(layer) else 1  # a fused tensor holds every expert
+            nbytes = sum(size_of[k] // share for k in keys)
+            experts_by_file[last].append((layer, e, nbytes))
+    n_total = sum(map(len, trunk_by_file.values())) + sum(map(len, experts_by_file.values()))
+    b_total = sum(size_of[ckpt.trunk_keys[c]] for v in trunk_by_file.values() for c in v) + sum(
+        x[2] for v in experts_by_file.values() for x in v
+    )
+
+    _prepare_out(out)
+    t0 = time.perf_counter()
+    state = QuantizeProgress(0, n_total, 0, b_total, 0.0)
+    if progress:
+        progress(state)
+
+    def advance(nbytes: int) -> None:
+        state.tensors_done += 1
+        state.bytes_done += nbytes
+        state.elapsed_s = time.perf_counter() - t0
+        if progress:
+            progress(state)
+
+    files: dict[str, FileEntry] = {}
+    want_gu, want_d = (2 * info.intermediate, info.hidden), (info.hidden, info.intermediate)
+    for f in ckpt.files:
+        tensors: dict[str, torch.Tensor] = {}
+        for canon in trunk_by_file[f]:
+            t = ckpt.trunk_tensor(canon)
+            if tuple(t.shape) != params[canon]:
+                raise CheckpointIntegrityError(f"tensor {canon} has shape {tuple(t.shape)}, expected {params[canon]}")
+            module = dense_weights.get(canon)
+            if module is None:
+                tensors[canon] = t.contiguous()
+            else:
+                spec = dense[module]
+                for k, v in compact.quantize(t.to(qdev), spec.bits, spec.group_size).items():
+                    tensors[f"{module}.{k}"] = v.cpu()
+            advance(size_of[ckpt.trunk_keys[canon]])
+        for layer, e, nbytes in experts_by_file[f]:
+            gate_up, down = ckpt.expert(layer, e)
+            if tuple(gate_up.shape) != want_gu or tuple(down.shape) != want_d:
+                raise CheckpointIntegrityError(
+                    f"layer {layer} expert {e}: shapes {tuple(gate_up.shape)}/{tuple(down.shape)}, "
+                    f"expected {want_gu}/{want_d}"
+                )
+            encoded = fmt.encode(gate_up.to(qdev), down.to(qdev))
+            buf = torch.zeros(fmt.nbytes, dtype=torch.uint8)  # zeroed padding: reproducible bytes
+            fmt.layout.write(buf, {k: v.cpu() for k, v in encoded.items()})
+            tensors[EXPERT_KEY.format(layer=layer, expert=e)] = buf
+            advance(nbytes)
+        if tensors:
+            _save(out / f"model-{len(files) + 1:05d}.safetensors", tensors, files)
+    ckpt.close()
+
+    for p in sorted(src.iterdir()):
+        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _SKIP_FILES:
+            shutil.copy2(p, out / p.name)
+            files[p.name] = file_entry(out / p.name)
+    manifest = Manifest(
+        created_by=f"moe-llm {__version__}",
+        source={"name": src.name, "config": ckpt.config_dict},
+        quantization=QuantSettings(
+            experts_bits=experts_bits, experts_group_size=group_size, attn_bits=attn_bits, meta_group=META_GROUP
+        ),
+        experts=ExpertsEntry(
+            layers=info.layers,
+            num_experts=info.num_experts,
+            nbytes=fmt.nbytes,
+            bits_per_param=fmt.bits_per_param,
+            layout=layout_entries(fmt),
+        ),
+        dense={
+            m: DenseEntry(bits=s.bits, group_size=s.group_size, out_features=s.out_features, in_features=s.in_features)
+            for m, s in dense.items()
+        },  # fmt: skip
+        files=files,
+    )
+    manifest.write(out)
+    log.info("quantized %s -> %s in %.1f s", src, out, time.perf_counter() - t0)
+    return manifest
+
+
+def layout_entries(fmt: ExpertFormat) -> list[tuple[str, str, list[int], int]]:
+    return [(s.name, str(s.dtype).removeprefix("torch."), list(s.shape), s.offset) for s in fmt.layout.specs]
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], files: dict[str, FileEntry]) -> None:
+    from safetensors.torch import save_file
+
+    from .manifest import FORMAT_VERSION
+
+    save_file(tensors, str(path), metadata={"format": "pt", METADATA_TAG: str(FORMAT_VERSION)})
+    files[path.name] = file_entry(path)
