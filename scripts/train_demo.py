@@ -219,13 +219,13 @@ def main() -> None:
             total = step
         if step % 10 == 0 or step == total:
             aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-            loss = float(out.loss) - args.aux_coef * aux
+            loss = float(out.loss.detach()) - args.aux_coef * aux
             history.append({"step": step, "loss": round(loss, 4), "aux_loss": round(aux, 4), "lr": lr,
                             "grad_norm": round(float(gnorm), 3), "elapsed_s": round(time.perf_counter() - t_train, 1)})  # fmt: skip
         if step % eval_every == 0 or step == total:
             v = mean_loss(model, val, preset["seq_len"], preset["batch"], autocast)
             evals.append({"step": step, "val_loss": round(v, 4), "elapsed_s": round(time.perf_counter() - t_train, 1)})
-            log(f"step {step}/{total} loss {history[-1]['loss']:.3f} val {v:.3f} lr {lr:.2e}")
+            log(f"step {step}/{total} loss {float(out.loss.detach()):.3f} val {v:.3f} lr {lr:.2e}")
             if v < best[0]:
                 best = (v, step)
                 save(model, args.out / "model")
