@@ -19,10 +19,9 @@ Standard tests that skip themselves, and why:
 from __future__ import annotations
 
 import pytest
+from langchain_moe_llm import ChatMoeLLM
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
-
-from langchain_moe_llm import ChatMoeLLM
 
 # the standard tests' own parametrizations, repeated on the xfail overrides
 BOTH_OUTPUT_VERSIONS = pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
