@@ -5,22 +5,39 @@ transformers call ``forward(hidden_states[T,H], top_k_index[T,k], top_k_weights[
 and hands the work to one shared `OffloadRuntime`:
 
 1. one device->host sync per layer reads the routed experts (and the prefetch guess);
+   nothing else in the layer waits for the device;
 2. routed experts already resident go first, misses are copied into slots;
 3. the next layer's guesses are queued on the copy stream behind them;
-4. each expert's tokens run through `kernels.expert_mlp`; when a layer needs more
-   experts than it has slots (prefill), slots are recycled in order, and the copy
-   stream waits on each slot's release event, so copies and compute pipeline.
+4. decode (one token, CUDA, quantized experts): each routed expert is two fused
+   dequant-GEMV launches into buffers allocated once, and one launch combines them;
+   otherwise (prefill, CPU) each expert's tokens run through `kernels.expert_mlp`.
+   When a layer needs more experts than it has slots (prefill), slots are
+   recycled in order and the copy stream waits on each slot's release event, so
+   copies and compute pipeline.
+
+Every routed (token, k) position gets its own output row, and the rows are
+summed in k order, so the result does not depend on the order in which experts
+were computed (which depends on what the cache held).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cache import ExpertCache
 from .expert_format import ExpertFormat
-from .kernels import ActFn, expert_mlp
+from .kernels import ActFn, expert_mlp, fast_path, matrix_views
 from .prefetch import Prefetcher
+
+
+def _is_silu(act_fn: ActFn) -> bool:
+    probe = torch.linspace(-4.0, 4.0, 17)
+    try:
+        return bool(torch.allclose(act_fn(probe), F.silu(probe), atol=1e-6))
+    except Exception:  # an activation that rejects a plain CPU tensor: use the generic path
+        return False
 
 
 class OffloadRuntime:
@@ -29,6 +46,12 @@ class OffloadRuntime:
         self.fmt = fmt
         self.act_fn = act_fn
         self.prefetcher = prefetcher
+        self._fused_glu = _is_silu(act_fn)  # the decode kernel fuses silu(gate) * up
+        # allocated on first use, then reused for every token
+        self._decode_ws = None  # DecodeWorkspace: h [k, I], down partials [k, split, H]
+        self._decode_out: dict[int, torch.Tensor] = {}  # layer -> [1, H]
+        self._dequant_ws: torch.Tensor | None = None  # prefill: one expert's matrices, dequantized
+        self._slot_mats: dict[int, tuple[dict, dict]] = {}
 
     def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         T, k = top_k_index.shape
@@ -45,14 +68,6 @@ class OffloadRuntime:
             pf.observe(layer, set(counts))
 
         order = sorted(counts, key=lambda e: (not cache.is_resident(layer, e), e))  # hits first
-        offsets, start = {}, 0
-        for e in sorted(counts):  # argsort groups positions by ascending expert id
-            offsets[e] = (start, start + counts[e])
-            start += counts[e]
-        perm = torch.argsort(flat, stable=True)  # [T*k], positions grouped by expert
-        tokens = perm // k  # [T*k] token of each position
-        weights = top_k_weights.reshape(-1)[perm]  # [T*k]
-
         K = cache.slots_per_layer
         slots = {}
         for i, e in enumerate(order[:K]):
@@ -60,19 +75,67 @@ class OffloadRuntime:
         if guess is not None:
             pf.issue(layer, guessed, decode=T == 1)
 
-        out = torch.zeros_like(hidden)  # [T, H]
+        tk = fast_path(hidden, self.fmt) if T == 1 and self._fused_glu else None
+        if tk is not None:
+            return self._decode(tk, layer, hidden, routed, top_k_weights, order, slots)
+        return self._grouped(layer, hidden, flat, top_k_weights, counts, order, slots)
+
+    def _slot(self, layer: int, order: list[int], i: int, slots: dict[int, int]) -> int:
+        e = order[i]
+        if e not in slots:  # more routed experts than slots: recycle, behind the release events
+            slots[e] = self.cache.acquire(layer, e, protect=order[i + 1 :])
+        slot = slots[e]
+        self.cache.wait(slot)
+        return slot
+
+    def _decode(self, tk, layer, hidden, routed, top_k_weights, order, slots) -> torch.Tensor:
+        """One token: fused dequant-GEMVs into preallocated buffers, no host sync."""
+        if self._decode_ws is None:
+            specs = self.fmt.specs
+            self._decode_ws = tk.DecodeWorkspace(len(routed), specs["gate_up_proj"], specs["down_proj"], hidden.device)
+        ws = self._decode_ws
+        out = self._decode_out.get(layer)
+        if out is None:
+            out = self._decode_out[layer] = torch.empty_like(hidden)  # [1, H]
+        x = hidden.reshape(-1)  # [H]
+        position = {e: j for j, e in enumerate(routed)}
         for i, e in enumerate(order):
-            if e not in slots:
-                slots[e] = cache.acquire(layer, e, protect=order[i + 1 :])
-            slot = slots[e]
-            cache.wait(slot)
-            a, b = offsets[e]
-            tok = tokens[a:b]
-            y = expert_mlp(hidden[tok], cache.views(slot), self.fmt, self.act_fn)  # [n, H]
-            y = y * weights[a:b, None].to(y.dtype)
-            out.index_add_(0, tok, y.to(out.dtype))
-            cache.release(slot)
+            slot = self._slot(layer, order, i, slots)
+            mats = self._slot_mats.get(slot)
+            if mats is None:
+                views = self.cache.views(slot)
+                mats = self._slot_mats[slot] = (matrix_views(views, "gate_up_proj"), matrix_views(views, "down_proj"))
+            ws.expert(position[e], x, mats[0], mats[1], self.fmt)
+            self.cache.release(slot)
+        tk.combine(ws.part, top_k_weights.reshape(-1), out.view(-1))
         return out
+
+    def _grouped(self, layer, hidden, flat, top_k_weights, counts, order, slots) -> torch.Tensor:
+        """Any number of tokens: each expert's tokens in one batch (dequantize + GEMM)."""
+        T, H = hidden.shape
+        k = flat.numel() // T
+        offsets, start = {}, 0
+        for e in sorted(counts):  # argsort groups positions by ascending expert id
+            offsets[e] = (start, start + counts[e])
+            start += counts[e]
+        perm = torch.argsort(flat, stable=True)  # [T*k] positions grouped by expert
+        tokens = perm // k  # [T*k] token of each position
+        weights = top_k_weights.reshape(-1)[perm].float()  # [T*k]
+        workspace = self._workspace(hidden)
+        rows = torch.empty(T * k, H, dtype=torch.float32, device=hidden.device)  # one row per position
+        for i, e in enumerate(order):
+            slot = self._slot(layer, order, i, slots)
+            a, b = offsets[e]
+            y = expert_mlp(hidden[tokens[a:b]], self.cache.views(slot), self.fmt, self.act_fn, workspace)  # [n, H]
+            rows.index_copy_(0, perm[a:b], y.float() * weights[a:b, None])
+            self.cache.release(slot)
+        return rows.view(T, k, H).sum(dim=1).to(hidden.dtype)
+
+    def _workspace(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        if self._dequant_ws is None and fast_path(hidden, self.fmt) is not None:
+            n = 2 * self.fmt.intermediate * self.fmt.hidden
+            self._dequant_ws = torch.empty(n, dtype=self.fmt.dtype, device=hidden.device)
+        return self._dequant_ws
 
 
 class OffloadedExperts(nn.Module):
@@ -83,6 +146,7 @@ class OffloadedExperts(nn.Module):
         self.layer_idx = layer_idx
         self.runtime = runtime
         self.num_experts = num_experts
+        self.act_fn = runtime.act_fn  # as on the module it replaces
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return self.runtime.forward(self.layer_idx, hidden_states, top_k_index, top_k_weights)

@@ -1,25 +1,213 @@
-"""Fused dequant-GEMV for the compact format on CUDA (Triton).
+"""Fused dequant-GEMV for the compact format on CUDA (Triton), for decode.
 
-Placeholder until the Triton kernels land: `supports` returns False so the
-reference dequantize+matmul path is used.
+One program owns ``BLOCK_N`` output rows and walks the packed bytes of those
+rows in tiles of ``BLOCK_P`` bytes. Thanks to the strided packing (see
+`quant.packing`), a byte tile at packed column ``p0`` holds ``8 // b`` contiguous
+column tiles ``j * P + p0 + [0, BLOCK_P)``; ``BLOCK_P`` divides both the group
+size and ``P``, so each of those column tiles lies inside one quantization
+group. Per (row, group) the kernel expands the 8-bit scale/zero with the
+float32 (min, step) of its run of 128 groups and accumulates
+``scale * (sum(code * x) - zero * sum(x))``: packed weights are read once, in
+contiguous tiles, and never written back dequantized.
+
+Three launches serve one routed expert at decode: ``gate_up`` with the GLU
+(silu(gate) * up) fused, ``down`` split along K into fp32 partials, and one
+`combine` per layer that sums partials and applies the routing weights in a
+fixed order, so results do not depend on which expert was computed first.
 """
 
 from __future__ import annotations
 
+from math import gcd
+
 import torch
+import triton
+import triton.language as tl
+
+from ..quant.compact import META_GROUP, QuantSpec
+from ..quant.packing import packed_cols
+
+NUM_WARPS = 4
+_TARGET_PROGRAMS = 4 * 132  # about four programs per SM of an H100/H200; fine elsewhere too
 
 
-def supports(x: torch.Tensor, fmt) -> bool:
-    return False
+def block_p(spec: QuantSpec) -> int:
+    """Packed-byte tile width: divides the group size and every packed plane."""
+    main = packed_cols(spec.in_features, 4 if spec.bits == 4 else 2)
+    b = gcd(spec.group_size, main)
+    if spec.bits == 3:
+        b = gcd(b, packed_cols(spec.in_features, 1))
+    return b
 
 
-def expert_mlp(x: torch.Tensor, views, fmt, act_fn):  # pragma: no cover - see supports()
-    raise NotImplementedError
+def supported_spec(spec: QuantSpec) -> bool:
+    b = block_p(spec)
+    return spec.bits in (2, 3, 4) and b >= 8 and (b & (b - 1)) == 0
 
 
-def supports_linear(x: torch.Tensor, spec) -> bool:
-    return False
+@triton.jit
+def _dot_rows(
+    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, rows, row_mask, p_start, p_end, P, P1, G, stride_q,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """sum over packed bytes [p_start, p_end) of W[rows, :] * x  ->  [BLOCK_N] fp32."""
+    MB: tl.constexpr = 4 if BITS == 4 else 2  # bits per code in the main plane
+    PER: tl.constexpr = 8 // MB  # codes per byte of the main plane
+    MASK: tl.constexpr = (1 << MB) - 1
+    offs = tl.arange(0, BLOCK_P)
+    row_off = rows.to(tl.int64) * stride_q
+    gbase = rows * G
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        byte = tl.load(q_ptr + row_off[:, None] + p0 + offs[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+        if BITS == 3:
+            # high bit of column c sits in byte c % P1 of the 1-bit plane, bit c // P1
+            hi_byte = tl.load(
+                q_ptr + row_off[:, None] + P + (p0 % P1) + offs[None, :], mask=row_mask[:, None], other=0
+            ).to(tl.int32)
+            hi_sel = (p0 >= P1).to(tl.int32)
+        for j in tl.static_range(PER):
+            code = (byte >> (MB * j)) & MASK
+            if BITS == 3:
+                code = code | (((hi_byte >> (2 * j + hi_sel)) & 1) << 2)
+            col0 = j * P + p0
+            xv = tl.load(x_ptr + col0 + offs).to(tl.float32)  # [BLOCK_P]
+            gidx = gbase + col0 // GROUP  # [BLOCK_N] flat (row, group) index
+            m = (gidx // 128) * 4
+            s_min = tl.load(meta_ptr + m, mask=row_mask, other=0.0)
+            s_step = tl.load(meta_ptr + m + 1, mask=row_mask, other=0.0)
+            z_min = tl.load(meta_ptr + m + 2, mask=row_mask, other=0.0)
+            z_step = tl.load(meta_ptr + m + 3, mask=row_mask, other=0.0)
+            scale = tl.load(sq_ptr + gidx, mask=row_mask, other=0).to(tl.float32) * s_step + s_min
+            zero = tl.load(zq_ptr + gidx, mask=row_mask, other=0).to(tl.float32) * z_step + z_min
+            cx = tl.sum(code.to(tl.float32) * xv[None, :], axis=1)
+            sx = tl.sum(xv, axis=0)
+            acc += scale * (cx - zero * sx)
+    return acc
 
 
-def linear(x: torch.Tensor, tensors, spec):  # pragma: no cover - see supports_linear()
-    raise NotImplementedError
+@triton.jit
+def _qgemv_kernel(
+    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
+):  # fmt: skip
+    """out[split, n] = sum_k W[n, k] x[k] over this split's K range. With GLU the
+    matrix is [2N, K] (gate rows, then up rows) and out[n] = silu(gate) * up."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    p_start = pid_s * p_split
+    p_end = tl.minimum(p_start + p_split, P)
+    acc = _dot_rows(
+        x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, rows, row_mask, p_start, p_end, P, P1, G, stride_q,
+        BITS, GROUP, BLOCK_N, BLOCK_P,
+    )  # fmt: skip
+    if GLU:
+        up = _dot_rows(
+            x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, rows + N, row_mask, p_start, p_end, P, P1, G, stride_q,
+            BITS, GROUP, BLOCK_N, BLOCK_P,
+        )  # fmt: skip
+        acc = acc * tl.sigmoid(acc) * up
+    tl.store(out_ptr + pid_s * stride_split + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, w_ptr, out_ptr, N, KSEL, SPLIT, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    """out[n] = sum_j w[j] * sum_s part[j, s, n], in a fixed order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(KSEL):
+        s_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(SPLIT):
+            s_acc += tl.load(part_ptr + (j * SPLIT + s) * N + offs, mask=mask, other=0.0)
+        if HAS_W:
+            s_acc = s_acc * tl.load(w_ptr + j).to(tl.float32)
+        acc += s_acc
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _geometry(spec: QuantSpec) -> tuple[int, int, int, int]:
+    """(P, P1, G, stride_q): main-plane bytes, 1-bit-plane bytes, groups per row, row stride."""
+    K = spec.in_features
+    if spec.bits == 3:
+        P, P1 = packed_cols(K, 2), packed_cols(K, 1)
+    else:
+        P, P1 = packed_cols(K, spec.bits), 1
+    return P, P1, K // spec.group_size, packed_cols(K, spec.bits)
+
+
+def split_for(spec: QuantSpec, glu: bool = False) -> int:
+    """How many K-splits a GEMV over `spec` uses (1 with the fused GLU)."""
+    if glu:
+        return 1
+    n_blocks = triton.cdiv(spec.out_features, block_n(spec))
+    iters = _geometry(spec)[0] // block_p(spec)
+    split = 1
+    while n_blocks * split * 2 <= _TARGET_PROGRAMS and iters // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
+def block_n(spec: QuantSpec) -> int:
+    return 32 if spec.out_features >= 4096 else 16
+
+
+def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, out: torch.Tensor, glu: bool = False) -> None:
+    """x: [K] -> out: [split, N] (fp32 partials) or [N] when the split is 1.
+
+    With ``glu`` the matrix is [2N, K] and ``out`` [N] receives silu(gate) * up."""
+    P, P1, G, stride_q = _geometry(spec)
+    n = spec.out_features // 2 if glu else spec.out_features
+    split = split_for(spec, glu)
+    bp = block_p(spec)
+    iters = P // bp
+    p_split = triton.cdiv(iters, split) * bp
+    bn = block_n(spec)
+    grid = (triton.cdiv(n, bn), split)
+    _qgemv_kernel[grid](
+        x, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, n, P, P1, G, stride_q, p_split, n,
+        BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=bn, BLOCK_P=bp, GLU=glu, num_warps=NUM_WARPS,
+    )  # fmt: skip
+
+
+def combine(part: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
+    """part: [k, split, N] fp32 -> out [N] = sum_j weights[j] * sum_s part[j, s]."""
+    k, split, n = part.shape
+    block = 1024
+    w = weights if weights is not None else part
+    _combine_kernel[(triton.cdiv(n, block),)](part, w, out, n, k, split, HAS_W=weights is not None, BLOCK=block)
+
+
+def linear(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
+    """y = x @ W.T for one token (x: [..., K] with one row) through the fused GEMV."""
+    lead = x.shape[:-1]
+    xv = x.reshape(-1).contiguous()
+    n = spec.out_features
+    split = split_for(spec)
+    out = torch.empty(n, dtype=dtype, device=x.device)
+    if split == 1:
+        gemv(xv, t, spec, out)
+    else:
+        part = torch.empty(1, split, n, dtype=torch.float32, device=x.device)
+        gemv(xv, t, spec, part[0])
+        combine(part, None, out)
+    return out.view(*lead, n)
+
+
+class DecodeWorkspace:
+    """Buffers for one token's routed experts, allocated once per runtime."""
+
+    def __init__(self, top_k: int, gate_up: QuantSpec, down: QuantSpec, device: torch.device):
+        self.h = torch.empty(top_k, gate_up.out_features // 2, dtype=torch.float32, device=device)  # [k, I]
+        self.part = torch.empty(top_k, split_for(down), down.out_features, dtype=torch.float32, device=device)
+
+    def expert(self, j: int, x: torch.Tensor, gate_up: dict, down: dict, fmt) -> None:
+        """Routed position j: part[j] = down(silu(gate(x)) * up(x)) as fp32 K-partials.
+        `gate_up` / `down`: the compact tensors (q, scale_q, zero_q, meta) of each matrix."""
+        gemv(x, gate_up, fmt.specs["gate_up_proj"], self.h[j], glu=True)
+        gemv(self.h[j], down, fmt.specs["down_proj"], self.part[j])
+
+
+assert META_GROUP == 128, "the kernels hard-code runs of 128 groups per (min, step) pair"

@@ -1,0 +1,241 @@
+"""The benchmark protocol (`shared/benchmark.md`): one process, every figure.
+
+For each variant (full engine, no prefetch, no cache and no prefetch, unlimited
+budget, other budgets and bit widths) a fresh engine is wired over the same
+synthetic trunk and store, warmed up (kernels compiled), and then measured:
+
+- TTFT for each prompt length, each from a cold cache (every expert copied);
+- the workload: a random prompt, then greedy decode; decode tok/s and the
+  cache/prefetch counters are taken over the decode steps only;
+- peak GPU memory (`torch.cuda.max_memory_allocated`) over the variant.
+
+Ratios: bound = 1 / (bytes moved per token / pinned bandwidth + resident time
+per token), overlap limit = 1 / max(bytes per token / bandwidth, resident time),
+where the bandwidth is measured in the same run (64 MiB pinned copies) and the
+resident time comes from the unlimited-budget variant of the same bit width.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import Engine
+from .synthetic import SyntheticModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_tokens: int = 512
+    new_tokens: int = 128
+    ttft_prompts: tuple[int, ...] = (512, 1024)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    bits: int | None = 2
+    gpu_budget: int | None = None  # bytes; None with cache_per_layer None = every expert resident
+    cache_per_layer: int | None = None
+    prefetch: bool = True
+    retain: bool = True  # False: each expert dropped right after use ("no cache")
+    profile: bool = False
+
+    @property
+    def resident(self) -> bool:
+        return self.gpu_budget is None and self.cache_per_layer is None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pinned_bandwidth(device: torch.device, nbytes: int = 64 << 20, reps: int = 20) -> float:
+    """Host->device bytes/s of `nbytes` pinned copies (host memcpy on CPU)."""
+    if device.type != "cuda":
+        src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            dst.copy_(src)
+        return nbytes * reps / (time.perf_counter() - t0)
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for _ in range(3):
+        dst.copy_(src, non_blocking=True)
+    _sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=True)
+    end.record()
+    end.synchronize()
+    return nbytes * reps / (start.elapsed_time(end) / 1e3)
+
+
+def _decode_run(engine: Engine, prompt: list[int], new_tokens: int) -> dict:
+    """The workload: prefill `prompt`, decode greedily; counters over decode steps only."""
+    dev = engine.device
+    first = None
+    ids: list[int] = []
+    last = None
+    t_first = 0.0
+    for chunk in engine.stream(prompt, max_new_tokens=new_tokens):
+        if first is None:
+            first, t_first = engine.stats.copy(), time.perf_counter()
+        ids.extend(chunk.token_ids)
+        last = chunk
+    _sync(dev)
+    t_end = time.perf_counter()
+    steps = len(ids) - 1  # forward passes after the prefill
+    dec = engine.stats - first
+    return {
+        "generated_tokens": len(ids),
+        "distinct_tokens": len(set(ids)),
+        "decode_tok_s": steps / (t_end - t_first) if steps > 0 else 0.0,
+        "engine_tok_s": last.stats["tokens_per_second"],
+        "ttft_workload_s": last.stats["time_to_first_token_s"],
+        "hit_rate": dec.hit_rate,
+        "prefetch_recall": dec.prefetch_recall,
+        "prefetch_issued_per_token": dec.prefetch_issued / max(steps, 1),
+        "prefetch_used_per_token": dec.prefetch_used / max(steps, 1),
+        "misses_per_token": dec.cache_misses / max(steps, 1),
+        "bytes_per_token": dec.bytes_to_device / max(steps, 1),
+    }
+
+
+def _ttft(engine: Engine, prompt: list[int]) -> float:
+    engine.reset_cache()  # cold: every expert of every layer is copied
+    _sync(engine.device)
+    return engine.generate(prompt, max_new_tokens=1).stats["time_to_first_token_s"]
+
+
+def profile_decode(engine: Engine, prompt: list[int], tokens: int = 8) -> dict:
+    """torch.profiler over a few decode steps: per-token wall, H2D copy and kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.generate(prompt, max_new_tokens=2)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        engine.generate(prompt[:1], max_new_tokens=tokens)
+        _sync(engine.device)
+        wall = time.perf_counter() - t0
+    copy_us = kernel_us = sync_us = 0.0
+    kernels = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
+        if "Memcpy HtoD" in ev.key:
+            copy_us += dev_us
+        elif dev_us and not ev.key.startswith("Memcpy") and not ev.key.startswith("Memset"):
+            kernel_us += dev_us
+            kernels.append((dev_us, ev.key, ev.count))
+        if ev.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaMemcpyAsync"):
+            sync_us += ev.cpu_time_total
+    kernels.sort(reverse=True)
+    n = tokens  # forward passes (the 1-token prompt's prefill is one of them)
+    return {
+        "tokens": n,
+        "wall_s_per_token": wall / n,
+        "h2d_copy_s_per_token": copy_us / 1e6 / n,
+        "kernel_s_per_token": kernel_us / 1e6 / n,
+        "host_wait_s_per_token": sync_us / 1e6 / n,
+        "top_kernels": [{"name": k[:80], "s_per_token": us / 1e6 / n, "calls": c} for us, k, c in kernels[:10]],
+    }
+
+
+def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: dict) -> dict:
+    """Measure one variant; returns its row (without the ratios)."""
+    dev = model.device
+    if dev.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    engine = model.engine(v.gpu_budget, prefetch=v.prefetch, retain=v.retain, cache_per_layer=v.cache_per_layer)
+    try:
+        engine.generate(prompts["warmup"], max_new_tokens=4)  # compile kernels, touch every path
+        row = {
+            "name": v.name,
+            "experts_bits": v.bits,
+            "gpu_budget_bytes": v.gpu_budget,
+            "slots_per_layer": engine.cache.slots_per_layer,
+            "num_experts": model.info.num_experts,
+            "prefetch": v.prefetch,
+            "cache": v.retain,
+            "expert_bytes": model.fmt.nbytes,
+            "expert_bits_per_param": model.fmt.bits_per_param,
+            "plan": engine.plan.to_dict(),
+        }
+        row["ttft_s"] = {str(n): _ttft(engine, prompts[n]) for n in workload.ttft_prompts}
+        engine.reset_cache()
+        row.update(_decode_run(engine, prompts["main"], workload.new_tokens))
+        k, e = engine.cache.slots_per_layer, model.info.num_experts
+        row["uniform_lru_hit_rate"] = k / e if v.retain else 0.0
+        if v.profile:
+            try:
+                row["profile"] = profile_decode(engine, prompts["main"][:16])
+            except Exception as exc:  # the profiler is optional on some runtimes
+                row["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+        _sync(dev)
+        row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        return row
+    finally:
+        engine.cache.synchronize()
+        del engine
+        model.detach()
+
+
+def add_ratios(row: dict, bandwidth: float, resident_s: float, all_expert_bytes: int) -> None:
+    """bound, overlap limit and TTFT transfer bound for one measured row."""
+    transfer = row["bytes_per_token"] / bandwidth
+    row["transfer_s_per_token"] = transfer
+    row["resident_s_per_token"] = resident_s
+    row["bound_tok_s"] = 1.0 / (transfer + resident_s)
+    row["overlap_limit_tok_s"] = 1.0 / max(transfer, resident_s)
+    row["ratio_to_bound"] = row["decode_tok_s"] / row["bound_tok_s"]
+    row["ratio_to_overlap_limit"] = row["decode_tok_s"] / row["overlap_limit_tok_s"]
+    ttft_bound = all_expert_bytes / bandwidth
+    row["ttft_transfer_bound_s"] = ttft_bound
+    row["ttft_ratio_to_bound"] = {n: t / ttft_bound for n, t in row["ttft_s"].items()}
+
+
+def run_protocol(
+    model: SyntheticModel,
+    variants: list[Variant],
+    workload: Workload,
+    on_row: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run `variants` (grouped by bit width: the model's store is rebuilt per width)."""
+    dev = model.device
+    bandwidth = pinned_bandwidth(dev)
+    prompts = {n: model.random_prompt(n, workload.seed + n) for n in workload.ttft_prompts}
+    prompts["main"] = model.random_prompt(workload.prompt_tokens, workload.seed)
+    prompts["warmup"] = model.random_prompt(32, workload.seed + 1)
+    rows = []
+    for bits in dict.fromkeys(v.bits for v in variants):
+        if model.fmt.bits != bits:
+            model.set_experts(bits)
+        group = [v for v in variants if v.bits == bits]
+        group.sort(key=lambda v: not v.resident)  # resident time first: every ratio needs it
+        resident_s = None
+        for v in group:
+            t0 = time.perf_counter()
+            row = run_variant(model, v, workload, prompts)
+            if v.resident:
+                resident_s = 1.0 / row["decode_tok_s"]
+            if resident_s is not None:
+                add_ratios(row, bandwidth, resident_s, model.expert_bytes_total)
+            row["host_store_bytes"] = model.store.nbytes
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            log.info("%s: %.2f tok/s", v.name, row["decode_tok_s"])
+            if on_row:
+                on_row(row)
+    return {"pinned_bandwidth_bytes_s": bandwidth, "variants": rows}

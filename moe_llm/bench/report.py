@@ -1,0 +1,123 @@
+"""Summary, targets and projections of a benchmark run (pure functions on its dict).
+
+The top-level keys (`ratio_to_bound`, `ratio_to_overlap_limit`,
+`speedup_vs_accelerate`, `speedup_vs_no_cache`, `peak_gpu_bytes`,
+`gpu_budget_bytes`, `ttft_1024_ratio_to_bound`) describe the headline row, the
+full engine at the main budget and bit width, so tools can read them directly.
+"""
+
+from __future__ import annotations
+
+PCIE4_BANDWIDTH = 25e9  # bytes/s, a PCIe 4 x16 desktop in practice
+
+# (key, target, "min" or "max")
+TARGETS = (
+    ("ratio_to_bound", 0.85, "min"),
+    ("ratio_to_overlap_limit", 0.8, "min"),
+    ("speedup_vs_accelerate", 100.0, "min"),
+    ("speedup_vs_no_cache", 2.0, "min"),
+    ("peak_gpu_fraction_of_budget", 1.0, "max"),
+    ("ttft_1024_ratio_to_bound", 1.2, "max"),
+)
+
+
+def project(row: dict, bandwidth: float = PCIE4_BANDWIDTH) -> dict:
+    """The same row over a slower link: bytes per token and the measured overlap
+    efficiency are kept, compute per token is the measured resident time."""
+    if "resident_s_per_token" not in row:
+        return {}
+    transfer = row["bytes_per_token"] / bandwidth
+    limit = 1.0 / max(transfer, row["resident_s_per_token"])
+    ttft = {n: r * row["ttft_transfer_bound_s"] * row["pinned_bandwidth_bytes_s"] / bandwidth
+            for n, r in row["ttft_ratio_to_bound"].items()}  # fmt: skip
+    return {
+        "bandwidth_bytes_s": bandwidth,
+        "bound_tok_s": 1.0 / (transfer + row["resident_s_per_token"]),
+        "overlap_limit_tok_s": limit,
+        "projected_tok_s": row["ratio_to_overlap_limit"] * limit,
+        "projected_ttft_s": ttft,
+    }
+
+
+def _find(rows: list[dict], name: str) -> dict | None:
+    return next((r for r in rows if r["name"] == name), None)
+
+
+def summarize(run: dict, headline: str = "full", no_cache: str = "no-cache-no-prefetch") -> dict:
+    """Add top-level keys, targets and per-row PCIe 4 projections to a run dict."""
+    rows = run["variants"]
+    for r in rows:
+        r["pinned_bandwidth_bytes_s"] = run["pinned_bandwidth_bytes_s"]
+        r["pcie4_projection"] = project(r)
+    full, nc = _find(rows, headline), _find(rows, no_cache)
+    acc = run.get("accelerate") or {}
+    if full is None:
+        return run
+    budget = full["gpu_budget_bytes"]
+    top = {
+        "decode_tok_s": full["decode_tok_s"],
+        "bound_tok_s": full.get("bound_tok_s"),
+        "overlap_limit_tok_s": full.get("overlap_limit_tok_s"),
+        "ratio_to_bound": full.get("ratio_to_bound"),
+        "ratio_to_overlap_limit": full.get("ratio_to_overlap_limit"),
+        "speedup_vs_accelerate": full["decode_tok_s"] * acc["projected_s_per_token"]
+        if acc.get("projected_s_per_token")
+        else None,
+        "speedup_vs_no_cache": full["decode_tok_s"] / nc["decode_tok_s"] if nc else None,
+        "peak_gpu_bytes": full["peak_gpu_bytes"],
+        "gpu_budget_bytes": budget,
+        "peak_gpu_fraction_of_budget": full["peak_gpu_bytes"] / budget if budget and full["peak_gpu_bytes"] else None,
+        "ttft_512_s": full["ttft_s"].get("512"),
+        "ttft_1024_s": full["ttft_s"].get("1024"),
+        "ttft_1024_ratio_to_bound": full.get("ttft_ratio_to_bound", {}).get("1024"),
+        "hit_rate": full["hit_rate"],
+        "prefetch_recall": full["prefetch_recall"],
+        "bytes_per_token": full["bytes_per_token"],
+    }
+    run.update(top)
+    run["targets"] = check_targets(top)
+    return run
+
+
+def check_targets(top: dict) -> list[dict]:
+    out = []
+    for key, target, kind in TARGETS:
+        value = top.get(key)
+        if value is None:
+            out.append({"key": key, "target": target, "kind": kind, "value": None, "met": None})
+            continue
+        met = value >= target if kind == "min" else value <= target
+        entry = {"key": key, "target": target, "kind": kind, "value": value, "met": met}
+        if not met:
+            entry["missed_by"] = (target - value) / target if kind == "min" else (value - target) / target
+        out.append(entry)
+    return out
+
+
+def table_rows(run: dict) -> list[list[str]]:
+    """Rows for a printed table: variant, bits, budget, slots, tok/s, ratios, TTFT, peak, hits, recall."""
+    gib = float(1 << 30)
+    out = []
+    for r in run["variants"]:
+        budget = r["gpu_budget_bytes"]
+        out.append([
+            r["name"],
+            str(r["experts_bits"]),
+            f"{budget / gib:.0f} GiB" if budget else "all",
+            f"{r['slots_per_layer']}/{r['num_experts']}",
+            f"{r['decode_tok_s']:.2f}",
+            f"{r['ratio_to_bound']:.2f}" if "ratio_to_bound" in r else "-",
+            f"{r['ratio_to_overlap_limit']:.2f}" if "ratio_to_overlap_limit" in r else "-",
+            " / ".join(f"{t:.3f}" for t in r["ttft_s"].values()),
+            f"{r['peak_gpu_bytes'] / gib:.2f}" if r.get("peak_gpu_bytes") else "-",
+            f"{r['hit_rate']:.2f}",
+            f"{r['prefetch_recall']:.2f}" if r["prefetch"] else "-",
+            f"{r['bytes_per_token'] / 1e6:.0f}",
+        ])  # fmt: skip
+    return out
+
+
+TABLE_HEADER = [
+    "variant", "bits", "budget", "slots", "decode tok/s", "÷bound", "÷overlap", "TTFT s (512 / 1024)",
+    "peak GiB", "hit rate", "recall", "MB/token",
+]  # fmt: skip

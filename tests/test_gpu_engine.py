@@ -1,0 +1,100 @@
+"""The CPU equivalence and invariance checks, run again on CUDA (pinned store, copy
+stream, per-slot events, Triton kernels), plus the CUDA-only promises: one
+device->host sync per MoE layer, slots allocated once, budget held."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import moe_llm
+
+pytestmark = pytest.mark.gpu
+
+PROMPT = "Experts live in host memory"
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def references(tiny_dirs):
+    from test_equivalence import hf_reference  # transformers on CPU in fp32 is the oracle
+
+    return {fam: hf_reference(path) for fam, path in tiny_dirs.items()}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("cache", [1, 2])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_cuda_greedy_tokens_equal_transformers(tiny_dirs, references, family, cache, prefetch):
+    prompt_ids, want, _ = references[family]
+    engine = moe_llm.load(tiny_dirs[family], device="cuda", dtype="float32", cache_per_layer=cache, prefetch=prefetch)
+    assert engine.cache.store.buffer(engine.cache.layers[0], 0).is_pinned()
+    got = engine.generate(prompt_ids, max_new_tokens=NEW).token_ids
+    want = want[: next((i for i, t in enumerate(want) if t in engine.eos_ids), len(want))]
+    assert got == want and len(got) > 0
+    assert engine.stats.cache_misses > 0
+    if prefetch:
+        assert engine.stats.prefetch_issued > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_cuda_logits_match_transformers(tiny_dirs, references, family):
+    prompt_ids, _, ref_logits = references[family]
+    engine = moe_llm.load(tiny_dirs[family], device="cuda", dtype="float32", cache_per_layer=1)
+    logits = engine.logits(prompt_ids).cpu()
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def quantized_cuda_runs(tiny_dirs):
+    out = {}
+    for family in ("mixtral", "qwen3_moe", "olmoe"):
+        for cache in (1, 2, 8):
+            for prefetch in (True, False):
+                engine = moe_llm.load(
+                    tiny_dirs[family], device="cuda", experts_bits=2, attn_bits=4, cache_per_layer=cache,
+                    prefetch=prefetch,
+                )  # fmt: skip
+                pool = engine.cache.pool.data_ptr()
+                res = engine.generate(PROMPT, max_new_tokens=NEW)
+                fused = engine.runtime._decode_ws is not None
+                out[family, cache, prefetch] = (res.token_ids, fused, pool == engine.cache.pool.data_ptr())
+    return out
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_cuda_2bit_tokens_identical_for_every_cache_size_and_prefetch(quantized_cuda_runs, family):
+    runs = {k: v for k, v in quantized_cuda_runs.items() if k[0] == family}
+    reference = runs[family, 8, False][0]
+    assert len(reference) > 0
+    for key, (tokens, fused, same_pool) in runs.items():
+        assert tokens == reference, key
+        assert fused, f"{key}: decode did not use the fused Triton kernels"
+        assert same_pool, f"{key}: the slot pool was reallocated"
+
+
+def _count_syncs(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("cache", [1, 8])
+def test_exactly_one_host_sync_per_moe_layer(tiny_mixtral, tokens, cache):
+    engine = moe_llm.load(tiny_mixtral, device="cuda", experts_bits=2, cache_per_layer=cache, prefetch=True)
+    engine.generate(PROMPT, max_new_tokens=2)  # warm: kernels compiled, workspaces allocated
+    rt, layer = engine.runtime, engine.cache.layers[0]
+    hidden = torch.randn(tokens, engine.fmt.hidden, device="cuda", dtype=engine.fmt.dtype)
+    weights = torch.full((tokens, 2), 0.5, device="cuda", dtype=engine.fmt.dtype)
+    for _ in range(3):  # hits and misses alike
+        index = torch.stack([torch.randperm(8, device="cuda")[:2] for _ in range(tokens)])  # [T, 2]
+        assert _count_syncs(lambda index=index: rt.forward(layer, hidden, index, weights)) == 1

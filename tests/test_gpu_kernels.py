@@ -1,0 +1,119 @@
+"""The Triton kernels agree with the reference `compact.dequantize` (GPU only).
+
+Small matrices are quantized by hqq (the real path); Mixtral-8x7B-sized ones use
+random codes with crafted meta (what `moe-llm bench` moves), covering decode
+(fused dequant-GEMV, split-K, fused GLU) and prefill (dequantize + GEMM).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_llm.expert_format import ExpertFormat
+from moe_llm.quant import QuantSpec, compact, pick_group_size
+
+pytestmark = pytest.mark.gpu
+
+SMALL = [(256, 64), (64, 128), (96, 512)]
+LARGE = [(28672, 4096), (4096, 14336)]  # Mixtral-8x7B gate_up and down
+
+
+@pytest.fixture(scope="module")
+def tk():
+    from moe_llm.kernels import triton_kernels
+
+    kernels = triton_kernels()
+    assert kernels is not None, "Triton kernels failed to import on a CUDA machine"
+    return kernels
+
+
+def _matrix(bits: int, shape: tuple[int, int], seed: int = 0):
+    out_f, in_f = shape
+    spec = QuantSpec(bits, pick_group_size(bits, in_f), out_f, in_f)
+    if shape in LARGE:
+        from moe_llm.bench.synthetic import random_compact
+
+        gen = torch.Generator("cuda").manual_seed(seed)
+        return random_compact(spec, "cuda", gen), spec
+    torch.manual_seed(seed)
+    w = torch.randn(out_f, in_f, device="cuda") * 0.02
+    return compact.quantize(w, bits, spec.group_size), spec
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", SMALL + LARGE)
+def test_dequantize_kernel_matches_reference(tk, bits, shape):
+    t, spec = _matrix(bits, shape)
+    assert tk.supported_spec(spec)
+    ref = compact.dequantize(t, spec, torch.float32)
+    got32 = tk.dequantize(t, spec, torch.float32)
+    torch.testing.assert_close(got32, ref, rtol=1e-5, atol=1e-7)
+    got16 = tk.dequantize(t, spec, torch.bfloat16)
+    torch.testing.assert_close(got16.float(), ref, rtol=2**-8, atol=1e-7)  # bf16 rounding of the same values
+    assert torch.isfinite(ref).all() and 0.005 < float(ref.std()) < 0.05
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", SMALL + LARGE)
+def test_gemv_matches_reference(tk, bits, shape):
+    t, spec = _matrix(bits, shape)
+    ref_w = compact.dequantize(t, spec, torch.float32)
+    x = torch.randn(spec.in_features, device="cuda").to(torch.bfloat16)
+    want = ref_w @ x.float()
+    from moe_llm.kernels.triton_gemv import split_for
+
+    part = torch.empty(split_for(spec), spec.out_features, device="cuda")
+    tk.gemv(x, t, spec, part)
+    assert _rel(part.sum(0), want) < 1e-4
+    y = tk.linear(x.view(1, 1, -1), t, spec, torch.bfloat16)  # one token through a QuantLinear
+    assert y.shape == (1, 1, spec.out_features) and _rel(y.view(-1), want) < 1e-2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", [(256, 64), (28672, 4096)])
+def test_fused_glu_gemv_matches_reference(tk, bits, shape):
+    t, spec = _matrix(bits, shape)
+    ref = compact.dequantize(t, spec, torch.float32) @ torch.ones(spec.in_features, device="cuda")
+    x = torch.ones(spec.in_features, device="cuda", dtype=torch.bfloat16)
+    n = spec.out_features // 2
+    want = F.silu(ref[:n]) * ref[n:]
+    h = torch.empty(n, device="cuda")
+    tk.gemv(x, t, spec, h, glu=True)
+    assert _rel(h, want) < 1e-4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("geometry", [(64, 128), (4096, 14336)])
+def test_expert_decode_and_prefill_match_reference(tk, bits, geometry):
+    from moe_llm.bench.synthetic import random_expert
+    from moe_llm.kernels import expert_mlp, matrix_views
+
+    hidden, inter = geometry
+    fmt = ExpertFormat.build(hidden, inter, bits, torch.bfloat16)
+    buf = random_expert(fmt, "cuda", torch.Generator("cuda").manual_seed(1))
+    views = fmt.layout.views(buf)
+    gu = compact.dequantize(matrix_views(views, "gate_up_proj"), fmt.specs["gate_up_proj"], torch.float32)
+    dn = compact.dequantize(matrix_views(views, "down_proj"), fmt.specs["down_proj"], torch.float32)
+    x = torch.randn(64, hidden, device="cuda").to(torch.bfloat16)
+    gate, up = F.linear(x.float(), gu).chunk(2, dim=-1)
+    want = F.linear(F.silu(gate) * up, dn)  # [64, H] fp32 reference
+
+    # decode: two routed positions of one token, combined with routing weights
+    ws = tk.DecodeWorkspace(2, fmt.specs["gate_up_proj"], fmt.specs["down_proj"], torch.device("cuda"))
+    ws.expert(0, x[0], matrix_views(views, "gate_up_proj"), matrix_views(views, "down_proj"), fmt)
+    ws.expert(1, x[1], matrix_views(views, "gate_up_proj"), matrix_views(views, "down_proj"), fmt)
+    w = torch.tensor([0.75, 0.25], device="cuda")
+    out = torch.empty(hidden, device="cuda", dtype=torch.bfloat16)
+    tk.combine(ws.part, w, out)
+    assert _rel(out, 0.75 * want[0] + 0.25 * want[1]) < 1e-2
+
+    # prefill: dequantize into a workspace + bf16 GEMM
+    workspace = torch.empty(2 * hidden * inter, device="cuda", dtype=torch.bfloat16)
+    y = expert_mlp(x, views, fmt, F.silu, workspace)
+    assert _rel(y, want) < 3e-2
