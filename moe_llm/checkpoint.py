@@ -47,24 +47,43 @@ class _ExpertKeys:
     down_fused: str | None = None
 
 
+def read_config_dict(path: Path) -> dict:
+    """config.json of model directory `path`, with one-line errors for the usual mistakes."""
+    if not path.exists():
+        raise ModelLoadError(f"model directory not found: {path}")
+    if not path.is_dir():
+        raise ModelLoadError(f"not a directory: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"no config.json in {path}")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"config.json in {path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"config.json in {path} is not a JSON object")
+    return config
+
+
+@dataclass
+class ConfigOnly:
+    """A model directory read for its config.json alone (planning needs no weights)."""
+
+    path: Path
+    config_dict: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> ConfigOnly:
+        p = Path(path).expanduser()
+        return cls(p, read_config_dict(p))
+
+
 class Checkpoint:
     """A local HF checkpoint directory, opened lazily."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
-        if not self.path.exists():
-            raise ModelLoadError(f"model directory not found: {self.path}")
-        if not self.path.is_dir():
-            raise ModelLoadError(f"not a directory: {self.path}")
-        cfg_file = self.path / "config.json"
-        if not cfg_file.is_file():
-            raise ModelLoadError(f"no config.json in {self.path}")
-        try:
-            self.config_dict = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"config.json in {self.path} is not valid JSON: {exc}") from None
-        if not isinstance(self.config_dict, dict):
-            raise ModelLoadError(f"config.json in {self.path} is not a JSON object")
+        self.config_dict = read_config_dict(self.path)
         self._files = self._find_shards()
         self._handles: dict[Path, object] = {}
         self._key_file: dict[str, Path] = {}
@@ -172,9 +191,7 @@ class Checkpoint:
         try:
             gate, up, down = ek.gate[expert], ek.up[expert], ek.down[expert]
         except KeyError:
-            raise CheckpointIntegrityError(
-                f"layer {layer} expert {expert}: missing gate/up/down tensors"
-            ) from None
+            raise CheckpointIntegrityError(f"layer {layer} expert {expert}: missing gate/up/down tensors") from None
         return torch.cat([self._read(gate), self._read(up)], dim=0), self._read(down)
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import inspect
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class Engine:
         self.runtime = runtime
         self.device = torch.device(config.device)
         self._lock = FifoLock()
+        self._streams: dict[int, weakref.ref] = {}  # thread id -> its latest stream
         self.eos_ids = self._eos_ids()
         # transformers >= 5.2x renamed past_key_values to cache
         self._kv_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -188,8 +190,23 @@ class Engine:
         return self._stream(prompt_ids, gen)
 
     def _stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[StreamChunk]:
+        self._close_abandoned()
+        it = self._locked_run(prompt_ids, gen)
+        self._streams[threading.get_ident()] = weakref.ref(it)
+        return it
+
+    def _locked_run(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[StreamChunk]:
         with self._lock:
             yield from self._run(prompt_ids, gen)
+
+    def _close_abandoned(self) -> None:
+        """A stream this thread left suspended still holds the engine, so the next
+        request from the same thread would wait forever: close it first."""
+        ref = self._streams.pop(threading.get_ident(), None)
+        prev = ref() if ref is not None else None
+        if prev is not None and inspect.getgeneratorstate(prev) == inspect.GEN_SUSPENDED:
+            log.warning("closing an unfinished stream that this thread abandoned")
+            prev.close()
 
     @torch.inference_mode()
     def _run(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[StreamChunk]:
@@ -203,6 +220,7 @@ class Engine:
         finish = "length"
         ttft = None
         t_first = t0
+        accounted = False
         try:
             ids = torch.tensor([prompt_ids], device=self.device)
             for step in range(max_new):
@@ -232,9 +250,20 @@ class Engine:
             self.stats.decode_seconds += time.perf_counter() - t_first
             self.stats.requests += 1
             self.stats.prompt_tokens += len(prompt_ids)
+            accounted = True
             call = self.stats - before
             yield StreamChunk(tail, pending, finish, self._call_stats(call, ttft, len(prompt_ids), text))
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):
+                # raised inside a forward (error, Ctrl-C): slot bookkeeping may be half
+                # updated, so return every slot to the free list
+                self.cache.reset()
+            raise
         finally:
+            if not accounted and ttft is not None:  # cancelled: count what was generated
+                self.stats.decode_seconds += time.perf_counter() - t_first
+                self.stats.requests += 1
+                self.stats.prompt_tokens += len(prompt_ids)
             # abandoned or failed streams: fence in-flight copies, drop per-request state
             self.cache.synchronize()
             if self.runtime.prefetcher is not None:

@@ -127,8 +127,11 @@ def load(
     return assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, str(ckpt.path))
 
 
-def plan_for(model, hf_config, cfg, info, fmt: ExpertFormat, dtype: torch.dtype) -> Plan:
-    """Budget plan for a trunk already on its device (see `planner.plan_slots`)."""
+def plan_for(
+    model, hf_config, cfg, info, fmt: ExpertFormat, dtype: torch.dtype, trunk_bytes: int | None = None
+) -> Plan:
+    """Budget plan for a trunk already on its device (see `planner.plan_slots`); `moe-llm plan`
+    passes `trunk_bytes` computed from a meta skeleton instead."""
     context = min(cfg.max_context or 4096, getattr(hf_config, "max_position_embeddings", 4096) or 4096)
     dsize = torch.empty((), dtype=dtype).element_size()
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
@@ -136,7 +139,7 @@ def plan_for(model, hf_config, cfg, info, fmt: ExpertFormat, dtype: torch.dtype)
     return plan_slots(
         budget=cfg.gpu_budget,
         cache_per_layer=cfg.cache_per_layer,
-        trunk_bytes=module_bytes(model),
+        trunk_bytes=module_bytes(model) if trunk_bytes is None else trunk_bytes,
         kv_bytes=kv_cache_bytes(hf_config.num_hidden_layers, kv_heads, head_dim, context, dsize),
         workspace=workspace_bytes(info.hidden, info.intermediate, hf_config.vocab_size, context, dsize),
         expert_bytes=fmt.nbytes,

@@ -26,6 +26,15 @@ def parse_bits(value: str | None, allowed: tuple[int, ...], name: str) -> int | 
     return bits
 
 
+def bits_option(value: str | None, allowed: tuple[int, ...], name: str) -> int | str | None:
+    """Bits for `moe_llm.load`: None when the option was not given (settings apply),
+    "none" when the user asked for full precision."""
+    if value is None:
+        return None
+    bits = parse_bits(value, allowed, name)
+    return "none" if bits is None else bits
+
+
 def resolve_model(model_dir: Path | None) -> tuple[Path, bool]:
     """(directory, is_random_default)."""
     if model_dir is not None:
@@ -46,11 +55,12 @@ def load_engine(
     prefetch: bool,
     quiet: bool = False,
 ):
-    import moe_llm
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    eb = parse_bits(experts_bits, (2, 3, 4), "--experts-bits")
-    ab = parse_bits(attn_bits, (4,), "--attn-bits")
+    import moe_llm
+
+    eb = bits_option(experts_bits, (2, 3, 4), "--experts-bits")
+    ab = bits_option(attn_bits, (4,), "--attn-bits")
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -67,14 +77,15 @@ def load_engine(
 
         return moe_llm.load(
             model_dir, device=device, experts_bits=eb, attn_bits=ab, cache_per_layer=cache_per_layer,
-            gpu_budget=gpu_budget, prefetch=prefetch, progress=cb,
+            gpu_budget=gpu_budget, prefetch=None if prefetch else False, progress=cb,
         )  # fmt: skip
 
 
 ModelArg = typer.Argument(None, help="Local HF checkpoint directory (default: the embedded demo model).")
-DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda.")
-ExpertsBitsOpt = typer.Option("none", "--experts-bits", help=f"Expert quantization: {BITS_HELP}.")
-AttnBitsOpt = typer.Option("none", "--attn-bits", help="Dense/attention quantization: 4 or none.")
+# option defaults of None defer to MOE_LLM_* variables and the settings file (moe_llm.settings)
+DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: settings, else cpu).")
+ExpertsBitsOpt = typer.Option(None, "--experts-bits", help=f"Expert quantization: {BITS_HELP} (default: settings, else none).")
+AttnBitsOpt = typer.Option(None, "--attn-bits", help="Dense/attention quantization: 4 or none (default: settings, else none).")
 CacheOpt = typer.Option(None, "--cache-per-layer", help="Expert slots per MoE layer.")
 BudgetOpt = typer.Option(None, "--gpu-budget", help="Device memory budget, e.g. 12GiB.")
 NoPrefetchOpt = typer.Option(False, "--no-prefetch", help="Disable speculative expert prefetch.")

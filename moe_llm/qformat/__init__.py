@@ -12,7 +12,7 @@ Only safetensors and JSON are read; no pickle is ever loaded.
 """
 
 from .manifest import FORMAT_VERSION, MANIFEST, Manifest, read_manifest, verify_files
-from .reader import QuantizedCheckpoint, is_quantized_dir
+from .reader import QuantizedCheckpoint, is_quantized_dir, resolve_stored_bits
 from .writer import QuantizeProgress, quantize_checkpoint
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "is_quantized_dir",
     "quantize_checkpoint",
     "read_manifest",
+    "resolve_stored_bits",
     "verify_files",
 ]

@@ -48,6 +48,20 @@ def is_quantized_dir(path: str | Path) -> bool:
         return False
 
 
+def resolve_stored_bits(manifest: Manifest, cfg: EngineConfig, name: str) -> EngineConfig:
+    """Adopt the stored bits; refuse a request for different ones (that needs the source)."""
+    q = manifest.quantization
+    stored = {"experts_bits": q.experts_bits, "attn_bits": q.attn_bits, "group_size": q.experts_group_size}
+    for field, value in stored.items():
+        asked = getattr(cfg, field)
+        if asked is not None and asked != value:
+            raise ConfigError(
+                f"{name} is quantized with {field}={value}; {field}={asked} needs "
+                "`moe-llm quantize` from the original checkpoint"
+            )
+    return cfg.model_copy(update=stored)
+
+
 class QuantizedCheckpoint:
     def __init__(self, path: str | Path, verify_checksums: bool = True):
         self.path = Path(path).expanduser()
@@ -71,17 +85,7 @@ class QuantizedCheckpoint:
 
     # -- settings ---------------------------------------------------------------------------------
     def resolve(self, cfg: EngineConfig) -> EngineConfig:
-        """Adopt the stored bits; refuse a request for different ones (that needs the source)."""
-        q = self.manifest.quantization
-        stored = {"experts_bits": q.experts_bits, "attn_bits": q.attn_bits, "group_size": q.experts_group_size}
-        for field, value in stored.items():
-            asked = getattr(cfg, field)
-            if asked is not None and asked != value:
-                raise ConfigError(
-                    f"{self.path.name} is quantized with {field}={value}; {field}={asked} needs "
-                    f"`moe-llm quantize` from the original checkpoint"
-                )
-        return cfg.model_copy(update=stored)
+        return resolve_stored_bits(self.manifest, cfg, self.path.name)
 
     def check_format(self, fmt: ExpertFormat) -> None:
         if layout_entries(fmt) != [tuple(x) for x in self.manifest.experts.layout]:

@@ -1,0 +1,91 @@
+"""`moe-llm plan MODEL_DIR --gpu-budget 12GiB`: what would go where, from config.json alone."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import app
+from .common import AttnBitsOpt, BudgetOpt, CacheOpt, ExpertsBitsOpt, bits_option
+
+
+def plan_table(mp, model_name: str, pcie_gbps: float) -> Table:
+    from ..config import format_size
+
+    p = mp.plan
+    budget = format_size(p.budget_bytes) if p.budget_bytes else "no budget (every expert gets a slot)"
+    title = (
+        f"{model_name}: {mp.model_type}, {mp.num_layers} layers ({mp.moe_layers} MoE), "
+        f"{mp.num_experts} experts, top-{mp.top_k} · {budget}"
+    )
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("where")
+    t.add_column("what")
+    t.add_column("bytes", justify="right")
+    attn = f"{mp.attn_bits}-bit" if mp.attn_bits else mp.dtype
+    experts = f"{mp.experts_bits}-bit" if mp.experts_bits else mp.dtype
+    t.add_row("GPU", f"trunk: attention/dense {attn}; embeddings, norms, routers, LM head {mp.dtype}",
+              format_size(p.trunk_bytes))  # fmt: skip
+    t.add_row("GPU", "KV cache for the planned context", format_size(p.kv_bytes))
+    t.add_row("GPU", "activations and kernel workspace", format_size(p.workspace_bytes))
+    t.add_row(
+        "GPU",
+        f"expert slots: {p.slots_per_layer} of {mp.num_experts} per layer x {mp.moe_layers} layers "
+        f"x {format_size(p.expert_bytes)}",
+        format_size(p.slot_pool_bytes),
+    )
+    total = format_size(p.device_bytes) + (f" of {format_size(p.budget_bytes)}" if p.budget_bytes else "")
+    t.add_row("GPU", "[bold]total device[/]", f"[bold]{total}[/]")
+    ram = f" of {format_size(mp.ram_bytes)}" if mp.ram_bytes else ""
+    t.add_row(
+        "host",
+        f"pinned experts, {experts} ({mp.expert_bits_per_param:.2f} bits/param moved)",
+        format_size(p.host_bytes) + ram,
+    )
+    per_token = mp.bytes_per_token
+    ms = per_token / (pcie_gbps * 1e9) * 1e3
+    t.add_row("PCIe", f"expected hit rate {mp.expected_hit_rate:.0%} (uniform routing, K/E)", "")
+    t.add_row(
+        "PCIe",
+        f"expected expert bytes per token: (1-K/E) x top-{mp.top_k} x expert x {mp.moe_layers} "
+        f"(~{ms:.1f} ms at {pcie_gbps:g} GB/s)",
+        format_size(per_token),
+    )
+    return t
+
+
+@app.command()
+def plan(
+    model_dir: Path = typer.Argument(..., help="Model directory (only config.json is read)."),
+    gpu_budget: str = BudgetOpt,
+    ram: str = typer.Option(None, "--ram", help="Host RAM available for the pinned experts, e.g. 64GiB."),
+    cache_per_layer: int = CacheOpt,
+    experts_bits: str = ExpertsBitsOpt,
+    attn_bits: str = AttnBitsOpt,
+    dtype: str = typer.Option(None, "--dtype", help="Compute dtype: bfloat16 (default), float16 or float32."),
+    context: int = typer.Option(None, "--context", help="Context length to reserve KV cache for (default 4096)."),
+    pcie_gbps: float = typer.Option(25.0, "--pcie-gbps", help="Host-to-device bandwidth for the time estimate."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Print what would go where for a GPU budget, and the expected bytes per token; refuse if it cannot fit."""
+    from ..config import format_size
+    from ..sizing import plan_model
+
+    mp = plan_model(
+        model_dir, ram=ram, gpu_budget=gpu_budget, cache_per_layer=cache_per_layer, dtype=dtype, max_context=context,
+        experts_bits=bits_option(experts_bits, (2, 3, 4), "--experts-bits"),
+        attn_bits=bits_option(attn_bits, (4,), "--attn-bits"),
+    )  # fmt: skip
+    if as_json:
+        sys.stdout.write(json.dumps(mp.to_dict()) + "\n")
+        return
+    console = Console()
+    console.print(plan_table(mp, model_dir.name, pcie_gbps))
+    left = (mp.plan.budget_bytes or 0) - mp.plan.device_bytes
+    if mp.plan.budget_bytes:
+        console.print(f"fits: {format_size(left)} of the budget left over")
