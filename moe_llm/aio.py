@@ -1,8 +1,8 @@
 """Async access to an `Engine` without blocking the event loop.
 
 Generation is synchronous compute. `astream` runs the engine's generator in a
-worker thread and hands each chunk to the loop through an `asyncio.Queue`, so
-the loop keeps serving other tasks between tokens. Concurrent callers queue on
+worker thread (one per request) and hands each chunk to the loop through an
+`asyncio.Queue`, so the loop keeps serving other tasks between tokens. Concurrent callers queue on
 the engine's FIFO lock inside their worker threads, never on the loop. A
 consumer that stops early sets a flag; the worker then closes the generator,
 which releases the engine.
@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .engine import Engine, GenerationResult, StreamChunk
+from .engine import Engine, StreamChunk
 
 _DONE = object()
 
@@ -27,7 +27,6 @@ class _Failure:
 
 async def astream(engine: Engine, prompt: Any, **kwargs: Any) -> AsyncIterator[StreamChunk]:
     """Async version of `engine.stream(prompt, **kwargs)`; same chunks, same errors."""
-    chunks = engine.stream(prompt, **kwargs)  # validates the request here, in the caller
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
@@ -39,7 +38,11 @@ async def astream(engine: Engine, prompt: Any, **kwargs: Any) -> AsyncIterator[S
             stop.set()
 
     def work() -> None:
+        # the stream is created here, not on the loop's thread: the engine tracks open
+        # streams per thread, and one loop thread may run many requests at once
+        chunks = None
         try:
+            chunks = engine.stream(prompt, **kwargs)
             for chunk in chunks:
                 if stop.is_set():
                     break
@@ -47,7 +50,8 @@ async def astream(engine: Engine, prompt: Any, **kwargs: Any) -> AsyncIterator[S
         except BaseException as exc:  # handed to the consumer, re-raised there
             put(_Failure(exc))
         finally:
-            chunks.close()
+            if chunks is not None:
+                chunks.close()
             put(_DONE)
 
     threading.Thread(target=work, name="moe-llm-astream", daemon=True).start()
@@ -61,17 +65,3 @@ async def astream(engine: Engine, prompt: Any, **kwargs: Any) -> AsyncIterator[S
             yield item
     finally:
         stop.set()
-
-
-async def agenerate(engine: Engine, prompt: Any, **kwargs: Any) -> GenerationResult:
-    """Async version of `engine.generate(prompt, **kwargs)`."""
-    parts: list[str] = []
-    ids: list[int] = []
-    last: StreamChunk | None = None
-    async for chunk in astream(engine, prompt, **kwargs):
-        parts.append(chunk.text)
-        ids.extend(chunk.token_ids)
-        last = chunk
-    assert last is not None and last.finish_reason is not None
-    stats = last.stats or {}
-    return GenerationResult("".join(parts), ids, int(stats.get("prompt_tokens", 0)), last.finish_reason, stats)
