@@ -52,6 +52,13 @@ class OffloadRuntime:
         self._decode_out: dict[int, torch.Tensor] = {}  # layer -> [1, H]
         self._dequant_ws: torch.Tensor | None = None  # prefill: one expert's matrices, dequantized
         self._slot_mats: dict[int, tuple[dict, dict]] = {}
+        self._fast: dict[str, object] = {}  # device type -> Triton kernels or None
+
+    def _fast_path(self, hidden: torch.Tensor):
+        kind = hidden.device.type
+        if kind not in self._fast:
+            self._fast[kind] = fast_path(hidden, self.fmt)
+        return self._fast[kind]
 
     def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         T, k = top_k_index.shape
@@ -75,7 +82,7 @@ class OffloadRuntime:
         if guess is not None:
             pf.issue(layer, guessed, decode=T == 1)
 
-        tk = fast_path(hidden, self.fmt) if T == 1 and self._fused_glu else None
+        tk = self._fast_path(hidden) if T == 1 and self._fused_glu else None
         if tk is not None:
             return self._decode(tk, layer, hidden, routed, top_k_weights, order, slots)
         return self._grouped(layer, hidden, flat, top_k_weights, counts, order, slots)
@@ -132,7 +139,7 @@ class OffloadRuntime:
         return rows.view(T, k, H).sum(dim=1).to(hidden.dtype)
 
     def _workspace(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        if self._dequant_ws is None and fast_path(hidden, self.fmt) is not None:
+        if self._dequant_ws is None and self._fast_path(hidden) is not None:
             n = 2 * self.fmt.intermediate * self.fmt.hidden
             self._dequant_ws = torch.empty(n, dtype=self.fmt.dtype, device=hidden.device)
         return self._dequant_ws

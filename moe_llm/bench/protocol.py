@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import Engine
+from .kernels import kernel_timings
 from .synthetic import SyntheticModel
 
 log = logging.getLogger(__name__)
@@ -218,10 +219,15 @@ def run_protocol(
     prompts = {n: model.random_prompt(n, workload.seed + n) for n in workload.ttft_prompts}
     prompts["main"] = model.random_prompt(workload.prompt_tokens, workload.seed)
     prompts["warmup"] = model.random_prompt(32, workload.seed + 1)
-    rows = []
+    rows, kernels = [], {}
     for bits in dict.fromkeys(v.bits for v in variants):
         if model.fmt.bits != bits:
             model.set_experts(bits)
+        if dev.type == "cuda":
+            try:
+                kernels[str(bits)] = kernel_timings(model.fmt, dev)
+            except Exception as exc:  # timings are diagnostics; never lose the rows for them
+                kernels[str(bits)] = {"error": f"{type(exc).__name__}: {exc}"}
         group = [v for v in variants if v.bits == bits]
         group.sort(key=lambda v: not v.resident)  # resident time first: every ratio needs it
         resident_s = None
@@ -238,4 +244,4 @@ def run_protocol(
             log.info("%s: %.2f tok/s", v.name, row["decode_tok_s"])
             if on_row:
                 on_row(row)
-    return {"pinned_bandwidth_bytes_s": bandwidth, "variants": rows}
+    return {"pinned_bandwidth_bytes_s": bandwidth, "variants": rows, "kernels": kernels}

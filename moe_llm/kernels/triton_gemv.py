@@ -18,6 +18,7 @@ fixed order, so results do not depend on which expert was computed first.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from math import gcd
 
 import torch
@@ -154,22 +155,24 @@ def block_n(spec: QuantSpec) -> int:
     return 32 if spec.out_features >= 4096 else 16
 
 
+@lru_cache(maxsize=256)
+def _launch(spec: QuantSpec, glu: bool) -> tuple[tuple[int, int], tuple[int, ...], dict]:
+    """(grid, int args, constexprs) of one GEMV over `spec`; computed once per shape."""
+    P, P1, G, stride_q = _geometry(spec)
+    n = spec.out_features // 2 if glu else spec.out_features
+    split = split_for(spec, glu)
+    bp, bn = block_p(spec), block_n(spec)
+    p_split = triton.cdiv(P // bp, split) * bp
+    consts = dict(BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=bn, BLOCK_P=bp, GLU=glu, num_warps=NUM_WARPS)
+    return (triton.cdiv(n, bn), split), (n, P, P1, G, stride_q, p_split, n), consts
+
+
 def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, out: torch.Tensor, glu: bool = False) -> None:
     """x: [K] -> out: [split, N] (fp32 partials) or [N] when the split is 1.
 
     With ``glu`` the matrix is [2N, K] and ``out`` [N] receives silu(gate) * up."""
-    P, P1, G, stride_q = _geometry(spec)
-    n = spec.out_features // 2 if glu else spec.out_features
-    split = split_for(spec, glu)
-    bp = block_p(spec)
-    iters = P // bp
-    p_split = triton.cdiv(iters, split) * bp
-    bn = block_n(spec)
-    grid = (triton.cdiv(n, bn), split)
-    _qgemv_kernel[grid](
-        x, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, n, P, P1, G, stride_q, p_split, n,
-        BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=bn, BLOCK_P=bp, GLU=glu, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    grid, args, consts = _launch(spec, glu)
+    _qgemv_kernel[grid](x, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, *args, **consts)
 
 
 def combine(part: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
