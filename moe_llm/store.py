@@ -22,22 +22,31 @@ from .expert_format import ExpertFormat
 log = logging.getLogger(__name__)
 
 
-def _register(t: torch.Tensor) -> bool:
-    """Page-lock `t` in place; unregistered again when `t` is freed."""
+def _register(t: torch.Tensor, chunk: int) -> bool:
+    """Page-lock `t` in place, `chunk` bytes per registration, from several threads
+    (touching and locking pages is the slow part). Each range is unregistered when
+    `t` is freed."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cudart = torch.cuda.cudart()
-    ptr = t.data_ptr()
-    if int(cudart.cudaHostRegister(ptr, t.numel() * t.element_size(), 0)) != 0:
-        return False
-    weakref.finalize(t, cudart.cudaHostUnregister, ptr)
-    return True
+    base, total = t.data_ptr(), t.numel() * t.element_size()
+    ranges = [(base + off, min(chunk, total - off)) for off in range(0, total, chunk)]
+    with ThreadPoolExecutor(max_workers=min(16, len(ranges))) as pool:
+        errors = list(pool.map(lambda r: int(cudart.cudaHostRegister(r[0], r[1], 0)), ranges))
+    ok = [r[0] for r, e in zip(ranges, errors, strict=True) if e == 0]
+    for ptr in ok:
+        weakref.finalize(t, cudart.cudaHostUnregister, ptr)
+    return len(ok) == len(ranges)
 
 
-def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """A uint8 host buffer of `nbytes`, page-locked if `pin`."""
-    if not pin:
-        return torch.empty(nbytes, dtype=torch.uint8)
+def host_buffer(nbytes: int, pin: bool, chunk: int | None = None) -> torch.Tensor:
+    """A uint8 host buffer of `nbytes`, page-locked if `pin`. With `chunk`, each
+    `chunk`-byte range is its own registration (copies must not span two)."""
     t = torch.empty(nbytes, dtype=torch.uint8)
-    if _register(t):
+    if not pin:
+        return t
+    t.zero_()  # touch every page (in parallel) before locking it
+    if _register(t, chunk or nbytes):
         return t
     log.info("cudaHostRegister failed; using the pinned caching allocator")
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -55,13 +64,13 @@ class ExpertStore:
     def _slot(self, layer: int, expert: int) -> torch.Tensor:
         if not 0 <= expert < self.num_experts:
             raise KeyError((layer, expert))
+        n = self.fmt.nbytes
         slab = self._slabs.get(layer)
         if slab is None:
             if layer not in self.layers:
                 raise KeyError((layer, expert))
             # the store holds this very tensor: its finalizer unregisters the pages
-            slab = self._slabs[layer] = host_buffer(self.num_experts * self.fmt.nbytes, self.pinned)
-        n = self.fmt.nbytes
+            slab = self._slabs[layer] = host_buffer(self.num_experts * n, self.pinned, chunk=n)
         return slab[expert * n : (expert + 1) * n]
 
     def put(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -168,6 +169,7 @@ class SyntheticModel:
 
     def set_experts(self, bits: int | None) -> None:
         """(Re)build the pinned store with random experts of `bits` bits."""
+        t0 = time.perf_counter()
         self.detach()
         self.store = None  # free the old host buffers before pinning new ones
         info = self.info
@@ -177,7 +179,8 @@ class SyntheticModel:
             for e in range(info.num_experts):
                 store.put_raw(layer, e, random_expert(self.fmt, self.device, self.gen))
         self.store = store
-        log.info("synthetic store: %d experts, %.1f GB", len(store), store.nbytes / 1e9)
+        self.store_build_s = time.perf_counter() - t0
+        log.info("synthetic store: %d experts, %.1f GB in %.1f s", len(store), store.nbytes / 1e9, self.store_build_s)
 
     def engine(self, gpu_budget: int | str | None, prefetch: bool = True, retain: bool = True, **options) -> Engine:
         """A fresh engine (cache, prefetcher, runtime) over the shared trunk and store."""

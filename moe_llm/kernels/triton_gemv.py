@@ -29,7 +29,8 @@ from ..quant.compact import META_GROUP, QuantSpec
 from ..quant.packing import packed_cols
 
 NUM_WARPS = 4
-_TARGET_PROGRAMS = 4 * 132  # about four programs per SM of an H100/H200; fine elsewhere too
+_TARGET_PROGRAMS = 8 * 132  # about eight programs per SM of an H100/H200; fine elsewhere too
+_MAX_UNROLL = 4
 
 
 def block_p(spec: QuantSpec) -> int:
@@ -47,43 +48,40 @@ def supported_spec(spec: QuantSpec) -> bool:
 
 
 @triton.jit
-def _dot_rows(
-    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, rows, row_mask, p_start, p_end, P, P1, G, stride_q,
+def _tile_dot(
+    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """sum over packed bytes [p_start, p_end) of W[rows, :] * x  ->  [BLOCK_N] fp32."""
+    """sum over the columns encoded by packed bytes [p0, p0 + BLOCK_P) of W[rows] * x -> [BLOCK_N].
+    Rows outside `mask` contribute 0 (their scale loads as 0)."""
     MB: tl.constexpr = 4 if BITS == 4 else 2  # bits per code in the main plane
     PER: tl.constexpr = 8 // MB  # codes per byte of the main plane
-    MASK: tl.constexpr = (1 << MB) - 1
+    CODE_MASK: tl.constexpr = (1 << MB) - 1
     offs = tl.arange(0, BLOCK_P)
-    row_off = rows.to(tl.int64) * stride_q
-    gbase = rows * G
+    byte = tl.load(q_ptr + row_off[:, None] + p0 + offs[None, :], mask=mask[:, None], other=0).to(tl.int32)
+    if BITS == 3:
+        # high bit of column c sits in byte c % P1 of the 1-bit plane, bit c // P1
+        hi_byte = tl.load(q_ptr + row_off[:, None] + P + (p0 % P1) + offs[None, :], mask=mask[:, None], other=0)
+        hi_byte = hi_byte.to(tl.int32)
+        hi_sel = (p0 >= P1).to(tl.int32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for p0 in range(p_start, p_end, BLOCK_P):
-        byte = tl.load(q_ptr + row_off[:, None] + p0 + offs[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+    for j in tl.static_range(PER):
+        code = (byte >> (MB * j)) & CODE_MASK
         if BITS == 3:
-            # high bit of column c sits in byte c % P1 of the 1-bit plane, bit c // P1
-            hi_byte = tl.load(
-                q_ptr + row_off[:, None] + P + (p0 % P1) + offs[None, :], mask=row_mask[:, None], other=0
-            ).to(tl.int32)
-            hi_sel = (p0 >= P1).to(tl.int32)
-        for j in tl.static_range(PER):
-            code = (byte >> (MB * j)) & MASK
-            if BITS == 3:
-                code = code | (((hi_byte >> (2 * j + hi_sel)) & 1) << 2)
-            col0 = j * P + p0
-            xv = tl.load(x_ptr + col0 + offs).to(tl.float32)  # [BLOCK_P]
-            gidx = gbase + col0 // GROUP  # [BLOCK_N] flat (row, group) index
-            m = (gidx // 128) * 4
-            s_min = tl.load(meta_ptr + m, mask=row_mask, other=0.0)
-            s_step = tl.load(meta_ptr + m + 1, mask=row_mask, other=0.0)
-            z_min = tl.load(meta_ptr + m + 2, mask=row_mask, other=0.0)
-            z_step = tl.load(meta_ptr + m + 3, mask=row_mask, other=0.0)
-            scale = tl.load(sq_ptr + gidx, mask=row_mask, other=0).to(tl.float32) * s_step + s_min
-            zero = tl.load(zq_ptr + gidx, mask=row_mask, other=0).to(tl.float32) * z_step + z_min
-            cx = tl.sum(code.to(tl.float32) * xv[None, :], axis=1)
-            sx = tl.sum(xv, axis=0)
-            acc += scale * (cx - zero * sx)
+            code = code | (((hi_byte >> (2 * j + hi_sel)) & 1) << 2)
+        col0 = j * P + p0
+        xv = tl.load(x_ptr + col0 + offs).to(tl.float32)  # [BLOCK_P]
+        gidx = gbase + col0 // GROUP  # [BLOCK_N] flat (row, group) index
+        m = (gidx // 128) * 4
+        s_min = tl.load(meta_ptr + m, mask=mask, other=0.0)
+        s_step = tl.load(meta_ptr + m + 1, mask=mask, other=0.0)
+        z_min = tl.load(meta_ptr + m + 2, mask=mask, other=0.0)
+        z_step = tl.load(meta_ptr + m + 3, mask=mask, other=0.0)
+        scale = tl.load(sq_ptr + gidx, mask=mask, other=0).to(tl.float32) * s_step + s_min
+        zero = tl.load(zq_ptr + gidx, mask=mask, other=0).to(tl.float32) * z_step + z_min
+        cx = tl.sum(code.to(tl.float32) * xv[None, :], axis=1)
+        sx = tl.sum(xv, axis=0)
+        acc += scale * (cx - zero * sx)
     return acc
 
 
@@ -91,25 +89,41 @@ def _dot_rows(
 def _qgemv_kernel(
     x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):  # fmt: skip
     """out[split, n] = sum_k W[n, k] x[k] over this split's K range. With GLU the
-    matrix is [2N, K] (gate rows, then up rows) and out[n] = silu(gate) * up."""
+    matrix is [2N, K] (gate rows, then up rows) and out[n] = silu(gate) * up.
+    UNROLL byte tiles per trip keep more loads in flight (a GEMV is latency-bound
+    otherwise); tiles past the split's end are masked out."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    row_off = rows.to(tl.int64) * stride_q
+    gbase = rows * G
+    up_off = (rows + N).to(tl.int64) * stride_q
+    up_gbase = (rows + N) * G
     p_start = pid_s * p_split
     p_end = tl.minimum(p_start + p_split, P)
-    acc = _dot_rows(
-        x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, rows, row_mask, p_start, p_end, P, P1, G, stride_q,
-        BITS, GROUP, BLOCK_N, BLOCK_P,
-    )  # fmt: skip
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_P * UNROLL):
+        for u in tl.static_range(UNROLL):
+            pu = p0 + u * BLOCK_P
+            live = pu < p_end
+            mask = row_mask & live
+            pu = tl.where(live, pu, 0)  # dead tiles read in-bounds bytes and contribute 0
+            acc += _tile_dot(
+                x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, pu, P, P1,
+                BITS, GROUP, BLOCK_N, BLOCK_P,
+            )  # fmt: skip
+            if GLU:
+                acc_up += _tile_dot(
+                    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off, up_gbase, mask, pu, P, P1,
+                    BITS, GROUP, BLOCK_N, BLOCK_P,
+                )  # fmt: skip
     if GLU:
-        up = _dot_rows(
-            x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, rows + N, row_mask, p_start, p_end, P, P1, G, stride_q,
-            BITS, GROUP, BLOCK_N, BLOCK_P,
-        )  # fmt: skip
-        acc = acc * tl.sigmoid(acc) * up
+        acc = acc * tl.sigmoid(acc) * acc_up
     tl.store(out_ptr + pid_s * stride_split + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -151,8 +165,16 @@ def split_for(spec: QuantSpec, glu: bool = False) -> int:
     return split
 
 
-def block_n(spec: QuantSpec) -> int:
-    return 32 if spec.out_features >= 4096 else 16
+def block_n(spec: QuantSpec, glu: bool = False) -> int:
+    """Rows per program: small enough for many programs per SM, big enough for long row loads."""
+    return 32 if spec.out_features >= 4096 and not glu else 16
+
+
+def _unroll(iters: int) -> int:
+    u = 1
+    while u * 2 <= min(iters, _MAX_UNROLL):
+        u *= 2
+    return u
 
 
 @lru_cache(maxsize=256)
@@ -161,9 +183,13 @@ def _launch(spec: QuantSpec, glu: bool) -> tuple[tuple[int, int], tuple[int, ...
     P, P1, G, stride_q = _geometry(spec)
     n = spec.out_features // 2 if glu else spec.out_features
     split = split_for(spec, glu)
-    bp, bn = block_p(spec), block_n(spec)
-    p_split = triton.cdiv(P // bp, split) * bp
-    consts = dict(BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=bn, BLOCK_P=bp, GLU=glu, num_warps=NUM_WARPS)
+    bp, bn = block_p(spec), block_n(spec, glu)
+    iters = triton.cdiv(P // bp, split)  # byte tiles per split
+    p_split = iters * bp
+    consts = dict(
+        BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=bn, BLOCK_P=bp, GLU=glu, UNROLL=_unroll(iters),
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
     return (triton.cdiv(n, bn), split), (n, P, P1, G, stride_q, p_split, n), consts
 
 
