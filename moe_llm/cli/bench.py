@@ -48,7 +48,7 @@ def bench(
     new_tokens: int = typer.Option(128, "--new-tokens"),
     ttft: str = typer.Option("512,1024", "--ttft", help="Prompt lengths for time to first token."),
     accelerate_layers: int = typer.Option(
-        6, "--accelerate-layers", help="Depth of the accelerate baseline; 0 skips it."
+        4, "--accelerate-layers", help="Depth of the accelerate baseline; 0 skips it."
     ),
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="A tiny geometry (tests)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -70,7 +70,7 @@ def bench(
         raise ConfigError(f"--experts-bits must be 2, 3 or 4, got {experts_bits}")
     geometry = Geometry(**TINY) if tiny else Geometry(layers=layers)
     workload = Workload(prompt_tokens, new_tokens, _ints(ttft, "--ttft"))
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
 
     def on_row(row: dict) -> None:
         err_console.print(f"[green]{row['name']}[/]: {row['decode_tok_s']:.2f} tok/s, TTFT {row['ttft_s']}")
