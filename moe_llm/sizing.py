@@ -96,10 +96,6 @@ def plan_model(model_dir: str | Path, ram: str | int | None = None, **options) -
     hf_config = read_config(src)
     model = build_skeleton(hf_config, dtype)
     info = moe_info(model, hf_config)
-    if cfg.cache_per_layer is not None and cfg.cache_per_layer > info.num_experts:
-        raise ConfigError(
-            f"cache_per_layer must be between 1 and num_experts ({info.num_experts}), got {cfg.cache_per_layer}"
-        )
     try:
         fmt = ExpertFormat.build(info.hidden, info.intermediate, cfg.experts_bits, dtype, cfg.group_size)
         dense = dense_modules(model, cfg.attn_bits) if cfg.attn_bits else {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from moe_llm.errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GOOD = [0, 84, 104, 101, 32, 113, 117, 105, 99, 107]
 LONG_PROMPT = "experts " * 6000  # > 4096 tokens
@@ -174,7 +177,10 @@ def test_cli_bad_inputs_exit_2_with_one_line(bad_dirs, tiny_mixtral, capsys):
 def test_cli_subprocess_exit_2_and_no_traceback(bad_dirs, tiny_mixtral, case):
     argv = {name: a for name, a, _ in _cli_cases(bad_dirs, tiny_mixtral)}[case]
     fragment = {name: f for name, _, f in _cli_cases(bad_dirs, tiny_mixtral)}[case]
-    proc = subprocess.run([sys.executable, "-m", "moe_llm", *argv], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_llm", *argv], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 2
     _check_one_line(proc.stderr, fragment)
     assert proc.stdout == ""

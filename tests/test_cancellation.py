@@ -13,6 +13,8 @@ import pytest
 
 import moe_llm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = [0, 84, 104, 101, 32, 113, 117, 105, 99, 107]
 NEW = 24
 

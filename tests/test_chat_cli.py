@@ -9,13 +9,15 @@ import sys
 import pexpect
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = ">>> "
 STATUS = r"\d+ tokens · [\d.]+ tok/s · cache hit \d+%"
 
 
 @pytest.fixture
 def chat(tiny_mixtral):
-    env = dict(os.environ, NO_COLOR="1", COLUMNS="160", TERM="xterm", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="160", TERM="xterm", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     child = pexpect.spawn(
         sys.executable,
         ["-m", "moe_llm", "chat", str(tiny_mixtral), "--max-new-tokens", "12", "--cache-per-layer", "2"],

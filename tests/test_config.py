@@ -10,6 +10,8 @@ from moe_llm.config import EngineConfig, GenerationConfig
 from moe_llm.errors import ConfigError, InputError
 from moe_llm.settings import config_path, resolve_engine_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def toml(tmp_path, text: str):
     path = tmp_path / "config.toml"

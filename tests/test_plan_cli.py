@@ -13,6 +13,8 @@ import moe_llm
 from moe_llm.errors import BudgetError
 from moe_llm.sizing import plan_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def mixtral_8x7b(tmp_path_factory):

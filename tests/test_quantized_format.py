@@ -18,6 +18,8 @@ from moe_llm.qformat import FORMAT_VERSION, MANIFEST, quantize_checkpoint, read_
 from moe_llm.qformat.manifest import sha256_file
 from moe_llm.tiny import make_tiny
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 log = logging.getLogger(__name__)
 PROMPT = [0, 84, 104, 101, 32, 113, 117, 105, 99, 107]  # token ids: no EOS surprises
 NEW = 24
@@ -25,8 +27,8 @@ NEW = 24
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    """4 layers x 8 experts over 3 shards, so experts straddle shard boundaries."""
-    return make_tiny(tmp_path_factory.mktemp("qsrc") / "m", "mixtral", seed=1, layers=4, shards=3)
+    """4 layers x 16 experts over 3 shards, so experts straddle shard boundaries."""
+    return make_tiny(tmp_path_factory.mktemp("qsrc") / "m", "mixtral", seed=1, layers=4, experts=16, shards=3)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,11 @@ from __future__ import annotations
 import gc
 
 import psutil
+import pytest
 
 import moe_llm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOTAL = 2000
 
