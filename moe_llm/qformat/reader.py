@@ -103,7 +103,11 @@ class QuantizedCheckpoint:
         dtype = DTYPES.get(info.dtype)
         if dtype is None:
             raise CheckpointIntegrityError(f"{name}: tensor {key} has unsupported dtype {info.dtype}")
-        return mf.bytes_view(key).view(dtype).view(info.shape).clone()
+        raw = mf.bytes_view(key)
+        try:
+            return raw.view(dtype).view(info.shape).clone()
+        except RuntimeError:  # an offset not aligned to the dtype: copy the bytes first
+            return raw.clone().view(dtype).view(info.shape)
 
     def trunk_tensor(self, name: str) -> torch.Tensor:
         return self._tensor(name)

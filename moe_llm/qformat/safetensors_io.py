@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,13 +93,15 @@ class MappedFile:
         self.tensors, self.metadata = read_header(path)
         self._fh = open(path, "rb")
         size = path.stat().st_size
-        # ACCESS_COPY gives a writable buffer torch can wrap without a warning; the file never changes
-        self._mm = mmap.mmap(self._fh.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        self._mm = mmap.mmap(self._fh.fileno(), size, access=mmap.ACCESS_READ) if size else None
 
     def bytes_view(self, key: str) -> torch.Tensor:
-        """The raw bytes of tensor `key` as a uint8 tensor backed by the mmap (no copy)."""
+        """The raw bytes of tensor `key` as a uint8 tensor backed by the mmap (no copy).
+        The map is read-only: only ever copy out of the view, never write into it."""
         info = self.tensors[key]
-        return torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
+        with warnings.catch_warnings():  # torch warns that the buffer is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
 
     def close(self) -> None:
         self.tensors = {}
