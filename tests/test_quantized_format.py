@@ -186,3 +186,15 @@ def test_cli_quantize_writes_a_loadable_dir_and_refuses_a_non_empty_one(src, qua
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not empty" in err
+
+
+def test_fused_source_streams_with_byte_accurate_progress(tmp_path):
+    src = make_tiny(tmp_path / "fused", "mixtral", seed=2, layers=2, fused=True)
+    reports = []
+    quantize_checkpoint(src, tmp_path / "q", experts_bits=3, attn_bits=None, device="cpu", progress=reports.append)
+    last = reports[-1]
+    assert last.tensors_done == last.tensors_total and last.bytes_done == last.bytes_total
+    assert last.bytes_total <= (src / "model.safetensors").stat().st_size
+    a = moe_llm.load(tmp_path / "q").cache.store
+    b = moe_llm.load(src, experts_bits=3).cache.store
+    assert all(torch.equal(a.buffer(layer, e), b.buffer(layer, e)) for layer in a.layers for e in range(8))

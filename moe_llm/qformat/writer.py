@@ -25,7 +25,7 @@ from torch import nn
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointIntegrityError, ConfigError
 from ..expert_format import ExpertFormat
-from ..model import build_skeleton, decoder_layers, moe_info, read_config
+from ..model import MoeInfo, build_skeleton, decoder_layers, moe_info, read_config
 from ..quant import QuantSpec, compact, pick_group_size
 from ..quant.compact import META_GROUP
 from .manifest import (
@@ -128,48 +128,14 @@ def quantize_checkpoint(
         dense = dense_modules(model, attn_bits) if attn_bits else {}
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if ckpt.moe_layers() != info.layers:
-        raise CheckpointIntegrityError(
-            f"checkpoint has experts for layers {ckpt.moe_layers()}, config expects {info.layers}"
-        )
-    for layer in info.layers:
-        if ckpt.num_experts(layer) != info.num_experts:
-            raise CheckpointIntegrityError(
-                f"layer {layer} has {ckpt.num_experts(layer)} experts, config says {info.num_experts}"
-            )
     params = {n: tuple(p.shape) for n, p in model.named_parameters() if ".mlp.experts." not in n}
+    _check_source(ckpt, info, params, tied=bool(getattr(hf_config, "tie_word_embeddings", False)))
     dense_weights = {f"{m}.weight": m for m in dense}
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    for name in params:
-        if name not in ckpt.trunk_keys and not (tied and name == "lm_head.weight"):
-            raise CheckpointIntegrityError(f"tensor {name} is missing from the checkpoint")
-
-    # -- plan: which source shard completes each unit of work ----------------------------------------
-    order = {f: i for i, f in enumerate(ckpt.files)}
-    headers = {f: read_header(f)[0] for f in ckpt.files}
-    size_of = {k: headers[f][k].nbytes for f in ckpt.files for k in headers[f]}
-    trunk_by_file: dict[Path, list[str]] = {f: [] for f in ckpt.files}
-    for canon, raw in ckpt.trunk_keys.items():
-        if canon in params:
-            trunk_by_file[ckpt.file_of(raw)].append(canon)
-    experts_by_file: dict[Path, list[tuple[int, int, int]]] = {f: [] for f in ckpt.files}
-    for layer in info.layers:
-        for e in range(info.num_experts):
-            keys = ckpt.expert_part_keys(layer, e)
-            if not keys:
-                raise CheckpointIntegrityError(f"layer {layer} expert {e}: missing gate/up/down tensors")
-            last = max((ckpt.file_of(k) for k in keys), key=order.__getitem__)
-            share = info.num_experts if ckpt.is_fused(layer) else 1  # a fused tensor holds every expert
-            nbytes = sum(size_of[k] // share for k in keys)
-            experts_by_file[last].append((layer, e, nbytes))
-    n_total = sum(map(len, trunk_by_file.values())) + sum(map(len, experts_by_file.values()))
-    b_total = sum(size_of[ckpt.trunk_keys[c]] for v in trunk_by_file.values() for c in v) + sum(
-        x[2] for v in experts_by_file.values() for x in v
-    )
+    work = _schedule(ckpt, info, params)
 
     _prepare_out(out)
     t0 = time.perf_counter()
-    state = QuantizeProgress(0, n_total, 0, b_total, 0.0)
+    state = QuantizeProgress(0, work.tensors, 0, work.bytes, 0.0)
     if progress:
         progress(state)
 
@@ -184,7 +150,7 @@ def quantize_checkpoint(
     want_gu, want_d = (2 * info.intermediate, info.hidden), (info.hidden, info.intermediate)
     for f in ckpt.files:
         tensors: dict[str, torch.Tensor] = {}
-        for canon in trunk_by_file[f]:
+        for canon, nbytes in work.trunk[f]:
             t = ckpt.trunk_tensor(canon)
             if tuple(t.shape) != params[canon]:
                 raise CheckpointIntegrityError(f"tensor {canon} has shape {tuple(t.shape)}, expected {params[canon]}")
@@ -195,8 +161,8 @@ def quantize_checkpoint(
                 spec = dense[module]
                 for k, v in compact.quantize(t.to(qdev), spec.bits, spec.group_size).items():
                     tensors[f"{module}.{k}"] = v.cpu()
-            advance(size_of[ckpt.trunk_keys[canon]])
-        for layer, e, nbytes in experts_by_file[f]:
+            advance(nbytes)
+        for layer, e, nbytes in work.experts[f]:
             gate_up, down = ckpt.expert(layer, e)
             if tuple(gate_up.shape) != want_gu or tuple(down.shape) != want_d:
                 raise CheckpointIntegrityError(
@@ -232,12 +198,63 @@ def quantize_checkpoint(
         dense={
             m: DenseEntry(bits=s.bits, group_size=s.group_size, out_features=s.out_features, in_features=s.in_features)
             for m, s in dense.items()
-        },  # fmt: skip
+        },
         files=files,
     )
     manifest.write(out)
     log.info("quantized %s -> %s in %.1f s", src, out, time.perf_counter() - t0)
     return manifest
+
+
+def _check_source(ckpt: Checkpoint, info: MoeInfo, params: dict[str, tuple[int, ...]], tied: bool) -> None:
+    """Everything the model needs is in the checkpoint, before a byte is written."""
+    if ckpt.moe_layers() != info.layers:
+        raise CheckpointIntegrityError(
+            f"checkpoint has experts for layers {ckpt.moe_layers()}, config expects {info.layers}"
+        )
+    for layer in info.layers:
+        if ckpt.num_experts(layer) != info.num_experts:
+            raise CheckpointIntegrityError(
+                f"layer {layer} has {ckpt.num_experts(layer)} experts, config says {info.num_experts}"
+            )
+        for e in range(info.num_experts):
+            if not ckpt.expert_part_keys(layer, e):
+                raise CheckpointIntegrityError(f"layer {layer} expert {e}: missing gate/up/down tensors")
+    for name in params:
+        if name not in ckpt.trunk_keys and not (tied and name == "lm_head.weight"):
+            raise CheckpointIntegrityError(f"tensor {name} is missing from the checkpoint")
+
+
+@dataclass
+class _Schedule:
+    """Per source shard: the trunk tensors and experts that become complete in it."""
+
+    trunk: dict[Path, list[tuple[str, int]]]  # (canonical name, source bytes)
+    experts: dict[Path, list[tuple[int, int, int]]]  # (layer, expert, source bytes)
+
+    @property
+    def tensors(self) -> int:
+        return sum(map(len, self.trunk.values())) + sum(map(len, self.experts.values()))
+
+    @property
+    def bytes(self) -> int:
+        return sum(x[-1] for v in [*self.trunk.values(), *self.experts.values()] for x in v)
+
+
+def _schedule(ckpt: Checkpoint, info: MoeInfo, params: dict[str, tuple[int, ...]]) -> _Schedule:
+    order = {f: i for i, f in enumerate(ckpt.files)}
+    size = {k: t.nbytes for f in ckpt.files for k, t in read_header(f)[0].items()}
+    work = _Schedule({f: [] for f in ckpt.files}, {f: [] for f in ckpt.files})
+    for canon, raw in ckpt.trunk_keys.items():
+        if canon in params:
+            work.trunk[ckpt.file_of(raw)].append((canon, size[raw]))
+    for layer in info.layers:
+        share = info.num_experts if ckpt.is_fused(layer) else 1  # a fused tensor holds every expert
+        for e in range(info.num_experts):
+            keys = ckpt.expert_part_keys(layer, e)
+            last = max((ckpt.file_of(k) for k in keys), key=order.__getitem__)
+            work.experts[last].append((layer, e, sum(size[k] // share for k in keys)))
+    return work
 
 
 def layout_entries(fmt: ExpertFormat) -> list[tuple[str, str, list[int], int]]:
