@@ -39,7 +39,7 @@ def accelerate_baseline(
     geometry: Geometry,
     device: torch.device,
     gpu_budget: int,
-    layers: int = 4,
+    layers: int = 6,
     prompt_tokens: int = 16,
     new_tokens: int = 3,
     host_budget: int = 100 << 30,
@@ -71,6 +71,8 @@ def accelerate_baseline(
     model = dispatch_model(model, device_map=device_map)
     offloaded = len(_offloaded_layers(model))
     on_gpu = layers - offloaded
+    if not offloaded:
+        raise ValueError(f"all {layers} bf16 layers fit in the budget: nothing to measure; use more layers")
 
     kv_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     g = torch.Generator().manual_seed(0)

@@ -83,7 +83,7 @@ def run_bench(
     extra_budgets: tuple[int, ...] = (16 << 30,),
     also_bits: tuple[int, ...] = (3,),
     workload: Workload = Workload(),
-    accelerate_layers: int | None = 4,
+    accelerate_layers: int | None = 6,
     out: Path | None = None,
     command: str = "",
     on_row: Callable[[dict], None] | None = None,

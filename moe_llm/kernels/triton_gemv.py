@@ -178,11 +178,11 @@ def _unroll(iters: int) -> int:
 
 
 @lru_cache(maxsize=256)
-def _launch(spec: QuantSpec, glu: bool) -> tuple[tuple[int, int], tuple[int, ...], dict]:
+def _launch(spec: QuantSpec, glu: bool, split: int | None) -> tuple[tuple[int, int], tuple[int, ...], dict]:
     """(grid, int args, constexprs) of one GEMV over `spec`; computed once per shape."""
     P, P1, G, stride_q = _geometry(spec)
     n = spec.out_features // 2 if glu else spec.out_features
-    split = split_for(spec, glu)
+    split = split or split_for(spec, glu)
     bp, bn = block_p(spec), block_n(spec, glu)
     iters = triton.cdiv(P // bp, split)  # byte tiles per split
     p_split = iters * bp
@@ -193,11 +193,14 @@ def _launch(spec: QuantSpec, glu: bool) -> tuple[tuple[int, int], tuple[int, ...
     return (triton.cdiv(n, bn), split), (n, P, P1, G, stride_q, p_split, n), consts
 
 
-def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, out: torch.Tensor, glu: bool = False) -> None:
-    """x: [K] -> out: [split, N] (fp32 partials) or [N] when the split is 1.
-
-    With ``glu`` the matrix is [2N, K] and ``out`` [N] receives silu(gate) * up."""
-    grid, args, consts = _launch(spec, glu)
+def gemv(
+    x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, out: torch.Tensor, glu: bool = False,
+    split: int | None = None,
+) -> None:  # fmt: skip
+    """x: [K] -> out: [split, N] (fp32 partials) or [N] when the split is 1 (default:
+    `split_for(spec, glu)`). With ``glu`` the matrix is [2N, K] and ``out`` [N]
+    receives silu(gate) * up."""
+    grid, args, consts = _launch(spec, glu, split)
     _qgemv_kernel[grid](x, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, *args, **consts)
 
 
@@ -210,18 +213,14 @@ def combine(part: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor)
 
 
 def linear(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
-    """y = x @ W.T for one token (x: [..., K] with one row) through the fused GEMV."""
+    """y = x @ W.T for one token (x: [..., K] with one row) through the fused GEMV.
+
+    One launch, no K-split: decode is bound by host-side launch overhead, and the
+    attention matrices are small enough that fewer programs cost little."""
     lead = x.shape[:-1]
-    xv = x.reshape(-1).contiguous()
     n = spec.out_features
-    split = split_for(spec)
     out = torch.empty(n, dtype=dtype, device=x.device)
-    if split == 1:
-        gemv(xv, t, spec, out)
-    else:
-        part = torch.empty(1, split, n, dtype=torch.float32, device=x.device)
-        gemv(xv, t, spec, part[0])
-        combine(part, None, out)
+    gemv(x.reshape(-1).contiguous(), t, spec, out, split=1)
     return out.view(*lead, n)
 
 
