@@ -31,7 +31,7 @@ LAYERS_AHEAD = (1, 2, 4)
 
 def tokenize_text(engine, text: str) -> list[int]:
     """The whole text as one token stream, starting with BOS when the tokenizer has one."""
-    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = engine.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     bos = engine.tokenizer.bos_token_id
     return ([bos] if bos is not None else []) + list(ids)
 
@@ -249,5 +249,9 @@ def routing_report(
         "prefetch_counts": list(counts),
         "prefetch_recall": recall(True),  # the engine's prefetcher: norm-ratio rescaled hidden state
         "prefetch_recall_raw": recall(False),  # the paper's: router applied to the hidden state as is
-        "expert_usage_max": round(float(usage.max()), 4),  # load balance: most used expert's share
+        # load balance: each layer's share of routed slots per expert (1/num_experts when balanced)
+        "expert_usage_per_layer": {
+            str(layer): [round(float(u), 4) for u in row] for layer, row in zip(trace.layers, usage, strict=True)
+        },
+        "expert_usage_max": round(float(usage.max()), 4),
     }

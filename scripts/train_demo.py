@@ -108,6 +108,14 @@ def mean_loss(model, tokens: torch.Tensor, seq_len: int, batch: int, autocast) -
     return total / max(count, 1)
 
 
+def per_layer_aux(router_logits: tuple[torch.Tensor, ...], preset: dict) -> torch.Tensor:
+    """transformers' load-balancing loss, applied to each layer's router logits separately, averaged."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    e, k = preset["num_local_experts"], preset["num_experts_per_tok"]
+    return torch.stack([load_balancing_loss_func((g,), e, k) for g in router_logits]).mean()
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -133,6 +141,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument(
+        "--aux-per-layer",
+        action="store_true",
+        help="balance every layer on its own (transformers' loss pools all layers, which lets single layers collapse)",
+    )
     ap.add_argument("--evals", type=int, default=12, help="validation checks over the run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -203,7 +216,10 @@ def main() -> None:
         x = batches.next()
         with autocast():
             out = model(input_ids=x, labels=x, use_cache=False)
-        out.loss.backward()
+            loss = out.loss
+            if args.aux_per_layer:  # lm loss + coef * mean over layers of each layer's own balance loss
+                loss = loss - args.aux_coef * out.aux_loss + args.aux_coef * per_layer_aux(out.router_logits, preset)
+        loss.backward()
         for m, p in zip(master, params, strict=True):
             m.grad = None if p.grad is None else p.grad.float()
         gnorm = torch.nn.utils.clip_grad_norm_(master, 1.0)
@@ -219,8 +235,8 @@ def main() -> None:
             total = step
         if step % 10 == 0 or step == total:
             aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-            loss = float(out.loss.detach()) - args.aux_coef * aux
-            history.append({"step": step, "loss": round(loss, 4), "aux_loss": round(aux, 4), "lr": lr,
+            lm = float(out.loss.detach()) - args.aux_coef * aux
+            history.append({"step": step, "loss": round(lm, 4), "aux_loss": round(aux, 4), "lr": lr,
                             "grad_norm": round(float(gnorm), 3), "elapsed_s": round(time.perf_counter() - t_train, 1)})  # fmt: skip
         if step % eval_every == 0 or step == total:
             v = mean_loss(model, val, preset["seq_len"], preset["batch"], autocast)
