@@ -114,7 +114,7 @@ class ChatSession:
 
     def _status(self, delta, last, interrupted: bool) -> None:
         reason = "interrupted" if interrupted else (last.finish_reason if last else "?")
-        ttft = (last.stats or {}).get("time_to_first_token_s") if last and last.stats else None
+        ttft = last.stats.get("time_to_first_token_s") if last is not None and last.stats else None
         line = (
             f"{delta.tokens_generated} tokens · {delta.tokens_per_second:.1f} tok/s · "
             f"cache hit {delta.hit_rate:.0%} · prefetch recall {delta.prefetch_recall:.0%}"
