@@ -5,9 +5,10 @@ same GPU budget; layers that do not fit stay in (pageable) host RAM and are
 copied to the GPU for every forward pass. The full 32-layer bf16 Mixtral (93 GB)
 does not fit the benchmark machine's RAM next to everything else, so a
 reduced-depth model of full width is measured and its time per token is scaled
-by the number of offloaded layers. Its storage is uninitialised (``to_empty``):
-for speed the values do not matter, and random-initialising a few full-width
-layers on the CPU takes minutes.
+by the number of offloaded layers. Its storage is allocated with ``to_empty`` and the big
+matrices filled with a constant: for speed the values do not matter, random
+initialisation of full-width layers on the CPU takes minutes, and untouched
+pages would all alias the kernel's zero page, which copies faster than real RAM.
 """
 
 from __future__ import annotations
@@ -53,12 +54,16 @@ def accelerate_baseline(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.to_empty(device="cpu")  # uninitialised storage: no random init of full-width layers
-    with torch.no_grad():  # small tensors get sane values so activations stay finite
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
             elif ".experts." not in name and "proj" not in name:
-                p.normal_(0.0, 0.02)
+                p.normal_(0.0, 0.02)  # small tensors get sane values so activations stay finite
+            else:
+                # a constant fill is memset-cheap; it makes the pages real, so the per-token
+                # pageable copies read DRAM, not the kernel's one shared zero page
+                p.fill_(1e-3)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
     model.eval()
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -152,21 +152,22 @@ def profile_decode(engine: Engine, prompt: list[int], tokens: int = 8) -> dict:
     }
 
 
-def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: dict, first: bool = False) -> dict:
-    """Measure one variant; returns its row (without the ratios). The process's `first`
-    variant runs the whole workload once untimed: the caching allocator's first
-    cudaMallocs (growing KV, prefill activations) must not land in a measurement."""
+def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: dict) -> dict:
+    """Measure one variant; returns its row (without the ratios).
+
+    Every variant first runs the whole workload once untimed, and the CUDA caching
+    allocator is never emptied between variants: on the benchmark VM a cudaMalloc
+    costs milliseconds, and the growing KV cache of 32 layers would otherwise land
+    such calls inside the timed decode of whichever variant runs after a flush."""
     dev = model.device
+    gc.collect()
     if dev.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     engine = model.engine(v.gpu_budget, prefetch=v.prefetch, retain=v.retain, cache_per_layer=v.cache_per_layer)
     try:
         engine.generate(prompts["warmup"], max_new_tokens=4)  # compile kernels, touch every path
-        if first:
-            engine.generate(prompts[max(workload.ttft_prompts)], max_new_tokens=2)
-            engine.generate(prompts["main"], max_new_tokens=workload.new_tokens)
+        engine.generate(prompts[max(workload.ttft_prompts)], max_new_tokens=2)
+        engine.generate(prompts["main"], max_new_tokens=workload.new_tokens)
         row = {
             "name": v.name,
             "experts_bits": v.bits,
@@ -238,7 +239,7 @@ def run_protocol(
         resident_s = None
         for v in group:
             t0 = time.perf_counter()
-            row = run_variant(model, v, workload, prompts, first=not rows)
+            row = run_variant(model, v, workload, prompts)
             if v.resident:
                 resident_s = 1.0 / row["decode_tok_s"]
             if resident_s is not None:
