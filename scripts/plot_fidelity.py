@@ -20,21 +20,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 STYLES = {"1": "-", "2": "--", "4": ":"}  # layers ahead, as in the paper's Figure 2
 
 
+def _finish(fig, ax, title: str, path: Path, legend_loc: str = "lower right") -> None:
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc=legend_loc)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_hit_rate(trace: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     sizes = trace["cache_sizes"]
     for layer, rates in trace["lru_hit_rate_per_layer"].items():
         ax.plot(sizes, rates, color="0.75", lw=0.8, label="single layer" if layer == "0" else None)
     ax.plot(sizes, trace["lru_hit_rate"], "o-", color="C0", lw=2, label="mean over layers")
-    ax.axhspan(0.4, 0.6, xmin=(2 - 0.5) / 7.5, xmax=(4 - 0.5) / 7.5, color="C1", alpha=0.15,
-               label="paper, Mixtral-8x7B (2-4 cached)")  # fmt: skip
+    ax.fill_between([2, 4], 0.4, 0.6, color="C1", alpha=0.15, label="paper, Mixtral-8x7B (2-4 cached)")
     ax.set(xlabel="experts cached per layer (of 8)", ylabel="LRU hit rate", xlim=(0.5, 7.5), ylim=(0, 1))
-    ax.set_title(f"LRU expert cache, {trace['tokens']:,} held-out tokens", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, f"LRU expert cache, {trace['tokens']:,} held-out tokens", path)
 
 
 def plot_recall(trace: dict, path: Path) -> None:
@@ -45,12 +48,7 @@ def plot_recall(trace: dict, path: Path) -> None:
         ax.plot(counts, row, STYLES.get(ahead, "-."), marker="o", color="C0", label=label)
     ax.axhline(0.8, color="C1", lw=0.8, ls="--", label="paper: > 0.8, 1 layer ahead")
     ax.set(xlabel="experts prefetched per layer", ylabel="recall of routed experts", xticks=counts, ylim=(0, 1))
-    ax.set_title("Speculative expert prefetch", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "Speculative expert prefetch", path)
 
 
 def plot_loss(log: dict, path: Path) -> None:
@@ -60,21 +58,17 @@ def plot_loss(log: dict, path: Path) -> None:
     ev = log["evals"]
     ax.plot([e["step"] for e in ev], [e["val_loss"] for e in ev], "o-", color="C3", label="validation")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", ylim=(0, 9))
-    ax.set_title(f"Training: {log['steps']} steps x {log['tokens_per_step']:,} tokens", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, f"Training: {log['steps']} steps x {log['tokens_per_step']:,} tokens", path, "upper right")
 
 
 def tables(results: Path, trace: dict) -> str:
     rows = ["| experts | attention | perplexity | tokens | ratio to unquantized |", "|---|---|---|---|---|"]
-    base = json.loads((results / "ppl_none.json").read_text())
+    base_file = results / "ppl_none.json"
+    base = json.loads(base_file.read_text()) if base_file.is_file() and base_file.stat().st_size else None
     for name, label, attn in (("none", "unquantized (fp32 on CPU)", "unquantized"), ("4", "4-bit", "4-bit"),
                               ("3", "3-bit", "4-bit"), ("2", "2-bit", "4-bit")):  # fmt: skip
         f = results / f"ppl_{name}.json"
-        if f.is_file():
+        if base and f.is_file() and f.stat().st_size:
             r = json.loads(f.read_text())
             rows.append(f"| {label} | {attn} | {r['perplexity']:.3f} | {r['tokens']:,} | "
                         f"{r['perplexity'] / base['perplexity']:.3f} |")  # fmt: skip
