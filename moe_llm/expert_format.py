@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import ExpertLayout, QuantSpec, pick_group_size
-from .quant import compact
+from .quant import ExpertLayout, QuantSpec, compact, pick_group_size
 
 MATRICES = ("gate_up_proj", "down_proj")
 

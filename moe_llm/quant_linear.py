@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from .kernels import quant_linear
-from .quant import QuantSpec, pick_group_size
-from .quant import compact
+from .quant import QuantSpec, compact, pick_group_size
 
 
 class QuantLinear(nn.Module):
