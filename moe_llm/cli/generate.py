@@ -69,6 +69,11 @@ def generate(
             "[yellow]note:[/] no model given; using the embedded tiny MoE with [bold]random weights[/] "
             "(it shows the machinery, its text is noise)"
         )
+    elif model_dir is None and not as_json:
+        err_console.print(
+            "[cyan]note:[/] no model given; using the embedded demo MoE (Mixtral architecture, 21M "
+            "parameters, 8 experts, trained on the Python standard library's source: it writes Python-like text)"
+        )
     engine = load_engine(path, device, experts_bits, attn_bits, cache_per_layer, gpu_budget, not no_prefetch, quiet=as_json)
     request = [{"role": "user", "content": prompt}] if chat else prompt
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or [])
@@ -89,14 +94,17 @@ def generate(
 
 @app.command()
 def demo(
-    prompt: str = typer.Option("The experts", "--prompt", "-p"),
+    prompt: str = typer.Option("def parse_args(argv):", "--prompt", "-p"),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
-    device: str = DeviceOpt,
+    cache_per_layer: int = typer.Option(4, "--cache-per-layer", help="Expert slots per layer (of 8)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ):
     """Stream from the embedded default model with cache statistics."""
     generate(
-        None, prompt, max_new_tokens, 0.0, 1.0, 0, None, None, "none", "none", None, None, False, device, False, False
-    )
+        model_dir=None, prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
+        seed=None, stop=None, experts_bits="none", attn_bits="none", cache_per_layer=cache_per_layer,
+        gpu_budget=None, no_prefetch=False, device=device, as_json=False, chat=False,
+    )  # fmt: skip
 
 
 @app.command("make-tiny")
