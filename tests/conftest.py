@@ -7,6 +7,11 @@ import torch
 
 from moe_llm.tiny import make_tiny
 
+# Tiny models run fastest on one intra-op thread, and one thread count for the whole
+# session keeps float reductions (hence greedy near-ties) identical across tests and the
+# worker threads that adapters and concurrency tests start.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
