@@ -14,6 +14,12 @@ import torch
 from .quant import ExpertLayout, QuantSpec, compact, pick_group_size
 
 MATRICES = ("gate_up_proj", "down_proj")
+COMPACT_KEYS = ("q", "scale_q", "zero_q", "meta")
+
+
+def matrix_views(views: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The compact tensors of matrix `name` (keys q, scale_q, zero_q, meta) from slot views."""
+    return {key: views[f"{name}.{key}"] for key in COMPACT_KEYS}
 
 
 @dataclass(frozen=True)
@@ -70,5 +76,4 @@ class ExpertFormat:
         """Full-precision matrix `name` from slot views (reference path)."""
         if self.specs is None:
             return views[name]
-        sub = {k.split(".", 1)[1]: v for k, v in views.items() if k.startswith(name + ".")}
-        return compact.dequantize(sub, self.specs[name], self.dtype)
+        return compact.dequantize(matrix_views(views, name), self.specs[name], self.dtype)

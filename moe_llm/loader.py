@@ -30,7 +30,7 @@ from .model import (
     read_config,
 )
 from .offload import OffloadedExperts, OffloadRuntime
-from .planner import Plan, kv_cache_bytes, plan_slots, workspace_bytes
+from .planner import Plan, check_cache_per_layer, kv_cache_bytes, plan_slots, workspace_bytes
 from .prefetch import Prefetcher
 from .qformat import QuantizedCheckpoint, is_quantized_dir
 from .retry import allocate_shrinking
@@ -97,10 +97,7 @@ def load(
     hf_config = read_config(ckpt)
     model = build_skeleton(hf_config, dtype)
     info = moe_info(model, hf_config)
-    if cfg.cache_per_layer is not None and cfg.cache_per_layer > info.num_experts:
-        raise ConfigError(
-            f"cache_per_layer must be between 1 and num_experts ({info.num_experts}), got {cfg.cache_per_layer}"
-        )
+    check_cache_per_layer(cfg.cache_per_layer, info.num_experts)  # before the slow part of loading
     tokenizer = _load_tokenizer(ckpt.path)
 
     if qckpt is not None:
@@ -163,7 +160,7 @@ def assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, path
     prefetcher = None
     if cfg.prefetch and len(info.layers) > 1:
         routers = {i: layers[i].mlp.gate.weight for i in info.layers}
-        nxt = dict(zip(info.layers[:-1], info.layers[1:]))
+        nxt = dict(zip(info.layers[:-1], info.layers[1:], strict=True))
         ratios = {}
         for cur, n in nxt.items():
             w_cur = getattr(layers[cur], "post_attention_layernorm", None)

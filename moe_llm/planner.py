@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .config import format_size
-from .errors import BudgetError
+from .errors import BudgetError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,12 @@ def workspace_bytes(hidden: int, intermediate: int, vocab: int, context: int, dt
     return int(1.25 * (act + dequant + logits)) + (64 << 20)
 
 
+def check_cache_per_layer(cache_per_layer: int | None, num_experts: int) -> None:
+    """A fixed slot count must lie in [1, num_experts] (the lower bound is also checked by EngineConfig)."""
+    if cache_per_layer is not None and not 1 <= cache_per_layer <= num_experts:
+        raise ConfigError(f"cache_per_layer must be between 1 and num_experts ({num_experts}), got {cache_per_layer}")
+
+
 def plan_slots(
     *,
     budget: int | None,
@@ -70,10 +76,7 @@ def plan_slots(
         expert_bytes=expert_bytes, moe_layers=moe_layers, num_experts=num_experts, host_bytes=host,
     )  # fmt: skip
     if cache_per_layer is not None:
-        if cache_per_layer > num_experts:
-            from .errors import ConfigError
-
-            raise ConfigError(f"cache_per_layer must be between 1 and num_experts ({num_experts}), got {cache_per_layer}")
+        check_cache_per_layer(cache_per_layer, num_experts)
         return Plan(slots_per_layer=cache_per_layer, **common)
     if budget is None:
         return Plan(slots_per_layer=num_experts, **common)

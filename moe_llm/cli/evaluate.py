@@ -43,6 +43,15 @@ def _check_window(window: int, stride: int | None, max_windows: int | None) -> N
         raise InputError(f"--max-windows must be at least 1, got {max_windows}")
 
 
+def _engine_and_ids(model_dir: Path, text_file: Path, device, experts_bits, attn_bits, quiet: bool):
+    """Read the text (before the slow model load, so a bad path fails fast), load, tokenize."""
+    from ..evaluate import tokenize_text
+
+    text = _read_text(text_file)
+    engine = load_engine(model_dir, device, experts_bits, attn_bits, None, None, False, quiet=quiet)
+    return engine, tokenize_text(engine, text)
+
+
 @app.command()
 def perplexity(
     model_dir: Path = ModelDirArg,
@@ -57,12 +66,9 @@ def perplexity(
 ):
     """Sliding-window perplexity of a text file: {"perplexity": ..., "tokens": ...}."""
     from ..evaluate import perplexity as measure
-    from ..evaluate import tokenize_text
 
     _check_window(window, stride, max_windows)
-    text = _read_text(text_file)
-    engine = load_engine(model_dir, device, experts_bits, attn_bits, None, None, False, quiet=as_json)
-    ids = tokenize_text(engine, text)
+    engine, ids = _engine_and_ids(model_dir, text_file, device, experts_bits, attn_bits, as_json)
     if len(ids) < 2:
         raise InputError(f"{text_file} has fewer than 2 tokens")
     with err_console.status("scoring...", spinner="dots") if not as_json else nullcontext():
@@ -90,12 +96,10 @@ def trace(
     as_json: bool = JsonOpt,
 ):
     """Routing statistics over a text: LRU hit rate per cache size, prefetch recall per distance."""
-    from ..evaluate import routing_report, tokenize_text, trace_routing
+    from ..evaluate import routing_report, trace_routing
 
     _check_window(window, None, max_windows)
-    text = _read_text(text_file)
-    engine = load_engine(model_dir, device, "none", "none", None, None, False, quiet=as_json)
-    ids = tokenize_text(engine, text)
+    engine, ids = _engine_and_ids(model_dir, text_file, device, "none", "none", as_json)
     with err_console.status("tracing...", spinner="dots") if not as_json else nullcontext():
         report = routing_report(trace_routing(engine, ids, window=window, max_windows=max_windows))
     report["model"] = str(model_dir)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..expert_format import ExpertFormat
+from ..expert_format import ExpertFormat, matrix_views
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
 log = logging.getLogger(__name__)
@@ -88,6 +88,4 @@ def quant_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], spec, dtype:
     return F.linear(x, compact.dequantize(tensors, spec, dtype))
 
 
-def matrix_views(views: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """The compact tensors of matrix `name` (keys q, scale_q, zero_q, meta) from slot views."""
-    return {key: views[f"{name}.{key}"] for key in ("q", "scale_q", "zero_q", "meta")}
+__all__ = ["ActFn", "expert_mlp", "fast_path", "matrix_views", "quant_linear", "triton_kernels"]
