@@ -76,6 +76,9 @@ class EngineConfig(BaseModel):
     prefetch_experts: int | None = Field(
         None, description="Experts guessed per layer ahead; default the model's top-k."
     )
+    cuda_graphs: bool = Field(
+        True, description="On CUDA, replay each token's trunk as CUDA graphs (one per MoE layer)."
+    )
     max_context: int | None = Field(
         None, description="Context length to plan the KV cache for; default min(model max, 4096)."
     )

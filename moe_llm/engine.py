@@ -113,6 +113,23 @@ class Engine:
         self.eos_ids = self._eos_ids()
         # transformers >= 5.2x renamed past_key_values to cache
         self._kv_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.graphs = self._graph_decoder()
+
+    def _graph_decoder(self):
+        """The CUDA-graph decoder, or None where decode stays eager (CPU, unsupported models)."""
+        if not (self.config.cuda_graphs and self.device.type == "cuda"):
+            return None
+        from .decode_graph import GraphDecoder, unsupported_reason
+
+        reason = unsupported_reason(self.model, self.hf_config)
+        if reason is not None:
+            log.info("decoding without CUDA graphs: %s", reason)
+            return None
+        from .planner import planned_context
+
+        # the static KV covers the planned context; longer requests decode eagerly
+        kv_len = planned_context(self.config.max_context, getattr(self.hf_config, "max_position_embeddings", None))
+        return GraphDecoder(self.model, self.hf_config, self.runtime, self.device, min(kv_len, self.context_length))
 
     # -- properties ------------------------------------------------------------
     @property
@@ -184,9 +201,7 @@ class Engine:
         gen = GenerationConfig.build(**kwargs)
         prompt_ids = self.encode(prompt)
         if len(prompt_ids) >= self.context_length:
-            raise InputError(
-                f"prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}"
-            )
+            raise InputError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
         return self._stream(prompt_ids, gen)
 
     def _stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[StreamChunk]:
@@ -223,9 +238,22 @@ class Engine:
         accounted = False
         try:
             ids = torch.tensor([prompt_ids], device=self.device)
+            graphs, tok = self.graphs, -1
+            if graphs is not None and len(prompt_ids) + max_new - 1 > graphs.max_len:
+                graphs = None  # past the static KV: this request decodes eagerly
             for step in range(max_new):
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._kv_arg: kv})
-                tok = sample(out.logits[0, -1], gen.temperature, gen.top_k, gen.top_p, generator)
+                if step > 0 and graphs is not None:
+                    logits = self._graph_step(graphs, tok, len(prompt_ids) + step - 1)
+                    if logits is None:  # capture failed: continue eagerly from the same KV
+                        graphs, kv = None, self._kv_from_static(graphs.kv, len(prompt_ids) + step - 1)
+                        ids = torch.tensor([[tok]], device=self.device)
+                if step == 0 or graphs is None:
+                    out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._kv_arg: kv})
+                    logits = out.logits[0, -1]
+                    if step == 0 and graphs is not None:
+                        graphs.begin(kv, len(prompt_ids))
+                        kv = None  # the static KV holds the prompt now
+                tok = sample(logits, gen.temperature, gen.top_k, gen.top_p, generator)
                 if step == 0:
                     t_first = time.perf_counter()
                     ttft = t_first - t0
@@ -268,7 +296,26 @@ class Engine:
             self.cache.synchronize()
             if self.runtime.prefetcher is not None:
                 self.runtime.prefetcher.clear()
-            del kv
+            kv = None
+
+    def _graph_step(self, graphs, tok: int, pos: int) -> torch.Tensor | None:
+        """Logits from the CUDA-graph decoder, or None (and graphs off for good) if capture fails."""
+        from .decode_graph import GraphCaptureError
+
+        try:
+            return graphs.step(tok, pos)
+        except GraphCaptureError as exc:
+            log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
+            self.graphs = None
+            return None
+
+    def _kv_from_static(self, static, n: int):
+        """A DynamicCache holding the first `n` positions of a `StaticKV`."""
+        kv = self._new_kv()
+        for i in range(self.hf_config.num_hidden_layers):
+            k, v = static.keys[i], static.values[i]
+            kv.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
+        return kv
 
     def _call_stats(self, call: Stats, ttft: float | None, prompt_tokens: int, text: TextStream) -> dict:
         d = call.to_dict()

@@ -30,7 +30,7 @@ from .model import (
     read_config,
 )
 from .offload import OffloadedExperts, OffloadRuntime
-from .planner import Plan, check_cache_per_layer, kv_cache_bytes, plan_slots, workspace_bytes
+from .planner import Plan, check_cache_per_layer, kv_cache_bytes, plan_slots, planned_context, workspace_bytes
 from .prefetch import Prefetcher
 from .qformat import QuantizedCheckpoint, is_quantized_dir
 from .retry import allocate_shrinking
@@ -124,12 +124,17 @@ def load(
     return assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, str(ckpt.path))
 
 
+def graphs_planned(cfg) -> bool:
+    """Whether the engine will decode through CUDA graphs (and so hold a static KV cache)."""
+    return cfg.cuda_graphs and torch.device(cfg.device).type == "cuda"
+
+
 def plan_for(
     model, hf_config, cfg, info, fmt: ExpertFormat, dtype: torch.dtype, trunk_bytes: int | None = None
 ) -> Plan:
     """Budget plan for a trunk already on its device (see `planner.plan_slots`); `moe-llm plan`
     passes `trunk_bytes` computed from a meta skeleton instead."""
-    context = min(cfg.max_context or 4096, getattr(hf_config, "max_position_embeddings", 4096) or 4096)
+    context = planned_context(cfg.max_context, getattr(hf_config, "max_position_embeddings", None))
     dsize = torch.empty((), dtype=dtype).element_size()
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
@@ -137,7 +142,8 @@ def plan_for(
         budget=cfg.gpu_budget,
         cache_per_layer=cfg.cache_per_layer,
         trunk_bytes=module_bytes(model) if trunk_bytes is None else trunk_bytes,
-        kv_bytes=kv_cache_bytes(hf_config.num_hidden_layers, kv_heads, head_dim, context, dsize),
+        kv_bytes=kv_cache_bytes(hf_config.num_hidden_layers, kv_heads, head_dim, context, dsize)
+        * (2 if graphs_planned(cfg) else 1),  # graph decode: a static KV, plus the prefill's while it is copied
         workspace=workspace_bytes(info.hidden, info.intermediate, hf_config.vocab_size, context, dsize),
         expert_bytes=fmt.nbytes,
         moe_layers=len(info.layers),
@@ -173,7 +179,7 @@ def assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, path
                 ratios[cur] = None
         guesses = cfg.prefetch_experts or info.top_k
         prefetcher = Prefetcher(cache, routers, ratios, nxt, guesses)
-    runtime = OffloadRuntime(cache, fmt, act_fn, prefetcher)
+    runtime = OffloadRuntime(cache, fmt, act_fn, prefetcher, info.top_k)
     for i in info.layers:
         layers[i].mlp.experts = OffloadedExperts(i, runtime, info.num_experts)
     return Engine(model, tokenizer, hf_config, cfg, cache, fmt, plan, path, stats, runtime)

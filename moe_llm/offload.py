@@ -41,8 +41,10 @@ def _is_silu(act_fn: ActFn) -> bool:
 
 
 class OffloadRuntime:
-    def __init__(self, cache: ExpertCache, fmt: ExpertFormat, act_fn: ActFn, prefetcher: Prefetcher | None):
+    def __init__(self, cache: ExpertCache, fmt: ExpertFormat, act_fn: ActFn, prefetcher: Prefetcher | None, top_k: int):
         self.cache = cache
+        self.top_k = top_k
+        self.hook = None  # set by decode_graph.GraphDecoder while it captures
         self.fmt = fmt
         self.act_fn = act_fn
         self.prefetcher = prefetcher
@@ -60,13 +62,29 @@ class OffloadRuntime:
             self._fast[kind] = fast_path(hidden, self.fmt)
         return self._fast[kind]
 
+    def ids_per_token(self) -> int:
+        """Length of `route_ids` for one token: top-k routed ids, then the guesses."""
+        pf = self.prefetcher
+        return self.top_k + (min(pf.guesses, self.cache.store.num_experts) if pf is not None else 0)
+
+    def route_ids(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+        """Device tensor of what the host needs to read: routed ids [T*k], then the
+        prefetch guess for the next MoE layer (if any)."""
+        flat = top_k_index.reshape(-1)
+        guess = self.prefetcher.guess(layer, hidden) if self.prefetcher is not None else None
+        return flat if guess is None else torch.cat([flat, guess.to(flat.dtype)])
+
     def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.hook is not None:  # CUDA-graph capture (see decode_graph)
+            return self.hook(layer, hidden, top_k_index, top_k_weights)
+        host = self.route_ids(layer, hidden, top_k_index).tolist()  # the one host sync of this layer
+        return self.after_route(layer, hidden, host, top_k_index, top_k_weights)
+
+    def after_route(self, layer, hidden, host: list[int], top_k_index, top_k_weights, out=None) -> torch.Tensor:
+        """Everything after the host has read the routed ids (and guesses): cache
+        bookkeeping, copies, prefetch, expert compute. With `out`, the result lands there."""
         T, k = top_k_index.shape
         cache, pf = self.cache, self.prefetcher
-        flat = top_k_index.reshape(-1)  # [T*k]
-        guess = pf.guess(layer, hidden) if pf is not None else None
-        # the one host sync of this layer
-        host = (flat if guess is None else torch.cat([flat, guess.to(flat.dtype)])).tolist()
         routed, guessed = host[: T * k], host[T * k :]
         counts: dict[int, int] = {}
         for e in routed:
@@ -79,13 +97,25 @@ class OffloadRuntime:
         slots = {}
         for i, e in enumerate(order[:K]):
             slots[e] = cache.acquire(layer, e, protect=order[i + 1 :])
-        if guess is not None:
+        if pf is not None and guessed:
             pf.issue(layer, guessed, decode=T == 1)
 
         tk = self._fast_path(hidden) if T == 1 and self._fused_glu else None
         if tk is not None:
-            return self._decode(tk, layer, hidden, routed, top_k_weights, order, slots)
-        return self._grouped(layer, hidden, flat, top_k_weights, counts, order, slots)
+            y = self._decode(tk, layer, hidden, routed, top_k_weights, order, slots)
+        else:
+            y = self._grouped(layer, hidden, top_k_index.reshape(-1), top_k_weights, counts, order, slots)
+        if out is not None and y is not out:
+            out.copy_(y)
+            return out
+        return y
+
+    def decode_out(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The persistent [1, H] output buffer of `layer` for one-token steps."""
+        out = self._decode_out.get(layer)
+        if out is None:
+            out = self._decode_out[layer] = torch.empty_like(hidden)
+        return out
 
     def _slot(self, layer: int, order: list[int], i: int, slots: dict[int, int]) -> int:
         e = order[i]
@@ -101,9 +131,7 @@ class OffloadRuntime:
             specs = self.fmt.specs
             self._decode_ws = tk.DecodeWorkspace(len(routed), specs["gate_up_proj"], specs["down_proj"], hidden.device)
         ws = self._decode_ws
-        out = self._decode_out.get(layer)
-        if out is None:
-            out = self._decode_out[layer] = torch.empty_like(hidden)  # [1, H]
+        out = self.decode_out(layer, hidden)
         x = hidden.reshape(-1)  # [H]
         position = {e: j for j, e in enumerate(routed)}
         for i, e in enumerate(order):

@@ -40,6 +40,11 @@ class Plan:
         return d
 
 
+def planned_context(max_context: int | None, model_max: int | None) -> int:
+    """The context the KV cache is planned (and, for graph decode, allocated) for."""
+    return min(max_context or 4096, model_max or 4096)
+
+
 def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, context: int, dtype_bytes: int) -> int:
     return 2 * num_layers * kv_heads * head_dim * context * dtype_bytes
 

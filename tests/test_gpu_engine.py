@@ -98,3 +98,80 @@ def test_exactly_one_host_sync_per_moe_layer(tiny_mixtral, tokens, cache):
     for _ in range(3):  # hits and misses alike
         index = torch.stack([torch.randperm(8, device="cuda")[:2] for _ in range(tokens)])  # [T, 2]
         assert _count_syncs(lambda index=index: rt.forward(layer, hidden, index, weights)) == 1
+
+
+# -- CUDA-graph decode ----------------------------------------------------------------
+
+
+def _long_prompt(engine, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, engine.hf_config.vocab_size, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_graph_decode_equals_eager_decode(tiny_dirs, family):
+    """fp32, 2-bit experts: graph replay gives the eager engine's tokens, across a window change."""
+    from moe_llm.decode_graph import MIN_WINDOW
+
+    opts = dict(device="cuda", dtype="float32", experts_bits=2, cache_per_layer=2)
+    graph = moe_llm.load(tiny_dirs[family], **opts)
+    eager = moe_llm.load(tiny_dirs[family], cuda_graphs=False, **opts)
+    assert graph.graphs is not None and eager.graphs is None
+    prompt = _long_prompt(graph, MIN_WINDOW - 4)
+    want = eager.generate(prompt, max_new_tokens=NEW).token_ids
+    got = graph.generate(prompt, max_new_tokens=NEW).token_ids
+    assert got == want and len(got) > 4
+    assert sorted(graph.graphs._windows) == [MIN_WINDOW, 2 * MIN_WINDOW]
+    # a second request replays the captured graphs
+    assert graph.generate(PROMPT, max_new_tokens=NEW).token_ids == eager.generate(PROMPT, max_new_tokens=NEW).token_ids
+
+
+def test_graph_capture_failure_falls_back_to_eager(tiny_mixtral, monkeypatch, caplog):
+    from moe_llm.decode_graph import GraphDecoder
+
+    opts = dict(device="cuda", dtype="float32", experts_bits=2, cache_per_layer=2)
+    want = moe_llm.load(tiny_mixtral, cuda_graphs=False, **opts).generate(PROMPT, max_new_tokens=NEW).token_ids
+    engine = moe_llm.load(tiny_mixtral, **opts)
+
+    def broken(self, width):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphDecoder, "_capture_window", broken)
+    assert engine.generate(PROMPT, max_new_tokens=NEW).token_ids == want
+    assert engine.graphs is None and "decoding eagerly" in caplog.text
+    assert engine.generate(PROMPT, max_new_tokens=NEW).token_ids == want
+
+
+def test_graph_step_waits_once_per_moe_layer(tiny_mixtral):
+    engine = moe_llm.load(tiny_mixtral, device="cuda", experts_bits=2, cache_per_layer=1, prefetch=True)
+    engine.generate(PROMPT, max_new_tokens=4)  # prefill + captured graphs
+    dec = engine.graphs
+    waits = []
+
+    class CountingEvent:
+        def __init__(self, ev):
+            self.ev = ev
+
+        def record(self):
+            self.ev.record()
+
+        def synchronize(self):
+            waits.append(1)
+            self.ev.synchronize()
+
+    dec._routed = CountingEvent(dec._routed)
+    misses = engine.stats.cache_misses
+    n = _count_syncs(lambda: dec.step(1, 5))
+    assert len(waits) == len(engine.cache.layers)
+    assert n <= len(waits)  # nothing else in the step waits for the device
+    assert engine.stats.cache_misses > misses  # one slot per layer: the step really moved experts
+
+
+def test_request_past_the_static_kv_decodes_eagerly(tiny_mixtral):
+    opts = dict(device="cuda", dtype="float32", experts_bits=2, cache_per_layer=2)
+    want = moe_llm.load(tiny_mixtral, cuda_graphs=False, **opts).generate(PROMPT, max_new_tokens=NEW).token_ids
+    engine = moe_llm.load(tiny_mixtral, **opts)
+    n_prompt = len(engine.encode(PROMPT))
+    engine.graphs.max_len = n_prompt + 2  # as if the planned context ended there
+    assert engine.generate(PROMPT, max_new_tokens=NEW).token_ids == want
+    assert not engine.graphs._windows and not engine.graphs.kv.allocated

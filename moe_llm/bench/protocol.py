@@ -138,7 +138,7 @@ def profile_decode(engine: Engine, prompt: list[int], tokens: int = 8) -> dict:
         elif dev_us and not ev.key.startswith("Memcpy") and not ev.key.startswith("Memset"):
             kernel_us += dev_us
             kernels.append((dev_us, ev.key, ev.count))
-        if ev.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaMemcpyAsync"):
+        if ev.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync"):
             sync_us += ev.cpu_time_total
     kernels.sort(reverse=True)
     n = tokens  # forward passes (the 1-token prompt's prefill is one of them)
