@@ -76,6 +76,9 @@ class EngineConfig(BaseModel):
     prefetch_experts: int | None = Field(
         None, description="Experts guessed per layer ahead; default the model's top-k."
     )
+    prefetch_depth: Literal[1, 2] = Field(
+        1, description="MoE layers ahead to guess during decode; 2 fills idle copy time with the layer after next."
+    )
     cuda_graphs: bool = Field(
         True, description="On CUDA, replay each token's trunk as CUDA graphs (one per MoE layer)."
     )

@@ -178,7 +178,7 @@ def assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, path
             else:
                 ratios[cur] = None
         guesses = cfg.prefetch_experts or info.top_k
-        prefetcher = Prefetcher(cache, routers, ratios, nxt, guesses)
+        prefetcher = Prefetcher(cache, routers, ratios, nxt, guesses, depth=cfg.prefetch_depth)
     runtime = OffloadRuntime(cache, fmt, act_fn, prefetcher, info.top_k)
     for i in info.layers:
         layers[i].mlp.experts = OffloadedExperts(i, runtime, info.num_experts)

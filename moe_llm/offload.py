@@ -64,8 +64,7 @@ class OffloadRuntime:
 
     def ids_per_token(self) -> int:
         """Length of `route_ids` for one token: top-k routed ids, then the guesses."""
-        pf = self.prefetcher
-        return self.top_k + (min(pf.guesses, self.cache.store.num_experts) if pf is not None else 0)
+        return self.top_k + (self.prefetcher.ids_per_token() if self.prefetcher is not None else 0)
 
     def route_ids(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """Device tensor of what the host needs to read: routed ids [T*k], then the

@@ -7,6 +7,11 @@ block is ``x / rms(x) * w_L``; rescaling by ``w_{L+1} / w_L`` (the two
 post-attention norm weights) gives what L+1's norm would produce from the same
 residual, which sharpens the guess at no cost.
 
+With ``depth=2`` a decode step also guesses the layer after next. Those copies
+are issued only when the next layer's guesses are all resident already, i.e.
+when the copy stream would otherwise run dry until the next layer's routing is
+known; they never delay a copy that the next layer needs.
+
 Bookkeeping: ``prefetch_issued`` / ``prefetch_used`` / ``prefetch_wasted`` live in
 the cache; recall (fraction of routed experts that were guessed) is recorded
 here for decode steps.
@@ -27,35 +32,61 @@ class Prefetcher:
         norm_ratio: dict[int, torch.Tensor | None],  # layer L -> w_{next} / w_L, or None
         next_layer: dict[int, int],  # MoE layer -> next MoE layer
         guesses: int,
+        depth: int = 1,
     ):
         self.cache = cache
         self.routers = routers
         self.norm_ratio = norm_ratio
         self.next_layer = next_layer
         self.guesses = guesses
+        self.depth = depth
         self._pending: dict[int, set[int]] = {}
+        # layer -> [(target layer, norm ratio from layer to target)] for 1..depth layers ahead
+        self._targets: dict[int, list[tuple[int, torch.Tensor | None]]] = {}
+        for layer in next_layer:
+            chain, cur, ratio, known = [], layer, None, True
+            while len(chain) < depth and cur in next_layer:
+                r = norm_ratio.get(cur)
+                known = known and r is not None
+                ratio = (r if ratio is None else ratio * r) if known else None
+                cur = next_layer[cur]
+                chain.append((cur, ratio))
+            self._targets[layer] = chain
 
     def guess(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Device tensor of expert ids for the next MoE layer, most likely first.
-        hidden: [T, H] as it enters layer `layer`'s experts."""
-        nxt = self.next_layer.get(layer)
-        if nxt is None:
+        """Device tensor of expert ids to prefetch, most likely first: for one token,
+        `guesses` ids for each of the next `depth` MoE layers; for a prompt, the next
+        layer's experts ranked by routing mass, one per slot. hidden: [T, H] as it
+        enters layer `layer`'s experts."""
+        targets = self._targets.get(layer)
+        if not targets:
             return None
-        ratio = self.norm_ratio.get(layer)
-        h = hidden if ratio is None else hidden * ratio
-        logits = torch.nn.functional.linear(h, self.routers[nxt])  # [T, E]
-        if logits.shape[0] == 1:
-            n = min(self.guesses, logits.shape[1])
-            return torch.topk(logits[0], n).indices
-        # prefill: rank experts by total routing mass, fill every slot of the layer
-        mass = torch.softmax(logits.float(), dim=-1).sum(dim=0)  # [E]
-        return torch.topk(mass, min(self.cache.slots_per_layer, mass.numel())).indices
+        if hidden.shape[0] > 1:
+            nxt, ratio = targets[0]
+            logits = torch.nn.functional.linear(hidden if ratio is None else hidden * ratio, self.routers[nxt])
+            mass = torch.softmax(logits.float(), dim=-1).sum(dim=0)  # [E]
+            return torch.topk(mass, min(self.cache.slots_per_layer, mass.numel())).indices
+        picks = []
+        for nxt, ratio in targets:
+            logits = torch.nn.functional.linear(hidden if ratio is None else hidden * ratio, self.routers[nxt])
+            picks.append(torch.topk(logits[0], min(self.guesses, logits.shape[1])).indices)
+        return picks[0] if len(picks) == 1 else torch.cat(picks)
+
+    def ids_per_token(self) -> int:
+        """How many ids `guess` returns for one token (at most)."""
+        return min(self.guesses, self.cache.store.num_experts) * self.depth
 
     def issue(self, layer: int, guessed: list[int], decode: bool) -> None:
-        nxt = self.next_layer[layer]
-        if decode:
-            self._pending[nxt] = set(guessed)
-        self.cache.prefetch(nxt, guessed)
+        targets = self._targets[layer]
+        nxt = targets[0][0]
+        if not decode:
+            self.cache.prefetch(nxt, guessed, side=True)
+            return
+        n = min(self.guesses, self.cache.store.num_experts)
+        self._pending[nxt] = set(guessed[:n])
+        issued = self.cache.prefetch(nxt, guessed[:n])
+        if issued == 0 and len(targets) > 1:  # the copy stream would idle: look one layer further
+            self.cache.prefetch(targets[1][0], guessed[n : 2 * n])
 
     def observe(self, layer: int, routed: set[int]) -> None:
         """Score the guess made for `layer` against what it actually routed to."""

@@ -23,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--explore", action="store_true", help="also depth-2 and 3-guess prefetch, and eager decode")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     budget = 12 << 30
@@ -31,8 +32,13 @@ def main() -> None:
         Variant("no-cache-no-prefetch", 2, budget, prefetch=False, retain=False),
         Variant("resident", 2, None),
     ]
+    if args.explore:  # prefetch policies side by side
+        variants += [
+            Variant("full-depth2", 2, budget, options=(("prefetch_depth", 2),)),
+            Variant("full-eager", 2, budget, options=(("cuda_graphs", False),)),
+        ]
     run = run_bench(
-        Geometry(), variants=variants, workload=Workload(new_tokens=args.new_tokens, ttft_prompts=(1024,)),
+        Geometry(), variants=variants, workload=Workload(new_tokens=args.new_tokens, ttft_prompts=(512, 1024)),
         accelerate_layers=None, out=args.out, budget=budget,
     )  # fmt: skip
     for row in run["variants"]:

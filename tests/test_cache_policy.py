@@ -17,7 +17,9 @@ def make_cache(slots=3, layers=(0, 1), retain=True) -> ExpertCache:
     store = ExpertStore(fmt, list(layers), E)
     for layer in layers:
         for e in range(E):
-            store.put(layer, e, {"gate_up_proj": torch.full((16, 16), 100.0 * layer + e), "down_proj": torch.zeros(16, 8)})
+            store.put(
+                layer, e, {"gate_up_proj": torch.full((16, 16), 100.0 * layer + e), "down_proj": torch.zeros(16, 8)}
+            )
     return ExpertCache(store, torch.device("cpu"), slots, retain=retain)
 
 
@@ -139,3 +141,24 @@ def test_prefetcher_recall_bookkeeping():
     pf.observe(1, {3, 4})
     assert c.stats.prefetch_recall == 0.5
     assert pf.guess(1, hidden) is None  # last MoE layer has no next layer
+
+
+def test_depth_two_fills_only_when_the_next_layer_needs_no_copy():
+    c = make_cache(slots=2, layers=(0, 1, 2))
+    H = 16
+    router = torch.zeros(E, H)
+    router[3, 0] = 1.0
+    router[5, 1] = 1.0
+    routers = {0: router, 1: router, 2: router}
+    pf = Prefetcher(c, routers, {0: None, 1: None}, {0: 1, 1: 2}, guesses=2, depth=2)
+    assert pf.ids_per_token() == 4
+    hidden = torch.zeros(1, H)
+    hidden[0, 0], hidden[0, 1] = 2.0, 1.0
+    guess = pf.guess(0, hidden).tolist()
+    assert guess == [3, 5, 3, 5]  # layer 1's guesses, then layer 2's
+    pf.issue(0, guess, decode=True)  # layer 1 needs copies: layer 2 is left alone
+    assert c.is_resident(1, 3) and c.is_resident(1, 5) and c.resident(2) == []
+    pf.issue(0, guess, decode=True)  # layer 1 holds its guesses: the idle copy stream serves layer 2
+    assert c.is_resident(2, 3) and c.is_resident(2, 5)
+    assert pf.guess(1, hidden).tolist() == [3, 5]  # one layer left: depth is cut at the last layer
+    assert len(pf.guess(0, torch.zeros(4, H))) == 2  # prompts: the next layer only, one id per slot

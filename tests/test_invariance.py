@@ -61,3 +61,19 @@ def test_quantized_attention_runs_and_is_deterministic(tiny_mixtral):
     a = moe_llm.load(tiny_mixtral, experts_bits=4, attn_bits=4, cache_per_layer=2)
     b = moe_llm.load(tiny_mixtral, experts_bits=4, attn_bits=4, cache_per_layer=8, prefetch=False)
     assert a.generate(PROMPT, max_new_tokens=10).token_ids == b.generate(PROMPT, max_new_tokens=10).token_ids
+
+
+def test_two_layer_lookahead_changes_bytes_not_tokens(tmp_path):
+    from moe_llm.tiny import make_tiny
+
+    path = make_tiny(tmp_path / "deep", "mixtral", seed=3, layers=4)
+    runs = {}
+    for depth in (1, 2):
+        for cache in (1, 3):
+            engine = moe_llm.load(path, experts_bits=2, cache_per_layer=cache, prefetch_depth=depth)
+            runs[depth, cache] = (engine.generate(PROMPT, max_new_tokens=16).token_ids, engine.stats.copy())
+    reference = moe_llm.load(path, experts_bits=2, cache_per_layer=8, prefetch=False).generate(
+        PROMPT, max_new_tokens=16
+    )
+    assert all(tokens == reference.token_ids for tokens, _ in runs.values())
+    assert runs[2, 3][1].prefetch_issued > runs[1, 3][1].prefetch_issued  # the lookahead did copy more

@@ -49,6 +49,7 @@ class Variant:
     prefetch: bool = True
     retain: bool = True  # False: each expert dropped right after use ("no cache")
     profile: bool = False
+    options: tuple[tuple[str, object], ...] = ()  # more EngineConfig fields, e.g. (("prefetch_depth", 2),)
 
     @property
     def resident(self) -> bool:
@@ -163,7 +164,9 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    engine = model.engine(v.gpu_budget, prefetch=v.prefetch, retain=v.retain, cache_per_layer=v.cache_per_layer)
+    engine = model.engine(
+        v.gpu_budget, prefetch=v.prefetch, retain=v.retain, cache_per_layer=v.cache_per_layer, **dict(v.options)
+    )
     try:
         engine.generate(prompts["warmup"], max_new_tokens=4)  # compile kernels, touch every path
         engine.generate(prompts[max(workload.ttft_prompts)], max_new_tokens=2)

@@ -68,7 +68,7 @@ def dequantize(
     else:
         w = out[: n * k].view(n, k)
     P, P1, G, stride_q = _geometry(spec)
-    bp = block_p(spec)
+    bp = block_p(spec, widest=spec.group_size)  # each tile inside one group
     bn = 64
     grid = (triton.cdiv(n, bn), P // bp)
     _dequant_kernel[grid](

@@ -1,12 +1,12 @@
 """Fused dequant-GEMV for the compact format on CUDA (Triton), for decode.
 
 One program owns ``BLOCK_N`` output rows and walks the packed bytes of those
-rows in tiles of ``BLOCK_P`` bytes. Thanks to the strided packing (see
-`quant.packing`), a byte tile at packed column ``p0`` holds ``8 // b`` contiguous
-column tiles ``j * P + p0 + [0, BLOCK_P)``; ``BLOCK_P`` divides both the group
-size and ``P``, so each of those column tiles lies inside one quantization
-group. Per (row, group) the kernel expands the 8-bit scale/zero with the
-float32 (min, step) of its run of 128 groups and accumulates
+rows in tiles of ``BLOCK_P`` bytes (up to 256). Thanks to the strided packing
+(see `quant.packing`), a byte tile at packed column ``p0`` holds ``8 // b``
+contiguous column tiles ``j * P + p0 + [0, BLOCK_P)``; ``BLOCK_P`` is a power of
+two dividing ``P``, so each column tile either lies inside one quantization group
+or covers whole groups. Per (row, group) the kernel expands the 8-bit scale/zero
+with the float32 (min, step) of its run of 128 groups and accumulates
 ``scale * (sum(code * x) - zero * sum(x))``: packed weights are read once, in
 contiguous tiles, and never written back dequantized.
 
@@ -29,22 +29,26 @@ from ..quant.compact import META_GROUP, QuantSpec
 from ..quant.packing import packed_cols
 
 NUM_WARPS = 4
+MAX_BLOCK_P = 256  # tiles swept on an H200 with scripts/tune_gemv.py
 _TARGET_PROGRAMS = 8 * 132  # about eight programs per SM of an H100/H200; fine elsewhere too
-_MAX_UNROLL = 4
+_MAX_UNROLL = 1
 
 
-def block_p(spec: QuantSpec) -> int:
-    """Packed-byte tile width: divides the group size and every packed plane."""
+def block_p(spec: QuantSpec, widest: int | None = None) -> int:
+    """Packed-byte tile width: the widest power of two up to `widest` (default
+    MAX_BLOCK_P) that divides every packed plane. With power-of-two groups, a
+    column tile then either lies inside one group or covers whole groups."""
     main = packed_cols(spec.in_features, 4 if spec.bits == 4 else 2)
-    b = gcd(spec.group_size, main)
+    b = gcd(widest or MAX_BLOCK_P, main)
     if spec.bits == 3:
         b = gcd(b, packed_cols(spec.in_features, 1))
     return b
 
 
 def supported_spec(spec: QuantSpec) -> bool:
-    b = block_p(spec)
-    return spec.bits in (2, 3, 4) and b >= 8 and (b & (b - 1)) == 0
+    b, g = block_p(spec), spec.group_size
+    pow2 = (b & (b - 1)) == 0 and (g & (g - 1)) == 0
+    return spec.bits in (2, 3, 4) and b >= 8 and pow2
 
 
 @triton.jit
@@ -53,36 +57,42 @@ def _tile_dot(
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """sum over the columns encoded by packed bytes [p0, p0 + BLOCK_P) of W[rows] * x -> [BLOCK_N].
-    Rows outside `mask` contribute 0 (their scale loads as 0)."""
+    Each column tile splits into NG runs of SUB columns, each inside one group, so
+    code * x is reduced per (row, run) and scaled once per run. Rows outside `mask`
+    contribute 0 (their scale loads as 0)."""
     MB: tl.constexpr = 4 if BITS == 4 else 2  # bits per code in the main plane
     PER: tl.constexpr = 8 // MB  # codes per byte of the main plane
     CODE_MASK: tl.constexpr = (1 << MB) - 1
+    SUB: tl.constexpr = GROUP if GROUP < BLOCK_P else BLOCK_P
+    NG: tl.constexpr = BLOCK_P // SUB
     offs = tl.arange(0, BLOCK_P)
+    run0 = tl.arange(0, NG) * SUB  # [NG] first column of each run, relative to the tile
     byte = tl.load(q_ptr + row_off[:, None] + p0 + offs[None, :], mask=mask[:, None], other=0).to(tl.int32)
     if BITS == 3:
         # high bit of column c sits in byte c % P1 of the 1-bit plane, bit c // P1
         hi_byte = tl.load(q_ptr + row_off[:, None] + P + (p0 % P1) + offs[None, :], mask=mask[:, None], other=0)
         hi_byte = hi_byte.to(tl.int32)
         hi_sel = (p0 >= P1).to(tl.int32)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     for j in tl.static_range(PER):
         code = (byte >> (MB * j)) & CODE_MASK
         if BITS == 3:
             code = code | (((hi_byte >> (2 * j + hi_sel)) & 1) << 2)
         col0 = j * P + p0
         xv = tl.load(x_ptr + col0 + offs).to(tl.float32)  # [BLOCK_P]
-        gidx = gbase + col0 // GROUP  # [BLOCK_N] flat (row, group) index
+        cx = tl.sum(tl.reshape(code.to(tl.float32) * xv[None, :], (BLOCK_N, NG, SUB)), axis=2)  # [BLOCK_N, NG]
+        sx = tl.sum(tl.reshape(xv, (NG, SUB)), axis=1)  # [NG]
+        gidx = gbase[:, None] + ((col0 + run0) // GROUP)[None, :]  # [BLOCK_N, NG] flat (row, group) index
+        m2 = mask[:, None]
         m = (gidx // 128) * 4
-        s_min = tl.load(meta_ptr + m, mask=mask, other=0.0)
-        s_step = tl.load(meta_ptr + m + 1, mask=mask, other=0.0)
-        z_min = tl.load(meta_ptr + m + 2, mask=mask, other=0.0)
-        z_step = tl.load(meta_ptr + m + 3, mask=mask, other=0.0)
-        scale = tl.load(sq_ptr + gidx, mask=mask, other=0).to(tl.float32) * s_step + s_min
-        zero = tl.load(zq_ptr + gidx, mask=mask, other=0).to(tl.float32) * z_step + z_min
-        cx = tl.sum(code.to(tl.float32) * xv[None, :], axis=1)
-        sx = tl.sum(xv, axis=0)
-        acc += scale * (cx - zero * sx)
-    return acc
+        s_min = tl.load(meta_ptr + m, mask=m2, other=0.0)
+        s_step = tl.load(meta_ptr + m + 1, mask=m2, other=0.0)
+        z_min = tl.load(meta_ptr + m + 2, mask=m2, other=0.0)
+        z_step = tl.load(meta_ptr + m + 3, mask=m2, other=0.0)
+        scale = tl.load(sq_ptr + gidx, mask=m2, other=0).to(tl.float32) * s_step + s_min
+        zero = tl.load(zq_ptr + gidx, mask=m2, other=0).to(tl.float32) * z_step + z_min
+        acc += scale * (cx - zero * sx[None, :])
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit
@@ -166,8 +176,10 @@ def split_for(spec: QuantSpec, glu: bool = False) -> int:
 
 
 def block_n(spec: QuantSpec, glu: bool = False) -> int:
-    """Rows per program: small enough for many programs per SM, big enough for long row loads."""
-    return 32 if spec.out_features >= 4096 and not glu else 16
+    """Rows per program: few rows and wide byte tiles keep many programs per SM, each
+    streaming long contiguous row segments (swept on an H200: 8 rows for gate_up and
+    attention, 16 for the long rows of down_proj)."""
+    return 16 if spec.in_features >= 8192 and not glu else 8
 
 
 def _unroll(iters: int) -> int:
