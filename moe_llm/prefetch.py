@@ -45,7 +45,7 @@ class Prefetcher:
         self._targets: dict[int, list[tuple[int, torch.Tensor | None]]] = {}
         for layer in next_layer:
             chain, cur, ratio, known = [], layer, None, True
-            while len(chain) < depth and cur in next_layer:
+            while len(chain) < max(depth, 2) and cur in next_layer:
                 r = norm_ratio.get(cur)
                 known = known and r is not None
                 ratio = (r if ratio is None else ratio * r) if known else None
@@ -55,19 +55,23 @@ class Prefetcher:
 
     def guess(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Device tensor of expert ids to prefetch, most likely first: for one token,
-        `guesses` ids for each of the next `depth` MoE layers; for a prompt, the next
-        layer's experts ranked by routing mass, one per slot. hidden: [T, H] as it
-        enters layer `layer`'s experts."""
+        `guesses` ids for each of the next `depth` MoE layers; for a prompt, the
+        experts of each of the next two MoE layers ranked by routing mass, one per
+        slot (a long prompt needs every expert, so guesses are rarely wasted, and the
+        layer after next keeps the copy streams busy across each layer's routing
+        sync). hidden: [T, H] as it enters layer `layer`'s experts."""
         targets = self._targets.get(layer)
         if not targets:
             return None
         if hidden.shape[0] > 1:
-            nxt, ratio = targets[0]
-            logits = torch.nn.functional.linear(hidden if ratio is None else hidden * ratio, self.routers[nxt])
-            mass = torch.softmax(logits.float(), dim=-1).sum(dim=0)  # [E]
-            return torch.topk(mass, min(self.cache.slots_per_layer, mass.numel())).indices
+            picks = []
+            for nxt, ratio in targets:
+                logits = torch.nn.functional.linear(hidden if ratio is None else hidden * ratio, self.routers[nxt])
+                mass = torch.softmax(logits.float(), dim=-1).sum(dim=0)  # [E]
+                picks.append(torch.topk(mass, min(self.cache.slots_per_layer, mass.numel())).indices)
+            return torch.cat(picks)
         picks = []
-        for nxt, ratio in targets:
+        for nxt, ratio in targets[: self.depth]:
             logits = torch.nn.functional.linear(hidden if ratio is None else hidden * ratio, self.routers[nxt])
             picks.append(torch.topk(logits[0], min(self.guesses, logits.shape[1])).indices)
         return picks[0] if len(picks) == 1 else torch.cat(picks)
@@ -80,7 +84,9 @@ class Prefetcher:
         targets = self._targets[layer]
         nxt = targets[0][0]
         if not decode:
-            self.cache.prefetch(nxt, guessed, side=True)
+            k = min(self.cache.slots_per_layer, self.cache.store.num_experts)
+            for i, (target, _) in enumerate(targets):
+                self.cache.prefetch(target, guessed[i * k : (i + 1) * k], side=True)
             return
         n = min(self.guesses, self.cache.store.num_experts)
         self._pending[nxt] = set(guessed[:n])

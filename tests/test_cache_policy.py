@@ -161,4 +161,4 @@ def test_depth_two_fills_only_when_the_next_layer_needs_no_copy():
     pf.issue(0, guess, decode=True)  # layer 1 holds its guesses: the idle copy stream serves layer 2
     assert c.is_resident(2, 3) and c.is_resident(2, 5)
     assert pf.guess(1, hidden).tolist() == [3, 5]  # one layer left: depth is cut at the last layer
-    assert len(pf.guess(0, torch.zeros(4, H))) == 2  # prompts: the next layer only, one id per slot
+    assert len(pf.guess(0, torch.zeros(4, H))) == 4  # prompts: the next two layers, one id per slot

@@ -38,6 +38,8 @@ def default_variants(
         Variant("no-prefetch", bits, budget, prefetch=False),
         Variant("no-cache-no-prefetch", bits, budget, prefetch=False, retain=False),
         Variant("resident", bits, None),
+        Variant("full-eager", bits, budget, options=(("cuda_graphs", False),)),  # what the graphs buy
+        Variant("full-lookahead2", bits, budget, options=(("prefetch_depth", 2),)),
     ]
     vs += [Variant(f"full-{b / (1 << 30):g}GiB", bits, b) for b in extra_budgets]
     for ob in also_bits:  # the other widths: the headline budget and the resident time for its bound
