@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -44,6 +46,17 @@ MIN_WINDOW = 256
 
 class GraphCaptureError(RuntimeError):
     """The trunk could not be captured; the caller decodes eagerly instead."""
+
+
+@cache
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture in the process: PyTorch keeps a
+    cuBLAS workspace per stream that is never freed, so a stream per engine would leak
+    one workspace per engine."""
+    return torch.cuda.Stream(device)
+
+
+_CAPTURE_LOCK = threading.Lock()  # engines in different threads share the capture stream
 
 
 class StaticKV:
@@ -250,9 +263,14 @@ class GraphDecoder:
         The warm-up writes the current position's KV, which the replay then rewrites."""
         log.info("capturing decode graphs for a %d-position window", width)
         if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
+            self._stream = _capture_stream(self.device)
             self._pool = torch.cuda.graph_pool_handle()
         win = _Window(width)
+        with _CAPTURE_LOCK:
+            self._capture_into(win, width)
+        return win
+
+    def _capture_into(self, win: _Window, width: int) -> None:
         torch.cuda.synchronize(self.device)
         self.runtime.hook = self._split
         try:
@@ -272,7 +290,6 @@ class GraphDecoder:
             self._capture, self._graph = None, None
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
         torch.cuda.synchronize(self.device)
-        return win
 
     def reset(self) -> None:
         """Drop every captured graph (their pool is freed with them)."""
