@@ -106,6 +106,11 @@ class EngineConfig(BaseModel):
             return int(v)
         return v
 
+    @field_validator("prefetch_depth", mode="before")
+    @classmethod
+    def _depth(cls, v):
+        return int(v) if isinstance(v, str) and v.strip().isdigit() else v
+
     @field_validator("cache_per_layer")
     @classmethod
     def _cache(cls, v: int | None) -> int | None:

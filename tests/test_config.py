@@ -37,6 +37,13 @@ def test_a_higher_layer_choosing_the_budget_clears_a_lower_cache_size(tmp_path):
     assert cfg.cache_per_layer == 3 and cfg.gpu_budget is None
 
 
+def test_decode_options_from_the_environment():
+    env = {"MOE_LLM_CUDA_GRAPHS": "off", "MOE_LLM_PREFETCH_DEPTH": "2"}
+    cfg = resolve_engine_config({}, environ=env, path=None)
+    assert cfg.cuda_graphs is False and cfg.prefetch_depth == 2
+    assert resolve_engine_config({}, environ={}, path=None).cuda_graphs is True
+
+
 def test_bits_none_string_forces_full_precision_over_a_setting():
     env = {"MOE_LLM_EXPERTS_BITS": "2"}
     assert resolve_engine_config({}, environ=env, path=None).experts_bits == 2
@@ -54,6 +61,8 @@ def test_bits_none_string_forces_full_precision_over_a_setting():
         ({"MOE_LLM_DEVICE": "tpu"}, "MOE_LLM_DEVICE: device must be 'cpu' or 'cuda[:N]'"),
         ({"MOE_LLM_EXPERTS_BITS": "5"}, "MOE_LLM_EXPERTS_BITS: experts_bits"),
         ({"MOE_LLM_PREFETCH": "maybe"}, "MOE_LLM_PREFETCH: prefetch"),
+        ({"MOE_LLM_PREFETCH_DEPTH": "3"}, "MOE_LLM_PREFETCH_DEPTH: prefetch_depth: Input should be 1 or 2"),
+        ({"MOE_LLM_CUDA_GRAPHS": "sometimes"}, "MOE_LLM_CUDA_GRAPHS: cuda_graphs"),
     ],
 )
 def test_environment_errors_name_the_variable(env, message):
