@@ -251,8 +251,7 @@ class Engine:
                     out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._kv_arg: kv})
                     logits = out.logits[0, -1]
                     if step == 0 and graphs is not None:
-                        graphs.begin(kv, len(prompt_ids))
-                        kv = None  # the static KV holds the prompt now
+                        graphs, kv = self._graph_begin(graphs, kv, len(prompt_ids))
                 tok = sample(logits, gen.temperature, gen.top_k, gen.top_p, generator)
                 if step == 0:
                     t_first = time.perf_counter()
@@ -273,7 +272,8 @@ class Engine:
                 if delta:
                     yield StreamChunk(delta, pending)
                     pending = []
-                ids = torch.tensor([[tok]], device=self.device)
+                if graphs is None:
+                    ids = torch.tensor([[tok]], device=self.device)
             tail = text.flush() if not text.stopped else ""
             self.stats.decode_seconds += time.perf_counter() - t_first
             self.stats.requests += 1
@@ -297,6 +297,17 @@ class Engine:
             if self.runtime.prefetcher is not None:
                 self.runtime.prefetcher.clear()
             kv = None
+
+    def _graph_begin(self, graphs, kv, n: int):
+        """Hand the prefill's KV to the graph decoder: (graphs, None), or (None, kv) and
+        graphs off for good if its cache layout is not one the static KV can take."""
+        try:
+            graphs.begin(kv, n)
+        except RuntimeError as exc:
+            log.warning("CUDA graph decode cannot take this model's KV cache (%s); decoding eagerly", exc)
+            self.graphs = None
+            return None, kv
+        return graphs, None  # the static KV holds the prompt now
 
     def _graph_step(self, graphs, tok: int, pos: int) -> torch.Tensor | None:
         """Logits from the CUDA-graph decoder, or None (and graphs off for good) if capture fails."""

@@ -12,6 +12,7 @@ import moe_llm
 from moe_llm.decode_graph import MIN_WINDOW, GraphDecoder, unsupported_reason
 
 NEW = 12
+PROMPT_TEXT = "Experts live in host memory"
 
 
 def _decoder(engine) -> GraphDecoder:
@@ -71,3 +72,22 @@ def test_window_sizes():
     dec = GraphDecoder.__new__(GraphDecoder)
     dec.max_len = 3000
     assert [dec.window_for(p) for p in (0, 255, 256, 511, 512, 2999)] == [256, 256, 512, 512, 1024, 3000]
+
+
+def test_graph_fallbacks_keep_the_tokens(tiny_mixtral, caplog):
+    """Where graphs cannot run (here: capture on a machine without CUDA, and a KV layout the
+    static cache refuses), the engine says so once, decodes eagerly from the same KV, and
+    gives the tokens of an engine that never tried."""
+    engine = moe_llm.load(tiny_mixtral, cache_per_layer=2)
+    want = engine.generate(PROMPT_TEXT, max_new_tokens=NEW).token_ids
+
+    engine.graphs = _decoder(engine)  # its first step tries to capture, which fails here
+    assert engine.generate(PROMPT_TEXT, max_new_tokens=NEW).token_ids == want
+    assert engine.graphs is None and "decoding eagerly" in caplog.text
+
+    caplog.clear()
+    engine.graphs = dec = _decoder(engine)
+    dec.kv.num_layers += 1  # a layout mismatch: begin() refuses the prefill's cache
+    assert engine.generate(PROMPT_TEXT, max_new_tokens=NEW).token_ids == want
+    assert engine.graphs is None and "cannot take this model's KV cache" in caplog.text
+    assert engine.generate(PROMPT_TEXT, max_new_tokens=NEW).token_ids == want
