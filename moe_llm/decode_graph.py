@@ -77,9 +77,6 @@ class StaticKV:
     def allocated(self) -> bool:
         return bool(self.keys)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def load(self, kv, n: int) -> None:
         """Copy the first `n` positions of each layer from a transformers DynamicCache."""
         layers = getattr(kv, "layers", None)
@@ -89,7 +86,7 @@ class StaticKV:
             k, v = layer.keys, layer.values  # [1, heads, n, dim]
             if k.shape[-2] != n:
                 raise RuntimeError(f"layer {i} cached {k.shape[-2]} positions, expected {n}")
-            if not self.allocated or i >= len(self.keys):
+            if i >= len(self.keys):  # first request: allocate for the whole context
                 shape_k = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
                 shape_v = (v.shape[0], v.shape[1], self.max_len, v.shape[3])
                 self.keys.append(torch.zeros(shape_k, dtype=k.dtype, device=k.device))
@@ -104,8 +101,11 @@ class StaticKV:
         w = self.width
         return self.keys[layer_idx][:, :, :w], self.values[layer_idx][:, :, :w]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:  # not called by the captured layers
-        raise NotImplementedError("StaticKV is driven by GraphDecoder")
+    def dump(self, kv, n: int):
+        """Copy the first `n` positions of each layer into a transformers cache (eager fallback)."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            kv.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
+        return kv
 
 
 @dataclass
@@ -290,7 +290,3 @@ class GraphDecoder:
             self._capture, self._graph = None, None
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
         torch.cuda.synchronize(self.device)
-
-    def reset(self) -> None:
-        """Drop every captured graph (their pool is freed with them)."""
-        self._windows.clear()

@@ -245,7 +245,7 @@ class Engine:
                 if step > 0 and graphs is not None:
                     logits = self._graph_step(graphs, tok, len(prompt_ids) + step - 1)
                     if logits is None:  # capture failed: continue eagerly from the same KV
-                        graphs, kv = None, self._kv_from_static(graphs.kv, len(prompt_ids) + step - 1)
+                        graphs, kv = None, graphs.kv.dump(self._new_kv(), len(prompt_ids) + step - 1)
                         ids = torch.tensor([[tok]], device=self.device)
                 if step == 0 or graphs is None:
                     out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._kv_arg: kv})
@@ -319,14 +319,6 @@ class Engine:
             log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
             self.graphs = None
             return None
-
-    def _kv_from_static(self, static, n: int):
-        """A DynamicCache holding the first `n` positions of a `StaticKV`."""
-        kv = self._new_kv()
-        for i in range(self.hf_config.num_hidden_layers):
-            k, v = static.keys[i], static.values[i]
-            kv.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
-        return kv
 
     def _call_stats(self, call: Stats, ttft: float | None, prompt_tokens: int, text: TextStream) -> dict:
         d = call.to_dict()

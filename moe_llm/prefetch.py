@@ -39,6 +39,7 @@ class Prefetcher:
         self.norm_ratio = norm_ratio
         self.next_layer = next_layer
         self.guesses = guesses
+        self.per_layer = min(guesses, cache.store.num_experts)  # ids guessed per layer ahead
         self.depth = depth
         self._pending: dict[int, set[int]] = {}
         # layer -> [(target layer, norm ratio from layer to target)] for 1..depth layers ahead
@@ -73,12 +74,12 @@ class Prefetcher:
         picks = []
         for nxt, ratio in targets[: self.depth]:
             logits = torch.nn.functional.linear(hidden if ratio is None else hidden * ratio, self.routers[nxt])
-            picks.append(torch.topk(logits[0], min(self.guesses, logits.shape[1])).indices)
+            picks.append(torch.topk(logits[0], self.per_layer).indices)
         return picks[0] if len(picks) == 1 else torch.cat(picks)
 
     def ids_per_token(self) -> int:
         """How many ids `guess` returns for one token (at most)."""
-        return min(self.guesses, self.cache.store.num_experts) * self.depth
+        return self.per_layer * self.depth
 
     def issue(self, layer: int, guessed: list[int], decode: bool) -> None:
         targets = self._targets[layer]
@@ -88,7 +89,7 @@ class Prefetcher:
             for i, (target, _) in enumerate(targets):
                 self.cache.prefetch(target, guessed[i * k : (i + 1) * k], side=True)
             return
-        n = min(self.guesses, self.cache.store.num_experts)
+        n = self.per_layer
         self._pending[nxt] = set(guessed[:n])
         issued = self.cache.prefetch(nxt, guessed[:n])
         if issued == 0 and len(targets) > 1:  # the copy stream would idle: look one layer further
