@@ -2,13 +2,12 @@
 
 The pool is allocated once: ``slots_per_layer`` slots of ``fmt.nbytes`` bytes for
 every MoE layer. A miss copies the expert's host buffer into a free or
-least-recently-used slot. On CUDA the copy runs on a dedicated stream (prompt
-prefetches on a second one, so they never queue behind copies that wait for a
-slot to be released); each slot has a *ready* event (copy done; the compute
-stream waits on it only when it uses the slot) and a *released* event (last
-compute that read the slot; a copy waits on it, and on the slot's previous
-copy, before overwriting). On CPU the same bookkeeping runs
-with plain synchronous copies, so the policy is testable anywhere.
+least-recently-used slot. On CUDA every copy runs on one dedicated stream, in
+the order issued; each slot has a *ready* event (copy done; the compute stream
+waits on it only when it uses the slot) and a *released* event (last compute
+that read the slot; a copy waits on it before overwriting). On CPU the same
+bookkeeping runs with plain synchronous copies, so the policy is testable
+anywhere.
 
 ``retain=False`` gives the "no cache" ablation: a slot is dropped right after use.
 """
@@ -55,9 +54,6 @@ class ExpertCache:
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
-            # prompt prefetch: copies into the next layer's free slots must not queue behind
-            # this layer's slot recycling, which waits for compute to release each slot
-            self.side_stream = torch.cuda.Stream(self.device)
             self._ready = [torch.cuda.Event() for _ in range(n)]
             self._released = [torch.cuda.Event() for _ in range(n)]
 
@@ -99,13 +95,12 @@ class ExpertCache:
             self.stats.prefetch_wasted += 1
         return slot
 
-    def _load(self, layer: int, expert: int, slot: int, side: bool = False) -> None:
+    def _load(self, layer: int, expert: int, slot: int) -> None:
         src = self.store.buffer(layer, expert)
         if self.cuda:
-            stream = self.side_stream if side else self.copy_stream
+            stream = self.copy_stream
             with torch.cuda.stream(stream):
                 stream.wait_event(self._released[slot])  # compute has finished reading the slot
-                stream.wait_event(self._ready[slot])  # and its previous copy (either stream) is done
                 self.pool[slot].copy_(src, non_blocking=True)
                 self._ready[slot].record(stream)
         else:
@@ -131,12 +126,12 @@ class ExpertCache:
         self._load(layer, expert, slot)
         return slot
 
-    def prefetch(self, layer: int, experts: Iterable[int], side: bool = False) -> int:
+    def prefetch(self, layer: int, experts: Iterable[int], keep: Iterable[int] = ()) -> int:
         """Start copying `experts` of `layer` ahead of use, most likely first. Never
-        evicts one of `experts` to make room for another. Returns copies issued.
-        `side`: on the second copy stream (prompts), so they run beside copies that
-        wait for slots to be released."""
+        evicts one of `experts`, or of `keep`, to make room for another. Returns
+        copies issued."""
         experts = list(dict.fromkeys(experts))
+        protect = set(experts).union(keep)
         issued = 0
         lru = self._lru[layer]
         for e in reversed(experts):  # least likely first, so the most likely ends up most recent
@@ -145,10 +140,10 @@ class ExpertCache:
         for e in experts:
             if e in lru:
                 continue
-            slot = self._victim(layer, experts, force=False)
+            slot = self._victim(layer, protect, force=False)
             if slot is None:
                 break
-            self._load(layer, e, slot, side=side)
+            self._load(layer, e, slot)
             self._prefetched.add((layer, e))
             issued += 1
         self.stats.prefetch_issued += issued
@@ -175,7 +170,6 @@ class ExpertCache:
         """Fence every in-flight copy (used after cancellation and before teardown)."""
         if self.cuda:
             self.copy_stream.synchronize()
-            self.side_stream.synchronize()
 
     def reset(self) -> None:
         """Drop every resident expert (slots stay allocated)."""

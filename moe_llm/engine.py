@@ -237,6 +237,7 @@ class Engine:
         t_first = t0
         accounted = False
         try:
+            self.runtime.prompt_start(len(prompt_ids))
             ids = torch.tensor([prompt_ids], device=self.device)
             graphs, tok = self.graphs, -1
             if graphs is not None and len(prompt_ids) + max_new - 1 > graphs.max_len:

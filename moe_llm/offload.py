@@ -13,7 +13,8 @@ and hands the work to one shared `OffloadRuntime`:
    otherwise (prefill, CPU) each expert's tokens run through `kernels.expert_mlp`.
    When a layer needs more experts than it has slots (prefill), slots are
    recycled in order and the copy stream waits on each slot's release event, so
-   copies and compute pipeline.
+   copies and compute pipeline; the next layer's prompt prefetch is queued after
+   those copies, keeping the copy engine busy across the layer boundary.
 
 Every routed (token, k) position gets its own output row, and the rows are
 summed in k order, so the result does not depend on the order in which experts
@@ -66,6 +67,11 @@ class OffloadRuntime:
         """Length of `route_ids` for one token: top-k routed ids, then the guesses."""
         return self.top_k + (self.prefetcher.ids_per_token() if self.prefetcher is not None else 0)
 
+    def prompt_start(self, tokens: int) -> None:
+        """Called before a prompt of `tokens` tokens runs through the trunk."""
+        if self.prefetcher is not None and tokens > 1:
+            self.prefetcher.prompt_start(tokens, self.top_k)
+
     def route_ids(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """Device tensor of what the host needs to read: routed ids [T*k], then the
         prefetch guess for the next MoE layer (if any)."""
@@ -96,14 +102,20 @@ class OffloadRuntime:
         slots = {}
         for i, e in enumerate(order[:K]):
             slots[e] = cache.acquire(layer, e, protect=order[i + 1 :])
-        if pf is not None and guessed:
-            pf.issue(layer, guessed, decode=T == 1)
+        decode = T == 1
+        if pf is not None and guessed and decode:
+            pf.issue(layer, guessed, decode=True)
 
-        tk = self._fast_path(hidden) if T == 1 and self._fused_glu else None
+        tk = self._fast_path(hidden) if decode and self._fused_glu else None
         if tk is not None:
             y = self._decode(tk, layer, hidden, routed, top_k_weights, order, slots)
         else:
             y = self._grouped(layer, hidden, top_k_index.reshape(-1), top_k_weights, counts, order, slots)
+        if pf is not None and guessed and not decode:
+            # behind this layer's recycled-slot copies on the copy stream: they are on the
+            # critical path, and the next layer's copies then keep the copy engine busy
+            # while this layer finishes and the next one attends and routes
+            pf.issue(layer, guessed, decode=False)
         if out is not None and y is not out:
             out.copy_(y)
             return out

@@ -161,4 +161,50 @@ def test_depth_two_fills_only_when_the_next_layer_needs_no_copy():
     pf.issue(0, guess, decode=True)  # layer 1 holds its guesses: the idle copy stream serves layer 2
     assert c.is_resident(2, 3) and c.is_resident(2, 5)
     assert pf.guess(1, hidden).tolist() == [3, 5]  # one layer left: depth is cut at the last layer
-    assert len(pf.guess(0, torch.zeros(4, H))) == 4  # prompts: the next two layers, one id per slot
+
+
+def _prompt_prefetcher(slots: int):
+    c = make_cache(slots=slots)
+    H = 16
+    router = torch.zeros(E, H)
+    for e in range(4):
+        router[e, e] = 1.0  # token with hidden = one-hot(e) picks expert e first
+    return c, Prefetcher(c, {0: router, 1: router}, {0: None}, {0: 1}, guesses=1), H
+
+
+def test_prompt_guess_ranks_experts_by_tokens_and_counts_the_needed():
+    c, pf, H = _prompt_prefetcher(slots=2)
+    hidden = torch.zeros(6, H)
+    for row, e in enumerate([2, 2, 2, 0, 0, 3]):
+        hidden[row, e] = 1.0
+    guess = pf.guess(0, hidden).tolist()
+    assert guess[:3] == [2, 0, 3] and guess[-1] == 3 and sorted(guess[:-1]) == list(range(E))
+
+
+def test_prompt_prefetch_fills_free_slots_and_never_evicts_a_needed_expert():
+    c, pf, H = _prompt_prefetcher(slots=2)
+    hidden = torch.zeros(3, H)
+    for row, e in enumerate([2, 0, 3]):
+        hidden[row, e] = 1.0
+    pf.issue(0, pf.guess(0, hidden).tolist(), decode=False)  # cold: the two free slots
+    assert set(c.resident(1)) == {0, 2} and c.stats.evictions == 0
+    hidden[1] = 0.0
+    hidden[1, 3] = 1.0  # now experts 2 and 3 are picked (3 twice); 0 is not
+    pf.issue(0, pf.guess(0, hidden).tolist(), decode=False)
+    assert set(c.resident(1)) == {2, 3} and c.stats.evictions == 1  # 0 made room, 2 was kept
+    hidden = torch.zeros(4, H)
+    for row, e in enumerate([0, 1, 2, 3]):
+        hidden[row, e] = 1.0  # all four needed: nothing resident may be evicted
+    pf.issue(0, pf.guess(0, hidden).tolist(), decode=False)
+    assert set(c.resident(1)) == {2, 3} and c.stats.evictions == 1
+
+
+def test_prompt_start_fills_the_first_layer_only_for_long_prompts_and_evicts_nothing():
+    c, pf, _ = _prompt_prefetcher(slots=2)
+    assert pf.prompt_start(tokens=E, top_k=2) == 0 and c.resident(0) == []  # short: routing may skip experts
+    assert pf.prompt_start(tokens=2 * E, top_k=2) == 2 and len(c.resident(0)) == 2
+    c.reset()
+    c.acquire(0, 3)
+    c.acquire(0, 1)
+    assert pf.prompt_start(tokens=64, top_k=2) == 0  # no free slot: a warm layer is left as it is
+    assert set(c.resident(0)) == {1, 3} and c.stats.evictions == 0

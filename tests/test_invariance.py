@@ -77,3 +77,21 @@ def test_two_layer_lookahead_changes_bytes_not_tokens(tmp_path):
     )
     assert all(tokens == reference.token_ids for tokens, _ in runs.values())
     assert runs[2, 3][1].prefetch_issued > runs[1, 3][1].prefetch_issued  # the lookahead did copy more
+
+
+def test_prefill_issues_copies_in_layer_order(tiny_mixtral):
+    """A prompt that needs more experts than a layer has slots: each layer's own
+    recycled-slot copies are issued before the next layer's prefetch (the copy
+    stream runs them in that order), so no layer waits behind the next one's copies."""
+    engine = moe_llm.load(tiny_mixtral, experts_bits=2, cache_per_layer=2, prefetch=True)
+    cache = engine.cache
+    loads, original = [], cache._load
+
+    def spy(layer, expert, slot):
+        loads.append(layer)
+        original(layer, expert, slot)
+
+    cache._load = spy
+    engine.generate(" ".join([PROMPT] * 8), max_new_tokens=1)  # the prefill only
+    assert engine.stats.prefetch_issued > 0 and engine.stats.cache_misses > 0
+    assert set(loads) == set(cache.layers) and loads == sorted(loads)
