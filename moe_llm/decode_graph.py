@@ -20,8 +20,11 @@ graph, starts the next, and returns the layer's static output buffer. Replay
 therefore runs exactly the kernels eager decode would, with the same per-layer
 host sync, minus the Python.
 
-The KV cache is static (`StaticKV`): the prompt's keys and values are copied in
-after an ordinary eager prefill, and each token writes its position in place.
+The KV cache is static (`StaticKV`). The prompt runs through transformers' own
+eager forward with a `DynamicCache` whose layers write each prompt key and value
+straight into the static tensors and keep nothing themselves (`write_through`),
+so the prompt's KV never exists twice; each decoded token then writes its
+position in place.
 Attention reads a window of the cache that is a power of two of at least 256
 positions, with a mask over the unwritten tail; one set of graphs is captured
 per window width, lazily. Graphs are used only on CUDA, for the model families
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +81,38 @@ class StaticKV:
     def allocated(self) -> bool:
         return bool(self.keys)
 
+    def write(self, i: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Store a prompt's keys and values [1, heads, n, dim] as positions 0..n-1 of layer
+        `i`, allocating the layer for the whole context on first use. False (nothing
+        written) for a layout this cache does not take."""
+        if k.dim() != 4 or v.dim() != 4 or k.shape[0] != 1 or k.shape[-2] != v.shape[-2] or k.shape[-2] > self.max_len:
+            return False
+        if i == len(self.keys) and i < self.num_layers:  # first request: allocate, in layer order
+            shape_k = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            shape_v = (v.shape[0], v.shape[1], self.max_len, v.shape[3])
+            self.keys.append(torch.zeros(shape_k, dtype=k.dtype, device=k.device))
+            self.values.append(torch.zeros(shape_v, dtype=v.dtype, device=v.device))
+        if i >= len(self.keys) or self.keys[i][:, :, :0].shape != k[:, :, :0].shape or self.values[i].dtype != v.dtype:
+            return False
+        n = k.shape[-2]
+        self.keys[i][:, :, :n].copy_(k)
+        self.values[i][:, :, :n].copy_(v)
+        return True
+
     def load(self, kv, n: int) -> None:
-        """Copy the first `n` positions of each layer from a transformers DynamicCache."""
+        """Take the first `n` positions of each layer of a transformers DynamicCache: layers
+        that wrote through (`write_through`) hold them already, others are copied."""
         layers = getattr(kv, "layers", None)
         if layers is None or len(layers) != self.num_layers:
             raise RuntimeError("unexpected transformers cache layout")
         for i, layer in enumerate(layers):
+            if isinstance(layer, _WriteThroughLayer) and layer.written == n:
+                continue
             k, v = layer.keys, layer.values  # [1, heads, n, dim]
-            if k.shape[-2] != n:
-                raise RuntimeError(f"layer {i} cached {k.shape[-2]} positions, expected {n}")
-            if i >= len(self.keys):  # first request: allocate for the whole context
-                shape_k = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-                shape_v = (v.shape[0], v.shape[1], self.max_len, v.shape[3])
-                self.keys.append(torch.zeros(shape_k, dtype=k.dtype, device=k.device))
-                self.values.append(torch.zeros(shape_v, dtype=v.dtype, device=v.device))
-            self.keys[i][:, :, :n].copy_(k)
-            self.values[i][:, :, :n].copy_(v)
+            if k is None or k.shape[-2] != n:
+                raise RuntimeError(f"layer {i} cached {0 if k is None else k.shape[-2]} positions, expected {n}")
+            if not self.write(i, k, v):
+                raise RuntimeError(f"layer {i} has a key/value layout the static cache does not take")
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         index = self.pos.view(-1)
@@ -106,6 +126,43 @@ class StaticKV:
         for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             kv.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
         return kv
+
+
+class _WriteThroughLayer(DynamicLayer):
+    """A DynamicLayer whose first update (the prompt) lands in the static cache instead."""
+
+    def __init__(self, static: StaticKV | None, index: int):
+        super().__init__()
+        self.static, self.index, self.written = static, index, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        static = self.static
+        if static is not None and not self.written and not self.is_initialized:
+            if static.write(self.index, key_states, value_states):
+                self.written = key_states.shape[-2]
+                return key_states, value_states  # what an empty DynamicLayer returns: the prompt's own
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.written or super().get_seq_length(*args, **kwargs)
+
+    def take_back(self, n: int) -> None:
+        """Hold the prompt itself again (copied from the static cache): a plain dynamic layer."""
+        if self.written:
+            k, v = self.static.keys[self.index], self.static.values[self.index]
+            self.static, self.written = None, 0
+            super().update(k[:, :, :n].clone(), v[:, :, :n].clone())
+
+
+def write_through(kv, static: StaticKV) -> bool:
+    """Make the layers of a fresh transformers DynamicCache write a prompt's keys and values
+    straight into `static` (a layer whose layout the static cache refuses keeps them
+    itself). False, and `kv` untouched, where its layers are not plain dynamic ones."""
+    layers = getattr(kv, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or layer.is_initialized for layer in layers):
+        return False
+    kv.layers = [_WriteThroughLayer(static, i) for i in range(len(layers))]
+    return True
 
 
 @dataclass
@@ -175,9 +232,21 @@ class GraphDecoder:
                     self._host_ids[m.layer_idx] = torch.zeros(n_ids, dtype=torch.long, pin_memory=True)
 
     # -- per request ---------------------------------------------------------------
+    def prefill_cache(self, kv):
+        """`kv` (a fresh DynamicCache), made to write the prompt into the static KV."""
+        write_through(kv, self.kv)
+        return kv
+
     def begin(self, kv, n: int) -> None:
-        """Take over the KV of an eager prefill of `n` positions."""
-        self.kv.load(kv, n)
+        """Take over the KV of an eager prefill of `n` positions. On RuntimeError, `kv`
+        holds the whole prompt again, for eager decode."""
+        try:
+            self.kv.load(kv, n)
+        except RuntimeError:
+            for layer in getattr(kv, "layers", None) or []:
+                if isinstance(layer, _WriteThroughLayer):
+                    layer.take_back(n)
+            raise
 
     def window_for(self, pos: int) -> int:
         w = MIN_WINDOW

@@ -242,6 +242,8 @@ class Engine:
             graphs, tok = self.graphs, -1
             if graphs is not None and len(prompt_ids) + max_new - 1 > graphs.max_len:
                 graphs = None  # past the static KV: this request decodes eagerly
+            if graphs is not None:
+                graphs.prefill_cache(kv)  # the prompt's KV goes straight into the static cache
             for step in range(max_new):
                 if step > 0 and graphs is not None:
                     logits = self._graph_step(graphs, tok, len(prompt_ids) + step - 1)

@@ -124,11 +124,6 @@ def load(
     return assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, str(ckpt.path))
 
 
-def graphs_planned(cfg) -> bool:
-    """Whether the engine will decode through CUDA graphs (and so hold a static KV cache)."""
-    return cfg.cuda_graphs and torch.device(cfg.device).type == "cuda"
-
-
 def plan_for(
     model, hf_config, cfg, info, fmt: ExpertFormat, dtype: torch.dtype, trunk_bytes: int | None = None
 ) -> Plan:
@@ -142,8 +137,8 @@ def plan_for(
         budget=cfg.gpu_budget,
         cache_per_layer=cfg.cache_per_layer,
         trunk_bytes=module_bytes(model) if trunk_bytes is None else trunk_bytes,
-        kv_bytes=kv_cache_bytes(hf_config.num_hidden_layers, kv_heads, head_dim, context, dsize)
-        * (2 if graphs_planned(cfg) else 1),  # graph decode: a static KV, plus the prefill's while it is copied
+        # graph decode's static KV, or eager decode's dynamic one: the prefill writes into the static one directly
+        kv_bytes=kv_cache_bytes(hf_config.num_hidden_layers, kv_heads, head_dim, context, dsize),
         workspace=workspace_bytes(info.hidden, info.intermediate, hf_config.vocab_size, context, dsize),
         expert_bytes=fmt.nbytes,
         moe_layers=len(info.layers),

@@ -20,10 +20,16 @@ def _decoder(engine) -> GraphDecoder:
     return GraphDecoder(engine.model, engine.hf_config, engine.runtime, torch.device("cpu"), engine.context_length)
 
 
-def _greedy(engine, dec, prompt_ids, n):
+def _greedy(engine, dec, prompt_ids, n, write_through=True):
+    """Greedy tokens and logits: an eager prefill (writing its KV straight into the static
+    cache, as the engine does, or copied in afterwards), then the static-KV trunk."""
     kv = engine._new_kv()
+    if write_through:
+        dec.prefill_cache(kv)
     with torch.inference_mode():
         out = engine.model(input_ids=torch.tensor([prompt_ids]), use_cache=True, **{engine._kv_arg: kv})
+    if write_through:  # the prompt's KV exists once: in the static cache
+        assert all(layer.keys is None for layer in kv.layers) and dec.kv.allocated
     dec.begin(kv, len(prompt_ids))
     steps = [out.logits[0, -1].float()]
     toks = [int(steps[-1].argmax())]
@@ -34,13 +40,14 @@ def _greedy(engine, dec, prompt_ids, n):
     return toks, torch.stack(steps)
 
 
+@pytest.mark.parametrize("write_through", [True, False])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
-def test_static_kv_trunk_equals_transformers(tiny_dirs, family):
+def test_static_kv_trunk_equals_transformers(tiny_dirs, family, write_through):
     from test_equivalence import hf_reference
 
     prompt_ids, want, _ = hf_reference(tiny_dirs[family])
     engine = moe_llm.load(tiny_dirs[family], cache_per_layer=2, prefetch=True)
-    toks, logits = _greedy(engine, _decoder(engine), prompt_ids, NEW)
+    toks, logits = _greedy(engine, _decoder(engine), prompt_ids, NEW, write_through)
     assert toks == want[:NEW]
     # each step's logits equal a full no-cache forward over prompt + generated tokens
     full = engine.logits(prompt_ids + toks[:-1])[len(prompt_ids) - 1 :]
@@ -91,3 +98,10 @@ def test_graph_fallbacks_keep_the_tokens(tiny_mixtral, caplog):
     assert engine.generate(PROMPT_TEXT, max_new_tokens=NEW).token_ids == want
     assert engine.graphs is None and "cannot take this model's KV cache" in caplog.text
     assert engine.generate(PROMPT_TEXT, max_new_tokens=NEW).token_ids == want
+
+    caplog.clear()
+    engine.graphs = dec = _decoder(engine)
+    dec.kv.max_len = 2  # the prompt does not fit: no layer writes through, each keeps its KV
+    dec.max_len = 10**6  # (so the engine still tries the graphs for this request)
+    assert engine.generate(PROMPT_TEXT, max_new_tokens=NEW).token_ids == want
+    assert engine.graphs is None and "cannot take this model's KV cache" in caplog.text
