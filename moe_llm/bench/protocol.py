@@ -7,6 +7,9 @@ synthetic trunk and store, warmed up (kernels compiled), and then measured:
 - TTFT for each prompt length, each from a cold cache (every expert copied);
 - the workload: a random prompt, then greedy decode; decode tok/s and the
   cache/prefetch counters are taken over the decode steps only;
+- both `repeats` times (default 3): a row reports the middle run (by decode tok/s,
+  with that run's counters; by time for each TTFT) and keeps every run's figure
+  in `decode_tok_s_runs` / `ttft_s_runs`, so the spread is on record;
 - peak GPU memory (`torch.cuda.max_memory_allocated`) over the variant.
 
 Ratios: bound = 1 / (bytes moved per token / pinned bandwidth + resident time
@@ -38,6 +41,13 @@ class Workload:
     new_tokens: int = 128
     ttft_prompts: tuple[int, ...] = (512, 1024)
     seed: int = 0
+    repeats: int = 3  # timed runs of the workload and of each TTFT, per variant
+
+
+def _middle(values: list, key=None):
+    """The middle element of `values` sorted by `key` (the upper middle for an even count):
+    a run that was measured, unlike the mean of two."""
+    return sorted(values, key=key)[len(values) // 2]
 
 
 @dataclass(frozen=True)
@@ -183,9 +193,16 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
             "expert_bits_per_param": model.fmt.bits_per_param,
             "plan": engine.plan.to_dict(),
         }
-        row["ttft_s"] = {str(n): _ttft(engine, prompts[n]) for n in workload.ttft_prompts}
-        engine.reset_cache()
-        row.update(_decode_run(engine, prompts["main"], workload.new_tokens))
+        repeats = max(1, workload.repeats)
+        ttft = {str(n): [_ttft(engine, prompts[n]) for _ in range(repeats)] for n in workload.ttft_prompts}
+        row["ttft_s"] = {n: _middle(times) for n, times in ttft.items()}
+        row["ttft_s_runs"] = ttft
+        runs = []
+        for _ in range(repeats):
+            engine.reset_cache()
+            runs.append(_decode_run(engine, prompts["main"], workload.new_tokens))
+        row.update(_middle(runs, key=lambda r: r["decode_tok_s"]))
+        row["decode_tok_s_runs"] = [r["decode_tok_s"] for r in runs]
         k, e = engine.cache.slots_per_layer, model.info.num_experts
         row["uniform_lru_hit_rate"] = k / e if v.retain else 0.0
         if v.profile:

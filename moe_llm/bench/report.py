@@ -94,6 +94,12 @@ def check_targets(top: dict) -> list[dict]:
     return out
 
 
+def _with_spread(value: float, runs: list[float] | None) -> str:
+    if not runs or len(runs) < 2:
+        return f"{value:.2f}"
+    return f"{value:.2f} ({min(runs):.1f}–{max(runs):.1f})"
+
+
 def table_rows(run: dict) -> list[list[str]]:
     """Rows for a printed table: variant, bits, budget, slots, tok/s, ratios, TTFT, peak, hits, recall."""
     gib = float(1 << 30)
@@ -105,7 +111,7 @@ def table_rows(run: dict) -> list[list[str]]:
             str(r["experts_bits"]),
             f"{budget / gib:.0f} GiB" if budget else "all",
             f"{r['slots_per_layer']}/{r['num_experts']}",
-            f"{r['decode_tok_s']:.2f}",
+            _with_spread(r["decode_tok_s"], r.get("decode_tok_s_runs")),
             f"{r['ratio_to_bound']:.2f}" if "ratio_to_bound" in r else "-",
             f"{r['ratio_to_overlap_limit']:.2f}" if "ratio_to_overlap_limit" in r else "-",
             " / ".join(f"{t:.3f}" for t in r["ttft_s"].values()),
@@ -118,6 +124,6 @@ def table_rows(run: dict) -> list[list[str]]:
 
 
 TABLE_HEADER = [
-    "variant", "bits", "budget", "slots", "decode tok/s", "÷bound", "÷overlap", "TTFT s (512 / 1024)",
+    "variant", "bits", "budget", "slots", "decode tok/s (runs)", "÷bound", "÷overlap", "TTFT s (512 / 1024)",
     "peak GiB", "hit rate", "recall", "MB/token",
 ]  # fmt: skip

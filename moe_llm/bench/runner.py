@@ -107,6 +107,8 @@ def run_bench(
             "greedy": True,
             "batch": 1,
             "ttft_note": "each TTFT starts from a cold cache: every expert of every layer is copied",
+            "repeats": workload.repeats,
+            "repeats_note": "rows report the middle of `repeats` timed runs; every run is in *_runs",
         },
         "gpu_budget_bytes": budget,
     }

@@ -47,6 +47,7 @@ def bench(
     prompt_tokens: int = typer.Option(512, "--prompt-tokens"),
     new_tokens: int = typer.Option(128, "--new-tokens"),
     ttft: str = typer.Option("512,1024", "--ttft", help="Prompt lengths for time to first token."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per variant; rows report the middle one."),
     accelerate_layers: int = typer.Option(
         6,
         "--accelerate-layers",
@@ -71,7 +72,9 @@ def bench(
     if experts_bits not in (2, 3, 4):
         raise ConfigError(f"--experts-bits must be 2, 3 or 4, got {experts_bits}")
     geometry = Geometry(**TINY) if tiny else Geometry(layers=layers)
-    workload = Workload(prompt_tokens, new_tokens, _ints(ttft, "--ttft"))
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {repeats}")
+    workload = Workload(prompt_tokens, new_tokens, _ints(ttft, "--ttft"), repeats=repeats)
     console = Console(width=None if sys.stdout.isatty() else 200)
 
     def on_row(row: dict) -> None:

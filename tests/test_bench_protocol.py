@@ -1,0 +1,44 @@
+"""The benchmark protocol on a tiny synthetic geometry, on CPU: every row carries its repeated
+runs and reports the middle one, with that run's counters; the CLI rejects bad repeat counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_llm.bench.protocol import Variant, Workload, _middle, run_protocol
+from moe_llm.bench.synthetic import Geometry, SyntheticModel
+from moe_llm.cli import main
+
+TINY = Geometry(layers=2, hidden=64, intermediate=128, experts=4, heads=4, kv_heads=2, vocab=128, max_positions=512)
+
+
+def test_middle_is_a_measured_run():
+    assert _middle([3.0, 1.0, 2.0]) == 2.0
+    assert _middle([1.0, 2.0]) == 2.0  # upper middle: one of the runs, not their mean
+    runs = [{"t": 5, "c": "a"}, {"t": 1, "c": "b"}, {"t": 3, "c": "c"}]
+    assert _middle(runs, key=lambda r: r["t"])["c"] == "c"
+
+
+def test_rows_keep_every_run_and_report_the_middle(one_thread):
+    model = SyntheticModel(TINY, "cpu", experts_bits=2, attn_bits=4)
+    variants = [Variant("resident", 2, None), Variant("full", 2, None, cache_per_layer=2)]
+    run = run_protocol(model, variants, Workload(prompt_tokens=16, new_tokens=6, ttft_prompts=(32,), repeats=3))
+    assert [r["name"] for r in run["variants"]] == ["resident", "full"]
+    for row in run["variants"]:
+        runs = row["decode_tok_s_runs"]
+        assert len(runs) == 3 and all(t > 0 for t in runs)
+        assert row["decode_tok_s"] == sorted(runs)[1]
+        times = row["ttft_s_runs"]["32"]
+        assert len(times) == 3 and row["ttft_s"]["32"] == sorted(times)[1]
+        assert row["generated_tokens"] == 6 and "ratio_to_bound" in row
+    full = run["variants"][1]
+    assert full["slots_per_layer"] == 2 and full["bytes_per_token"] > 0  # 2 of 4 slots: decode copies
+
+
+@pytest.mark.parametrize("repeats", ["0", "-1"])
+def test_cli_rejects_bad_repeat_counts(repeats, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--tiny", "--device", "cpu", "--repeats", repeats, "--out", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err
+    assert exc.value.code != 0 and "--repeats must be at least 1" in err and "Traceback" not in err
+    assert not (tmp_path / "b.json").exists()
