@@ -92,7 +92,12 @@ class StaticKV:
             shape_v = (v.shape[0], v.shape[1], self.max_len, v.shape[3])
             self.keys.append(torch.zeros(shape_k, dtype=k.dtype, device=k.device))
             self.values.append(torch.zeros(shape_v, dtype=v.dtype, device=v.device))
-        if i >= len(self.keys) or self.keys[i][:, :, :0].shape != k[:, :, :0].shape or self.values[i].dtype != v.dtype:
+        if i >= len(self.keys):
+            return False
+        key, value = self.keys[i], self.values[i]
+        if (key.shape[:2], key.shape[3], key.dtype) != (k.shape[:2], k.shape[3], k.dtype):
+            return False
+        if (value.shape[:2], value.shape[3], value.dtype) != (v.shape[:2], v.shape[3], v.dtype):
             return False
         n = k.shape[-2]
         self.keys[i][:, :, :n].copy_(k)
@@ -232,10 +237,10 @@ class GraphDecoder:
                     self._host_ids[m.layer_idx] = torch.zeros(n_ids, dtype=torch.long, pin_memory=True)
 
     # -- per request ---------------------------------------------------------------
-    def prefill_cache(self, kv):
-        """`kv` (a fresh DynamicCache), made to write the prompt into the static KV."""
-        write_through(kv, self.kv)
-        return kv
+    def prefill_cache(self, kv) -> bool:
+        """Make `kv` (a fresh DynamicCache) write the prompt into the static KV. False where
+        it cannot (its layers are not plain dynamic ones): `begin` then copies the prompt."""
+        return write_through(kv, self.kv)
 
     def begin(self, kv, n: int) -> None:
         """Take over the KV of an eager prefill of `n` positions. On RuntimeError, `kv`
