@@ -43,9 +43,6 @@ class Prefetcher:
     ):
         self.cache = cache
         self.routers = routers
-        self.norm_ratio = norm_ratio
-        self.next_layer = next_layer
-        self.guesses = guesses
         self.per_layer = min(guesses, cache.store.num_experts)  # ids guessed per layer ahead
         self.depth = depth
         self._pending: dict[int, set[int]] = {}
