@@ -1,24 +1,13 @@
-"""CUDA-graph decode: one token's transformers trunk replayed as one graph per MoE layer.
+"""CUDA-graph decode: one token's whole forward (every layer and the LM head) replayed as one graph.
 
 Eager decode of a 32-layer MoE is host-bound: each layer launches dozens of small
-kernels (norms, rotary, q/k/v/o GEMVs, the router) from Python, which costs more
-than the GPU work itself. None of those kernels depends on which experts are
-routed, so they are captured once into CUDA graphs and replayed per token. The
-expert calls cannot be captured (which slot holds an expert is decided on the
-host, after reading the router), so they split the trunk into segments:
-
-    graph 0:      embed, rotary, mask, layer 0 up to its router (+ next-layer guess)
-    host:         one sync; read routed experts; cache, copies, expert kernels
-    graph 1:      layer 0's residual add, layer 1 up to its router ...
-    ...
-    graph last:   last residual add, final norm, LM head
-
-Capture runs the transformers modules themselves once on a side stream; when a
-layer calls its experts, `OffloadRuntime` hands the call to `_split`, which copies
-the routed ids (and the prefetch guess) into a pinned buffer, ends the current
-graph, starts the next, and returns the layer's static output buffer. Replay
-therefore runs exactly the kernels eager decode would, with the same per-layer
-host sync, minus the Python.
+kernels (norms, rotary, q/k/v/o GEMVs, the router, the experts) from Python, which
+costs more than the GPU work itself. With device-side expert dispatch
+(`experts.runtime`) nothing in a step depends on the host: the experts kernels read
+``top_k_index`` and the cache's address table on the device, hits from slots and
+misses from pinned host RAM. So the trunk is captured once into one CUDA graph and
+replayed per token; the cache changes what the graph reads by rewriting table
+entries, never by re-capturing.
 
 The KV cache is static (`StaticKV`). The prompt runs through transformers' own
 eager forward with a `DynamicCache` whose layers write each prompt key and value
@@ -26,10 +15,11 @@ straight into the static tensors and keep nothing themselves (`write_through`),
 so the prompt's KV never exists twice; each decoded token then writes its
 position in place.
 Attention reads a window of the cache that is a power of two of at least 256
-positions, with a mask over the unwritten tail; one set of graphs is captured
-per window width, lazily. Graphs are used only on CUDA, for the model families
-whose layers take the standard transformers arguments, without sliding windows,
-with "sdpa" or "eager" attention; everything else decodes eagerly.
+positions, with a mask over the unwritten tail; one graph is captured per window
+width, lazily. Graphs are used only on CUDA, for the model families whose layers
+take the standard transformers arguments, without sliding windows, with "sdpa" or
+"eager" attention, and with device-side expert dispatch; everything else decodes
+eagerly.
 """
 
 from __future__ import annotations
@@ -37,7 +27,6 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -170,23 +159,12 @@ def write_through(kv, static: StaticKV) -> bool:
     return True
 
 
-@dataclass
-class _Segment:
-    graph: torch.cuda.CUDAGraph
-    layer: int | None = None  # MoE layer whose experts run after this graph; None for the last
-    hidden: torch.Tensor | None = None  # [1, H] the experts' input (static, in the graph pool)
-    top_k_index: torch.Tensor | None = None  # [1, k]
-    top_k_weights: torch.Tensor | None = None  # [1, k]
-    host_ids: torch.Tensor | None = None  # pinned [n]: routed ids, then the guess
-    n_ids: int = 0
-
-
 class _Window:
-    """The graphs of one attention window width."""
+    """The graph of one attention window width."""
 
     def __init__(self, width: int):
         self.width = width
-        self.segments: list[_Segment] = []
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # [1, 1, V] static
 
 
@@ -224,17 +202,8 @@ class GraphDecoder:
         self.arange = torch.arange(max_len, device=self.device)
         self.kv = StaticKV(hf_config.num_hidden_layers, max_len, self.pos)
         self._windows: dict[int, _Window] = {}
-        self._capture: _Window | None = None  # set while capturing
-        self._graph: torch.cuda.CUDAGraph | None = None  # the graph being captured
         self._pool = None
         self._stream: torch.cuda.Stream | None = None
-        self._host_ids: dict[int, torch.Tensor] = {}
-        if self.device.type == "cuda":
-            self._routed = torch.cuda.Event()
-            n_ids = runtime.ids_per_token()
-            for m in model.modules():
-                if getattr(m, "runtime", None) is runtime:  # an OffloadedExperts
-                    self._host_ids[m.layer_idx] = torch.zeros(n_ids, dtype=torch.long, pin_memory=True)
 
     # -- per request ---------------------------------------------------------------
     def prefill_cache(self, kv) -> bool:
@@ -273,7 +242,8 @@ class GraphDecoder:
 
     @torch.inference_mode()
     def step(self, tok: int, pos: int) -> torch.Tensor:
-        """Logits [V] for token `tok` at position `pos` (the KV holds positions < pos)."""
+        """Logits [V] for token `tok` at position `pos` (the KV holds positions < pos): one
+        graph replay, no host sync."""
         self._set(tok, pos)
         width = self.window_for(pos)
         win = self._windows.get(width)
@@ -285,21 +255,12 @@ class GraphDecoder:
                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 ) from exc
             self._windows[width] = win
-        rt = self.runtime
-        for seg in win.segments[:-1]:
-            seg.graph.replay()
-            self._routed.record()
-            self._routed.synchronize()  # the one host sync of this layer
-            ids = seg.host_ids[: seg.n_ids].tolist()
-            rt.after_route(
-                seg.layer, seg.hidden, ids, seg.top_k_index, seg.top_k_weights, out=rt.decode_out(seg.layer, seg.hidden)
-            )
-        win.segments[-1].graph.replay()
+        win.graph.replay()
         return win.logits[0, -1]
 
     # -- capture -------------------------------------------------------------------------
     def _trunk(self, width: int) -> torch.Tensor:
-        """The transformers trunk for one token, eagerly (captured in segments)."""
+        """The transformers trunk for one token, eagerly (or under capture)."""
         inner = self.model.model
         self.kv.width = width
         valid = self.arange[:width] <= self.pos.view(-1)  # [width]
@@ -316,51 +277,25 @@ class GraphDecoder:
                       **{self.kv_arg: self.kv})  # fmt: skip
         return self.model.lm_head(inner.norm(h))
 
-    def _split(self, layer: int, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-        """Called in place of a layer's experts while warming up or capturing."""
-        rt = self.runtime
-        ids = rt.route_ids(layer, hidden, top_k_index)
-        host = self._host_ids[layer]
-        host[: ids.numel()].copy_(ids, non_blocking=True)
-        out = rt.decode_out(layer, hidden)
-        if self._capture is not None:
-            self._graph.capture_end()
-            self._capture.segments.append(_Segment(
-                self._graph, layer, hidden, top_k_index, top_k_weights, host, ids.numel(),
-            ))  # fmt: skip
-            self._graph = torch.cuda.CUDAGraph()
-            self._graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-        return out
-
     def _capture_window(self, width: int) -> _Window:
-        """Warm up once on a side stream, then capture the segments of one window width.
+        """Warm up once on a side stream, then capture the step for one window width.
         The warm-up writes the current position's KV, which the replay then rewrites."""
-        log.info("capturing decode graphs for a %d-position window", width)
+        log.info("capturing the decode graph for a %d-position window", width)
         if self._stream is None:
             self._stream = _capture_stream(self.device)
             self._pool = torch.cuda.graph_pool_handle()
         win = _Window(width)
         with _CAPTURE_LOCK:
-            self._capture_into(win, width)
-        return win
-
-    def _capture_into(self, win: _Window, width: int) -> None:
-        torch.cuda.synchronize(self.device)
-        self.runtime.hook = self._split
-        try:
+            torch.cuda.synchronize(self.device)
             with torch.cuda.stream(self._stream):
                 self._trunk(width)  # warm-up: lazy inits, Triton compiles, cuBLAS handles
                 self._stream.synchronize()
-                self._capture = win
-                self._graph = torch.cuda.CUDAGraph()
-                self._graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                win.graph = torch.cuda.CUDAGraph()
+                win.graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     win.logits = self._trunk(width)
                 finally:
-                    self._graph.capture_end()
-                win.segments.append(_Segment(self._graph))
-        finally:
-            self.runtime.hook = None
-            self._capture, self._graph = None, None
-        torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        torch.cuda.synchronize(self.device)
+                    win.graph.capture_end()
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            torch.cuda.synchronize(self.device)
+        return win

@@ -21,13 +21,11 @@ from typing import Any
 
 import torch
 
-from .cache import ExpertCache
 from .config import EngineConfig, GenerationConfig
 from .errors import InputError
-from .expert_format import ExpertFormat
+from .experts.runtime import ExpertsRuntime
 from .planner import Plan
 from .sampling import sample
-from .stats import Stats
 from .textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -90,23 +88,20 @@ class Engine:
         tokenizer,
         hf_config,
         config: EngineConfig,
-        cache: ExpertCache,
-        fmt: ExpertFormat,
+        runtime: ExpertsRuntime,
         plan: Plan,
         model_path: str,
-        stats: Stats,
-        runtime,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.hf_config = hf_config
         self.config = config
-        self.cache = cache
-        self.fmt = fmt
+        self.runtime = runtime
+        self.cache = runtime.cache
+        self.fmt = runtime.fmt
+        self.stats = runtime.stats
         self.plan = plan
         self.model_path = model_path
-        self.stats = stats
-        self.runtime = runtime
         self.device = torch.device(config.device)
         self._lock = FifoLock()
         self._streams: dict[int, weakref.ref] = {}  # thread id -> its latest stream
@@ -116,8 +111,12 @@ class Engine:
         self.graphs = self._graph_decoder()
 
     def _graph_decoder(self):
-        """The CUDA-graph decoder, or None where decode stays eager (CPU, unsupported models)."""
+        """The CUDA-graph decoder, or None where decode stays eager (CPU, host-dispatched experts,
+        unsupported models)."""
         if not (self.config.cuda_graphs and self.device.type == "cuda"):
+            return None
+        if not self.runtime.device_dispatch:
+            log.info("decoding without CUDA graphs: the experts are dispatched by the host")
             return None
         from .decode_graph import GraphDecoder, unsupported_reason
 
@@ -251,11 +250,14 @@ class Engine:
                         graphs, kv = None, graphs.kv.dump(self._new_kv(), len(prompt_ids) + step - 1)
                         ids = torch.tensor([[tok]], device=self.device)
                 if step == 0 or graphs is None:
+                    if ids.shape[1] == 1:
+                        self.runtime.begin_step()
                     out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._kv_arg: kv})
                     logits = out.logits[0, -1]
                     if step == 0 and graphs is not None:
                         graphs, kv = self._graph_begin(graphs, kv, len(prompt_ids))
                 tok = sample(logits, gen.temperature, gen.top_k, gen.top_p, generator)
+                self.runtime.end_step()  # the step is done: the cache sees its routing, admits experts
                 if step == 0:
                     t_first = time.perf_counter()
                     ttft = t_first - t0
@@ -288,7 +290,7 @@ class Engine:
             if not isinstance(exc, GeneratorExit):
                 # raised inside a forward (error, Ctrl-C): slot bookkeeping may be half
                 # updated, so return every slot to the free list
-                self.cache.reset()
+                self.runtime.reset()
             raise
         finally:
             if not accounted and ttft is not None:  # cancelled: count what was generated
@@ -297,8 +299,6 @@ class Engine:
                 self.stats.prompt_tokens += len(prompt_ids)
             # abandoned or failed streams: fence in-flight copies, drop per-request state
             self.cache.synchronize()
-            if self.runtime.prefetcher is not None:
-                self.runtime.prefetcher.clear()
             kv = None
 
     def _graph_begin(self, graphs, kv, n: int):
@@ -317,6 +317,7 @@ class Engine:
         from .decode_graph import GraphCaptureError
 
         try:
+            self.runtime.begin_step()
             return graphs.step(tok, pos)
         except GraphCaptureError as exc:
             log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
@@ -329,7 +330,7 @@ class Engine:
             prompt_tokens=prompt_tokens,
             time_to_first_token_s=ttft or 0.0,
             expert_bits_per_param=self.expert_bits_per_param,
-            slots_per_layer=self.cache.slots_per_layer,
+            expert_slots=self.cache.num_slots,
         )
         return d
 
@@ -349,10 +350,10 @@ class Engine:
     def stats_dict(self) -> dict[str, Any]:
         d = self.stats.to_dict()
         d["expert_bits_per_param"] = self.expert_bits_per_param
-        d["slots_per_layer"] = self.cache.slots_per_layer
+        d["expert_slots"] = self.cache.num_slots
         return d
 
     def reset_cache(self) -> None:
         """Drop every resident expert (benchmarks, tests)."""
         with self._lock:
-            self.cache.reset()
+            self.runtime.reset()

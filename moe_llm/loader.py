@@ -1,8 +1,9 @@
 """`moe_llm.load`: checkpoint directory -> ready `Engine`.
 
 checkpoint -> meta skeleton -> trunk on device (optionally 4-bit dense layers)
--> experts encoded into the pinned `ExpertStore` -> budget plan -> `ExpertCache`
--> `Prefetcher` -> `OffloadedExperts` swapped into every MoE layer.
+-> experts encoded into the pinned `ExpertStore` -> budget plan -> `build_runtime`
+(global `ExpertCache`, `PromptPrefetcher`, `ExpertsRuntime`) -> `OffloadedExperts`
+swapped into every MoE layer.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .cache import ExpertCache
 from .checkpoint import Checkpoint
 from .engine import Engine
 from .errors import ConfigError, ModelLoadError
-from .expert_format import ExpertFormat
 from .model import (
     build_skeleton,
     decoder_layers,
@@ -29,9 +28,8 @@ from .model import (
     quantize_dense,
     read_config,
 )
-from .offload import OffloadedExperts, OffloadRuntime
+from .experts import ExpertCache, ExpertFormat, ExpertsRuntime, OffloadedExperts, PromptPrefetcher
 from .planner import Plan, check_cache_per_layer, kv_cache_bytes, plan_slots, planned_context, workspace_bytes
-from .prefetch import Prefetcher
 from .qformat import QuantizedCheckpoint, is_quantized_dir
 from .retry import allocate_shrinking
 from .settings import resolve_engine_config
@@ -120,7 +118,7 @@ def load(
     ckpt.close()
 
     plan = plan_for(model, hf_config, cfg, info, fmt, dtype)
-    log.info("expert slots per layer: %d of %d", plan.slots_per_layer, info.num_experts)
+    log.info("expert slots: %d of %d", plan.slots, len(info.layers) * info.num_experts)
     return assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, str(ckpt.path))
 
 
@@ -146,35 +144,51 @@ def plan_for(
     )
 
 
-def assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, path, retain: bool = True) -> Engine:
-    """Wire store, cache, prefetcher and offloaded experts into the trunk."""
+def _norm_ratios(layers, moe_layers: list[int]) -> dict[int, torch.Tensor | None]:
+    """Layer L -> w_{next} / w_L of the post-attention norms (sharpens the prompt prefetch guess)."""
+    ratios = {}
+    for cur, nxt in zip(moe_layers[:-1], moe_layers[1:], strict=True):
+        w_cur = getattr(layers[cur], "post_attention_layernorm", None)
+        w_nxt = getattr(layers[nxt], "post_attention_layernorm", None)
+        if w_cur is not None and w_nxt is not None and hasattr(w_cur, "weight") and hasattr(w_nxt, "weight"):
+            wc = w_cur.weight.float()
+            ratio = torch.where(wc.abs() > 1e-6, w_nxt.weight.float() / wc, torch.ones_like(wc))
+            ratios[cur] = ratio.to(w_cur.weight.dtype)
+        else:
+            ratios[cur] = None
+    return ratios
+
+
+def build_runtime(model, cfg, info, fmt: ExpertFormat, store, plan: Plan, dev, retain: bool = True):
+    """The experts runtime over `store` with the plan's global slot pool (shrunk on OOM unless the
+    user fixed it). Returns (runtime, plan with the slot count actually allocated)."""
     stats = Stats()
     cache, slots = allocate_shrinking(
-        lambda k: ExpertCache(store, dev, k, stats=stats, retain=retain),
-        plan.slots_per_layer,
-        bytes_per_slot=len(info.layers) * fmt.nbytes,
+        lambda n: ExpertCache(
+            store, dev, n, stats=stats, retain=retain, policy=cfg.cache_policy, floor=plan.floor,
+            max_pending=cfg.admissions_in_flight,
+        ),
+        plan.slots,
+        bytes_per_slot=fmt.nbytes,
         shrink=cfg.cache_per_layer is None,  # a slot count the user fixed is not silently changed
-    )
-    plan = dataclasses.replace(plan, slots_per_layer=slots)
+    )  # fmt: skip
+    plan = dataclasses.replace(plan, slots=cache.num_slots)
     layers = decoder_layers(model)
     act_fn = layers[info.layers[0]].mlp.experts.act_fn
     prefetcher = None
     if cfg.prefetch and len(info.layers) > 1:
         routers = {i: layers[i].mlp.gate.weight for i in info.layers}
         nxt = dict(zip(info.layers[:-1], info.layers[1:], strict=True))
-        ratios = {}
-        for cur, n in nxt.items():
-            w_cur = getattr(layers[cur], "post_attention_layernorm", None)
-            w_nxt = getattr(layers[n], "post_attention_layernorm", None)
-            if w_cur is not None and w_nxt is not None and hasattr(w_cur, "weight") and hasattr(w_nxt, "weight"):
-                wc = w_cur.weight.float()
-                ratio = torch.where(wc.abs() > 1e-6, w_nxt.weight.float() / wc, torch.ones_like(wc))
-                ratios[cur] = ratio.to(w_cur.weight.dtype)
-            else:
-                ratios[cur] = None
         guesses = cfg.prefetch_experts or info.top_k
-        prefetcher = Prefetcher(cache, routers, ratios, nxt, guesses, depth=cfg.prefetch_depth)
-    runtime = OffloadRuntime(cache, fmt, act_fn, prefetcher, info.top_k)
+        prefetcher = PromptPrefetcher(cache, routers, _norm_ratios(layers, info.layers), nxt, guesses)
+    runtime = ExpertsRuntime(cache, fmt, act_fn, info.top_k, prefetcher, admit=cfg.prefetch and retain)
+    return runtime, plan
+
+
+def assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, path, retain: bool = True) -> Engine:
+    """Swap the offloaded experts into the trunk and wrap it all in an `Engine`."""
+    runtime, plan = build_runtime(model, cfg, info, fmt, store, plan, dev, retain=retain)
+    layers = decoder_layers(model)
     for i in info.layers:
         layers[i].mlp.experts = OffloadedExperts(i, runtime, info.num_experts)
-    return Engine(model, tokenizer, hf_config, cfg, cache, fmt, plan, path, stats, runtime)
+    return Engine(model, tokenizer, hf_config, cfg, runtime, plan, path)

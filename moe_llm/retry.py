@@ -60,7 +60,7 @@ def allocate_shrinking(
         state["slots"] = max(1, min(old - 1, int(old * SHRINK)))
         _release_cached_memory()
         log.warning(
-            "out of memory allocating %d expert slots per layer (%s); retrying with %d",
+            "out of memory allocating %d expert slots (%s); retrying with %d",
             old, format_size(old * bytes_per_slot), state["slots"],
         )  # fmt: skip
 

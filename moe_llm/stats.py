@@ -15,7 +15,10 @@ class Stats:
     prefetch_wasted: int = 0
     prefetch_recall_sum: float = 0.0  # sum over (layer, step) guesses of |guess ∩ routed| / |routed|
     prefetch_recall_n: int = 0
-    bytes_to_device: int = 0
+    bytes_to_device: int = 0  # copied into slots (copy engine)
+    bytes_from_host: int = 0  # read in place from pinned host RAM by decode kernels (zero-copy misses)
+    decode_steps: int = 0  # one-token forwards
+    decode_host_syncs: int = 0  # waits for the device inside those forwards (0 with device-side dispatch)
     tokens_generated: int = 0
     prompt_tokens: int = 0
     requests: int = 0
@@ -38,6 +41,10 @@ class Stats:
         return self.prefetch_recall_sum / self.prefetch_recall_n if self.prefetch_recall_n else 0.0
 
     @property
+    def host_syncs_per_token(self) -> float:
+        return self.decode_host_syncs / self.decode_steps if self.decode_steps else 0.0
+
+    @property
     def tokens_per_second(self) -> float:
         # decode rate: tokens after the first over the time spent decoding them
         n = self.tokens_generated - self.requests
@@ -47,5 +54,6 @@ class Stats:
         d = asdict(self)
         d["hit_rate"] = self.hit_rate
         d["prefetch_recall"] = self.prefetch_recall
+        d["host_syncs_per_token"] = self.host_syncs_per_token
         d["tokens_per_second"] = self.tokens_per_second
         return d

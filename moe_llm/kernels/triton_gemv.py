@@ -96,17 +96,15 @@ def _tile_dot(
 
 
 @triton.jit
-def _qgemv_kernel(
-    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
+def _gemv_rows(
+    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, pid_n, pid_s, N, P, P1, G, stride_q, p_split, stride_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
     UNROLL: tl.constexpr,
 ):  # fmt: skip
-    """out[split, n] = sum_k W[n, k] x[k] over this split's K range. With GLU the
-    matrix is [2N, K] (gate rows, then up rows) and out[n] = silu(gate) * up.
+    """out[split, n] = sum_k W[n, k] x[k] over this split's K range, for BLOCK_N rows. With GLU
+    the matrix is [2N, K] (gate rows, then up rows) and out[n] = silu(gate) * up.
     UNROLL byte tiles per trip keep more loads in flight (a GEMV is latency-bound
     otherwise); tiles past the split's end are masked out."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     row_off = rows.to(tl.int64) * stride_q
@@ -135,6 +133,19 @@ def _qgemv_kernel(
     if GLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     tl.store(out_ptr + pid_s * stride_split + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _qgemv_kernel(
+    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
+    UNROLL: tl.constexpr,
+):  # fmt: skip
+    """One matrix whose tensors are passed as pointers (attention, tests)."""
+    _gemv_rows(
+        x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, tl.program_id(0), tl.program_id(1), N, P, P1, G, stride_q,
+        p_split, stride_split, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -182,9 +193,9 @@ def block_n(spec: QuantSpec, glu: bool = False) -> int:
     return 16 if spec.in_features >= 8192 and not glu else 8
 
 
-def _unroll(iters: int) -> int:
+def _unroll(iters: int, limit: int = _MAX_UNROLL) -> int:
     u = 1
-    while u * 2 <= min(iters, _MAX_UNROLL):
+    while u * 2 <= min(iters, limit):
         u *= 2
     return u
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import ExpertLayout, QuantSpec, compact, pick_group_size
+from ..quant import ExpertLayout, QuantSpec, compact, pick_group_size
 
 MATRICES = ("gate_up_proj", "down_proj")
 COMPACT_KEYS = ("q", "scale_q", "zero_q", "meta")

@@ -8,6 +8,8 @@ The buffers of one MoE layer are rows of one host slab ``[num_experts, nbytes]``
 On CUDA the slab is page-locked in place with ``cudaHostRegister``: the caching
 pinned allocator rounds sizes up to a power of two, which would cost up to
 twice the RAM for ~56 MB experts. If registration fails, the allocator is used.
+Either way the pages are mapped into the device's address space at their host
+address (UVA), so a kernel can read a missed expert in place (`address`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import weakref
 
 import torch
 
-from .expert_format import ExpertFormat
+from .format import ExpertFormat
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,8 @@ def _register(t: torch.Tensor, chunk: int) -> bool:
     base, total = t.data_ptr(), t.numel() * t.element_size()
     ranges = [(base + off, min(chunk, total - off)) for off in range(0, total, chunk)]
     with ThreadPoolExecutor(max_workers=min(16, len(ranges))) as pool:
-        errors = list(pool.map(lambda r: int(cudart.cudaHostRegister(r[0], r[1], 0)), ranges))
+        # portable | mapped: any device may read the pages in place (zero-copy), at the host address
+        errors = list(pool.map(lambda r: int(cudart.cudaHostRegister(r[0], r[1], 3)), ranges))
     ok = [r[0] for r, e in zip(ranges, errors, strict=True) if e == 0]
     for ptr in ok:
         weakref.finalize(t, cudart.cudaHostUnregister, ptr)
@@ -92,6 +95,10 @@ class ExpertStore:
         if (layer, expert) not in self._filled:
             raise KeyError((layer, expert))
         return self._slot(layer, expert)
+
+    def address(self, layer: int, expert: int) -> int:
+        """The expert buffer's address, which device kernels may read in place when pinned."""
+        return self.buffer(layer, expert).data_ptr()
 
     def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return self.fmt.layout.views(self.buffer(layer, expert))

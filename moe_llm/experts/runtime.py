@@ -1,0 +1,239 @@
+"""ExpertsRuntime: the one object that owns the offloaded experts (cache, prompt prefetch,
+dispatch) and that the engine and the transformers trunk talk to.
+
+Each MoE layer's ``mlp.experts`` is replaced by `OffloadedExperts`, which keeps the
+transformers call ``forward(hidden_states[T,H], top_k_index[T,k], top_k_weights[T,k])``
+and hands it to the runtime. Two paths:
+
+- **one token** (decode): the routed experts are computed from wherever they lie, with
+  no host round trip. On CUDA with the compact format, `kernels.triton_moe` reads
+  ``top_k_index`` and the cache's address table on the device (a slot, or pinned host
+  RAM for a miss), so a whole decode step can be captured as one CUDA graph. On CPU
+  the same semantics run in torch (slot views, or the host buffer in place). The
+  routing of every layer is recorded on the device; `end_step`, after the engine has
+  read the step's logits, shows it to the cache, which counts hits and misses and
+  admits experts into slots for the steps that follow, off the critical path.
+- **a prompt** (and every decode where no device kernel fits, e.g. unquantized experts
+  on CUDA): one host sync per layer reads the routed experts; resident experts run
+  first, misses are copied into slots (recycled in order behind their release events
+  when a layer needs more experts than the cache has slots), and the next layer's
+  prompt prefetch is queued behind those copies.
+
+Every routed (token, k) position gets its own output row and rows are summed in k
+order, so the result does not depend on where an expert was read from or when.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import ActFn, expert_mlp, fast_path
+from .cache import ExpertCache
+from .format import ExpertFormat
+from .prefetch import PromptPrefetcher
+
+log = logging.getLogger(__name__)
+
+
+def _is_silu(act_fn: ActFn) -> bool:
+    probe = torch.linspace(-4.0, 4.0, 17)
+    try:
+        return bool(torch.allclose(act_fn(probe), F.silu(probe), atol=1e-6))
+    except Exception:  # an activation that rejects a plain CPU tensor: use the generic path
+        return False
+
+
+def _device_kernels(cache: ExpertCache, fmt: ExpertFormat, act_fn: ActFn):
+    """The Triton dispatch module if one-token steps can run on the device, else None."""
+    if not cache.cuda or fmt.specs is None or not _is_silu(act_fn):
+        return None
+    try:
+        from ..kernels import triton_moe
+    except Exception as exc:  # no Triton, or one that fails to initialise
+        log.info("device-side expert dispatch unavailable (%s)", exc)
+        return None
+    return triton_moe if triton_moe.supported(fmt) else None
+
+
+class ExpertsRuntime:
+    def __init__(
+        self,
+        cache: ExpertCache,
+        fmt: ExpertFormat,
+        act_fn: ActFn,
+        top_k: int,
+        prefetcher: PromptPrefetcher | None = None,
+        admit: bool = True,
+    ):
+        self.cache = cache
+        self.stats = cache.stats
+        self.fmt = fmt
+        self.act_fn = act_fn
+        self.top_k = top_k
+        self.prefetcher = prefetcher
+        self.admit = admit  # copy missed experts into slots after each decode step
+        self._kernels = _device_kernels(cache, fmt, act_fn)
+        # "device": dispatch on the GPU; "host": CPU, same semantics; "copy": host-driven copies
+        self.mode = "device" if self._kernels is not None else ("copy" if cache.cuda else "host")
+        self._dispatch = None  # triton_moe.MoeDecode, allocated on first use
+        self._decode_out: dict[int, torch.Tensor] = {}  # layer -> [1, H]
+        self._routing: torch.Tensor | None = None  # [moe layers, k] routed ids of the last step (device)
+        self._host_routing: list[tuple[int, list[int]]] = []  # CPU: (layer, routed ids) of the last step
+        self._stepped = False
+        self._dequant_ws: torch.Tensor | None = None  # prefill: one expert's matrices, dequantized
+
+    @property
+    def device_dispatch(self) -> bool:
+        return self.mode == "device"
+
+    # -- per request / per step -------------------------------------------------
+    def prompt_start(self, tokens: int) -> None:
+        """Called before a prompt of `tokens` tokens runs through the trunk."""
+        if self.prefetcher is not None and tokens > 1:
+            self.prefetcher.prompt_start(tokens, self.top_k)
+
+    def begin_step(self) -> None:
+        """Called before each one-token forward is enqueued."""
+        self.stats.decode_steps += 1
+        self.cache.before_step()
+
+    def end_step(self) -> None:
+        """Called once the step's logits have been read (the step has finished): count hits
+        and misses and admit missed experts for the steps that follow."""
+        if not self._stepped:
+            return
+        self._stepped = False
+        cache = self.cache
+        if self.mode == "device":
+            rows = self._routing.tolist()  # the step is done: a 2-line copy, no wait
+            routed = [(layer, e) for layer, row in zip(cache.layers, rows, strict=True) for e in row]
+        else:
+            routed = [(layer, e) for layer, ids in self._host_routing for e in ids]
+            self._host_routing.clear()
+        keys = list(dict.fromkeys(routed))
+        cache.observe(keys)
+        if not self.admit:
+            return
+        protect = set(keys)
+        for key in keys:
+            if not cache.is_resident(*key):
+                cache.admit(key, protect)
+
+    def reset(self) -> None:
+        self._stepped = False
+        self._host_routing.clear()
+        self.cache.reset()
+
+    # -- the experts call --------------------------------------------------------------
+    def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if hidden.shape[0] == 1 and self.mode != "copy":
+            self._stepped = True
+            if self.mode == "device":
+                return self._device_step(layer, hidden, top_k_index, top_k_weights)
+            return self._host_step(layer, hidden, top_k_index, top_k_weights)
+        return self._grouped(layer, hidden, top_k_index, top_k_weights)
+
+    def _out(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The persistent [1, H] output buffer of `layer` for one-token steps (static for graphs)."""
+        out = self._decode_out.get(layer)
+        if out is None:
+            out = self._decode_out[layer] = torch.empty_like(hidden)
+        return out
+
+    def _device_step(self, layer, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        if self._dispatch is None:
+            self._dispatch = self._kernels.MoeDecode(self.fmt, top_k_index.numel(), hidden.device)
+            self._routing = torch.zeros(len(self.cache.layers), top_k_index.numel(), dtype=torch.long,
+                                        device=hidden.device)  # fmt: skip
+        out = self._out(layer, hidden)
+        self._dispatch(hidden.reshape(-1), top_k_index, top_k_weights, self.cache.table_row(layer), out)
+        self._routing[self.cache.row[layer]].copy_(top_k_index.reshape(-1))
+        return out
+
+    def _host_step(self, layer, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """CPU: each routed expert from its slot, or from the host buffer in place (a miss)."""
+        cache = self.cache
+        ids = top_k_index.reshape(-1).tolist()
+        self._host_routing.append((layer, ids))
+        rows = []
+        for j, e in enumerate(ids):
+            slot = cache.slot_of(layer, e)
+            views = cache.views(slot) if slot is not None else cache.store.views(layer, e)
+            y = expert_mlp(hidden, views, self.fmt, self.act_fn)  # [1, H]
+            rows.append(y.float() * top_k_weights.reshape(-1)[j].float())
+        return torch.stack(rows).sum(dim=0).to(hidden.dtype)  # [1, H], summed in k order
+
+    def _route_ids(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+        """What the host reads: routed ids [T*k], then the prompt prefetch guess (if any)."""
+        flat = top_k_index.reshape(-1)
+        guess = self.prefetcher.guess(layer, hidden) if self.prefetcher is not None else None
+        return flat if guess is None else torch.cat([flat, guess.to(flat.dtype)])
+
+    def _grouped(self, layer, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """Any number of tokens: each expert's tokens in one batch (dequantize + GEMM)."""
+        T, H = hidden.shape
+        k = top_k_index.shape[1]
+        if T == 1:
+            self.stats.decode_host_syncs += 1
+        host = self._route_ids(layer, hidden, top_k_index).tolist()  # the one host sync of this layer
+        routed, guessed = host[: T * k], host[T * k :]
+        counts: dict[int, int] = {}
+        for e in routed:
+            counts[e] = counts.get(e, 0) + 1
+        cache = self.cache
+        order = sorted(counts, key=lambda e: (not cache.is_resident(layer, e), e))  # hits first
+        slots = {}
+        for e in order[: cache.num_slots]:  # as many as fit at once; none evicts another of this layer
+            slots[e] = cache.acquire(layer, e, protect=order)
+
+        flat = top_k_index.reshape(-1)
+        offsets, start = {}, 0
+        for e in sorted(counts):  # argsort groups positions by ascending expert id
+            offsets[e] = (start, start + counts[e])
+            start += counts[e]
+        perm = torch.argsort(flat, stable=True)  # [T*k] positions grouped by expert
+        tokens = perm // k  # [T*k] token of each position
+        weights = top_k_weights.reshape(-1)[perm].float()  # [T*k]
+        workspace = self._workspace(hidden)
+        rows = torch.empty(T * k, H, dtype=torch.float32, device=hidden.device)  # one row per position
+        for i, e in enumerate(order):
+            if e not in slots:  # more routed experts than slots: recycle, behind the release events
+                slots[e] = cache.acquire(layer, e, protect=order[i + 1 :])
+            slot = slots[e]
+            cache.wait(slot)
+            a, b = offsets[e]
+            y = expert_mlp(hidden[tokens[a:b]], cache.views(slot), self.fmt, self.act_fn, workspace)  # [n, H]
+            rows.index_copy_(0, perm[a:b], y.float() * weights[a:b, None])
+            cache.release(slot)
+        if guessed:
+            # behind this layer's on-demand copies on the copy stream: they are on the critical
+            # path, and the next layer's copies then keep the copy engine busy across the boundary
+            self.prefetcher.issue(layer, guessed)
+        return rows.view(T, k, H).sum(dim=1).to(hidden.dtype)
+
+    def _workspace(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        if self._dequant_ws is None and fast_path(hidden, self.fmt) is not None:
+            n = 2 * self.fmt.intermediate * self.fmt.hidden
+            self._dequant_ws = torch.empty(n, dtype=self.fmt.dtype, device=hidden.device)
+        return self._dequant_ws
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in replacement for a transformers experts module (no parameters)."""
+
+    def __init__(self, layer_idx: int, runtime: ExpertsRuntime, num_experts: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.runtime = runtime
+        self.num_experts = num_experts
+        self.act_fn = runtime.act_fn  # as on the module it replaces
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.runtime.forward(self.layer_idx, hidden_states, top_k_index, top_k_weights)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, num_experts={self.num_experts}, offloaded"
