@@ -26,6 +26,7 @@ from .model import (
     module_bytes,
     moe_info,
     quantize_dense,
+    quantize_head,
     read_config,
 )
 from .experts import ExpertCache, ExpertFormat, ExpertsRuntime, OffloadedExperts, PromptPrefetcher
@@ -104,6 +105,8 @@ def load(
     if cfg.attn_bits is not None and qckpt is None:
         n = quantize_dense(model, cfg.attn_bits, dtype, dev)
         log.info("quantized %d dense projections to %d-bit", n, cfg.attn_bits)
+    if quantize_head(model, cfg.head_bits, dtype, dev):
+        log.info("quantized the LM head to %d-bit", cfg.head_bits)
 
     try:
         fmt = ExpertFormat.build(info.hidden, info.intermediate, cfg.experts_bits, dtype, cfg.group_size)
@@ -181,7 +184,7 @@ def build_runtime(model, cfg, info, fmt: ExpertFormat, store, plan: Plan, dev, r
         nxt = dict(zip(info.layers[:-1], info.layers[1:], strict=True))
         guesses = cfg.prefetch_experts or info.top_k
         prefetcher = PromptPrefetcher(cache, routers, _norm_ratios(layers, info.layers), nxt, guesses)
-    runtime = ExpertsRuntime(cache, fmt, act_fn, info.top_k, prefetcher, admit=cfg.prefetch and retain)
+    runtime = ExpertsRuntime(cache, fmt, act_fn, info.top_k, prefetcher, evict_on_admit=cfg.prefetch)
     return runtime, plan
 
 

@@ -17,9 +17,10 @@ from torch import nn
 
 from .checkpoint import Checkpoint
 from .errors import CheckpointIntegrityError, ModelLoadError, UnsupportedModelError
-from .expert_format import ExpertFormat
+from .experts.format import ExpertFormat
+from .experts.store import ExpertStore
+from .quant import QuantSpec, pick_group_size
 from .quant_linear import QuantLinear
-from .store import ExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,7 @@ def load_trunk(model: nn.Module, ckpt: Checkpoint, config, device: torch.device,
             raise CheckpointIntegrityError(f"tensor {name} is missing from the checkpoint")
         t = ckpt.trunk_tensor(key)
         if tuple(t.shape) != tuple(param.shape):
-            raise CheckpointIntegrityError(
-                f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(param.shape)}"
-            )
+            raise CheckpointIntegrityError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
         _set_tensor(model, name, t.to(device=device, dtype=dtype))
     if tied:
         model.lm_head.weight = model.get_input_embeddings().weight
@@ -143,6 +142,36 @@ def quantize_dense(model: nn.Module, bits: int, dtype: torch.dtype, device: torc
                 setattr(layer.get_submodule(parent) if parent else layer, attr, q)
                 count += 1
     return count
+
+
+def head_spec(model: nn.Module, bits: int | None) -> QuantSpec | None:
+    """The QuantSpec `quantize_head` would give `model.lm_head`, or None where it keeps the
+    head as it is: no bits, no nn.Linear head, or a head tied to the input embeddings
+    (quantizing it would keep the 16-bit embedding and add a copy, so the trunk would grow).
+    Works on a meta skeleton, so `moe-llm plan` counts the same bytes the loader allocates."""
+    head = getattr(model, "lm_head", None)
+    if bits is None or not isinstance(head, nn.Linear):
+        return None
+    emb = model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) or (emb is not None and head.weight is emb.weight):
+        return None
+    out_f, in_f = head.weight.shape
+    return QuantSpec(bits, pick_group_size(bits, in_f), out_f, in_f)
+
+
+def quantize_head(model: nn.Module, bits: int | None, dtype: torch.dtype, device: torch.device) -> bool:
+    """Replace `model.lm_head` with a `bits`-bit QuantLinear (one token: the fused GEMV;
+    prefill: row-chunked dequantize + GEMM). Returns whether it did; see `head_spec` for
+    when it does not (a tied head is refused with a log line). Call after `load_trunk`."""
+    if bits is None:
+        return False
+    if head_spec(model, bits) is None:
+        log.info("head_bits=%d ignored: the LM head is tied to the input embeddings or not a plain Linear", bits)
+        return False
+    head = model.lm_head
+    model.lm_head = QuantLinear.from_linear(head.weight.data, head.bias, bits, dtype, device)
+    log.info("quantized the LM head %s to %d-bit", tuple(head.weight.shape), bits)
+    return True
 
 
 def module_bytes(model: nn.Module) -> int:

@@ -1,8 +1,10 @@
-"""Budget planner: how many expert slots per MoE layer fit a device memory budget.
+"""Budget planner: how many expert slots of the one global pool fit a device memory budget.
 
 The budget covers everything the engine allocates on the device: the trunk
 (attention, norms, embeddings, LM head), the KV cache for the planned context,
-activations and kernel workspace, and then the expert slot pool.
+activations and kernel workspace, and then the expert slot pool. The pool is
+global across MoE layers: any layer may hold any number of slots, but never
+fewer than `floor`, so every byte left after the fixed costs holds an expert.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from dataclasses import asdict, dataclass
 
 from .config import format_size
 from .errors import BudgetError, ConfigError
+from .kernels.chunking import dequant_workspace_numel
+
+PREFILL_CHUNK = 4096  # tokens of one prefill pass the activation term is sized for
 
 
 @dataclass(frozen=True)
@@ -22,26 +27,41 @@ class Plan:
     expert_bytes: int
     moe_layers: int
     num_experts: int
-    slots_per_layer: int
+    slots: int  # expert slots of the global pool, over all MoE layers
     host_bytes: int
+    floor: int = 1  # slots every MoE layer keeps, whatever the policy evicts
+
+    @property
+    def total_experts(self) -> int:
+        return self.moe_layers * self.num_experts
 
     @property
     def slot_pool_bytes(self) -> int:
-        return self.slots_per_layer * self.moe_layers * self.expert_bytes
+        return self.slots * self.expert_bytes
 
     @property
     def device_bytes(self) -> int:
         return self.trunk_bytes + self.kv_bytes + self.workspace_bytes + self.slot_pool_bytes
 
+    @property
+    def expected_hit_rate(self) -> float:
+        """Hit rate under uniform routing: slots / (moe_layers * num_experts), however the
+        slots are spread over layers. Random-init weights route near-uniformly, the worst
+        case for a cache; trained routers are skewed and repeat across adjacent tokens."""
+        return self.slots / self.total_experts
+
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["total_experts"] = self.total_experts
         d["slot_pool_bytes"] = self.slot_pool_bytes
         d["device_bytes"] = self.device_bytes
+        d["expected_hit_rate"] = self.expected_hit_rate
         return d
 
 
 def planned_context(max_context: int | None, model_max: int | None) -> int:
-    """The context the KV cache is planned (and, for graph decode, allocated) for."""
+    """The context the KV cache is planned (and, for graph decode, allocated) for:
+    `max_context` when given, else 4096, never past the model's own maximum."""
     return min(max_context or 4096, model_max or 4096)
 
 
@@ -50,10 +70,18 @@ def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, context: int, 
 
 
 def workspace_bytes(hidden: int, intermediate: int, vocab: int, context: int, dtype_bytes: int) -> int:
-    """Activations of a prefill chunk plus logits and dequantization scratch, with headroom."""
-    chunk = min(context, 4096)
+    """Device scratch beyond the trunk, KV and slots, with 25% + 64 MiB headroom. It counts
+
+    - activations of one prefill pass of min(context, PREFILL_CHUNK) tokens:
+      4 hidden-sized and 2 intermediate-sized rows per token in the compute dtype;
+    - the prefill dequant workspace of `expert_mlp`, which expands a bounded row
+      chunk of one expert matrix at a time (`kernels.chunking.DEQUANT_WORKSPACE_BYTES`,
+      64 MiB), not a whole dequantized expert;
+    - one token's logits (fp32, twice: the LM head's output and the sampler's copy).
+    """
+    chunk = min(context, PREFILL_CHUNK)
     act = chunk * (4 * hidden + 2 * intermediate) * dtype_bytes
-    dequant = 3 * hidden * intermediate * dtype_bytes  # one expert dequantized for prefill GEMMs
+    dequant = dequant_workspace_numel(hidden, intermediate, dtype_bytes) * dtype_bytes
     logits = vocab * 4 * 2
     return int(1.25 * (act + dequant + logits)) + (64 << 20)
 
@@ -74,25 +102,36 @@ def plan_slots(
     expert_bytes: int,
     moe_layers: int,
     num_experts: int,
+    floor: int = 1,
 ) -> Plan:
-    host = moe_layers * num_experts * expert_bytes
+    """The global slot count: `cache_per_layer` K gives K * moe_layers slots; a budget gives
+    what is left after trunk, KV and workspace, in whole experts, capped at every expert;
+    neither gives every expert a slot. A budget below `floor` slots per MoE layer raises
+    `BudgetError`."""
+    if not 1 <= floor <= num_experts:
+        raise ConfigError(f"the per-layer slot floor must be between 1 and num_experts ({num_experts}), got {floor}")
+    total = moe_layers * num_experts
     common = dict(
         budget_bytes=budget, trunk_bytes=trunk_bytes, kv_bytes=kv_bytes, workspace_bytes=workspace,
-        expert_bytes=expert_bytes, moe_layers=moe_layers, num_experts=num_experts, host_bytes=host,
+        expert_bytes=expert_bytes, moe_layers=moe_layers, num_experts=num_experts,
+        host_bytes=total * expert_bytes, floor=floor,
     )  # fmt: skip
     if cache_per_layer is not None:
         check_cache_per_layer(cache_per_layer, num_experts)
-        return Plan(slots_per_layer=cache_per_layer, **common)
+        if cache_per_layer < floor:
+            raise ConfigError(f"cache_per_layer {cache_per_layer} is below the per-layer slot floor {floor}")
+        return Plan(slots=cache_per_layer * moe_layers, **common)
     if budget is None:
-        return Plan(slots_per_layer=num_experts, **common)
-    left = budget - trunk_bytes - kv_bytes - workspace
-    per_slot_row = moe_layers * expert_bytes
-    slots = left // per_slot_row if left > 0 else 0
-    if slots < 1:
-        need = trunk_bytes + kv_bytes + workspace + per_slot_row
+        return Plan(slots=total, **common)
+    fixed = trunk_bytes + kv_bytes + workspace
+    left = budget - fixed
+    slots = left // expert_bytes if left > 0 else 0
+    least = moe_layers * floor
+    if slots < least:
         raise BudgetError(
             f"GPU budget {format_size(budget)} is too small: trunk {format_size(trunk_bytes)} + KV "
-            f"{format_size(kv_bytes)} + workspace {format_size(workspace)} + one expert slot per layer "
-            f"{format_size(per_slot_row)} needs {format_size(need)}"
+            f"{format_size(kv_bytes)} + workspace {format_size(workspace)} + {least} expert slots "
+            f"({floor} per MoE layer x {moe_layers}) of {format_size(expert_bytes)} needs "
+            f"{format_size(fixed + least * expert_bytes)}"
         )
-    return Plan(slots_per_layer=int(min(slots, num_experts)), **common)
+    return Plan(slots=int(min(slots, total)), **common)

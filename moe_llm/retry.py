@@ -79,5 +79,5 @@ def allocate_shrinking(
             "or free device memory"
         ) from None
     if state["slots"] != slots:
-        log.warning("expert cache shrunk from %d to %d slots per layer after out-of-memory", slots, state["slots"])
+        log.warning("expert cache shrunk from %d to %d slots after out-of-memory", slots, state["slots"])
     return result, state["slots"]

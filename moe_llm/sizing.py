@@ -2,11 +2,13 @@
 
 The trunk is built on the meta device (no memory, no weights read), so its bytes
 at the chosen precision follow from parameter shapes, with dense projections
-counted in the compact format. Experts are sized by `ExpertFormat`; the slot
-count comes from the same `plan_slots` the loader uses. Under uniform routing
-with K of E experts resident per layer, a token's expert finds its slot with
-probability K/E, so the expected bytes copied per token are
-``(1 - K/E) * top_k * expert_bytes * moe_layers``.
+counted in the compact format (and the LM head too with ``head_bits``). Experts
+are sized by `ExpertFormat`; the global slot count comes from the same
+`plan_slots` the loader uses. Under uniform routing with S slots for the L * E
+experts, a token's expert finds its slot with probability S / (L * E) however the
+slots are spread over layers, so the expected bytes copied per token are
+``(1 - S / (L * E)) * top_k * expert_bytes * L``. Random-init weights (synthetic
+benchmarks) route near-uniformly, which is the worst case for the cache.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from torch import nn
 from .checkpoint import ConfigOnly
 from .config import EngineConfig, format_size, parse_size
 from .errors import BudgetError, ConfigError
-from .expert_format import ExpertFormat
-from .model import build_skeleton, moe_info, read_config
+from .experts.format import ExpertFormat
+from .model import build_skeleton, head_spec, moe_info, read_config
 from .planner import Plan
 from .quant import QuantSpec
 
@@ -39,13 +41,15 @@ class ModelPlan:
     dtype: str
     experts_bits: int | None
     attn_bits: int | None
+    head_bits: int | None  # as planned: None also where a tied head stays 16-bit
     expert_bits_per_param: float
     plan: Plan
     ram_bytes: int | None
 
     @property
     def expected_hit_rate(self) -> float:
-        return self.plan.slots_per_layer / self.num_experts
+        """slots / (moe_layers * num_experts): uniform routing, the worst case."""
+        return self.plan.expected_hit_rate
 
     @property
     def bytes_per_token(self) -> float:
@@ -99,8 +103,11 @@ def plan_model(model_dir: str | Path, ram: str | int | None = None, **options) -
     try:
         fmt = ExpertFormat.build(info.hidden, info.intermediate, cfg.experts_bits, dtype, cfg.group_size)
         dense = dense_modules(model, cfg.attn_bits) if cfg.attn_bits else {}
+        head = head_spec(model, cfg.head_bits)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if head is not None:
+        dense["lm_head"] = head
     plan = plan_for(model, hf_config, cfg, info, fmt, dtype, trunk_bytes=trunk_bytes(model, dense))
     ram_bytes = None
     if ram is not None:
@@ -122,6 +129,7 @@ def plan_model(model_dir: str | Path, ram: str | int | None = None, **options) -
         dtype=str(dtype).removeprefix("torch."),
         experts_bits=cfg.experts_bits,
         attn_bits=cfg.attn_bits,
+        head_bits=cfg.head_bits if head is not None else None,
         expert_bits_per_param=fmt.bits_per_param,
         plan=plan,
         ram_bytes=ram_bytes,

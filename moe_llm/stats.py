@@ -13,8 +13,6 @@ class Stats:
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0
-    prefetch_recall_sum: float = 0.0  # sum over (layer, step) guesses of |guess ∩ routed| / |routed|
-    prefetch_recall_n: int = 0
     bytes_to_device: int = 0  # copied into slots (copy engine)
     bytes_from_host: int = 0  # read in place from pinned host RAM by decode kernels (zero-copy misses)
     decode_steps: int = 0  # one-token forwards
@@ -37,10 +35,6 @@ class Stats:
         return self.cache_hits / n if n else 0.0
 
     @property
-    def prefetch_recall(self) -> float:
-        return self.prefetch_recall_sum / self.prefetch_recall_n if self.prefetch_recall_n else 0.0
-
-    @property
     def host_syncs_per_token(self) -> float:
         return self.decode_host_syncs / self.decode_steps if self.decode_steps else 0.0
 
@@ -53,7 +47,6 @@ class Stats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["hit_rate"] = self.hit_rate
-        d["prefetch_recall"] = self.prefetch_recall
         d["host_syncs_per_token"] = self.host_syncs_per_token
         d["tokens_per_second"] = self.tokens_per_second
         return d

@@ -34,7 +34,7 @@ def main() -> None:
     ]
     if args.explore:  # prefetch policies side by side
         variants += [
-            Variant("full-depth2", 2, budget, options=(("prefetch_depth", 2),)),
+            Variant("full-lfu", 2, budget, options=(("cache_policy", "lfu"),)),
             Variant("full-eager", 2, budget, options=(("cuda_graphs", False),)),
         ]
     run = run_bench(

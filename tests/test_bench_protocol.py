@@ -32,7 +32,8 @@ def test_rows_keep_every_run_and_report_the_middle(one_thread):
         assert len(times) == 3 and row["ttft_s"]["32"] == sorted(times)[1]
         assert row["generated_tokens"] == 6 and "ratio_to_bound" in row
     full = run["variants"][1]
-    assert full["slots_per_layer"] == 2 and full["bytes_per_token"] > 0  # 2 of 4 slots: decode copies
+    # 2 slots per layer of 4 experts, in one global pool: decode misses cross the link
+    assert full["expert_slots"] == 2 * 2 and full["bytes_per_token"] > 0 and full["zero_copy_bytes_per_token"] > 0
 
 
 @pytest.mark.parametrize("repeats", ["0", "-1"])

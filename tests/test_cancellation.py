@@ -56,18 +56,8 @@ def deadline():
 
 
 def assert_ready(engine) -> None:
-    cache = engine.cache
-    owned = [o for o in cache._owner if o is not None]
-    assert len(owned) == len(set(owned))
-    for i, layer in enumerate(cache.layers):
-        slots = set(range(i * cache.slots_per_layer, (i + 1) * cache.slots_per_layer))
-        free, resident = cache._free[layer], list(cache._lru[layer].values())
-        assert sorted(free + resident) == sorted(slots), layer  # every slot free xor resident, once
-        for expert, slot in cache._lru[layer].items():
-            assert cache._owner[slot] == (layer, expert)
-        assert all(cache._owner[s] is None for s in free)
+    assert engine.cache.consistent()  # every slot free xor resident, once
     assert not engine._lock._held and not engine._lock._queue
-    assert not engine.runtime.prefetcher._pending
     assert engine.kv_refs and all(ref() is None for ref in engine.kv_refs)  # no KV state survives
 
 
@@ -119,7 +109,7 @@ def test_a_failure_inside_the_forward_resets_slot_bookkeeping(engine, reference,
         calls["n"] += 1
         if calls["n"] == 7:
             # fail halfway through a slot assignment, as a Ctrl-C or a device error would
-            runtime.cache._victim(layer, (), force=True)
+            runtime.cache._take_slot(set(), force=True)
             raise KeyboardInterrupt
         return real(layer, hidden, top_k_index, top_k_weights)
 

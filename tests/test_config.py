@@ -38,10 +38,18 @@ def test_a_higher_layer_choosing_the_budget_clears_a_lower_cache_size(tmp_path):
 
 
 def test_decode_options_from_the_environment():
-    env = {"MOE_LLM_CUDA_GRAPHS": "off", "MOE_LLM_PREFETCH_DEPTH": "2"}
+    env = {"MOE_LLM_CUDA_GRAPHS": "off", "MOE_LLM_HEAD_BITS": "4"}
     cfg = resolve_engine_config({}, environ=env, path=None)
-    assert cfg.cuda_graphs is False and cfg.prefetch_depth == 2
-    assert resolve_engine_config({}, environ={}, path=None).cuda_graphs is True
+    assert cfg.cuda_graphs is False and cfg.head_bits == 4
+    cfg = resolve_engine_config({}, environ={}, path=None)
+    assert cfg.cuda_graphs is True and cfg.head_bits is None  # the LM head stays 16-bit unless asked
+
+
+def test_head_bits_accept_4_or_none():
+    assert EngineConfig.build(head_bits="4").head_bits == 4
+    assert EngineConfig.build(head_bits="none").head_bits is None
+    with pytest.raises(ConfigError, match="^head_bits: Input should be 4$"):
+        EngineConfig.build(head_bits=2)
 
 
 def test_bits_none_string_forces_full_precision_over_a_setting():
@@ -61,7 +69,7 @@ def test_bits_none_string_forces_full_precision_over_a_setting():
         ({"MOE_LLM_DEVICE": "tpu"}, "MOE_LLM_DEVICE: device must be 'cpu' or 'cuda[:N]'"),
         ({"MOE_LLM_EXPERTS_BITS": "5"}, "MOE_LLM_EXPERTS_BITS: experts_bits"),
         ({"MOE_LLM_PREFETCH": "maybe"}, "MOE_LLM_PREFETCH: prefetch"),
-        ({"MOE_LLM_PREFETCH_DEPTH": "3"}, "MOE_LLM_PREFETCH_DEPTH: prefetch_depth: Input should be 1 or 2"),
+        ({"MOE_LLM_HEAD_BITS": "3"}, "MOE_LLM_HEAD_BITS: head_bits: Input should be 4"),
         ({"MOE_LLM_CUDA_GRAPHS": "sometimes"}, "MOE_LLM_CUDA_GRAPHS: cuda_graphs"),
     ],
 )
@@ -95,8 +103,8 @@ def test_load_reads_the_environment_and_the_file(tiny_mixtral, tmp_path, monkeyp
     monkeypatch.setenv("MOE_LLM_CONFIG", str(toml(tmp_path, "[engine]\ncache_per_layer = 5\nprefetch = false\n")))
     monkeypatch.setenv("MOE_LLM_CACHE_PER_LAYER", "3")
     engine = moe_llm.load(tiny_mixtral)
-    assert engine.cache.slots_per_layer == 3 and engine.runtime.prefetcher is None
-    assert moe_llm.load(tiny_mixtral, cache_per_layer=1).cache.slots_per_layer == 1
+    assert engine.plan.slots == 3 * 2 and engine.runtime.prefetcher is None  # 3 per MoE layer, 2 layers
+    assert moe_llm.load(tiny_mixtral, cache_per_layer=1).plan.slots == 2
 
 
 def test_cache_size_above_the_expert_count_names_the_count(tiny_mixtral):

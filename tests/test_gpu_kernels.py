@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_llm.expert_format import ExpertFormat
+from moe_llm.experts.format import ExpertFormat
 from moe_llm.quant import QuantSpec, compact, pick_group_size
 
 pytestmark = pytest.mark.gpu

@@ -1,6 +1,6 @@
 """`moe-llm plan`: sizes from config.json alone agree with what the loader allocates, the
-expected bytes per token follow (1 - K/E) x top_k x expert bytes x MoE layers, and a model
-that cannot fit is refused with one line."""
+expected bytes per token follow (1 - S/(L*E)) x top_k x expert bytes x L for S global slots,
+and a model that cannot fit is refused with one line."""
 
 from __future__ import annotations
 
@@ -34,18 +34,18 @@ def run_cli(argv, capsys):
     return exc.value.code or 0, capsys.readouterr()
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"gpu_budget": 3}, {"cache_per_layer": 3}])
-def test_plan_equals_the_loaders_allocation(tiny_mixtral, kwargs):
-    if "gpu_budget" in kwargs:  # a budget with room for exactly 3 slot rows
+@pytest.mark.parametrize("kwargs,slots", [({}, 16), ({"gpu_budget": 7}, 7), ({"cache_per_layer": 3}, 6)])
+def test_plan_equals_the_loaders_allocation(tiny_mixtral, kwargs, slots):
+    if "gpu_budget" in kwargs:  # a budget with room for 7.5 experts of the global pool
         p = plan_model(tiny_mixtral, dtype="float32").plan
-        row = p.moe_layers * p.expert_bytes
-        kwargs = {"gpu_budget": p.trunk_bytes + p.kv_bytes + p.workspace_bytes + 3 * row + row // 2}
+        kwargs = {
+            "gpu_budget": p.trunk_bytes + p.kv_bytes + p.workspace_bytes + 7 * p.expert_bytes + p.expert_bytes // 2
+        }
     engine = moe_llm.load(tiny_mixtral, dtype="float32", **kwargs)
     planned = plan_model(tiny_mixtral, dtype="float32", **kwargs)
     assert planned.plan == engine.plan
     assert planned.plan.trunk_bytes == engine.plan.trunk_bytes > 0
-    if kwargs:
-        assert engine.cache.slots_per_layer == planned.plan.slots_per_layer == 3
+    assert engine.plan.slots == planned.plan.slots == slots  # 2 MoE layers x 8 experts
 
 
 def test_plan_needs_only_the_config(tiny_mixtral, tmp_path):
@@ -64,22 +64,46 @@ def test_mixtral_8x7b_on_12gib(mixtral_8x7b, capsys):
     d = json.loads(out.out)
     p = d["plan"]
     assert p["device_bytes"] <= 12 * 2**30 and p["moe_layers"] == 32 and p["num_experts"] == 8
-    assert 1 <= p["slots_per_layer"] < 8
+    assert 32 <= p["slots"] < 256 and p["floor"] == 1 and p["total_experts"] == 256
     assert p["expert_bytes"] == pytest.approx(3 * 4096 * 14336 * 2.54 / 8, rel=0.01)
     assert p["host_bytes"] == 32 * 8 * p["expert_bytes"]
-    k = p["slots_per_layer"]
-    assert d["expected_hit_rate"] == k / 8
-    assert d["bytes_per_token"] == pytest.approx((1 - k / 8) * 2 * p["expert_bytes"] * 32)
+    assert p["slot_pool_bytes"] == p["slots"] * p["expert_bytes"]
+    fixed = p["trunk_bytes"] + p["kv_bytes"] + p["workspace_bytes"]
+    assert p["slots"] == (12 * 2**30 - fixed) // p["expert_bytes"]  # every whole expert the budget has room for
+    s = p["slots"]
+    assert d["expected_hit_rate"] == p["expected_hit_rate"] == s / 256
+    assert d["bytes_per_token"] == pytest.approx((1 - s / 256) * 2 * p["expert_bytes"] * 32)
     code, out = run_cli(["plan", str(mixtral_8x7b), "--gpu-budget", "12GiB", "--experts-bits", "2"], capsys)
     assert code == 0
-    for words in ("trunk", "KV cache", "expert slots", "pinned experts", "bytes per token", "fits"):
+    for words in ("trunk", "KV cache", "expert slots", "of 256 experts", "pinned experts", "bytes per token", "fits"):
         assert words in out.out
+
+
+def test_mixtral_8x7b_on_12gib_holds_200_experts_at_1024_context(mixtral_8x7b, capsys):
+    """Issue 11: with a 1024-token KV (llama.cpp's comparison setting), 2-bit experts, 4-bit
+    attention and a 4-bit LM head, 12 GiB hold at least 200 of the 256 experts."""
+    args = ["plan", str(mixtral_8x7b), "--gpu-budget", "12GiB", "--experts-bits", "2", "--attn-bits", "4",
+            "--context", "1024", "--json"]  # fmt: skip
+    code, out = run_cli([*args, "--head-bits", "4"], capsys)
+    assert code == 0
+    d = json.loads(out.out)
+    p = d["plan"]
+    assert p["slots"] >= 200 and p["device_bytes"] <= 12 * 2**30
+    assert p["kv_bytes"] == 2 * 32 * 8 * 128 * 1024 * 2  # the static KV sized to --context
+    assert p["workspace_bytes"] < 300 * 2**20  # no whole dequantized expert any more
+    assert p["trunk_bytes"] < 1.2 * 2**30 and d["head_bits"] == 4
+    code, out = run_cli(args, capsys)
+    q = json.loads(out.out)["plan"]
+    head_bf16 = 32000 * 4096 * 2
+    assert q["trunk_bytes"] - p["trunk_bytes"] == pytest.approx(head_bf16 * (1 - 4.27 / 16), rel=0.01)
+    assert 3 <= p["slots"] - q["slots"] <= 4  # --head-bits 4 buys about 3 expert slots
 
 
 @pytest.mark.parametrize(
     "args,fragment",
     [
         (["--gpu-budget", "2GiB", "--experts-bits", "2"], "GPU budget 2.0 GiB is too small"),
+        (["--gpu-budget", "3GiB", "--experts-bits", "2"], "32 expert slots (1 per MoE layer x 32)"),
         (["--gpu-budget", "24GiB", "--experts-bits", "4", "--ram", "16GiB"], "host RAM 16.0 GiB cannot hold"),
         (["--cache-per-layer", "9"], r"between 1 and num_experts (8)"),
     ],

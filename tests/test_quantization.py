@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_llm.expert_format import ExpertFormat
+from moe_llm.experts.format import ExpertFormat
 from moe_llm.quant import QuantSpec, compact, packing
 
 

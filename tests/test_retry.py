@@ -29,7 +29,7 @@ def test_out_of_memory_shrinks_until_it_fits_and_logs(caplog):
         pool, k = allocate_shrinking(alloc, 8, bytes_per_slot=2**20)
     assert (pool, k) == ("pool[3]", 3)
     assert calls == [8, 6, 4, 3]
-    assert "out of memory allocating 8 expert slots per layer" in caplog.text
+    assert "out of memory allocating 8 expert slots" in caplog.text
     assert "shrunk from 8 to 3" in caplog.text
 
 
@@ -72,14 +72,14 @@ def test_load_shrinks_the_cache_on_out_of_memory(tiny_mixtral, monkeypatch):
 
     real = loader.ExpertCache
 
-    def tight_device(store, device, slots_per_layer, **kwargs):
-        if slots_per_layer > 2:
+    def tight_device(store, device, slots, **kwargs):
+        if slots > 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(store, device, slots_per_layer, **kwargs)
+        return real(store, device, slots, **kwargs)
 
     monkeypatch.setattr(loader, "ExpertCache", tight_device)
     engine = moe_llm.load(tiny_mixtral, gpu_budget="1GiB")  # the plan gives every expert a slot
-    assert engine.cache.slots_per_layer == engine.plan.slots_per_layer == 2
+    assert engine.cache.num_slots == engine.plan.slots <= 4
     assert engine.generate([0, 84, 104, 101], max_new_tokens=4).token_ids
-    with pytest.raises(BudgetError, match="4 expert slot"):
+    with pytest.raises(BudgetError, match="8 expert slot"):
         moe_llm.load(tiny_mixtral, cache_per_layer=4)

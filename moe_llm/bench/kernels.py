@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..expert_format import ExpertFormat
+from ..experts.format import ExpertFormat
 from .synthetic import random_expert
 
 

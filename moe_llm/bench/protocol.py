@@ -59,7 +59,7 @@ class Variant:
     prefetch: bool = True
     retain: bool = True  # False: each expert dropped right after use ("no cache")
     profile: bool = False
-    options: tuple[tuple[str, object], ...] = ()  # more EngineConfig fields, e.g. (("prefetch_depth", 2),)
+    options: tuple[tuple[str, object], ...] = ()  # more EngineConfig fields, e.g. (("cache_policy", "lfu"),)
 
     @property
     def resident(self) -> bool:
@@ -116,11 +116,14 @@ def _decode_run(engine: Engine, prompt: list[int], new_tokens: int) -> dict:
         "engine_tok_s": last.stats["tokens_per_second"],
         "ttft_workload_s": last.stats["time_to_first_token_s"],
         "hit_rate": dec.hit_rate,
-        "prefetch_recall": dec.prefetch_recall,
+        "host_syncs_per_token": dec.host_syncs_per_token,
         "prefetch_issued_per_token": dec.prefetch_issued / max(steps, 1),
         "prefetch_used_per_token": dec.prefetch_used / max(steps, 1),
         "misses_per_token": dec.cache_misses / max(steps, 1),
-        "bytes_per_token": dec.bytes_to_device / max(steps, 1),
+        "copied_bytes_per_token": dec.bytes_to_device / max(steps, 1),
+        "zero_copy_bytes_per_token": dec.bytes_from_host / max(steps, 1),
+        # what crosses the link: admission copies plus misses read in place
+        "bytes_per_token": (dec.bytes_to_device + dec.bytes_from_host) / max(steps, 1),
     }
 
 
@@ -185,8 +188,11 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
             "name": v.name,
             "experts_bits": v.bits,
             "gpu_budget_bytes": v.gpu_budget,
-            "slots_per_layer": engine.cache.slots_per_layer,
+            "expert_slots": engine.cache.num_slots,
+            "total_experts": len(model.info.layers) * model.info.num_experts,
             "num_experts": model.info.num_experts,
+            "cache_policy": engine.config.cache_policy,
+            "max_context": engine.config.max_context,
             "prefetch": v.prefetch,
             "cache": v.retain,
             "expert_bytes": model.fmt.nbytes,
@@ -203,8 +209,8 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
             runs.append(_decode_run(engine, prompts["main"], workload.new_tokens))
         row.update(_middle(runs, key=lambda r: r["decode_tok_s"]))
         row["decode_tok_s_runs"] = [r["decode_tok_s"] for r in runs]
-        k, e = engine.cache.slots_per_layer, model.info.num_experts
-        row["uniform_lru_hit_rate"] = k / e if v.retain else 0.0
+        row["uniform_hit_rate"] = engine.cache.num_slots / row["total_experts"] if v.retain else 0.0
+        row["slots_per_layer_at_end"] = engine.cache.per_layer()
         if v.profile:
             try:
                 row["profile"] = profile_decode(engine, prompts["main"][:16])

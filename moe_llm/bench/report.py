@@ -71,7 +71,7 @@ def summarize(run: dict, headline: str = "full", no_cache: str = "no-cache-no-pr
         "ttft_1024_s": full["ttft_s"].get("1024"),
         "ttft_1024_ratio_to_bound": full.get("ttft_ratio_to_bound", {}).get("1024"),
         "hit_rate": full["hit_rate"],
-        "prefetch_recall": full["prefetch_recall"],
+        "host_syncs_per_token": full.get("host_syncs_per_token"),
         "bytes_per_token": full["bytes_per_token"],
     }
     run.update(top)
@@ -101,7 +101,7 @@ def _with_spread(value: float, runs: list[float] | None) -> str:
 
 
 def table_rows(run: dict) -> list[list[str]]:
-    """Rows for a printed table: variant, bits, budget, slots, tok/s, ratios, TTFT, peak, hits, recall."""
+    """Rows for a printed table: variant, bits, budget, slots, tok/s, ratios, TTFT, peak, hits, syncs."""
     gib = float(1 << 30)
     out = []
     for r in run["variants"]:
@@ -110,14 +110,14 @@ def table_rows(run: dict) -> list[list[str]]:
             r["name"],
             str(r["experts_bits"]),
             f"{budget / gib:.0f} GiB" if budget else "all",
-            f"{r['slots_per_layer']}/{r['num_experts']}",
+            f"{r['expert_slots']}/{r['total_experts']}",
             _with_spread(r["decode_tok_s"], r.get("decode_tok_s_runs")),
             f"{r['ratio_to_bound']:.2f}" if "ratio_to_bound" in r else "-",
             f"{r['ratio_to_overlap_limit']:.2f}" if "ratio_to_overlap_limit" in r else "-",
             " / ".join(f"{t:.3f}" for t in r["ttft_s"].values()),
             f"{r['peak_gpu_bytes'] / gib:.2f}" if r.get("peak_gpu_bytes") else "-",
             f"{r['hit_rate']:.2f}",
-            f"{r['prefetch_recall']:.2f}" if r["prefetch"] else "-",
+            f"{r.get('host_syncs_per_token', 0):.1f}",
             f"{r['bytes_per_token'] / 1e6:.0f}",
         ])  # fmt: skip
     return out
@@ -125,5 +125,5 @@ def table_rows(run: dict) -> list[list[str]]:
 
 TABLE_HEADER = [
     "variant", "bits", "budget", "slots", "decode tok/s (runs)", "÷bound", "÷overlap", "TTFT s (512 / 1024)",
-    "peak GiB", "hit rate", "recall", "MB/token",
+    "peak GiB", "hit rate", "syncs/token", "MB/token",
 ]  # fmt: skip

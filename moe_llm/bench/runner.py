@@ -30,21 +30,28 @@ ROUTING_NOTE = (
 
 
 def default_variants(
-    bits: int, budget: int, extra_budgets: tuple[int, ...] = (), also_bits: tuple[int, ...] = ()
+    bits: int,
+    budget: int,
+    extra_budgets: tuple[int, ...] = (),
+    also_bits: tuple[int, ...] = (),
+    options: tuple[tuple[str, object], ...] = (),
 ) -> list[Variant]:
-    """The paper's ablations at `budget`, the resident row, extra budgets, other bit widths."""
+    """The ablations at `budget`, the resident row, the other policy, extra budgets, other bit
+    widths. `options` (e.g. max_context, head_bits) apply to every row."""
+    o = tuple(options)
     vs = [
-        Variant("full", bits, budget, profile=True),
-        Variant("no-prefetch", bits, budget, prefetch=False),
-        Variant("no-cache-no-prefetch", bits, budget, prefetch=False, retain=False),
-        Variant("resident", bits, None),
-        Variant("full-eager", bits, budget, options=(("cuda_graphs", False),)),  # what the graphs buy
-        Variant("full-lookahead2", bits, budget, options=(("prefetch_depth", 2),)),
+        Variant("full", bits, budget, profile=True, options=o),
+        Variant("full-lfu", bits, budget, options=o + (("cache_policy", "lfu"),)),
+        Variant("no-prefetch", bits, budget, prefetch=False, options=o),
+        Variant("no-cache-no-prefetch", bits, budget, prefetch=False, retain=False, options=o),
+        Variant("resident", bits, None, options=o),
+        Variant("full-eager", bits, budget, options=o + (("cuda_graphs", False),)),  # what the graph buys
     ]
-    vs += [Variant(f"full-{b / (1 << 30):g}GiB", bits, b) for b in extra_budgets]
+    vs += [Variant(f"full-{b / (1 << 30):g}GiB", bits, b, options=o) for b in extra_budgets]
+    vs += [Variant(f"full-lfu-{b / (1 << 30):g}GiB", bits, b, options=o + (("cache_policy", "lfu"),)) for b in extra_budgets]
     for ob in also_bits:  # the other widths: the headline budget and the resident time for its bound
-        vs.append(Variant(f"full-{ob}bit", ob, budget))
-        vs.append(Variant(f"resident-{ob}bit", ob, None))
+        vs.append(Variant(f"full-{ob}bit", ob, budget, options=o))
+        vs.append(Variant(f"resident-{ob}bit", ob, None, options=o))
     return vs
 
 
@@ -90,6 +97,8 @@ def run_bench(
     command: str = "",
     on_row: Callable[[dict], None] | None = None,
     variants: list[Variant] | None = None,
+    options: tuple[tuple[str, object], ...] = (),
+    head_bits: int | None = 4,
 ) -> dict:
     """Run the whole protocol in this process; returns (and writes) the result dict."""
     t0 = time.perf_counter()
@@ -112,9 +121,11 @@ def run_bench(
         },
         "gpu_budget_bytes": budget,
     }
-    variants = variants or default_variants(bits, budget, extra_budgets, also_bits)
+    variants = variants or default_variants(bits, budget, extra_budgets, also_bits, options)
+    run["engine_options"] = dict(options)
+    run["head_bits"] = head_bits
     t_build = time.perf_counter()
-    model = SyntheticModel(geometry, device, experts_bits=variants[0].bits, attn_bits=4)
+    model = SyntheticModel(geometry, device, experts_bits=variants[0].bits, attn_bits=4, head_bits=head_bits)
     run["build_s"] = time.perf_counter() - t_build
     run["variants"] = []
 

@@ -22,12 +22,12 @@ from torch import nn
 
 from ..config import EngineConfig
 from ..engine import Engine
-from ..expert_format import ExpertFormat
+from ..experts.format import ExpertFormat
 from ..loader import assemble, plan_for
-from ..model import _rebuild_meta_buffers, _set_tensor, build_skeleton, decoder_layers, moe_info
+from ..model import _rebuild_meta_buffers, _set_tensor, build_skeleton, decoder_layers, moe_info, quantize_head
 from ..quant import QuantSpec, pick_group_size
 from ..quant_linear import QuantLinear
-from ..store import ExpertStore
+from ..experts.store import ExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class SyntheticModel:
         attn_bits: int | None = 4,
         dtype: torch.dtype | None = None,
         seed: int = 0,
+        head_bits: int | None = None,
     ):
         self.geometry = geometry
         self.device = torch.device(device)
@@ -163,6 +164,7 @@ class SyntheticModel:
         layers = decoder_layers(self.model)
         self._skeleton_experts = {i: layers[i].mlp.experts for i in self.info.layers}
         _random_trunk(self.model, self.hf_config, self.device, self.dtype, attn_bits, self.gen)
+        self.head_bits = head_bits if quantize_head(self.model, head_bits, self.dtype, self.device) else None
         self.store: ExpertStore | None = None
         self.fmt: ExpertFormat | None = None
         self.set_experts(experts_bits)

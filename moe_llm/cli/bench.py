@@ -14,7 +14,7 @@ from rich.table import Table
 from ..config import parse_size
 from ..errors import ConfigError
 from . import app
-from .common import err_console
+from .common import bits_option, err_console
 
 TINY = dict(layers=2, hidden=128, intermediate=256, experts=4, heads=4, kv_heads=2, vocab=512, max_positions=4096)
 
@@ -43,7 +43,11 @@ def bench(
     experts_bits: int = typer.Option(2, "--experts-bits", help="Expert bits of the headline rows."),
     also_bits: str = typer.Option("3", "--also-bits", help="Other expert bit widths to run (comma list, or '')."),
     gpu_budget: str = typer.Option("12GiB", "--gpu-budget", help="Budget of the headline rows."),
-    extra_budget: list[str] = typer.Option(["16GiB"], "--extra-budget", help="More budgets (repeatable)."),
+    extra_budget: list[str] = typer.Option(["16GiB", "4GiB"], "--extra-budget", help="More budgets (repeatable)."),
+    max_context: int = typer.Option(
+        1152, "--max-context", help="Context every row plans its KV for (llama-bench: prompt + generated tokens)."
+    ),
+    head_bits: str = typer.Option("4", "--head-bits", help="LM head quantization of the synthetic trunk: 4 or none."),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens"),
     new_tokens: int = typer.Option(128, "--new-tokens"),
     ttft: str = typer.Option("512,1024", "--ttft", help="Prompt lengths for time to first token."),
@@ -75,6 +79,9 @@ def bench(
     if repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {repeats}")
     workload = Workload(prompt_tokens, new_tokens, _ints(ttft, "--ttft"), repeats=repeats)
+    if max_context <= max(workload.ttft_prompts + (workload.prompt_tokens + workload.new_tokens - 1,)):
+        raise ConfigError(f"--max-context {max_context} does not hold the workload's prompts and new tokens")
+    hb = bits_option(head_bits, (4,), "--head-bits")
     console = Console(width=None if sys.stdout.isatty() else 200)
 
     def on_row(row: dict) -> None:
@@ -84,6 +91,7 @@ def bench(
         geometry, device, bits=experts_bits, budget=parse_size(gpu_budget), extra_budgets=_sizes(extra_budget),
         also_bits=_ints(also_bits, "--also-bits"), workload=workload, accelerate_layers=accelerate_layers or None,
         out=out, command=shlex.join(["moe-llm", *sys.argv[1:]]), on_row=on_row,
+        options=(("max_context", max_context),), head_bits=hb,
     )  # fmt: skip
     table = Table(title=f"synthetic Mixtral ({geometry.layers} layers), random routing")
     for h in TABLE_HEADER:

@@ -117,7 +117,7 @@ class ChatSession:
         ttft = last.stats.get("time_to_first_token_s") if last is not None and last.stats else None
         line = (
             f"{delta.tokens_generated} tokens · {delta.tokens_per_second:.1f} tok/s · "
-            f"cache hit {delta.hit_rate:.0%} · prefetch recall {delta.prefetch_recall:.0%}"
+            f"cache hit {delta.hit_rate:.0%} · {delta.host_syncs_per_token:.1f} host syncs/token"
         )
         if ttft is not None:
             line += f" · first token {ttft * 1000:.0f} ms"
@@ -212,7 +212,7 @@ def chat(
     if is_random:
         console.print("[yellow]note:[/] the embedded tiny model has random weights: replies are noise")
     console.print(
-        f"[bold]{engine.model_name}[/] · {engine.cache.slots_per_layer} expert slots per layer · "
+        f"[bold]{engine.model_name}[/] · {engine.cache.num_slots} expert slots · "
         f"{engine.expert_bits_per_param:.2f} bits/param experts · /help for commands"
     )
     ChatSession(engine, console, system, options).run()

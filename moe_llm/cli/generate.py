@@ -33,10 +33,11 @@ def stats_table(stats: dict) -> Table:
         ("cache hits / misses", f"{stats.get('cache_hits', 0)} / {stats.get('cache_misses', 0)}"),
         ("hit rate", f"{stats.get('hit_rate', 0.0):.2f}"),
         ("prefetch issued / used", f"{stats.get('prefetch_issued', 0)} / {stats.get('prefetch_used', 0)}"),
-        ("prefetch recall", f"{stats.get('prefetch_recall', 0.0):.2f}"),
-        ("bytes to device", f"{stats.get('bytes_to_device', 0) / 2**20:.1f} MiB"),
+        ("bytes copied to device", f"{stats.get('bytes_to_device', 0) / 2**20:.1f} MiB"),
+        ("bytes read in place (misses)", f"{stats.get('bytes_from_host', 0) / 2**20:.1f} MiB"),
+        ("host syncs per token", f"{stats.get('host_syncs_per_token', 0.0):.1f}"),
         ("expert bits/param", f"{stats.get('expert_bits_per_param', 0.0):.2f}"),
-        ("slots per layer", str(stats.get("slots_per_layer", ""))),
+        ("expert slots", str(stats.get("expert_slots", ""))),
     ]
     for k, v in rows:
         t.add_row(k, v)

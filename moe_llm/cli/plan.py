@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import app
-from .common import AttnBitsOpt, BudgetOpt, CacheOpt, ExpertsBitsOpt, bits_option
+from .common import AttnBitsOpt, BudgetOpt, CacheOpt, ExpertsBitsOpt, HeadBitsOpt, bits_option
 
 
 def plan_table(mp, model_name: str, pcie_gbps: float) -> Table:
@@ -29,14 +29,15 @@ def plan_table(mp, model_name: str, pcie_gbps: float) -> Table:
     t.add_column("bytes", justify="right")
     attn = f"{mp.attn_bits}-bit" if mp.attn_bits else mp.dtype
     experts = f"{mp.experts_bits}-bit" if mp.experts_bits else mp.dtype
-    t.add_row("GPU", f"trunk: attention/dense {attn}; embeddings, norms, routers, LM head {mp.dtype}",
+    head = f"{mp.head_bits}-bit" if mp.head_bits else mp.dtype
+    t.add_row("GPU", f"trunk: attention/dense {attn}; LM head {head}; embeddings, norms, routers {mp.dtype}",
               format_size(p.trunk_bytes))  # fmt: skip
     t.add_row("GPU", "KV cache for the planned context", format_size(p.kv_bytes))
     t.add_row("GPU", "activations and kernel workspace", format_size(p.workspace_bytes))
     t.add_row(
         "GPU",
-        f"expert slots: {p.slots_per_layer} of {mp.num_experts} per layer x {mp.moe_layers} layers "
-        f"x {format_size(p.expert_bytes)}",
+        f"expert slots (one pool for all layers, >= {p.floor} per layer): {p.slots} of {p.total_experts} "
+        f"experts ({p.slots / p.total_experts:.0%}) x {format_size(p.expert_bytes)}",
         format_size(p.slot_pool_bytes),
     )
     total = format_size(p.device_bytes) + (f" of {format_size(p.budget_bytes)}" if p.budget_bytes else "")
@@ -49,10 +50,14 @@ def plan_table(mp, model_name: str, pcie_gbps: float) -> Table:
     )
     per_token = mp.bytes_per_token
     ms = per_token / (pcie_gbps * 1e9) * 1e3
-    t.add_row("PCIe", f"expected hit rate {mp.expected_hit_rate:.0%} (uniform routing, K/E)", "")
     t.add_row(
         "PCIe",
-        f"expected expert bytes per token: (1-K/E) x top-{mp.top_k} x expert x {mp.moe_layers} "
+        f"expected hit rate {mp.expected_hit_rate:.1%} (uniform routing, slots / experts: random weights' worst case)",
+        "",
+    )
+    t.add_row(
+        "PCIe",
+        f"expected expert bytes per token: (1 - hit rate) x top-{mp.top_k} x expert x {mp.moe_layers} "
         f"(~{ms:.1f} ms at {pcie_gbps:g} GB/s)",
         format_size(per_token),
     )
@@ -67,8 +72,11 @@ def plan(
     cache_per_layer: int = CacheOpt,
     experts_bits: str = ExpertsBitsOpt,
     attn_bits: str = AttnBitsOpt,
+    head_bits: str = HeadBitsOpt,
     dtype: str = typer.Option(None, "--dtype", help="Compute dtype: bfloat16 (default), float16 or float32."),
-    context: int = typer.Option(None, "--context", help="Context length to reserve KV cache for (default 4096)."),
+    context: int = typer.Option(
+        None, "--context", help="Context length to reserve KV cache for (default: settings' max_context, else 4096)."
+    ),
     pcie_gbps: float = typer.Option(25.0, "--pcie-gbps", help="Host-to-device bandwidth for the time estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -80,6 +88,7 @@ def plan(
         model_dir, ram=ram, gpu_budget=gpu_budget, cache_per_layer=cache_per_layer, dtype=dtype, max_context=context,
         experts_bits=bits_option(experts_bits, (2, 3, 4), "--experts-bits"),
         attn_bits=bits_option(attn_bits, (4,), "--attn-bits"),
+        head_bits=bits_option(head_bits, (4,), "--head-bits"),
     )  # fmt: skip
     if as_json:
         sys.stdout.write(json.dumps(mp.to_dict()) + "\n")

@@ -114,6 +114,18 @@ class ExpertCache:
     def views(self, slot: int) -> dict[str, torch.Tensor]:
         return self._views[slot]
 
+    def consistent(self) -> bool:
+        """Every slot is free xor owned by one resident expert, and the per-layer counts agree."""
+        owned = [(slot, key) for slot, key in enumerate(self._owner) if key is not None]
+        counts = dict.fromkeys(self.layers, 0)
+        for _, key in owned:
+            counts[key[0]] += 1
+        return (
+            sorted(self._free + [slot for slot, _ in owned]) == list(range(self.num_slots))
+            and {key: slot for slot, key in owned} == self._where
+            and counts == self._count
+        )
+
     def table_row(self, layer: int) -> torch.Tensor:
         return self.table[self.row[layer]]
 
@@ -269,10 +281,11 @@ class ExpertCache:
         self.policy.tick()
         return hits, misses
 
-    def admit(self, key: Key, protect: set) -> bool:
-        """After a step: copy `key` into a slot for the steps that follow, if the policy finds
-        it worth its victim and few enough copies are in flight. True if a copy was issued."""
-        if not self.retain or key in self._where:
+    def admit(self, key: Key, protect: set, evict: bool = True) -> bool:
+        """After a step: copy `key` into a slot for the steps that follow, if few enough copies
+        are in flight and a slot is free or (with `evict`) the policy finds it worth its victim.
+        True if a copy was issued."""
+        if not self.retain or key in self._where or not (evict or self._free):
             return False
         if self.cuda and len(self._pending) >= self.max_pending:
             self.poll()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ActFn, expert_mlp, fast_path
+from ..kernels import ActFn, expert_mlp, fast_path, workspace_numel
 from .cache import ExpertCache
 from .format import ExpertFormat
 from .prefetch import PromptPrefetcher
@@ -67,7 +67,7 @@ class ExpertsRuntime:
         act_fn: ActFn,
         top_k: int,
         prefetcher: PromptPrefetcher | None = None,
-        admit: bool = True,
+        evict_on_admit: bool = True,
     ):
         self.cache = cache
         self.stats = cache.stats
@@ -75,7 +75,9 @@ class ExpertsRuntime:
         self.act_fn = act_fn
         self.top_k = top_k
         self.prefetcher = prefetcher
-        self.admit = admit  # copy missed experts into slots after each decode step
+        # after each decode step missed experts are copied into free slots; with this, also into
+        # slots whose experts the policy finds less worth keeping
+        self.evict_on_admit = evict_on_admit
         self._kernels = _device_kernels(cache, fmt, act_fn)
         # "device": dispatch on the GPU; "host": CPU, same semantics; "copy": host-driven copies
         self.mode = "device" if self._kernels is not None else ("copy" if cache.cuda else "host")
@@ -97,8 +99,9 @@ class ExpertsRuntime:
             self.prefetcher.prompt_start(tokens, self.top_k)
 
     def begin_step(self) -> None:
-        """Called before each one-token forward is enqueued."""
+        """Called before each one-token forward is enqueued (or its graph replayed)."""
         self.stats.decode_steps += 1
+        self._stepped = self.mode != "copy"  # a replayed graph runs no Python: flag the step here
         self.cache.before_step()
 
     def end_step(self) -> None:
@@ -116,12 +119,10 @@ class ExpertsRuntime:
             self._host_routing.clear()
         keys = list(dict.fromkeys(routed))
         cache.observe(keys)
-        if not self.admit:
-            return
         protect = set(keys)
         for key in keys:
             if not cache.is_resident(*key):
-                cache.admit(key, protect)
+                cache.admit(key, protect, evict=self.evict_on_admit)
 
     def reset(self) -> None:
         self._stepped = False
@@ -217,7 +218,7 @@ class ExpertsRuntime:
 
     def _workspace(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self._dequant_ws is None and fast_path(hidden, self.fmt) is not None:
-            n = 2 * self.fmt.intermediate * self.fmt.hidden
+            n = workspace_numel(self.fmt)  # row chunks of a bounded size, as the planner counts
             self._dequant_ws = torch.empty(n, dtype=self.fmt.dtype, device=hidden.device)
         return self._dequant_ws
 

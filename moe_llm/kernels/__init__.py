@@ -3,7 +3,8 @@
 `expert_mlp` and `quant_linear` are the entry points of the trunk and the
 offload runtime. On CUDA with Triton, one token goes through the fused
 dequant-GEMV (`triton_gemv`) and many tokens through a Triton dequantize into a
-reusable workspace plus a cuBLAS GEMM (`triton_dequant`). Everywhere else
+reusable workspace plus a cuBLAS GEMM (`triton_dequant`), a block of output rows
+at a time so the workspace stays bounded (`chunking`). Everywhere else
 (CPU, no Triton, shapes the kernels do not tile) the reference torch
 dequantize + matmul runs. Triton is imported lazily, so `import moe_llm` works
 without it.
@@ -19,7 +20,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ..expert_format import ExpertFormat, matrix_views
+from ..experts.format import ExpertFormat, matrix_views
+from .chunking import (
+    DEQUANT_WORKSPACE_BYTES,
+    chunked_expert_mlp,
+    chunked_linear,
+    dequant_workspace_numel,
+)
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
 log = logging.getLogger(__name__)
@@ -27,8 +34,8 @@ log = logging.getLogger(__name__)
 
 @lru_cache(maxsize=1)
 def triton_kernels() -> SimpleNamespace | None:
-    """The Triton kernels (gemv, linear, combine, dequantize, supported_spec,
-    DecodeWorkspace), or None when Triton cannot be imported."""
+    """The Triton kernels (gemv, linear, combine, dequantize, dequantize_rows,
+    supported_spec, DecodeWorkspace), or None when Triton cannot be imported."""
     try:
         from . import triton_dequant
         from . import triton_gemv as tg
@@ -38,6 +45,7 @@ def triton_kernels() -> SimpleNamespace | None:
     return SimpleNamespace(
         gemv=tg.gemv, linear=tg.linear, combine=tg.combine, supported_spec=tg.supported_spec,
         DecodeWorkspace=tg.DecodeWorkspace, dequantize=triton_dequant.dequantize,
+        dequantize_rows=triton_dequant.dequantize_rows,
     )  # fmt: skip
 
 
@@ -51,6 +59,13 @@ def fast_path(x: torch.Tensor, fmt: ExpertFormat) -> SimpleNamespace | None:
     return tk
 
 
+def workspace_numel(fmt: ExpertFormat) -> int:
+    """Elements (of `fmt.dtype`) of the prefill workspace `expert_mlp` wants: at most
+    DEQUANT_WORKSPACE_BYTES, however large the expert."""
+    dsize = torch.empty((), dtype=fmt.dtype).element_size()
+    return dequant_workspace_numel(fmt.hidden, fmt.intermediate, dsize)
+
+
 def expert_mlp(
     x: torch.Tensor,
     views: dict[str, torch.Tensor],
@@ -60,15 +75,16 @@ def expert_mlp(
 ) -> torch.Tensor:
     """y = down(act(gate(x)) * up(x)) for one expert. x: [n, H] -> [n, H].
 
-    `workspace` (CUDA fast path): a flat buffer of at least 2*I*H elements of the
-    compute dtype that receives the dequantized matrices, one after the other."""
+    `workspace` (CUDA fast path): a flat buffer of the compute dtype that receives the
+    dequantized matrices a row chunk at a time; `workspace_numel(fmt)` elements bound it,
+    any size from one chunk of rows up works (2*I*H: each matrix in one piece). Default:
+    a fresh one of `workspace_numel(fmt)`."""
     tk = fast_path(x, fmt)
     if tk is not None:
-        gu = tk.dequantize(matrix_views(views, "gate_up_proj"), fmt.specs["gate_up_proj"], fmt.dtype, workspace)
-        gate, up = F.linear(x, gu).chunk(2, dim=-1)  # [n, I] each
-        h = act_fn(gate) * up
-        down = tk.dequantize(matrix_views(views, "down_proj"), fmt.specs["down_proj"], fmt.dtype, workspace)
-        return F.linear(h, down)
+        if workspace is None:
+            workspace = torch.empty(workspace_numel(fmt), dtype=fmt.dtype, device=x.device)
+        gu, down = matrix_views(views, "gate_up_proj"), matrix_views(views, "down_proj")
+        return chunked_expert_mlp(x, gu, down, fmt.specs, fmt.dtype, act_fn, workspace, tk.dequantize_rows)
     gate_up = fmt.dense(views, "gate_up_proj")  # [2I, H]
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
     h = act_fn(gate) * up  # [n, I]
@@ -76,16 +92,27 @@ def expert_mlp(
 
 
 def quant_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], spec, dtype: torch.dtype) -> torch.Tensor:
-    """y = x @ W.T for a compact-quantized W (dense layers: attention projections)."""
+    """y = x @ W.T for a compact-quantized W (dense layers: attention projections, a 4-bit
+    LM head). On CUDA, many tokens dequantize W in row chunks of at most
+    DEQUANT_WORKSPACE_BYTES (a [32000, 4096] head would be 250 MiB whole)."""
     if x.is_cuda:
         tk = triton_kernels()
         if tk is not None and tk.supported_spec(spec):
             if x.numel() == spec.in_features:  # one token: fused dequant-GEMV
                 return tk.linear(x.to(dtype), tensors, spec, dtype)
-            return F.linear(x.to(dtype), tk.dequantize(tensors, spec, dtype))
+            return chunked_linear(x, tensors, spec, dtype, tk.dequantize_rows)
     from ..quant import compact
 
     return F.linear(x, compact.dequantize(tensors, spec, dtype))
 
 
-__all__ = ["ActFn", "expert_mlp", "fast_path", "matrix_views", "quant_linear", "triton_kernels"]
+__all__ = [
+    "DEQUANT_WORKSPACE_BYTES",
+    "ActFn",
+    "expert_mlp",
+    "fast_path",
+    "matrix_views",
+    "quant_linear",
+    "triton_kernels",
+    "workspace_numel",
+]

@@ -29,6 +29,7 @@ from ..quant.compact import META_GROUP, QuantSpec
 from ..quant.packing import packed_cols
 
 NUM_WARPS = 4
+MAGIC_CODES = True  # codes turned into floats by bit placement, not int->float conversion (see _tile_dot)
 MAX_BLOCK_P = 256  # tiles swept on an H200 with scripts/tune_gemv.py
 _TARGET_PROGRAMS = 8 * 132  # about eight programs per SM of an H100/H200; fine elsewhere too
 _MAX_UNROLL = 1
@@ -54,7 +55,7 @@ def supported_spec(spec: QuantSpec) -> bool:
 @triton.jit
 def _tile_dot(
     x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, MAGIC: tl.constexpr,
 ):  # fmt: skip
     """sum over the columns encoded by packed bytes [p0, p0 + BLOCK_P) of W[rows] * x -> [BLOCK_N].
     Each column tile splits into NG runs of SUB columns, each inside one group, so
@@ -73,15 +74,26 @@ def _tile_dot(
         hi_byte = tl.load(q_ptr + row_off[:, None] + P + (p0 % P1) + offs[None, :], mask=mask[:, None], other=0)
         hi_byte = hi_byte.to(tl.int32)
         hi_sel = (p0 >= P1).to(tl.int32)
+    CB: tl.constexpr = 3 if BITS == 3 else MB  # bits of one code
     acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     for j in tl.static_range(PER):
-        code = (byte >> (MB * j)) & CODE_MASK
-        if BITS == 3:
-            code = code | (((hi_byte >> (2 * j + hi_sel)) & 1) << 2)
         col0 = j * P + p0
         xv = tl.load(x_ptr + col0 + offs).to(tl.float32)  # [BLOCK_P]
-        cx = tl.sum(tl.reshape(code.to(tl.float32) * xv[None, :], (BLOCK_N, NG, SUB)), axis=2)  # [BLOCK_N, NG]
         sx = tl.sum(tl.reshape(xv, (NG, SUB)), axis=1)  # [NG]
+        if MAGIC:
+            # int->float conversion runs at a quarter of the FMA rate: instead, place the code in
+            # the top mantissa bits of 1.0, f = 1 + code / 2**CB exactly, and take sum(f*x) - sum(x)
+            bits = ((byte >> (MB * j)) & CODE_MASK) << (23 - CB)
+            if BITS == 3:
+                bits = bits | (((hi_byte >> (2 * j + hi_sel)) & 1) << 22)
+            f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
+            fx = tl.sum(tl.reshape(f * xv[None, :], (BLOCK_N, NG, SUB)), axis=2)  # [BLOCK_N, NG]
+            cx = (fx - sx[None, :]) * (1 << CB)
+        else:
+            code = (byte >> (MB * j)) & CODE_MASK
+            if BITS == 3:
+                code = code | (((hi_byte >> (2 * j + hi_sel)) & 1) << 2)
+            cx = tl.sum(tl.reshape(code.to(tl.float32) * xv[None, :], (BLOCK_N, NG, SUB)), axis=2)  # [BLOCK_N, NG]
         gidx = gbase[:, None] + ((col0 + run0) // GROUP)[None, :]  # [BLOCK_N, NG] flat (row, group) index
         m2 = mask[:, None]
         m = (gidx // 128) * 4
@@ -99,7 +111,7 @@ def _tile_dot(
 def _gemv_rows(
     x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, pid_n, pid_s, N, P, P1, G, stride_q, p_split, stride_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
-    UNROLL: tl.constexpr,
+    UNROLL: tl.constexpr, MAGIC: tl.constexpr,
 ):  # fmt: skip
     """out[split, n] = sum_k W[n, k] x[k] over this split's K range, for BLOCK_N rows. With GLU
     the matrix is [2N, K] (gate rows, then up rows) and out[n] = silu(gate) * up.
@@ -123,12 +135,12 @@ def _gemv_rows(
             pu = tl.where(live, pu, 0)  # dead tiles read in-bounds bytes and contribute 0
             acc += _tile_dot(
                 x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, pu, P, P1,
-                BITS, GROUP, BLOCK_N, BLOCK_P,
+                BITS, GROUP, BLOCK_N, BLOCK_P, MAGIC,
             )  # fmt: skip
             if GLU:
                 acc_up += _tile_dot(
                     x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off, up_gbase, mask, pu, P, P1,
-                    BITS, GROUP, BLOCK_N, BLOCK_P,
+                    BITS, GROUP, BLOCK_N, BLOCK_P, MAGIC,
                 )  # fmt: skip
     if GLU:
         acc = acc * tl.sigmoid(acc) * acc_up
@@ -139,12 +151,12 @@ def _gemv_rows(
 def _qgemv_kernel(
     x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
-    UNROLL: tl.constexpr,
+    UNROLL: tl.constexpr, MAGIC: tl.constexpr,
 ):  # fmt: skip
     """One matrix whose tensors are passed as pointers (attention, tests)."""
     _gemv_rows(
         x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, tl.program_id(0), tl.program_id(1), N, P, P1, G, stride_q,
-        p_split, stride_split, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL,
+        p_split, stride_split, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC,
     )  # fmt: skip
 
 
@@ -211,7 +223,7 @@ def _launch(spec: QuantSpec, glu: bool, split: int | None) -> tuple[tuple[int, i
     p_split = iters * bp
     consts = dict(
         BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=bn, BLOCK_P=bp, GLU=glu, UNROLL=_unroll(iters),
-        num_warps=NUM_WARPS,
+        MAGIC=MAGIC_CODES, num_warps=NUM_WARPS,
     )  # fmt: skip
     return (triton.cdiv(n, bn), split), (n, P, P1, G, stride_q, p_split, n), consts
 

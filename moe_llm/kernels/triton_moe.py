@@ -38,6 +38,7 @@ class Tuning:
     down_warps: int = 4
     unroll: int = 1
     max_block_p: int = 256
+    magic: bool = True  # see triton_gemv._tile_dot
 
 
 DEFAULT_TUNING = Tuning()
@@ -48,13 +49,15 @@ def _moe_gemv_kernel(
     x_ptr, x_stride, idx_ptr, table_ptr, out_ptr, out_stride, N, P, P1, G, stride_q, p_split, stride_split,
     OFF_Q: tl.constexpr, OFF_SQ: tl.constexpr, OFF_ZQ: tl.constexpr, OFF_META: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
-    UNROLL: tl.constexpr,
+    UNROLL: tl.constexpr, MAGIC: tl.constexpr,
 ):  # fmt: skip
     """Routed position j = program_id(1): out[j, split, n] for the expert top_k_index[j], read
     through its table entry; the input row is x[j] (x_stride 0: the same x for every j)."""
     pid_e = tl.program_id(1)
     e = tl.load(idx_ptr + pid_e)
-    base = tl.load(table_ptr + e)  # int64 address: a GPU slot or pinned host memory
+    # int64 address of a GPU slot or of pinned host memory; every expert buffer and every tensor
+    # in it starts on a 64-byte boundary, which lets the loads vectorise
+    base = tl.multiple_of(tl.load(table_ptr + e), 64)
     q_ptr = (base + OFF_Q).to(tl.pointer_type(tl.uint8))
     sq_ptr = (base + OFF_SQ).to(tl.pointer_type(tl.uint8))
     zq_ptr = (base + OFF_ZQ).to(tl.pointer_type(tl.uint8))
@@ -62,7 +65,7 @@ def _moe_gemv_kernel(
     _gemv_rows(
         x_ptr + pid_e * x_stride, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr + pid_e * out_stride,
         tl.program_id(0), tl.program_id(2), N, P, P1, G, stride_q, p_split, stride_split,
-        BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL,
+        BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC,
     )  # fmt: skip
 
 
@@ -99,7 +102,7 @@ def _launch(fmt: ExpertFormat, name: str, k: int, tuning: Tuning):
     iters = triton.cdiv(P // bp, split)
     consts = dict(
         BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=rows, BLOCK_P=bp, GLU=glu, UNROLL=_unroll(iters, tuning.unroll),
-        num_warps=tuning.gate_up_warps if glu else tuning.down_warps, **_offsets(fmt, name),
+        MAGIC=tuning.magic, num_warps=tuning.gate_up_warps if glu else tuning.down_warps, **_offsets(fmt, name),
     )  # fmt: skip
     return (triton.cdiv(n, rows), k, split), (n, P, P1, G, stride_q, iters * bp, n), consts, split
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointIntegrityError, ConfigError
-from ..expert_format import ExpertFormat
+from ..experts.format import ExpertFormat
 from ..model import MoeInfo, build_skeleton, decoder_layers, moe_info, read_config
 from ..quant import QuantSpec, compact, pick_group_size
 from ..quant.compact import META_GROUP

@@ -1,0 +1,77 @@
+"""Sweep the tile shapes of the routed-experts decode kernels on the GPU (Mixtral-8x7B shapes).
+
+For each bit width and tuning, times one layer's dispatch (k=2 experts: gate_up+GLU, down,
+combine) with every table entry pointing at GPU slots (hits) and at pinned host RAM
+(zero-copy misses), and reports GB/s of expert bytes read. Writes JSON.
+
+    python scripts/tune_moe.py --out tune.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+from triton.testing import do_bench
+
+from moe_llm.bench.synthetic import random_expert
+from moe_llm.experts.format import ExpertFormat
+from moe_llm.experts.store import ExpertStore
+from moe_llm.kernels.triton_moe import MoeDecode, Tuning
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    hidden, inter, E, k = 4096, 14336, 8, 2
+    results = []
+    for bits in (2, 3):
+        fmt = ExpertFormat.build(hidden, inter, bits, torch.bfloat16)
+        gen = torch.Generator("cuda").manual_seed(0)
+        store = ExpertStore(fmt, [0], E, pin=True)
+        for e in range(E):
+            store.put_raw(0, e, random_expert(fmt, "cuda", gen))
+        slots = torch.stack([store.buffer(0, e).cuda() for e in range(E)])
+        tables = {
+            "slots": torch.tensor([slots[e].data_ptr() for e in range(E)], dtype=torch.int64, device="cuda"),
+            "host": torch.tensor([store.address(0, e) for e in range(E)], dtype=torch.int64, device="cuda"),
+        }
+        x = torch.randn(hidden, device="cuda", generator=gen).to(torch.bfloat16)
+        idx = torch.tensor([2, 5], device="cuda")
+        w = torch.tensor([0.6, 0.4], device="cuda")
+        out = torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
+        grid = dict(gate_up_rows=(4, 8, 16, 32), down_rows=(8, 16, 32), warps=(4, 8), magic=(True, False), unroll=(1, 2))
+        if args.quick:
+            grid = dict(gate_up_rows=(8, 16, 32), down_rows=(16, 32), warps=(4,), magic=(True, False), unroll=(1,))
+        ref = None
+        for gur, dr, wp, mg, un in itertools.product(*grid.values()):
+            t = Tuning(gate_up_rows=gur, down_rows=dr, gate_up_warps=wp, down_warps=wp, magic=mg, unroll=un)
+            run = MoeDecode(fmt, k, torch.device("cuda"), t)
+            row = {"bits": bits, **t.__dict__, "expert_bytes": fmt.nbytes}
+            for name, table in tables.items():
+                ms = do_bench(lambda table=table: run(x, idx, w, table, out), warmup=10, rep=60 if name == "slots" else 30)
+                row[f"{name}_us"] = ms * 1e3
+                row[f"{name}_gb_s"] = k * fmt.nbytes / (ms * 1e-3) / 1e9
+            got = out.float().clone()
+            if ref is None:
+                ref = got
+            row["max_rel_diff_vs_first"] = float((got - ref).abs().max() / ref.abs().max())
+            results.append(row)
+            print(json.dumps({k2: (round(v, 3) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
+        ref = None
+    best = {}
+    for bits in (2, 3):
+        rows = [r for r in results if r["bits"] == bits]
+        best[bits] = max(rows, key=lambda r: r["slots_gb_s"])
+        print("best", bits, best[bits])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"results": results, "best": best}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
