@@ -96,6 +96,9 @@ class EngineConfig(BaseModel):
     admissions_in_flight: int = Field(
         4, description="Decode admission copies in flight at once; they share the link with zero-copy misses."
     )
+    kernel_tuning: str | None = Field(
+        None, description="JSON of decode-kernel tile shapes measured on this machine (scripts/tune_moe.py)."
+    )
     cuda_graphs: bool = Field(
         True, description="On CUDA, replay each decode step (every layer and the LM head) as one CUDA graph."
     )

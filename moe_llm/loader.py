@@ -184,7 +184,9 @@ def build_runtime(model, cfg, info, fmt: ExpertFormat, store, plan: Plan, dev, r
         nxt = dict(zip(info.layers[:-1], info.layers[1:], strict=True))
         guesses = cfg.prefetch_experts or info.top_k
         prefetcher = PromptPrefetcher(cache, routers, _norm_ratios(layers, info.layers), nxt, guesses)
-    runtime = ExpertsRuntime(cache, fmt, act_fn, info.top_k, prefetcher, evict_on_admit=cfg.prefetch)
+    runtime = ExpertsRuntime(
+        cache, fmt, act_fn, info.top_k, prefetcher, evict_on_admit=cfg.prefetch, kernel_tuning=cfg.kernel_tuning
+    )
     return runtime, plan
 
 

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 
 from .config import format_size
 from .errors import BudgetError, ConfigError
-from .kernels.chunking import dequant_workspace_numel
 
 PREFILL_CHUNK = 4096  # tokens of one prefill pass the activation term is sized for
 
@@ -70,20 +69,21 @@ def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, context: int, 
 
 
 def workspace_bytes(hidden: int, intermediate: int, vocab: int, context: int, dtype_bytes: int) -> int:
-    """Device scratch beyond the trunk, KV and slots, with 25% + 64 MiB headroom. It counts
+    """Device scratch beyond the trunk, KV and slots. It counts
 
     - activations of one prefill pass of min(context, PREFILL_CHUNK) tokens:
-      4 hidden-sized and 2 intermediate-sized rows per token in the compute dtype;
-    - the prefill dequant workspace of `expert_mlp`, which expands a bounded row
-      chunk of one expert matrix at a time (`kernels.chunking.DEQUANT_WORKSPACE_BYTES`,
-      64 MiB), not a whole dequantized expert;
-    - one token's logits (fp32, twice: the LM head's output and the sampler's copy).
+      4 hidden-sized and 2 intermediate-sized rows per token in the compute dtype, +25%;
+    - the prefill dequant workspace of the experts runtime: one whole gate_up [2I, H] in
+      the compute dtype (row chunks would save ~160 MiB on Mixtral but doubled the cold
+      1024-token TTFT on the H200, so prefill dequantizes each matrix in one piece);
+    - one token's logits (fp32, twice: the LM head's output and the sampler's copy);
+    - 64 MiB for cuBLAS workspaces and allocator rounding.
     """
     chunk = min(context, PREFILL_CHUNK)
     act = chunk * (4 * hidden + 2 * intermediate) * dtype_bytes
-    dequant = dequant_workspace_numel(hidden, intermediate, dtype_bytes) * dtype_bytes
+    dequant = 2 * intermediate * hidden * dtype_bytes
     logits = vocab * 4 * 2
-    return int(1.25 * (act + dequant + logits)) + (64 << 20)
+    return int(1.25 * act) + dequant + logits + (64 << 20)
 
 
 def check_cache_per_layer(cache_per_layer: int | None, num_experts: int) -> None:

@@ -35,8 +35,9 @@ def test_dispatch_reads_slots_and_host_ram_alike(bits, shape):
     for e in range(E):
         store.put_raw(0, e, random_expert(fmt, "cuda", gen))
     slots = torch.stack([store.buffer(0, e).cuda() for e in range(E)])  # [E, bytes]
-    host = torch.tensor([store.address(0, e) for e in range(E)], dtype=torch.int64, device="cuda")
-    device = torch.tensor([slots[e].data_ptr() for e in range(E)], dtype=torch.int64, device="cuda")
+    base = slots.data_ptr()  # entries are byte offsets from the pool: to a slot, or to host RAM
+    host = torch.tensor([store.address(0, e) - base for e in range(E)], dtype=torch.int64, device="cuda")
+    device = torch.tensor([slots[e].data_ptr() - base for e in range(E)], dtype=torch.int64, device="cuda")
     x = (torch.randn(hidden, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
     idx = torch.tensor([3, 1], device="cuda")
     w = torch.tensor([0.7, 0.3], device="cuda")
@@ -45,7 +46,7 @@ def test_dispatch_reads_slots_and_host_ram_alike(bits, shape):
     outs = {}
     for name, table in (("host", host), ("device", device), ("mixed", torch.where(torch.arange(E, device="cuda") == 3, device, host))):
         out = torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
-        run(x, idx, w, table, out)
+        run(x, idx, w, table, slots, out)
         outs[name] = out.clone()
     torch.testing.assert_close(outs["host"].float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
     assert torch.equal(outs["host"], outs["device"]) and torch.equal(outs["host"], outs["mixed"])

@@ -9,7 +9,6 @@ import json
 import pytest
 
 from moe_llm.errors import BudgetError, ConfigError
-from moe_llm.kernels.chunking import DEQUANT_WORKSPACE_BYTES
 from moe_llm.planner import Plan, plan_slots, planned_context, workspace_bytes
 from moe_llm.sizing import plan_model
 
@@ -90,14 +89,14 @@ def test_the_kv_is_planned_for_max_context_when_given(max_context, model_max, co
     assert planned_context(max_context, model_max) == context
 
 
-def test_the_workspace_holds_a_bounded_dequant_chunk_not_a_whole_expert():
+def test_the_workspace_holds_one_dequantized_gate_up_and_the_prefill_activations():
     h, i, v = 4096, 14336, 32000
     ws = workspace_bytes(h, i, v, 1024, 2)
     act = 1024 * (4 * h + 2 * i) * 2
-    assert ws == int(1.25 * (act + DEQUANT_WORKSPACE_BYTES + v * 8)) + 64 * MIB
-    assert ws < 3 * h * i * 2  # the old plan reserved a whole dequantized expert (336 MiB) on top
-    small = workspace_bytes(64, 128, 512, 4096, 4)  # a tiny expert goes through whole
-    assert small == int(1.25 * (4096 * (4 * 64 + 2 * 128) * 4 + 2 * 64 * 128 * 4 + 512 * 8)) + 64 * MIB
+    assert ws == int(1.25 * act) + 2 * i * h * 2 + v * 8 + 64 * MIB
+    assert ws < 3 * h * i * 2 + int(1.25 * act)  # the old plan reserved a whole expert, with headroom on top
+    small = workspace_bytes(64, 128, 512, 4096, 4)
+    assert small == int(1.25 * 4096 * (4 * 64 + 2 * 128) * 4) + 2 * 64 * 128 * 4 + 512 * 8 + 64 * MIB
 
 
 def test_head_bits_shrink_the_planned_trunk_by_the_head(tiny_mixtral):

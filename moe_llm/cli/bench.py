@@ -48,6 +48,9 @@ def bench(
         1152, "--max-context", help="Context every row plans its KV for (llama-bench: prompt + generated tokens)."
     ),
     head_bits: str = typer.Option("4", "--head-bits", help="LM head quantization of the synthetic trunk: 4 or none."),
+    kernel_tuning: Path | None = typer.Option(
+        None, "--kernel-tuning", help="Decode-kernel tile shapes measured on this machine (scripts/tune_moe.py)."
+    ),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens"),
     new_tokens: int = typer.Option(128, "--new-tokens"),
     ttft: str = typer.Option("512,1024", "--ttft", help="Prompt lengths for time to first token."),
@@ -91,7 +94,8 @@ def bench(
         geometry, device, bits=experts_bits, budget=parse_size(gpu_budget), extra_budgets=_sizes(extra_budget),
         also_bits=_ints(also_bits, "--also-bits"), workload=workload, accelerate_layers=accelerate_layers or None,
         out=out, command=shlex.join(["moe-llm", *sys.argv[1:]]), on_row=on_row,
-        options=(("max_context", max_context),), head_bits=hb,
+        options=(("max_context", max_context),) + ((("kernel_tuning", str(kernel_tuning)),) if kernel_tuning else ()),
+        head_bits=hb,
     )  # fmt: skip
     table = Table(title=f"synthetic Mixtral ({geometry.layers} layers), random routing")
     for h in TABLE_HEADER:

@@ -2,8 +2,9 @@
 
 Any layer may hold any number of slots, down to a small floor per layer; which
 expert leaves is the policy's choice (`policy`). Next to the slots the cache keeps
-a device table ``table[row(layer), expert]`` of int64 addresses: the slot when
-the expert is resident, its pinned host buffer otherwise. The decode kernels read
+a device table ``table[row(layer), expert]`` of int64 byte offsets from the pool's
+start: to the slot when the expert is resident, to its pinned host buffer otherwise
+(one address space: UVA). The decode kernels read
 experts through that table, so a miss is read in place over the link (zero-copy)
 and nothing waits for the host.
 
@@ -74,11 +75,13 @@ class ExpertCache:
             self._ready = [torch.cuda.Event() for _ in range(n)]
             self._released = [torch.cuda.Event() for _ in range(n)]
             self._repointed = [torch.cuda.Event() for _ in range(n)]
+            base = self.pool.data_ptr()  # table entries are byte offsets from the pool (UVA)
             self._host = torch.tensor(
-                [[store.address(layer, e) for e in range(self.num_experts)] for layer in self.layers], dtype=torch.int64
+                [[store.address(layer, e) - base for e in range(self.num_experts)] for layer in self.layers],
+                dtype=torch.int64,
             )  # [L, E]
             self.table = self._host.to(self.device)  # [L, E] every expert starts in host RAM
-            self._slot_addr = [self.pool[i].data_ptr() for i in range(n)]
+            self._slot_addr = [i * nbytes for i in range(n)]
 
     # -- queries -------------------------------------------------------------
     @property

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ActFn, expert_mlp, fast_path, workspace_numel
+from ..kernels import ActFn, expert_mlp, fast_path
 from .cache import ExpertCache
 from .format import ExpertFormat
 from .prefetch import PromptPrefetcher
@@ -68,6 +68,7 @@ class ExpertsRuntime:
         top_k: int,
         prefetcher: PromptPrefetcher | None = None,
         evict_on_admit: bool = True,
+        kernel_tuning: str | None = None,
     ):
         self.cache = cache
         self.stats = cache.stats
@@ -78,6 +79,7 @@ class ExpertsRuntime:
         # after each decode step missed experts are copied into free slots; with this, also into
         # slots whose experts the policy finds less worth keeping
         self.evict_on_admit = evict_on_admit
+        self.kernel_tuning = kernel_tuning  # JSON from scripts/tune_moe.py, or None: the defaults
         self._kernels = _device_kernels(cache, fmt, act_fn)
         # "device": dispatch on the GPU; "host": CPU, same semantics; "copy": host-driven copies
         self.mode = "device" if self._kernels is not None else ("copy" if cache.cuda else "host")
@@ -147,11 +149,14 @@ class ExpertsRuntime:
 
     def _device_step(self, layer, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         if self._dispatch is None:
-            self._dispatch = self._kernels.MoeDecode(self.fmt, top_k_index.numel(), hidden.device)
+            k = self._kernels
+            tuning = k.Tuning.from_file(self.kernel_tuning, self.fmt.bits) if self.kernel_tuning else k.DEFAULT_TUNING
+            self._dispatch = k.MoeDecode(self.fmt, top_k_index.numel(), hidden.device, tuning)
             self._routing = torch.zeros(len(self.cache.layers), top_k_index.numel(), dtype=torch.long,
                                         device=hidden.device)  # fmt: skip
         out = self._out(layer, hidden)
-        self._dispatch(hidden.reshape(-1), top_k_index, top_k_weights, self.cache.table_row(layer), out)
+        cache = self.cache
+        self._dispatch(hidden.reshape(-1), top_k_index, top_k_weights, cache.table_row(layer), cache.pool, out)
         self._routing[self.cache.row[layer]].copy_(top_k_index.reshape(-1))
         return out
 
@@ -218,7 +223,9 @@ class ExpertsRuntime:
 
     def _workspace(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self._dequant_ws is None and fast_path(hidden, self.fmt) is not None:
-            n = workspace_numel(self.fmt)  # row chunks of a bounded size, as the planner counts
+            # a whole gate_up [2I, H]: one dequantize and one GEMM per matrix (row chunks cost
+            # prefill time on the H200); the planner counts this size
+            n = 2 * self.fmt.intermediate * self.fmt.hidden
             self._dequant_ws = torch.empty(n, dtype=self.fmt.dtype, device=hidden.device)
         return self._dequant_ws
 

@@ -32,8 +32,8 @@ _TARGET_PROGRAMS = 8 * 132
 class Tuning:
     """Tile shapes of the two expert GEMVs (swept on an H200 with scripts/tune_moe.py)."""
 
-    gate_up_rows: int = 8
-    down_rows: int = 16
+    gate_up_rows: int = 16
+    down_rows: int = 32
     gate_up_warps: int = 4
     down_warps: int = 4
     unroll: int = 1
@@ -41,12 +41,25 @@ class Tuning:
     magic: bool = True  # see triton_gemv._tile_dot
 
 
+    @classmethod
+    def from_file(cls, path: str, bits: int) -> Tuning:
+        """The tuning for `bits` from a JSON file written by scripts/tune_moe.py (``{"2": {...}}``);
+        the defaults for widths it does not list."""
+        import json
+        from dataclasses import fields
+
+        entry = json.loads(open(path).read()).get("best", {}).get(str(bits))
+        if not entry:
+            return cls()
+        return cls(**{f.name: entry[f.name] for f in fields(cls) if f.name in entry})
+
+
 DEFAULT_TUNING = Tuning()
 
 
 @triton.jit
 def _moe_gemv_kernel(
-    x_ptr, x_stride, idx_ptr, table_ptr, out_ptr, out_stride, N, P, P1, G, stride_q, p_split, stride_split,
+    x_ptr, x_stride, idx_ptr, table_ptr, base_ptr, out_ptr, out_stride, N, P, P1, G, stride_q, p_split, stride_split,
     OFF_Q: tl.constexpr, OFF_SQ: tl.constexpr, OFF_ZQ: tl.constexpr, OFF_META: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
     UNROLL: tl.constexpr, MAGIC: tl.constexpr,
@@ -55,13 +68,15 @@ def _moe_gemv_kernel(
     through its table entry; the input row is x[j] (x_stride 0: the same x for every j)."""
     pid_e = tl.program_id(1)
     e = tl.load(idx_ptr + pid_e)
-    # int64 address of a GPU slot or of pinned host memory; every expert buffer and every tensor
-    # in it starts on a 64-byte boundary, which lets the loads vectorise
-    base = tl.multiple_of(tl.load(table_ptr + e), 64)
-    q_ptr = (base + OFF_Q).to(tl.pointer_type(tl.uint8))
-    sq_ptr = (base + OFF_SQ).to(tl.pointer_type(tl.uint8))
-    zq_ptr = (base + OFF_ZQ).to(tl.pointer_type(tl.uint8))
-    meta_ptr = (base + OFF_META).to(tl.pointer_type(tl.float32))
+    # int64 byte offset from `base_ptr` (the slot pool) to a GPU slot or to pinned host memory
+    # (UVA: any address is base + offset). Offsets from a pointer argument, rather than raw
+    # addresses cast to pointers, keep the compiler's alignment facts: every expert buffer and
+    # every tensor in it starts on a 64-byte boundary, so the loads vectorise.
+    off = tl.multiple_of(tl.load(table_ptr + e), 64)
+    q_ptr = base_ptr + off + OFF_Q
+    sq_ptr = base_ptr + off + OFF_SQ
+    zq_ptr = base_ptr + off + OFF_ZQ
+    meta_ptr = (base_ptr + off + OFF_META).to(tl.pointer_type(tl.float32), bitcast=True)
     _gemv_rows(
         x_ptr + pid_e * x_stride, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr + pid_e * out_stride,
         tl.program_id(0), tl.program_id(2), N, P, P1, G, stride_q, p_split, stride_split,
@@ -120,12 +135,15 @@ class MoeDecode:
         self.part = torch.empty(top_k, self.split, hidden, dtype=torch.float32, device=device)  # [k, split, H]
 
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 table_row: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """x [H] -> out [H] = sum_j w[j] * expert_{idx[j]}(x); table_row: int64 [E] addresses."""
+                 table_row: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """x [H] -> out [H] = sum_j w[j] * expert_{idx[j]}(x); table_row: int64 [E] byte offsets of
+        each expert's buffer from `base` (a uint8 tensor, e.g. the slot pool)."""
         idx = top_k_index.reshape(-1)
         grid, args, consts, _ = self._gate_up
-        _moe_gemv_kernel[grid](x, 0, idx, table_row, self.h, self.h.stride(0), *args, **consts)
+        _moe_gemv_kernel[grid](x, 0, idx, table_row, base, self.h, self.h.stride(0), *args, **consts)
         grid, args, consts, _ = self._down
-        _moe_gemv_kernel[grid](self.h, self.h.stride(0), idx, table_row, self.part, self.part.stride(0), *args, **consts)
+        _moe_gemv_kernel[grid](
+            self.h, self.h.stride(0), idx, table_row, base, self.part, self.part.stride(0), *args, **consts
+        )
         combine(self.part, top_k_weights.reshape(-1), out.view(-1))
         return out
