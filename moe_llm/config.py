@@ -90,8 +90,9 @@ class EngineConfig(BaseModel):
         None, description="Router top-k counted per prompt token for the next layer's guess; default the model's top-k."
     )
     cache_policy: Literal["lru", "lfu"] = Field(
-        "lru", description="Which expert leaves the global cache: 'lru', or 'lfu' (frequency-aware, admits a "
-        "missed expert only if it is used more often than its victim)."
+        "lru",
+        description="Which expert leaves the global cache: 'lru', or 'lfu' (frequency-aware, admits a "
+        "missed expert only if it is used more often than its victim).",
     )
     admissions_in_flight: int = Field(
         4, description="Decode admission copies in flight at once; they share the link with zero-copy misses."

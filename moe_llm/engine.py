@@ -26,6 +26,7 @@ from .errors import InputError
 from .experts.runtime import ExpertsRuntime
 from .planner import Plan
 from .sampling import sample
+from .stats import Stats
 from .textstream import TextStream
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ import torch
 from .checkpoint import Checkpoint
 from .engine import Engine
 from .errors import ConfigError, ModelLoadError
+from .experts import ExpertCache, ExpertFormat, ExpertsRuntime, OffloadedExperts, PromptPrefetcher
 from .model import (
     build_skeleton,
     decoder_layers,
@@ -29,7 +30,6 @@ from .model import (
     quantize_head,
     read_config,
 )
-from .experts import ExpertCache, ExpertFormat, ExpertsRuntime, OffloadedExperts, PromptPrefetcher
 from .planner import Plan, check_cache_per_layer, kv_cache_bytes, plan_slots, planned_context, workspace_bytes
 from .qformat import QuantizedCheckpoint, is_quantized_dir
 from .retry import allocate_shrinking

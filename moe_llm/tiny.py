@@ -60,7 +60,9 @@ def train_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def tiny_config(family: str, vocab_size: int, layers: int = 2, experts: int = 8, bos: int = 0, eos: int = 1, pad: int = 2):
+def tiny_config(
+    family: str, vocab_size: int, layers: int = 2, experts: int = 8, bos: int = 0, eos: int = 1, pad: int = 2
+):
     from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
     common = dict(
@@ -96,9 +98,7 @@ def make_tiny(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
-    cfg = tiny_config(
-        family, len(tok), layers, experts, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    )
+    cfg = tiny_config(family, len(tok), layers, experts, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     cfg.initializer_range = init_std  # a wider init gives routing with some structure
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -54,7 +54,11 @@ def main() -> None:
             run = MoeDecode(fmt, k, torch.device("cuda"), t)
             row = {"bits": bits, **t.__dict__, "expert_bytes": fmt.nbytes}
             for name, table in tables.items():
-                ms = do_bench(lambda table=table: run(x, idx, w, table, slots, out), warmup=10, rep=60 if name == "slots" else 30)
+
+                def step(run=run, table=table, x=x, idx=idx, w=w, slots=slots, out=out):
+                    run(x, idx, w, table, slots, out)
+
+                ms = do_bench(step, warmup=10, rep=60 if name == "slots" else 30)
                 row[f"{name}_us"] = ms * 1e3
                 row[f"{name}_gb_s"] = k * fmt.nbytes / (ms * 1e-3) / 1e9
             got = out.float().clone()

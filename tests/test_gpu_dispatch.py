@@ -44,7 +44,11 @@ def test_dispatch_reads_slots_and_host_ram_alike(bits, shape):
     ref = sum(w[j] * _reference(fmt, fmt.layout.views(slots[int(e)]), x) for j, e in enumerate(idx.tolist()))
     run = MoeDecode(fmt, k, torch.device("cuda"))
     outs = {}
-    for name, table in (("host", host), ("device", device), ("mixed", torch.where(torch.arange(E, device="cuda") == 3, device, host))):
+    for name, table in (
+        ("host", host),
+        ("device", device),
+        ("mixed", torch.where(torch.arange(E, device="cuda") == 3, device, host)),
+    ):
         out = torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
         run(x, idx, w, table, slots, out)
         outs[name] = out.clone()

@@ -35,8 +35,8 @@ def test_cuda_greedy_tokens_equal_transformers(tiny_dirs, references, family, ca
     want = want[: next((i for i, t in enumerate(want) if t in engine.eos_ids), len(want))]
     assert got == want and len(got) > 0
     assert engine.stats.cache_misses > 0
-    if prefetch:
-        assert engine.stats.prefetch_issued > 0
+    # unquantized experts have no device kernel: decode is dispatched by the host, one sync per layer
+    assert engine.stats.host_syncs_per_token == len(engine.cache.layers)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])

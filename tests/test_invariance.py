@@ -75,8 +75,13 @@ def test_policies_and_admissions_change_bytes_not_tokens(tmp_path):
     for policy in ("lru", "lfu"):
         for cache in (1, 3):
             for prefetch in (True, False):
-                engine = moe_llm.load(path, experts_bits=2, cache_per_layer=cache, cache_policy=policy, prefetch=prefetch)
-                runs[policy, cache, prefetch] = (engine.generate(PROMPT, max_new_tokens=16).token_ids, engine.stats.copy())
+                engine = moe_llm.load(
+                    path, experts_bits=2, cache_per_layer=cache, cache_policy=policy, prefetch=prefetch
+                )
+                runs[policy, cache, prefetch] = (
+                    engine.generate(PROMPT, max_new_tokens=16).token_ids,
+                    engine.stats.copy(),
+                )
     reference = moe_llm.load(path, experts_bits=2, cache_per_layer=8, prefetch=False).generate(
         PROMPT, max_new_tokens=16
     )

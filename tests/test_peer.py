@@ -438,3 +438,13 @@ def test_merge_reports_missing_inputs(tmp_path, peer_dir, capsys):
     assert peer.main(["merge", str(tmp_path / "none.json"), str(peer_dir)]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert peer.main(["merge", str(tmp_path / "none.json"), str(tmp_path / "empty")]) == 1
+
+
+def test_peer_targets_say_what_was_met_and_by_how_much_the_rest_fell_short():
+    from moe_llm.bench.peer import peer_targets
+
+    got = {t["key"]: t for t in peer_targets({"speedup_vs_llamacpp_decode": 0.55, "speedup_vs_llamacpp_prefill": 1.9})}
+    assert got["speedup_vs_llamacpp_decode"]["met"] is False
+    assert abs(got["speedup_vs_llamacpp_decode"]["missed_by"] - 0.5) < 1e-9
+    assert got["speedup_vs_llamacpp_prefill"]["met"] is True and "missed_by" not in got["speedup_vs_llamacpp_prefill"]
+    assert got["speedup_vs_llamacpp_resident"]["value"] is None and got["speedup_vs_llamacpp_resident"]["met"] is None

@@ -376,6 +376,32 @@ def configs_table(block: dict) -> str:
 # ---------------------------------------------------------------- merge into our JSON
 
 
+# issue 11's bars against the peer: (key, target), each a minimum
+PEER_TARGETS = (
+    ("speedup_vs_llamacpp_decode", 1.1),
+    ("speedup_vs_llamacpp_resident", 0.8),
+    ("speedup_vs_llamacpp_prefill", 1.5),
+)
+
+
+def peer_targets(run: dict) -> list[dict]:
+    """One entry per PEER_TARGETS key: value, met, and by how much a missed one fell short."""
+    out = []
+    for key, target in PEER_TARGETS:
+        value = run.get(key)
+        entry = {
+            "key": key,
+            "target": target,
+            "kind": "min",
+            "value": value,
+            "met": None if value is None else value >= target,
+        }
+        if value is not None and value < target:
+            entry["missed_by"] = (target - value) / target
+        out.append(entry)
+    return out
+
+
 def merge(run: dict, block: dict, bits: int | None = None, budget: int | None = None) -> dict:
     """Add the `llamacpp` block and the speedup fields to a `moe-llm bench` result dict (in place).
     bits and budget default to the headline row's: the `full` row, else 2 bits at 12 GiB."""
@@ -386,6 +412,8 @@ def merge(run: dict, block: dict, bits: int | None = None, budget: int | None = 
     )
     run["llamacpp"] = block
     run.update(speedups(run.get("variants", []), block, bits=bits, headline_budget=budget))
+    keys = {key for key, _ in PEER_TARGETS}
+    run["targets"] = [t for t in run.get("targets", []) if t.get("key") not in keys] + peer_targets(run)
     return run
 
 

@@ -257,7 +257,13 @@ def run_protocol(
             model.set_experts(bits)
         if dev.type == "cuda":
             try:
-                kernels[str(bits)] = kernel_timings(model.fmt, dev)
+                path = next((dict(v.options).get("kernel_tuning") for v in variants if v.bits == bits), None)
+                tuning = None
+                if path:
+                    from ..kernels.triton_moe import Tuning
+
+                    tuning = Tuning.from_file(path, bits)
+                kernels[str(bits)] = kernel_timings(model.fmt, dev, tuning=tuning)
             except Exception as exc:  # timings are diagnostics; never lose the rows for them
                 kernels[str(bits)] = {"error": f"{type(exc).__name__}: {exc}"}
         group = [v for v in variants if v.bits == bits]

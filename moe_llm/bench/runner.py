@@ -48,7 +48,10 @@ def default_variants(
         Variant("full-eager", bits, budget, options=o + (("cuda_graphs", False),)),  # what the graph buys
     ]
     vs += [Variant(f"full-{b / (1 << 30):g}GiB", bits, b, options=o) for b in extra_budgets]
-    vs += [Variant(f"full-lfu-{b / (1 << 30):g}GiB", bits, b, options=o + (("cache_policy", "lfu"),)) for b in extra_budgets]
+    vs += [
+        Variant(f"full-lfu-{b / (1 << 30):g}GiB", bits, b, options=o + (("cache_policy", "lfu"),))
+        for b in extra_budgets
+    ]
     for ob in also_bits:  # the other widths: the headline budget and the resident time for its bound
         vs.append(Variant(f"full-{ob}bit", ob, budget, options=o))
         vs.append(Variant(f"resident-{ob}bit", ob, None, options=o))

@@ -23,11 +23,11 @@ from torch import nn
 from ..config import EngineConfig
 from ..engine import Engine
 from ..experts.format import ExpertFormat
+from ..experts.store import ExpertStore
 from ..loader import assemble, plan_for
 from ..model import _rebuild_meta_buffers, _set_tensor, build_skeleton, decoder_layers, moe_info, quantize_head
 from ..quant import QuantSpec, pick_group_size
 from ..quant_linear import QuantLinear
-from ..experts.store import ExpertStore
 
 log = logging.getLogger(__name__)
 

@@ -84,11 +84,17 @@ def load_engine(
 ModelArg = typer.Argument(None, help="Local HF checkpoint directory (default: the embedded demo model).")
 # option defaults of None defer to MOE_LLM_* variables and the settings file (moe_llm.settings)
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: settings, else cpu).")
-ExpertsBitsOpt = typer.Option(None, "--experts-bits", help=f"Expert quantization: {BITS_HELP} (default: settings, else none).")
-AttnBitsOpt = typer.Option(None, "--attn-bits", help="Dense/attention quantization: 4 or none (default: settings, else none).")
+ExpertsBitsOpt = typer.Option(
+    None, "--experts-bits", help=f"Expert quantization: {BITS_HELP} (default: settings, else none)."
+)
+AttnBitsOpt = typer.Option(
+    None, "--attn-bits", help="Dense/attention quantization: 4 or none (default: settings, else none)."
+)
 HeadBitsOpt = typer.Option(
     None, "--head-bits", help="LM head quantization: 4 or none (default: settings, else none = 16-bit)."
 )
 CacheOpt = typer.Option(None, "--cache-per-layer", help="Expert slots, as a count per MoE layer (the cache is global).")
 BudgetOpt = typer.Option(None, "--gpu-budget", help="Device memory budget, e.g. 12GiB.")
-NoPrefetchOpt = typer.Option(False, "--no-prefetch", help="No copies ahead of use (prompt prefetch, decode admissions).")
+NoPrefetchOpt = typer.Option(
+    False, "--no-prefetch", help="No copies ahead of use (prompt prefetch, decode admissions)."
+)

@@ -75,9 +75,13 @@ def generate(
             "[cyan]note:[/] no model given; using the embedded demo MoE (Mixtral architecture, 21M "
             "parameters, 8 experts, trained on the Python standard library's source: it writes Python-like text)"
         )
-    engine = load_engine(path, device, experts_bits, attn_bits, cache_per_layer, gpu_budget, not no_prefetch, quiet=as_json)
+    engine = load_engine(
+        path, device, experts_bits, attn_bits, cache_per_layer, gpu_budget, not no_prefetch, quiet=as_json
+    )
     request = [{"role": "user", "content": prompt}] if chat else prompt
-    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or [])
+    opts = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []
+    )
     if as_json:
         result = engine.generate(request, **opts)
         sys.stdout.write(json.dumps(result.to_dict()) + "\n")

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def triton_kernels() -> SimpleNamespace | None:
     """The Triton kernels (gemv, linear, combine, dequantize, dequantize_rows,
-    supported_spec, DecodeWorkspace), or None when Triton cannot be imported."""
+    supported_spec), or None when Triton cannot be imported."""
     try:
         from . import triton_dequant
         from . import triton_gemv as tg
@@ -44,7 +44,7 @@ def triton_kernels() -> SimpleNamespace | None:
         return None
     return SimpleNamespace(
         gemv=tg.gemv, linear=tg.linear, combine=tg.combine, supported_spec=tg.supported_spec,
-        DecodeWorkspace=tg.DecodeWorkspace, dequantize=triton_dequant.dequantize,
+        dequantize=triton_dequant.dequantize,
         dequantize_rows=triton_dequant.dequantize_rows,
     )  # fmt: skip
 

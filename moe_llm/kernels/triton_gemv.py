@@ -10,10 +10,9 @@ with the float32 (min, step) of its run of 128 groups and accumulates
 ``scale * (sum(code * x) - zero * sum(x))``: packed weights are read once, in
 contiguous tiles, and never written back dequantized.
 
-Three launches serve one routed expert at decode: ``gate_up`` with the GLU
-(silu(gate) * up) fused, ``down`` split along K into fp32 partials, and one
-`combine` per layer that sums partials and applies the routing weights in a
-fixed order, so results do not depend on which expert was computed first.
+The routed experts of a decode step go through `triton_moe`, which runs the same
+row loop (`_gemv_rows`) on experts found through the cache's table; `combine` sums
+their K-partials and applies the routing weights in a fixed order.
 """
 
 from __future__ import annotations
@@ -257,20 +256,6 @@ def linear(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, dtype: 
     out = torch.empty(n, dtype=dtype, device=x.device)
     gemv(x.reshape(-1).contiguous(), t, spec, out, split=1)
     return out.view(*lead, n)
-
-
-class DecodeWorkspace:
-    """Buffers for one token's routed experts, allocated once per runtime."""
-
-    def __init__(self, top_k: int, gate_up: QuantSpec, down: QuantSpec, device: torch.device):
-        self.h = torch.empty(top_k, gate_up.out_features // 2, dtype=torch.float32, device=device)  # [k, I]
-        self.part = torch.empty(top_k, split_for(down), down.out_features, dtype=torch.float32, device=device)
-
-    def expert(self, j: int, x: torch.Tensor, gate_up: dict, down: dict, fmt) -> None:
-        """Routed position j: part[j] = down(silu(gate(x)) * up(x)) as fp32 K-partials.
-        `gate_up` / `down`: the compact tensors (q, scale_q, zero_q, meta) of each matrix."""
-        gemv(x, gate_up, fmt.specs["gate_up_proj"], self.h[j], glu=True)
-        gemv(self.h[j], down, fmt.specs["down_proj"], self.part[j])
 
 
 assert META_GROUP == 128, "the kernels hard-code runs of 128 groups per (min, step) pair"

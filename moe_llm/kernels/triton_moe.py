@@ -17,13 +17,14 @@ depend on where each expert was read from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from ..experts.format import ExpertFormat
 from ..quant.compact import QuantSpec
-from .triton_gemv import _geometry, _gemv_rows, _unroll, block_p, combine, supported_spec
+from .triton_gemv import _gemv_rows, _geometry, _unroll, block_p, combine, supported_spec
 
 _TARGET_PROGRAMS = 8 * 132
 
@@ -39,7 +40,6 @@ class Tuning:
     unroll: int = 1
     max_block_p: int = 256
     magic: bool = True  # see triton_gemv._tile_dot
-
 
     @classmethod
     def from_file(cls, path: str, bits: int) -> Tuning:
