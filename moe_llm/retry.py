@@ -74,7 +74,7 @@ def allocate_shrinking(
             raise
         _release_cached_memory()
         raise BudgetError(
-            f"out of memory allocating {state['slots']} expert slot(s) per layer "
+            f"out of memory allocating {state['slots']} expert slot(s) "
             f"({format_size(state['slots'] * bytes_per_slot)}); lower --cache-per-layer or --gpu-budget, "
             "or free device memory"
         ) from None
