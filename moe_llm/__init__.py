@@ -5,8 +5,11 @@ expert slots sits on the device, and the next layer's router prefetches the
 experts it will likely need while the current layer computes.
 """
 
-from .config import EngineConfig, GenerationConfig
-from .engine import Engine, GenerationResult, StreamChunk
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BudgetError,
     CheckpointIntegrityError,
@@ -16,9 +19,23 @@ from .errors import (
     MoeLLMError,
     UnsupportedModelError,
 )
-from .loader import load
+
+if TYPE_CHECKING:
+    from .config import EngineConfig, GenerationConfig
+    from .engine import Engine, GenerationResult, StreamChunk
+    from .loader import load
 
 __version__ = "0.1.0"
+
+# torch, transformers and pydantic load on first use, so `import moe_llm` and `moe-llm --help` stay fast
+_LAZY = {
+    "EngineConfig": ".config",
+    "GenerationConfig": ".config",
+    "Engine": ".engine",
+    "GenerationResult": ".engine",
+    "StreamChunk": ".engine",
+    "load": ".loader",
+}
 
 __all__ = [
     "BudgetError",
@@ -35,3 +52,16 @@ __all__ = [
     "UnsupportedModelError",
     "load",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

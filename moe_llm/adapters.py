@@ -23,6 +23,10 @@ class EngineOptions(BaseModel):
     cache_per_layer: int | None = Field(default=None, description="Expert slots per MoE layer on the device.")
     gpu_budget: str | int | None = Field(default=None, description="Device memory budget, e.g. '12GiB'.")
     prefetch: bool = Field(default=True, description="Speculatively copy the next layer's likely experts.")
+    chat_template: str | None = Field(
+        default=None,
+        description="Chat template (Jinja text or a .jinja file); default the checkpoint's, else generic ChatML.",
+    )
 
     def resolve_engine(self, engine: Engine | None) -> Engine:
         """The engine to use: `engine` if given, else one loaded from `model_path`."""
@@ -40,6 +44,7 @@ class EngineOptions(BaseModel):
         return load(
             self.model_path, device=device, experts_bits=self.experts_bits, attn_bits=self.attn_bits,
             cache_per_layer=self.cache_per_layer, gpu_budget=self.gpu_budget, prefetch=self.prefetch,
+            chat_template=self.chat_template,
         )  # fmt: skip
 
 

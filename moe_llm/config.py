@@ -110,6 +110,11 @@ class EngineConfig(BaseModel):
     verify_checksums: bool = Field(
         True, description="Check every file of a quantized directory against its manifest sha256 on load."
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for chat messages: Jinja text, or a path to a .jinja file (read here). "
+        "Default: the checkpoint's own, else a generic ChatML template (docs/chat.md).",
+    )
 
     @field_validator("device")
     @classmethod
@@ -145,6 +150,13 @@ class EngineConfig(BaseModel):
         if v is not None and v < 1:
             raise ValueError(f"{info.field_name} must be positive, got {v}")
         return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        from .tools import read_chat_template
+
+        return None if v is None else read_chat_template(v)
 
     @classmethod
     def build(cls, **kwargs) -> EngineConfig:

@@ -1,8 +1,9 @@
 """Engine: prefill, decode, stream, on top of the offloaded transformers trunk.
 
 `Engine.stream` is the core generator: tokenize (chat template for message
-lists), prefill the prompt into a fresh `DynamicCache`, then decode one token at
-a time, yielding text deltas. `generate` drains `stream`. Requests are
+lists; a checkpoint without one gets the generic template of `moe_llm.tools`,
+with one warning per engine), prefill the prompt into a fresh `DynamicCache`,
+then decode one token at a time, yielding text deltas. `generate` drains `stream`. Requests are
 serialised by a FIFO lock, so threads sharing one engine never interleave KV
 state; a consumer that abandons a stream releases the engine in `finally`.
 """
@@ -22,12 +23,13 @@ from typing import Any
 import torch
 
 from .config import EngineConfig, GenerationConfig
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .experts.runtime import ExpertsRuntime
 from .planner import Plan
 from .sampling import sample
 from .stats import Stats
 from .textstream import TextStream
+from .tools import GENERIC_CHAT_TEMPLATE, ChatPrompt, check_renders, ensure_utf8, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,8 @@ class Engine:
         self._lock = FifoLock()
         self._streams: dict[int, weakref.ref] = {}  # thread id -> its latest stream
         self.eos_ids = self._eos_ids()
+        self.chat_template_source = self._install_chat_template()
+        self._generic_warned = threading.Event()
         # transformers >= 5.2x renamed past_key_values to cache
         self._kv_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.graphs = self._graph_decoder()
@@ -157,11 +161,39 @@ class Engine:
         return ids
 
     # -- tokenization ------------------------------------------------------------
+    def _install_chat_template(self) -> str:
+        """Put the template chat uses on the tokenizer, once: `config.chat_template` ("option"),
+        the checkpoint's own ("checkpoint"), or the generic ChatML one ("generic")."""
+        if self.config.chat_template is not None:
+            self.tokenizer.chat_template = self.config.chat_template
+            try:
+                check_renders(self.tokenizer)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            return "option"
+        if self.tokenizer.chat_template:
+            return "checkpoint"
+        self.tokenizer.chat_template = GENERIC_CHAT_TEMPLATE
+        return "generic"
+
+    def chat_prompt(self, messages: list[dict[str, Any]], **options) -> ChatPrompt:
+        """Chat messages -> `ChatPrompt` through the chat template; options as in `tools.render_chat`
+        (tools, tool_choice, response_format)."""
+        if self.chat_template_source == "generic" and not self._generic_warned.is_set():
+            self._generic_warned.set()
+            log.warning(
+                "%s has no chat template; chat uses the generic ChatML template (set the chat_template "
+                "option or MOE_LLM_CHAT_TEMPLATE for another)",
+                self.model_name,
+            )
+        return render_chat(self.tokenizer, list(messages), **options)
+
     def encode(self, prompt: str | list[dict] | list[int]) -> list[int]:
         """Prompt text, chat messages, or token ids -> token ids."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InputError("prompt is empty")
+            ensure_utf8(prompt)
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
             vocab = self.hf_config.vocab_size
@@ -169,17 +201,32 @@ class Engine:
                 raise InputError(f"token ids must be in [0, {vocab})")
             return list(prompt)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            for m in prompt:
-                if "role" not in m or "content" not in m:
-                    raise InputError("each chat message needs 'role' and 'content'")
-            if not self.tokenizer.chat_template:
-                raise InputError("this model has no chat template; pass a plain prompt")
-            text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self._chat_ids(prompt)[0]
         raise InputError("prompt must be a non-empty string, a list of chat messages, or a list of token ids")
 
+    def _chat_ids(self, messages) -> tuple[list[int], tuple[str, ...]]:
+        """(prompt ids, the template's extra stop strings) for a list of chat messages."""
+        for m in messages:
+            if "role" not in m or "content" not in m:
+                raise InputError("each chat message needs 'role' and 'content'")
+        prompt = self.chat_prompt(messages)
+        return prompt.token_ids, prompt.stop
+
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer(ensure_utf8(text, "text to tokenize"), add_special_tokens=False)["input_ids"])
+
+    def _request(self, prompt, kwargs: dict[str, Any]) -> tuple[list[int], GenerationConfig]:
+        """Validated (prompt ids, generation options) of one request."""
+        gen = GenerationConfig.build(**kwargs)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            prompt_ids, stop = self._chat_ids(prompt)
+            if stop:  # the generic template: a base model ends its turn with a marker, not EOS
+                gen = gen.model_copy(update={"stop": [*gen.stop, *(s for s in stop if s not in gen.stop)]})
+        else:
+            prompt_ids = self.encode(prompt)
+        if len(prompt_ids) >= self.context_length:
+            raise InputError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
+        return prompt_ids, gen
 
     # -- model calls -------------------------------------------------------------
     def _new_kv(self):
@@ -198,11 +245,7 @@ class Engine:
     # -- generation ----------------------------------------------------------------
     def stream(self, prompt, **kwargs) -> Iterator[StreamChunk]:
         """Yield text deltas as they are generated. Options as in `GenerationConfig`."""
-        gen = GenerationConfig.build(**kwargs)
-        prompt_ids = self.encode(prompt)
-        if len(prompt_ids) >= self.context_length:
-            raise InputError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
-        return self._stream(prompt_ids, gen)
+        return self._stream(*self._request(prompt, kwargs))
 
     def _stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[StreamChunk]:
         self._close_abandoned()
@@ -337,10 +380,7 @@ class Engine:
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate a completion. Options as in `GenerationConfig`."""
-        gen = GenerationConfig.build(**kwargs)
-        prompt_ids = self.encode(prompt)
-        if len(prompt_ids) >= self.context_length:
-            raise InputError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
+        prompt_ids, gen = self._request(prompt, kwargs)
         parts, ids, last = [], [], None
         for chunk in self._stream(prompt_ids, gen):
             parts.append(chunk.text)

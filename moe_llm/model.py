@@ -37,6 +37,7 @@ class MoeInfo:
 
 
 def read_config(ckpt: Checkpoint):
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
     from transformers import AutoConfig
 
     model_type = ckpt.config_dict.get("model_type")
@@ -44,6 +45,9 @@ def read_config(ckpt: Checkpoint):
         raise UnsupportedModelError(f"config.json in {ckpt.path} has no model_type")
     try:
         return AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True)
+    except StrictDataclassFieldValidationError as exc:  # a field of the wrong type, e.g. "hidden_size": "big"
+        cause = " ".join(str(exc.__cause__ or exc).split())  # one line
+        raise ModelLoadError(f"invalid config.json in {ckpt.path}: {cause}") from None
     except (ValueError, KeyError, TypeError, OSError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnsupportedModelError(f"unknown or invalid architecture {model_type!r}: {msg}") from None

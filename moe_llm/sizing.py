@@ -1,5 +1,9 @@
 """What goes where, from config.json alone: the numbers behind `moe-llm plan`.
 
+A model is a directory holding config.json, or a known model's name (`known_model`):
+the config.json of each lives in ``moe_llm/data/known_configs/`` (see its README for
+where every file comes from), so a new user can plan before downloading anything.
+
 The trunk is built on the meta device (no memory, no weights read), so its bytes
 at the chosen precision follow from parameter shapes, with dense projections
 counted in the compact format (and the LM head too with ``head_bits``). Experts
@@ -13,6 +17,13 @@ benchmarks) route near-uniformly, which is the worst case for the cache.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +33,67 @@ from torch import nn
 
 from .checkpoint import ConfigOnly
 from .config import EngineConfig, format_size, parse_size
-from .errors import BudgetError, ConfigError
+from .errors import BudgetError, ConfigError, ModelLoadError, UnsupportedModelError
 from .experts.format import ExpertFormat
 from .model import build_skeleton, head_spec, moe_info, read_config
-from .planner import Plan
+from .planner import Plan, planned_context
 from .quant import QuantSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+KNOWN_CONFIGS = Path(__file__).parent / "data" / "known_configs"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model whose config.json ships with moe-llm: `name` is the file's stem, `repo` the
+    Hugging Face repository the file was taken from (its ``_name_or_path``)."""
+
+    name: str
+    repo: str
+    path: Path
+
+
+def _key(name: str) -> str:
+    """Case, separators and the organisation prefix do not matter: 'Mixtral-8x7B',
+    'mistralai/mixtral_8x7b' and 'mixtral 8x7b' are one name."""
+    return re.sub(r"[^a-z0-9.]", "", name.strip().rsplit("/", 1)[-1].lower())
+
+
+def known_models() -> list[KnownModel]:
+    out = []
+    for f in sorted(KNOWN_CONFIGS.glob("*.json")):
+        repo = json.loads(f.read_text()).get("_name_or_path") or f.stem
+        out.append(KnownModel(f.stem, repo, f))
+    return out
+
+
+def known_model(name: str) -> KnownModel | None:
+    """The known model `name` names: its file's stem or its repository, with or without the
+    organisation ('mixtral-8x7b', 'Mixtral-8x7B-v0.1', 'mistralai/Mixtral-8x7B-v0.1'), any case."""
+    key = _key(name)
+    for m in known_models():
+        if key in (_key(m.name), _key(m.repo)):
+            return m
+    return None
+
+
+@contextlib.contextmanager
+def _config_source(model: str | Path) -> Iterator[tuple[ConfigOnly, KnownModel | None]]:
+    """A directory is read as it is; a name that is no path is looked up among the known
+    models, whose config.json is read from a temporary directory (transformers reads
+    directories). Anything else is one line naming the known models."""
+    path = Path(model).expanduser()
+    known = None if path.exists() else known_model(str(model))
+    if known is None:
+        if not path.exists():
+            names = ", ".join(m.name for m in known_models())
+            raise ModelLoadError(f"model directory not found: {model}, and not a known model name ({names})")
+        yield ConfigOnly.open(path), None
+        return
+    with tempfile.TemporaryDirectory(prefix="moe-llm-plan-") as tmp:
+        shutil.copyfile(known.path, Path(tmp) / "config.json")
+        yield ConfigOnly.open(tmp), known
 
 
 @dataclass(frozen=True)
@@ -45,6 +110,7 @@ class ModelPlan:
     expert_bits_per_param: float
     plan: Plan
     ram_bytes: int | None
+    known_model: str | None = None  # the Hugging Face repository, when planned from a shipped config.json
 
     @property
     def expected_hit_rate(self) -> float:
@@ -84,31 +150,133 @@ def trunk_bytes(model: nn.Module, dense: dict[str, QuantSpec]) -> int:
     return total
 
 
+class _Sizer:
+    """One meta skeleton, planned at any bits, context and budget (the suggestions re-plan it)."""
+
+    def __init__(self, model: nn.Module, hf_config, info, dtype: torch.dtype):
+        self.model, self.hf_config, self.info, self.dtype = model, hf_config, info, dtype
+        self._dense: dict[int, dict[str, QuantSpec]] = {}
+
+    def plan(self, cfg: EngineConfig) -> tuple[ExpertFormat, Plan, QuantSpec | None]:
+        from .loader import plan_for
+        from .qformat.writer import dense_modules
+
+        try:
+            fmt = ExpertFormat.build(self.info.hidden, self.info.intermediate, cfg.experts_bits, self.dtype,
+                                     cfg.group_size)  # fmt: skip
+            dense = {}
+            if cfg.attn_bits:
+                if cfg.attn_bits not in self._dense:
+                    self._dense[cfg.attn_bits] = dense_modules(self.model, cfg.attn_bits)
+                dense = dict(self._dense[cfg.attn_bits])
+            head = head_spec(self.model, cfg.head_bits)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if head is not None:
+            dense["lm_head"] = head
+        trunk = trunk_bytes(self.model, dense)
+        return fmt, plan_for(self.model, self.hf_config, cfg, self.info, fmt, self.dtype, trunk_bytes=trunk), head
+
+    def fits(self, cfg: EngineConfig) -> Plan | None:
+        try:
+            return self.plan(cfg)[1]
+        except (BudgetError, ConfigError):
+            return None
+
+    def least_budget(self, cfg: EngineConfig) -> int:
+        """The smallest budget `cfg` fits: the fixed terms plus `floor` slots per MoE layer."""
+        p = self.plan(cfg.model_copy(update={"gpu_budget": None, "cache_per_layer": None}))[1]
+        return p.trunk_bytes + p.kv_bytes + p.workspace_bytes + p.floor * p.moe_layers * p.expert_bytes
+
+    def leaner(self, cfg: EngineConfig, quantized: bool) -> Iterator[dict[str, Any]]:
+        """Ever leaner settings, one step at a time, each as every change so far: fewer expert
+        bits (4, 3, 2), 4-bit attention, a 4-bit head, a shorter context (2048, 1024). A
+        quantized directory keeps its stored expert and attention bits."""
+        update: dict[str, Any] = {}
+        if not quantized:
+            for bits in (4, 3, 2):
+                if cfg.experts_bits is None or bits < cfg.experts_bits:
+                    yield {**update, "experts_bits": bits}
+                    update["experts_bits"] = bits
+            if cfg.attn_bits is None:
+                update["attn_bits"] = 4
+                yield dict(update)
+        if cfg.head_bits is None and head_spec(self.model, 4) is not None:
+            update["head_bits"] = 4
+            yield dict(update)
+        context = planned_context(cfg.max_context, getattr(self.hf_config, "max_position_embeddings", None))
+        for tokens in (2048, 1024):
+            if tokens < context:
+                update["max_context"] = tokens
+                yield dict(update)
+
+    def gpu_hint(self, cfg: EngineConfig, quantized: bool) -> str:
+        """What would fit the budget: the first leaner settings that do, less every change
+        they fit without, and the least budget that holds the current settings (or, when no
+        leaner settings fit, also the least budget that holds the leanest)."""
+        need = f"--gpu-budget {_round_up(self.least_budget(cfg))}"
+        leanest = None
+        for update in self.leaner(cfg, quantized):
+            leanest = update
+            if self.fits(cfg.model_copy(update=update)) is None:
+                continue
+            for field in list(update):  # undo the changes it does not need, or some of them, costliest first
+                milder = [{k: v for k, v in update.items() if k != field}]
+                steps = {"experts_bits": (4, 3), "max_context": (2048,)}.get(field, ())
+                milder += [{**update, field: v} for v in steps if v > update[field]]
+                for fewer in milder:
+                    if fewer and self.fits(cfg.model_copy(update=fewer)) is not None:
+                        update = fewer
+                        break
+            p = self.fits(cfg.model_copy(update=update))
+            return f"try {_flags(update)} ({p.slots} of {p.total_experts} experts on the GPU), or {need}"
+        if leanest is None:
+            return f"try {need}"
+        least = _round_up(self.least_budget(cfg.model_copy(update=leanest)))
+        return f"try {need}, or --gpu-budget {least} with {_flags(leanest)}"
+
+
+_FLAGS = {"experts_bits": "--experts-bits", "attn_bits": "--attn-bits", "head_bits": "--head-bits",
+          "max_context": "--context"}  # fmt: skip
+
+
+def _flags(update: dict[str, Any]) -> str:
+    return " ".join(f"{_FLAGS[k]} {v}" for k, v in update.items())
+
+
+def _round_up(nbytes: int) -> str:
+    """A budget flag that holds `nbytes`: whole GiB, or whole MiB below 1 GiB."""
+    if nbytes >= 1 << 30:
+        return f"{math.ceil(nbytes / (1 << 30))}GiB"
+    return f"{max(1, math.ceil(nbytes / (1 << 20)))}MiB"
+
+
 def plan_model(model_dir: str | Path, ram: str | int | None = None, **options) -> ModelPlan:
-    """Plan `model_dir` without loading weights. Options as in `moe_llm.load`; raises
-    `BudgetError` when the model does not fit the GPU budget or `ram`."""
-    from .loader import plan_for
+    """Plan `model_dir` (a directory, or a known model's name: `known_model`) without loading
+    weights. Options as in `moe_llm.load`; raises `BudgetError` when the model does not fit
+    the GPU budget or `ram`, with the leaner settings or the budget that would."""
     from .qformat import is_quantized_dir, read_manifest, resolve_stored_bits
-    from .qformat.writer import dense_modules
     from .settings import resolve_engine_config
 
     cfg: EngineConfig = resolve_engine_config(options)
-    src = ConfigOnly.open(model_dir)
-    if is_quantized_dir(src.path):
-        cfg = resolve_stored_bits(read_manifest(src.path), cfg, src.path.name)
-    dtype = _DTYPES[cfg.dtype or "bfloat16"]  # planning is for the GPU: bf16 unless told otherwise
-    hf_config = read_config(src)
-    model = build_skeleton(hf_config, dtype)
-    info = moe_info(model, hf_config)
+    with _config_source(model_dir) as (src, known):
+        quantized = is_quantized_dir(src.path)
+        if quantized:
+            cfg = resolve_stored_bits(read_manifest(src.path), cfg, src.path.name)
+        dtype = _DTYPES[cfg.dtype or "bfloat16"]  # planning is for the GPU: bf16 unless told otherwise
+        try:
+            hf_config = read_config(src)
+            model = build_skeleton(hf_config, dtype)
+            info = moe_info(model, hf_config)
+        except UnsupportedModelError as exc:
+            if known is None:
+                raise
+            raise UnsupportedModelError(f"{known.name} ({known.repo}) cannot be planned: {exc}") from None
+    sizer = _Sizer(model, hf_config, info, dtype)
     try:
-        fmt = ExpertFormat.build(info.hidden, info.intermediate, cfg.experts_bits, dtype, cfg.group_size)
-        dense = dense_modules(model, cfg.attn_bits) if cfg.attn_bits else {}
-        head = head_spec(model, cfg.head_bits)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if head is not None:
-        dense["lm_head"] = head
-    plan = plan_for(model, hf_config, cfg, info, fmt, dtype, trunk_bytes=trunk_bytes(model, dense))
+        fmt, plan, head = sizer.plan(cfg)
+    except BudgetError as exc:
+        raise BudgetError(f"{exc}; {sizer.gpu_hint(cfg, quantized)}") from None
     ram_bytes = None
     if ram is not None:
         try:
@@ -118,7 +286,8 @@ def plan_model(model_dir: str | Path, ram: str | int | None = None, **options) -
         if plan.host_bytes > ram_bytes:
             raise BudgetError(
                 f"host RAM {format_size(ram_bytes)} cannot hold the experts: {len(info.layers)} layers x "
-                f"{info.num_experts} experts x {format_size(fmt.nbytes)} = {format_size(plan.host_bytes)}"
+                f"{info.num_experts} experts x {format_size(fmt.nbytes)} = {format_size(plan.host_bytes)}; "
+                f"{_ram_hint(sizer, cfg, quantized, ram_bytes, plan.host_bytes)}"
             )
     return ModelPlan(
         model_type=hf_config.model_type,
@@ -133,4 +302,17 @@ def plan_model(model_dir: str | Path, ram: str | int | None = None, **options) -
         expert_bits_per_param=fmt.bits_per_param,
         plan=plan,
         ram_bytes=ram_bytes,
+        known_model=known.repo if known else None,
     )
+
+
+def _ram_hint(sizer: _Sizer, cfg: EngineConfig, quantized: bool, ram: int, host: int) -> str:
+    """Fewer expert bits that fit `ram` (the GPU budget still has to hold them), and the RAM the current bits need."""
+    need = f"--ram {_round_up(host)}"
+    if not quantized:
+        for bits in (4, 3, 2):
+            if cfg.experts_bits is None or bits < cfg.experts_bits:
+                p = sizer.fits(cfg.model_copy(update={"experts_bits": bits}))
+                if p is not None and p.host_bytes <= ram:
+                    return f"try --experts-bits {bits} ({format_size(p.host_bytes)}), or {need}"
+    return f"try {need}"

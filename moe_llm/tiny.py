@@ -9,11 +9,15 @@ Used by the tests, the examples and the README's demo fallback.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
+SINGLE_FILE = "model.safetensors"
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -92,9 +96,14 @@ def make_tiny(
     shards: int = 1,
     init_std: float = 0.08,
 ) -> Path:
-    """Write a seeded random-init tiny MoE checkpoint. Returns the directory."""
+    """Write a seeded random-init tiny MoE checkpoint in `shards` safetensors files. Returns the directory.
+
+    `fused` keeps transformers 5.x's fused expert tensors; otherwise experts are saved per
+    expert, in the family's original key names (transformers' save_pretrained conversion)."""
     from transformers import AutoModelForCausalLM
 
+    if shards < 1:
+        raise ConfigError(f"shards must be at least 1, got {shards}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
@@ -107,17 +116,68 @@ def make_tiny(
             if "norm" not in name:
                 p.normal_(0.0, init_std)
     if fused:
-        from safetensors.torch import save_file
-
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         cfg.save_pretrained(out)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(out)
     else:
-        total = sum(p.numel() * 4 for p in model.parameters())
-        shard = f"{max(1, total // shards // 1024 + 1)}KB" if shards > 1 else "10GB"
-        model.save_pretrained(out, max_shard_size=shard)
+        with _no_progress_bars():
+            model.save_pretrained(out, max_shard_size="10GB")  # one file: split below, to exactly `shards`
+        from safetensors.torch import load_file
+
+        state = load_file(str(out / SINGLE_FILE))
+        (out / SINGLE_FILE).unlink()
+    _write_shards(state, out, shards)
     tok.save_pretrained(out)
     (out / "MOE_LLM_TINY.json").write_text(
         json.dumps({"family": family, "seed": seed, "random_weights": True}, indent=2)
     )
     return out
+
+
+@contextmanager
+def _no_progress_bars():
+    """transformers' "Writing model shards" bar is not ours to show; restore the setting after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def shard_groups(sizes: list[int], shards: int) -> list[list[int]]:
+    """Split tensors (in order) into `shards` non-empty runs of about equal bytes."""
+    if shards > len(sizes):
+        raise ConfigError(f"cannot split {len(sizes)} tensors into {shards} shards")
+    total, done, groups = sum(sizes), 0, [[] for _ in range(shards)]
+    k = 0
+    for i, size in enumerate(sizes):
+        later_shards, left = shards - 1 - k, len(sizes) - i
+        if groups[k] and later_shards and (done >= total * (k + 1) / shards or left <= later_shards):
+            k += 1
+        groups[k].append(i)
+        done += size
+    return groups
+
+
+def _write_shards(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:
+    """`model.safetensors`, or `model-0000i-of-0000N.safetensors` and the index transformers writes."""
+    from .qformat.safetensors_io import save_safetensors
+
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # an earlier run's shards
+    names = list(state)
+    if shards == 1:
+        save_safetensors(state, out / SINGLE_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, group in enumerate(shard_groups([state[n].nbytes for n in names], shards)):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_safetensors({names[j]: state[names[j]] for j in group}, out / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys((names[j] for j in group), file))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -7,6 +7,10 @@ message and the model is asked to answer in Mistral's format,
 `[TOOL_CALLS] [{"name": ..., "arguments": {...}}]`. `parse_tool_calls` reads
 that format and Hermes/Qwen's `<tool_call>{...}</tool_call>`. A forced tool
 choice prefills the start of the call, so the model only writes the arguments.
+
+A tokenizer without a chat template (base checkpoints such as Mixtral-8x7B-v0.1)
+renders with `GENERIC_CHAT_TEMPLATE`, a plain ChatML layout (llama.cpp's
+fallback too); a reply then also ends at its turn markers (`GENERIC_STOP`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +32,16 @@ HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MARKERS = (MISTRAL, HERMES_OPEN)
 _NAME = re.compile(r'"name"\s*:\s*"([^"]+)"')
 _MISTRAL_V11 = re.compile(r"\s*([A-Za-z_][\w.\-]*)\[ARGS\]")
+
+# ChatML; it does not mention tools, so tools go into the system turn as text (see render_chat)
+GENERIC_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+GENERIC_STOP = ("<|im_end|>", "<|im_start|>")  # a base model does not end the turn with EOS
 
 
 @dataclass
@@ -50,6 +67,69 @@ class ChatPrompt:
     token_ids: list[int]
     prefill: str = ""  # assistant text already placed in the prompt; the output continues it
     complete: bool = False  # the prefill is the whole reply (a forced call of a tool without parameters)
+    stop: tuple[str, ...] = ()  # strings that end the reply besides EOS (the generic template's turn markers)
+
+
+# -- templates and text ------------------------------------------------------------------
+
+
+def ensure_utf8(text: str, what: str = "prompt") -> str:
+    """`text`, or InputError if it cannot be encoded as UTF-8 (lone surrogates, e.g. from
+    argv decoded with surrogateescape); the tokenizer would fail with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what} is not valid UTF-8 text (lone surrogate at position {exc.start})") from None
+    return text
+
+
+def _compile(template: str) -> None:
+    """Compile as transformers does (its sandbox and extensions), raising jinja2's errors."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a transformers without the helper: plain sandboxed jinja
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]).from_string(
+            template
+        )
+        return
+    _compile_jinja_template(template)
+
+
+def read_chat_template(value: str) -> str:
+    """A chat template given as Jinja text or as a path to a file holding it -> the Jinja text,
+    compiled once to check it (ValueError with a one-line reason)."""
+    if not value.strip():
+        raise ValueError("chat_template must not be empty")
+    text = value
+    if "{{" not in value and "{%" not in value:  # no Jinja markup: a path
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(f"chat_template file not found: {value} (give a Jinja string or a .jinja file)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"chat_template file {value} cannot be read: {exc}") from None
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        _compile(text)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"chat_template is not a valid Jinja template: {exc.message} (line {exc.lineno})") from None
+    except TemplateError as exc:
+        raise ValueError(f"chat_template is not a valid Jinja template: {exc}") from None
+    return text
+
+
+def check_renders(tokenizer) -> None:
+    """Render a one-message conversation with the tokenizer's template (ValueError if it cannot)."""
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja raises many types, raise_exception() among them
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"chat_template cannot render a conversation: {reason}") from None
 
 
 # -- rendering -----------------------------------------------------------------------
@@ -151,8 +231,10 @@ def render_chat(
     `response_format` ({"type": "json_object"} or "json_schema") asks for a JSON
     reply and prefills its opening brace.
     """
-    if not tokenizer.chat_template:
-        raise ValueError("this model has no chat template; use a plain text prompt")
+    for i, m in enumerate(messages, 1):
+        if isinstance(m.get("content"), str):
+            ensure_utf8(m["content"], f"chat message {i}")
+    template = tokenizer.chat_template or GENERIC_CHAT_TEMPLATE  # a base checkpoint's tokenizer has none
     tool_choice = normalize_tool_choice(tool_choice)
     tools = tools if tools and tool_choice != "none" else None
     native = bool(tools) and template_supports_tools(tokenizer)
@@ -168,7 +250,9 @@ def render_chat(
         msgs.insert(0, {"role": "system", "content": json_instructions(response_format)})
         prefill = prefill or "{"
     msgs = merge_consecutive(msgs)
-    kwargs = {"tools": tools} if native else {}
+    kwargs: dict[str, Any] = {"tools": tools} if native else {}
+    if not tokenizer.chat_template:
+        kwargs["chat_template"] = template
     try:
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
     except Exception as exc:  # jinja raise_exception(), e.g. "roles must alternate": no system role
@@ -177,8 +261,8 @@ def render_chat(
         log.debug("chat template rejected a system message (%s); folding it into the first user turn", exc)
         msgs = fold_system(msgs)
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
-    ids = list(tokenizer(text + prefill, add_special_tokens=False)["input_ids"])
-    return ChatPrompt(ids, prefill, complete)
+    ids = list(tokenizer(ensure_utf8(text + prefill), add_special_tokens=False)["input_ids"])
+    return ChatPrompt(ids, prefill, complete, GENERIC_STOP if template == GENERIC_CHAT_TEMPLATE else ())
 
 
 def normalize_tool_choice(tool_choice: Any) -> str | None:

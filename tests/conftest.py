@@ -53,3 +53,27 @@ def tiny_engine(tiny_mixtral):
     import moe_llm
 
     return moe_llm.load(tiny_mixtral, device="cpu", cache_per_layer=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_mixtral(tiny_mixtral, tmp_path_factory):
+    """The tiny Mixtral as a base checkpoint: its tokenizer has no chat template (like Mixtral-8x7B-v0.1)."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny-base") / "mixtral-base"
+    shutil.copytree(tiny_mixtral, out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base_engine(tiny_base_mixtral):
+    """A CPU engine on the templateless tiny Mixtral (chat falls back to the generic template)."""
+    import moe_llm
+
+    return moe_llm.load(tiny_base_mixtral, device="cpu", cache_per_layer=2)

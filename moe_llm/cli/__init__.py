@@ -1,6 +1,8 @@
 """The `moe-llm` command line. Each subcommand lives in its own module.
 
 Every `MoeLLMError` becomes one line on stderr and exit code 2, with no traceback.
+Subcommand modules import torch, transformers and rich's heavier parts inside their
+functions, so `moe-llm --help` and `--version` start in well under a second.
 """
 
 from __future__ import annotations
@@ -18,7 +20,27 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: typer's rich help panel prints `<bool>` after every flag (typer 0.29)
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},  # wide terminals get whole command summaries
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        sys.stdout.write(f"moe-llm {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    pass
 
 
 def _register() -> None:
@@ -43,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _register()
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=argv, prog_name="moe-llm", standalone_mode=True)
     except MoeLLMError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..config import parse_size
 from ..errors import ConfigError
 from . import app
 from .common import bits_option, err_console
@@ -20,6 +20,8 @@ TINY = dict(layers=2, hidden=128, intermediate=256, experts=4, heads=4, kv_heads
 
 
 def _sizes(values: list[str] | None) -> tuple[int, ...]:
+    from ..config import parse_size
+
     try:
         return tuple(parse_size(v) for v in values or [])
     except ValueError as exc:
@@ -33,10 +35,19 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
         raise ConfigError(f"{name} must be a comma-separated list of integers, got {text!r}") from None
 
 
+def default_out() -> Path:
+    """A new file in the current directory, so a run never overwrites earlier results."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path(f"moe-llm-bench-{stamp}.json"), 1
+    while path.exists():
+        path, n = Path(f"moe-llm-bench-{stamp}-{n}.json"), n + 1
+    return path
+
+
 @app.command()
 def bench(
-    out: Path = typer.Option(
-        Path("benchmarks/results/h200-mixtral8x7b-2bit.json"), "--out", "-o", help="JSON file to write."
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="JSON file to write (default: a new moe-llm-bench-DATE-TIME.json here)."
     ),
     device: str = typer.Option("cuda", "--device", help="cuda (cpu only with --tiny, for testing)."),
     layers: int = typer.Option(32, "--layers", help="Decoder layers of the synthetic Mixtral-8x7B geometry."),
@@ -66,6 +77,7 @@ def bench(
     """Benchmark offloaded decode and prefill on a synthetic Mixtral-8x7B (random weights, no download)."""
     from ..bench import Geometry, Workload, run_bench
     from ..bench.report import TABLE_HEADER, table_rows
+    from ..config import parse_size
 
     if verbose:
         logging.getLogger("moe_llm").setLevel(logging.INFO)
@@ -86,6 +98,8 @@ def bench(
         raise ConfigError(f"--max-context {max_context} does not hold the workload's prompts and new tokens")
     hb = bits_option(head_bits, (4,), "--head-bits")
     console = Console(width=None if sys.stdout.isatty() else 200)
+
+    out = out or default_out()
 
     def on_row(row: dict) -> None:
         err_console.print(f"[green]{row['name']}[/]: {row['decode_tok_s']:.2f} tok/s, TTFT {row['ttft_s']}")

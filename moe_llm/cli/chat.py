@@ -25,6 +25,7 @@ from .common import (
     ExpertsBitsOpt,
     ModelArg,
     NoPrefetchOpt,
+    check_engine_options,
     load_engine,
     resolve_model,
 )
@@ -204,11 +205,10 @@ def chat(
 
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     GenerationConfig.build(**options)  # refuse bad options before loading the model
+    check_engine_options(device, experts_bits, attn_bits, cache_per_layer, gpu_budget)
     path, is_random = resolve_model(model_dir)
     console = Console(highlight=False)
     engine = load_engine(path, device, experts_bits, attn_bits, cache_per_layer, gpu_budget, not no_prefetch)
-    if not engine.tokenizer.chat_template:
-        raise InputError(f"{path.name} has no chat template; use `moe-llm generate` instead")
     if is_random:
         console.print("[yellow]note:[/] the embedded tiny model has random weights: replies are noise")
     console.print(

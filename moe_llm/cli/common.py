@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -35,6 +36,33 @@ def bits_option(value: str | None, allowed: tuple[int, ...], name: str) -> int |
     return "none" if bits is None else bits
 
 
+def check_engine_options(
+    device: str | None,
+    experts_bits: str | None,
+    attn_bits: str | None,
+    cache_per_layer: int | None,
+    gpu_budget: str | None,
+) -> None:
+    """Refuse bad engine options (with the settings they combine with) before the slow load."""
+    from ..settings import resolve_engine_config
+
+    eb = bits_option(experts_bits, (2, 3, 4), "--experts-bits")
+    ab = bits_option(attn_bits, (4,), "--attn-bits")
+    resolve_engine_config(
+        dict(device=device, experts_bits=eb, attn_bits=ab, cache_per_layer=cache_per_layer, gpu_budget=gpu_budget)
+    )
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' own warnings and progress bars out of our output, unless
+    TRANSFORMERS_VERBOSITY asks for them. Call it where the command imports transformers anyway."""
+    from transformers.utils import logging as hf_logging
+
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def resolve_model(model_dir: Path | None) -> tuple[Path, bool]:
     """(directory, is_random_default)."""
     if model_dir is not None:
@@ -59,6 +87,7 @@ def load_engine(
 
     import moe_llm
 
+    quiet_transformers()
     eb = bits_option(experts_bits, (2, 3, 4), "--experts-bits")
     ab = bits_option(attn_bits, (4,), "--attn-bits")
     with Progress(

@@ -18,13 +18,16 @@ from .common import (
     ExpertsBitsOpt,
     ModelArg,
     NoPrefetchOpt,
+    check_engine_options,
     err_console,
     load_engine,
+    quiet_transformers,
     resolve_model,
 )
 
 
-def stats_table(stats: dict) -> Table:
+def stats_table(stats: dict, total_experts: int | None = None) -> Table:
+    slots = str(stats.get("expert_slots", ""))
     t = Table(title="generation stats", show_header=False)
     rows = [
         ("tokens", f"{stats.get('tokens_generated', 0)} (prompt {stats.get('prompt_tokens', 0)})"),
@@ -37,7 +40,7 @@ def stats_table(stats: dict) -> Table:
         ("bytes read in place (misses)", f"{stats.get('bytes_from_host', 0) / 2**20:.1f} MiB"),
         ("host syncs per token", f"{stats.get('host_syncs_per_token', 0.0):.1f}"),
         ("expert bits/param", f"{stats.get('expert_bits_per_param', 0.0):.2f}"),
-        ("expert slots", str(stats.get("expert_slots", ""))),
+        ("expert slots", f"{slots} of {total_experts}" if total_experts else slots),
     ]
     for k, v in rows:
         t.add_row(k, v)
@@ -64,6 +67,15 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
 ):
     """Generate text from a prompt, streaming tokens (or one JSON object with --json)."""
+    from ..config import GenerationConfig
+    from ..tools import ensure_utf8
+
+    opts = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []
+    )
+    GenerationConfig.build(**opts)  # refuse bad options before the slow load
+    check_engine_options(device, experts_bits, attn_bits, cache_per_layer, gpu_budget)
+    ensure_utf8(prompt)  # argv bytes that are not UTF-8 arrive as lone surrogates (surrogateescape)
     path, is_random = resolve_model(model_dir)
     if is_random and not as_json:
         err_console.print(
@@ -79,9 +91,6 @@ def generate(
         path, device, experts_bits, attn_bits, cache_per_layer, gpu_budget, not no_prefetch, quiet=as_json
     )
     request = [{"role": "user", "content": prompt}] if chat else prompt
-    opts = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []
-    )
     if as_json:
         result = engine.generate(request, **opts)
         sys.stdout.write(json.dumps(result.to_dict()) + "\n")
@@ -93,7 +102,7 @@ def generate(
         last = chunk
     sys.stdout.write("\n")
     if last is not None and last.stats:
-        err_console.print(stats_table(last.stats))
+        err_console.print(stats_table(last.stats, len(engine.cache.layers) * engine.cache.num_experts))
         err_console.print(f"finish reason: {last.finish_reason}")
 
 
@@ -101,13 +110,15 @@ def generate(
 def demo(
     prompt: str = typer.Option("def parse_args(argv):", "--prompt", "-p"),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
+    experts_bits: str = typer.Option("4", "--experts-bits", help="Expert quantization: 2, 3, 4 or none."),
+    attn_bits: str = typer.Option("4", "--attn-bits", help="Dense/attention quantization: 4 or none."),
     cache_per_layer: int = typer.Option(4, "--cache-per-layer", help="Expert slots per layer (of 8)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ):
-    """Stream from the embedded default model with cache statistics."""
+    """Stream from the embedded default model (4-bit experts, half of them cached) with cache statistics."""
     generate(
         model_dir=None, prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
-        seed=None, stop=None, experts_bits="none", attn_bits="none", cache_per_layer=cache_per_layer,
+        seed=None, stop=None, experts_bits=experts_bits, attn_bits=attn_bits, cache_per_layer=cache_per_layer,
         gpu_budget=None, no_prefetch=False, device=device, as_json=False, chat=False,
     )  # fmt: skip
 
@@ -130,5 +141,6 @@ def make_tiny_cmd(
         raise ConfigError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if layers < 1 or experts < 2 or shards < 1:
         raise ConfigError("--layers >= 1, --experts >= 2 and --shards >= 1 are required")
+    quiet_transformers()
     path = make_tiny(out_dir, family, seed=seed, layers=layers, experts=experts, fused=fused, shards=shards)
     err_console.print(f"wrote a random-weight tiny {family} to {path}")

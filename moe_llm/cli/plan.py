@@ -1,4 +1,8 @@
-"""`moe-llm plan MODEL_DIR --gpu-budget 12GiB`: what would go where, from config.json alone."""
+"""`moe-llm plan MODEL --gpu-budget 12GiB`: what would go where, from config.json alone.
+
+MODEL is a model directory or a known model's name (its config.json ships with moe-llm,
+in moe_llm/data/known_configs/), so a plan needs no download.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ from rich.table import Table
 
 from . import app
 from .common import AttnBitsOpt, BudgetOpt, CacheOpt, ExpertsBitsOpt, HeadBitsOpt, bits_option
+
+# the names, without importing torch for --help (sizing.known_models reads the same files)
+_KNOWN = sorted(p.stem for p in (Path(__file__).parents[1] / "data" / "known_configs").glob("*.json"))
 
 
 def plan_table(mp, model_name: str, pcie_gbps: float) -> Table:
@@ -66,7 +73,12 @@ def plan_table(mp, model_name: str, pcie_gbps: float) -> Table:
 
 @app.command()
 def plan(
-    model_dir: Path = typer.Argument(..., help="Model directory (only config.json is read)."),
+    model: str = typer.Argument(
+        ...,
+        help="Model directory (only config.json is read), or a known model's name, any case: "
+        + ", ".join(_KNOWN)
+        + " (a Hugging Face repository name such as mistralai/Mixtral-8x7B-v0.1 works too).",
+    ),
     gpu_budget: str = BudgetOpt,
     ram: str = typer.Option(None, "--ram", help="Host RAM available for the pinned experts, e.g. 64GiB."),
     cache_per_layer: int = CacheOpt,
@@ -80,12 +92,13 @@ def plan(
     pcie_gbps: float = typer.Option(25.0, "--pcie-gbps", help="Host-to-device bandwidth for the time estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Print what would go where for a GPU budget, and the expected bytes per token; refuse if it cannot fit."""
+    """Print what would go where for a GPU budget, and the expected bytes per token; refuse if it cannot fit,
+    naming the leaner settings or the budget that would."""
     from ..config import format_size
     from ..sizing import plan_model
 
     mp = plan_model(
-        model_dir, ram=ram, gpu_budget=gpu_budget, cache_per_layer=cache_per_layer, dtype=dtype, max_context=context,
+        model, ram=ram, gpu_budget=gpu_budget, cache_per_layer=cache_per_layer, dtype=dtype, max_context=context,
         experts_bits=bits_option(experts_bits, (2, 3, 4), "--experts-bits"),
         attn_bits=bits_option(attn_bits, (4,), "--attn-bits"),
         head_bits=bits_option(head_bits, (4,), "--head-bits"),
@@ -94,7 +107,8 @@ def plan(
         sys.stdout.write(json.dumps(mp.to_dict()) + "\n")
         return
     console = Console()
-    console.print(plan_table(mp, model_dir.name, pcie_gbps))
+    name = f"{mp.known_model} (shipped config.json)" if mp.known_model else Path(model).expanduser().name
+    console.print(plan_table(mp, name, pcie_gbps))
     left = (mp.plan.budget_bytes or 0) - mp.plan.device_bytes
     if mp.plan.budget_bytes:
         console.print(f"fits: {format_size(left)} of the budget left over")

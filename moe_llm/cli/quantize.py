@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import app
-from .common import err_console, parse_bits
+from .common import err_console, parse_bits, quiet_transformers
 
 
 @app.command()
@@ -27,6 +27,7 @@ def quantize(
     from ..errors import ConfigError
     from ..qformat import QuantizeProgress, quantize_checkpoint
 
+    quiet_transformers()
     eb = parse_bits(experts_bits, (2, 3, 4), "--experts-bits")
     if eb is None:
         raise ConfigError("--experts-bits must be 2, 3 or 4 for a quantized directory")

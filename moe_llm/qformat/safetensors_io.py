@@ -1,4 +1,5 @@
-"""Minimal safetensors reading: parse the header, then view tensors straight out of an mmap.
+"""Minimal safetensors I/O: parse the header, then view tensors straight out of an mmap;
+write files with the usual permissions.
 
 A safetensors file is ``u64 header_len | JSON header | data``; the header maps each
 tensor name to ``{dtype, shape, data_offsets: [begin, end]}`` relative to the data
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -45,6 +47,31 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it process-wide, racing other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_usual_mode(path: Path) -> None:
+    """Give `path` the mode of a newly created file (0666 less the umask). safetensors writes
+    through a private temporary file, so its files come out 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    set_usual_mode(path)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

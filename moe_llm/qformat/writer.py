@@ -39,7 +39,7 @@ from .manifest import (
     QuantSettings,
     file_entry,
 )
-from .safetensors_io import read_header
+from .safetensors_io import read_header, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def quantize_checkpoint(
 
     for p in sorted(src.iterdir()):
         if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _SKIP_FILES:
-            shutil.copy2(p, out / p.name)
+            shutil.copyfile(p, out / p.name)  # a new file: the usual mode, not the source's
             files[p.name] = file_entry(out / p.name)
     manifest = Manifest(
         created_by=f"moe-llm {__version__}",
@@ -262,9 +262,7 @@ def layout_entries(fmt: ExpertFormat) -> list[tuple[str, str, list[int], int]]:
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], files: dict[str, FileEntry]) -> None:
-    from safetensors.torch import save_file
-
     from .manifest import FORMAT_VERSION
 
-    save_file(tensors, str(path), metadata={"format": "pt", METADATA_TAG: str(FORMAT_VERSION)})
+    save_safetensors(tensors, path, metadata={"format": "pt", METADATA_TAG: str(FORMAT_VERSION)})
     files[path.name] = file_entry(path)

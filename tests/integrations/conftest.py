@@ -65,3 +65,15 @@ def engine(tiny_engine):
 def scripted(engine):
     """scripted(["reply 1", "reply 2", ...]) -> an engine that answers with those texts in turn."""
     return lambda replies: ScriptedEngine(engine, list(replies))
+
+
+@pytest.fixture(scope="session")
+def base_engine(tiny_base_engine):
+    """The session's engine on a checkpoint without a chat template (the generic one applies)."""
+    return tiny_base_engine
+
+
+@pytest.fixture
+def scripted_base(base_engine):
+    """Like `scripted`, on the checkpoint without a chat template."""
+    return lambda replies: ScriptedEngine(base_engine, list(replies))

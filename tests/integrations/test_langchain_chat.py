@@ -178,3 +178,64 @@ def test_tool_schemas_in_prompt_are_valid_json(scripted):
     start = prompt.index("(JSON schemas): ") + len("(JSON schemas): ")
     specs, _ = json.JSONDecoder().raw_decode(prompt[start:])
     assert [s["name"] for s in specs] == ["magic_function", "get_time"]
+
+
+# what the model writes after the prefill: a forced call's arguments, or the rest of a JSON object
+NOT_PARSED = {
+    "function_calling": ["I'd rather not.", '{"setup": "Why?"}}]'],  # no JSON; no punchline
+    "json_mode": ["I'd rather not.", '"setup": "Why?"}'],
+    "json_schema": ["I'd rather not.", '"setup": "Why?"}'],
+}
+# a dict schema is not validated (as in LangChain), so only replies that are not JSON fail for it
+NOT_PARSED_CASES = [
+    pytest.param(m, Joke, r, id=f"{m}-pydantic-{'no-json' if i == 0 else 'mismatch'}")
+    for m, rs in NOT_PARSED.items()
+    for i, r in enumerate(rs)
+] + [pytest.param(m, Joke.model_json_schema(), rs[0], id=f"{m}-dict-no-json") for m, rs in NOT_PARSED.items()]
+
+
+@pytest.mark.parametrize("method, schema, reply", NOT_PARSED_CASES)
+def test_structured_output_that_does_not_parse_raises(scripted, method, schema, reply):
+    from langchain_core.exceptions import OutputParserException
+
+    model = ChatMoeLLM(engine=scripted([reply, reply]), max_tokens=256)
+    with pytest.raises(OutputParserException):
+        model.with_structured_output(schema, method=method).invoke("Tell me a joke about cats.")
+    out = model.with_structured_output(schema, method=method, include_raw=True).invoke("Tell me a joke about cats.")
+    assert isinstance(out["raw"], AIMessage) and out["parsed"] is None
+    assert isinstance(out["parsing_error"], OutputParserException)
+
+
+def test_chat_on_a_checkpoint_without_a_template(base_engine):
+    """The generic ChatML template applies, in ChatMoeLLM exactly as in the engine."""
+    messages = [SystemMessage("Be brief."), HumanMessage("Hello")]
+    expected = base_engine.generate(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}], max_new_tokens=N
+    )
+    reply = ChatMoeLLM(engine=base_engine, max_tokens=N).invoke(messages)
+    assert reply.content == expected.text
+    assert reply.usage_metadata["input_tokens"] == expected.prompt_tokens
+
+
+def test_generic_template_reply_ends_at_the_turn_marker(scripted_base):
+    engine = scripted_base(["Hi there.<|im_end|>\n<|im_start|>user\nAnd now?", "Hi there.<|im_start|>user"])
+    chat = ChatMoeLLM(engine=engine, max_tokens=256)
+    assert chat.invoke("Hello").content == "Hi there."
+    assert "".join(c.content for c in chat.stream("Hello")) == "Hi there."
+    assert engine.prompts[0].endswith("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tool_calls_on_a_checkpoint_without_a_template(scripted_base):
+    engine = scripted_base(['[TOOL_CALLS] [{"name": "magic_function", "arguments": {"input": 3}}]<|im_end|>'])
+    reply = ChatMoeLLM(engine=engine, max_tokens=256).bind_tools([magic_function]).invoke("magic 3?")
+    assert [(c["name"], c["args"]) for c in reply.tool_calls] == [("magic_function", {"input": 3})]
+    assert engine.prompts[0].startswith("<s><|im_start|>system\nYou can call these tools")
+
+
+def test_chat_template_option_reaches_the_engine(tiny_base_mixtral):
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    chat = ChatMoeLLM(model_path=str(tiny_base_mixtral), device="cpu", chat_template=template, max_tokens=2)
+    ids = chat.client.encode([{"role": "user", "content": "Hi"}])
+    assert chat.client.chat_template_source == "option"
+    assert chat.client.tokenizer.decode(ids) == "<user>Hi<assistant>"
+    assert chat.invoke("Hi").usage_metadata["input_tokens"] == len(ids)

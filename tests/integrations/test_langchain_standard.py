@@ -14,6 +14,9 @@ Standard tests that skip themselves, and why:
 - *_with_model_override: one engine serves one model (`supports_model_override` is False);
 - image/audio/pdf/anthropic-input tests: text-only models (their `supports_*` flags are False);
 - test_stream_time: a VCR cassette benchmark for HTTP APIs; there is no HTTP here.
+
+Both suites run twice: on the tiny checkpoint with its chat template, and on a base checkpoint
+whose tokenizer has none (like Mixtral-8x7B-v0.1), where chat uses the generic template.
 """
 
 from __future__ import annotations
@@ -109,3 +112,19 @@ class TestChatMoeLLMIntegration(_SharedEngine, ChatModelIntegrationTests):
     @pytest.mark.xfail(reason=RANDOM_WEIGHTS)
     def test_unicode_tool_call_integration(self, model, *, tool_choice=None, force_tool_call=True) -> None:
         super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)
+
+
+class _BaseCheckpoint:
+    """The same suite on a checkpoint without a chat template."""
+
+    @pytest.fixture(autouse=True)
+    def _use_engine(self, base_engine):
+        type(self)._engine = base_engine
+
+
+class TestChatMoeLLMUnitBaseCheckpoint(_BaseCheckpoint, TestChatMoeLLMUnit):
+    pass
+
+
+class TestChatMoeLLMIntegrationBaseCheckpoint(_BaseCheckpoint, TestChatMoeLLMIntegration):
+    pass

@@ -14,6 +14,7 @@ from langchain_core.language_models import LangSmithParams
 from pydantic import Field, PrivateAttr, model_validator
 
 from moe_llm.adapters import EngineOptions
+from moe_llm.tools import ensure_utf8
 
 # per-call kwargs that map onto the engine's generation options
 _CALL_OPTIONS = {
@@ -83,6 +84,7 @@ class MoeParams(EngineOptions):
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids from the model's own tokenizer (the default would download GPT-2)."""
+        text = ensure_utf8(text, "text to tokenize")
         return list(self._engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def get_num_tokens(self, text: str) -> int:

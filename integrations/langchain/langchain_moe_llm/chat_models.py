@@ -1,6 +1,7 @@
 """`ChatMoeLLM`: a LangChain chat model on a moe-llm engine, with tool calling.
 
-Messages go through the model's chat template (`moe_llm.tools.render_chat`).
+Messages go through the model's chat template (`Engine.chat_prompt`); a checkpoint
+without one uses the generic ChatML template, whose turn markers also end a reply.
 Bound tools reach the template natively when it supports them, else a system
 message; the reply is scanned for tool-call markers while streaming, so content
 before a call streams live and the call itself arrives, parsed, on the last
@@ -18,8 +19,6 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
 from langchain_core.messages.tool import tool_call_chunk
-from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
-from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
@@ -28,9 +27,10 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from moe_llm.aio import astream
 from moe_llm.engine import StreamChunk
-from moe_llm.tools import ChatPrompt, ToolCallStream, normalize_tool_choice, render_chat
+from moe_llm.tools import ChatPrompt, ToolCallStream, normalize_tool_choice
 
 from ._base import MoeParams, usage
+from .structured import JsonReplyParser, ToolCallReplyParser
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 
@@ -119,11 +119,13 @@ class ChatMoeLLM(MoeParams, BaseChatModel):
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]):
         tools = kwargs.get("tools")
-        prompt = render_chat(
-            self._engine.tokenizer, to_chat_dicts(messages), tools=tools, tool_choice=kwargs.get("tool_choice"),
+        prompt = self._engine.chat_prompt(
+            to_chat_dicts(messages), tools=tools, tool_choice=kwargs.get("tool_choice"),
             response_format=kwargs.get("response_format"),
         )  # fmt: skip
-        return prompt, _Assembler(self.model_name, prompt, parse_tools=bool(tools)), self._gen_options(stop, kwargs)
+        opts = self._gen_options(stop, kwargs)
+        opts["stop"] += [s for s in prompt.stop if s not in opts["stop"]]  # the generic template's turn markers
+        return prompt, _Assembler(self.model_name, prompt, parse_tools=bool(tools)), opts
 
     def _stream(
         self,
@@ -212,26 +214,25 @@ class ChatMoeLLM(MoeParams, BaseChatModel):
     ) -> Runnable[LanguageModelInput, dict | Any]:
         """Structured output via a forced tool call ("function_calling") or a JSON reply.
 
+        A reply without the structure raises `OutputParserException`; with `include_raw=True`
+        the result is `{"raw": AIMessage, "parsed": None, "parsing_error": exc}` instead.
         `strict` is accepted for compatibility; the schema is given to the model as text.
         """
         if kwargs:
             raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
-        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        model = schema if isinstance(schema, type) and is_basemodel_subclass(schema) else None
         fmt = {"kwargs": {"method": method}, "schema": schema}
+        parser: Runnable
         if method == "function_calling":
             name = convert_to_openai_tool(schema)["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=fmt)
-            parser: Runnable = (
-                PydanticToolsParser(tools=[schema], first_tool_only=True)
-                if is_pydantic
-                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
-            )
+            parser = ToolCallReplyParser(key_name=name, validate_as=model)
         elif method in ("json_mode", "json_schema"):
             response_format: dict[str, Any] = {"type": "json_object"}
             if method == "json_schema":
                 response_format = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
             llm = self.bind(response_format=response_format, ls_structured_output_format=fmt)
-            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+            parser = JsonReplyParser(validate_as=model)
         else:
             raise ValueError(f"method must be 'function_calling', 'json_mode' or 'json_schema', got {method!r}")
         if not include_raw:
