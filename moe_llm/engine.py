@@ -288,14 +288,14 @@ class Engine:
             if graphs is not None:
                 graphs.prefill_cache(kv)  # the prompt's KV goes straight into the static cache
             for step in range(max_new):
+                if step > 0 or len(prompt_ids) == 1:  # a one-token forward, by graph or eagerly
+                    self.runtime.begin_step()
                 if step > 0 and graphs is not None:
                     logits = self._graph_step(graphs, tok, len(prompt_ids) + step - 1)
                     if logits is None:  # capture failed: continue eagerly from the same KV
                         graphs, kv = None, graphs.kv.dump(self._new_kv(), len(prompt_ids) + step - 1)
                         ids = torch.tensor([[tok]], device=self.device)
                 if step == 0 or graphs is None:
-                    if ids.shape[1] == 1:
-                        self.runtime.begin_step()
                     out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._kv_arg: kv})
                     logits = out.logits[0, -1]
                     if step == 0 and graphs is not None:
@@ -361,7 +361,6 @@ class Engine:
         from .decode_graph import GraphCaptureError
 
         try:
-            self.runtime.begin_step()
             return graphs.step(tok, pos)
         except GraphCaptureError as exc:
             log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)

@@ -415,12 +415,21 @@ def test_a_budget_nothing_fits_has_no_ratio(peer_dir):
 # ---------------------------------------------------------------- merge CLI
 
 
+def run_cli(argv, capsys):
+    from moe_llm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code or 0, capsys.readouterr()
+
+
 def test_merge_writes_the_block_and_speedups_into_our_json(peer_dir, tmp_path, capsys):
     ours = tmp_path / "h200.json"
     run = {"gpu_budget_bytes": 12 * GIB, "decode_tok_s": 28.056043787234575, "variants": OUR_ROWS}
     ours.write_text(json.dumps(run))
-    assert peer.main(["merge", str(ours), str(peer_dir)]) == 0
-    out = capsys.readouterr().out
+    code, captured = run_cli(["peer", "merge", str(ours), str(peer_dir)], capsys)
+    assert code == 0
+    out = captured.out
     merged = json.loads(ours.read_text())
     assert merged["llamacpp"]["version"] == "b0-0c1e570" and len(merged["llamacpp"]["configs"]) == 7
     assert merged["speedup_vs_llamacpp_decode"] == pytest.approx(28.056043787234575 / 54.5)
@@ -430,14 +439,15 @@ def test_merge_writes_the_block_and_speedups_into_our_json(peer_dir, tmp_path, c
     assert cells[1] == "`-ncmoe 7`" and cells[2].endswith("= 11.98") and cells[3].startswith("54.5")
     assert cells[4] == "2,190" and cells[5] == "28.06" and cells[7] == f"{28.056043787234575 / 54.5:.2f}×"
     assert "| resident | `-ncmoe 0` |" in out
-    assert peer.main(["merge", str(ours), str(peer_dir)]) == 0  # again: the same result, nothing doubled
+    assert run_cli(["peer", "merge", str(ours), str(peer_dir)], capsys)[0] == 0  # again: the same, nothing doubled
     assert json.loads(ours.read_text()) == merged
 
 
 def test_merge_reports_missing_inputs(tmp_path, peer_dir, capsys):
-    assert peer.main(["merge", str(tmp_path / "none.json"), str(peer_dir)]) == 1
-    assert "does not exist" in capsys.readouterr().err
-    assert peer.main(["merge", str(tmp_path / "none.json"), str(tmp_path / "empty")]) == 1
+    code, captured = run_cli(["peer", "merge", str(tmp_path / "none.json"), str(peer_dir)], capsys)
+    assert code == 2 and "does not exist" in captured.err and len(captured.err.strip().splitlines()) == 1
+    code, captured = run_cli(["peer", "merge", str(tmp_path / "none.json"), str(tmp_path / "empty")], capsys)
+    assert code == 2 and captured.err.startswith("error: ")
 
 
 def test_peer_targets_say_what_was_met_and_by_how_much_the_rest_fell_short():

@@ -162,7 +162,7 @@ bench() {
     say "-ncmoe $n done in $((SECONDS - t)) s"
     summarize "$n"
   done
-  say "done: $PEER_OUT (merge with: python3 moe_llm/bench/peer.py merge OUR.json $PEER_OUT)"
+  say "done: $PEER_OUT (merge with: moe-llm peer merge OUR.json $PEER_OUT)"
 }
 
 pack() {

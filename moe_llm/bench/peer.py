@@ -1,5 +1,6 @@
 """llama.cpp `--n-cpu-moe` as the peer: read llama-bench's output, pick the configuration that fits a
-budget, and set our rows beside it (pure functions, plus `python -m moe_llm.bench.peer`).
+budget, and set our rows beside it (pure functions; `moe-llm peer merge` is the command, and
+`peer_tables` prints the results).
 
 `benchmarks/peers/llamacpp.sh bench` leaves one pair of files per `-ncmoe N` in its output folder:
 `ncmoeN.json` (llama-bench `-o json`) and `ncmoeN.log` (its `-v` log, stderr). docs/peer.md has the
@@ -13,11 +14,9 @@ context. Ratios are ours ÷ llama.cpp's, so below 1 means llama.cpp is faster.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -314,65 +313,6 @@ def speedups(rows: Iterable[dict], block: dict, bits: int = 2, headline_budget: 
 # ---------------------------------------------------------------- tables
 
 
-def _gib(b: int | None) -> str:
-    return "-" if b is None else f"{b / GIB:.2f}"
-
-
-def _num(x: float | None, fmt: str = ".1f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def comparison_table(result: dict, block: dict, prompt: int = PROMPT) -> str:
-    """Markdown: each budget, the llama.cpp configuration picked, its buffers and speeds, ours, ratios."""
-    by_n = {c["ncmoe"]: c for c in block.get("configs", [])}
-    lines = [
-        f"| budget | llama.cpp config | its buffers GiB (model + KV + compute) | its decode tok/s | its pp{prompt} tok/s "
-        f"| ours decode tok/s | ours prefill {prompt} tok/s (cold TTFT) | ratio decode | ratio prefill |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for e in result["vs_llamacpp"]:
-        budget = "resident" if e["budget_bytes"] is None else f"{e['budget_bytes'] / GIB:g} GiB"
-        c = by_n.get(e["llamacpp_ncmoe"], {})
-        cfg = "none fits" if not c else f"`-ncmoe {c['ncmoe']}`"
-        if c and e["llamacpp_prefill_ncmoe"] != c["ncmoe"]:
-            cfg += f" (pp: `-ncmoe {e['llamacpp_prefill_ncmoe']}`)"
-        bufs = "-" if not c else (
-            f"{_gib(c['cuda_model_bytes'])} + {_gib(c['cuda_kv_bytes'])} + {_gib(c['cuda_compute_bytes'])} "
-            f"= {_gib(c['cuda_total_bytes'])}"
-        )  # fmt: skip
-        dec = "-" if not c else f"{_num(c.get('decode_tok_s'))} ± {_num(c.get('decode_tok_s_std'))}"
-        ttft = e[f"ours_ttft_{prompt}_s"]
-        ours_pp = _num(e[f"ours_prefill_{prompt}_tok_s"], ",.0f") + (f" ({ttft:.3f} s)" if ttft else "")
-        lines.append(
-            f"| {budget} | {cfg} | {bufs} | {dec} | {_num(e[f'llamacpp_prefill_{prompt}_tok_s'], ',.0f')} "
-            f"| {_num(e['ours_decode_tok_s'], '.2f')} | {ours_pp} "
-            f"| {_num(e['speedup_decode'], '.2f')}× | {_num(e['speedup_prefill'], '.2f')}× |"
-        )
-    return "\n".join(lines)
-
-
-def configs_table(block: dict) -> str:
-    """Markdown: every llama.cpp configuration measured, its buffers and speeds."""
-    prompts = sorted(
-        {int(k.split("_")[1]) for c in block["configs"] for k in c if re.fullmatch(r"prefill_\d+_tok_s", k)}
-    )
-    head = "| -ncmoe | model GiB | KV GiB | compute GiB | total GiB | decode tok/s | " + " | ".join(
-        f"pp{p} tok/s" for p in prompts
-    )
-    lines = [head + " |", "|" + "---|" * (6 + len(prompts))]
-    for c in block["configs"]:
-        if "error" in c:
-            lines.append(f"| {c['ncmoe']} | error: {c['error']} |")
-            continue
-        pps = " | ".join(_num(c.get(f"prefill_{p}_tok_s"), ",.0f") for p in prompts)
-        lines.append(
-            f"| {c['ncmoe']} | {_gib(c['cuda_model_bytes'])} | {_gib(c['cuda_kv_bytes'])} "
-            f"| {_gib(c['cuda_compute_bytes'])} | {_gib(c['cuda_total_bytes'])} "
-            f"| {_num(c.get('decode_tok_s'))} ± {_num(c.get('decode_tok_s_std'))} | {pps} |"
-        )
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- merge into our JSON
 
 
@@ -385,21 +325,10 @@ PEER_TARGETS = (
 
 
 def peer_targets(run: dict) -> list[dict]:
-    """One entry per PEER_TARGETS key: value, met, and by how much a missed one fell short."""
-    out = []
-    for key, target in PEER_TARGETS:
-        value = run.get(key)
-        entry = {
-            "key": key,
-            "target": target,
-            "kind": "min",
-            "value": value,
-            "met": None if value is None else value >= target,
-        }
-        if value is not None and value < target:
-            entry["missed_by"] = (target - value) / target
-        out.append(entry)
-    return out
+    """The PEER_TARGETS entries of `run`'s targets list (see `report.check_targets`)."""
+    from .report import check_targets
+
+    return check_targets(run, [(key, target, "min") for key, target in PEER_TARGETS])
 
 
 def merge(run: dict, block: dict, bits: int | None = None, budget: int | None = None) -> dict:
@@ -415,52 +344,3 @@ def merge(run: dict, block: dict, bits: int | None = None, budget: int | None = 
     keys = {key for key, _ in PEER_TARGETS}
     run["targets"] = [t for t in run.get("targets", []) if t.get("key") not in keys] + peer_targets(run)
     return run
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moe_llm.bench.peer", description="llama.cpp --n-cpu-moe peer results.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("merge", help="add the llamacpp block and speedups to our bench JSON, in place")
-    m.add_argument("our_json", type=Path)
-    m.add_argument("peer_dir", type=Path)
-    m.add_argument("--bits", type=int, help="expert bits of the compared rows (default: the full row's)")
-    m.add_argument("--budget-gib", type=float, help="headline budget (default: the run's gpu_budget_bytes)")
-    p = sub.add_parser("show", help="print the parsed llamacpp block of a peer folder")
-    p.add_argument("peer_dir", type=Path)
-    p.add_argument("--json", action="store_true", help="the block as JSON instead of a table")
-    for s in (m, p):
-        s.add_argument("--device", default=DEVICE, help="the GPU's buffer name in the -v log")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        block = parse_peer_dir(args.peer_dir, device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if args.cmd == "show":
-        print(json.dumps(block, indent=2) if args.json else f"llama.cpp {block['version']}\n\n{configs_table(block)}")
-        return 0
-    if not args.our_json.exists():
-        print(f"error: {args.our_json} does not exist (run moe-llm bench first)", file=sys.stderr)
-        return 1
-    run = json.loads(args.our_json.read_text())
-    budget = round(args.budget_gib * GIB) if args.budget_gib else None
-    merge(run, block, bits=args.bits, budget=budget)
-    _write_json(args.our_json, run)
-    print(f"llama.cpp {block['version']}, {len(block['configs'])} configurations; {FIT_RULE}\n")
-    print(configs_table(block) + "\n")
-    print(comparison_table(run, block) + "\n")
-    for key in ("speedup_vs_llamacpp_decode", "speedup_vs_llamacpp_prefill", "speedup_vs_llamacpp_resident"):
-        print(f"{key}: {_num(run.get(key), '.3f')}")
-    print(f"wrote {args.our_json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -78,7 +78,8 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _write(path: Path | None, run: dict) -> None:
+def write_json(path: Path | None, run: dict) -> None:
+    """Write `run` to `path` atomically (a temporary file, then a rename); None writes nothing."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ def run_bench(
 
     def row_done(row: dict) -> None:
         run["variants"].append(row)
-        _write(out, run)
+        write_json(out, run)
         if on_row:
             on_row(row)
 
@@ -156,5 +157,5 @@ def run_bench(
     summarize(run)
     run["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     run["total_s"] = time.perf_counter() - t0
-    _write(out, run)
+    write_json(out, run)
     return run

@@ -47,8 +47,9 @@ class Tuning:
         the defaults for widths it does not list."""
         import json
         from dataclasses import fields
+        from pathlib import Path
 
-        entry = json.loads(open(path).read()).get("best", {}).get(str(bits))
+        entry = json.loads(Path(path).read_text()).get("best", {}).get(str(bits))
         if not entry:
             return cls()
         return cls(**{f.name: entry[f.name] for f in fields(cls) if f.name in entry})
