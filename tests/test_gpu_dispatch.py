@@ -52,7 +52,8 @@ def test_dispatch_reads_slots_and_host_ram_alike(bits, shape):
         out = torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
         run(x, idx, w, table, slots, out)
         outs[name] = out.clone()
-    torch.testing.assert_close(outs["host"].float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+    # int8 activations (per 32 columns) cost about 1-2% relative error against the float reference
+    assert float((outs["host"].float() - ref).norm() / ref.norm()) < 4e-2
     assert torch.equal(outs["host"], outs["device"]) and torch.equal(outs["host"], outs["mixed"])
 
 

@@ -52,9 +52,31 @@ def supported_spec(spec: QuantSpec) -> bool:
 
 
 @triton.jit
+def _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, g0, mask, NG: tl.constexpr, ROW_META: tl.constexpr):
+    """(scale, zero) [BLOCK_N, NG] of groups g0 + [0, NG) of each row (flat index gbase + g):
+    8-bit codes expanded with the float32 (min, step) of their run of 128 groups. The NG
+    groups of a row are contiguous bytes, so the loads vectorise; with ROW_META (groups per
+    row a multiple of NG) they never straddle two runs, so a row needs one meta entry."""
+    gidx = gbase[:, None] + g0 + tl.arange(0, NG)[None, :]
+    m2 = mask[:, None]
+    if ROW_META:
+        m = ((gbase + g0) // 128 * 4)[:, None]
+    else:
+        m = (gidx // 128) * 4
+    s_min = tl.load(meta_ptr + m, mask=m2, other=0.0)
+    s_step = tl.load(meta_ptr + m + 1, mask=m2, other=0.0)
+    z_min = tl.load(meta_ptr + m + 2, mask=m2, other=0.0)
+    z_step = tl.load(meta_ptr + m + 3, mask=m2, other=0.0)
+    scale = tl.load(sq_ptr + gidx, mask=m2, other=0).to(tl.float32) * s_step + s_min
+    zero = tl.load(zq_ptr + gidx, mask=m2, other=0).to(tl.float32) * z_step + z_min
+    return scale, zero
+
+
+@triton.jit
 def _tile_dot(
     x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, MAGIC: tl.constexpr,
+    ROW_META: tl.constexpr,
 ):  # fmt: skip
     """sum over the columns encoded by packed bytes [p0, p0 + BLOCK_P) of W[rows] * x -> [BLOCK_N].
     Each column tile splits into NG runs of SUB columns, each inside one group, so
@@ -66,7 +88,6 @@ def _tile_dot(
     SUB: tl.constexpr = GROUP if GROUP < BLOCK_P else BLOCK_P
     NG: tl.constexpr = BLOCK_P // SUB
     offs = tl.arange(0, BLOCK_P)
-    run0 = tl.arange(0, NG) * SUB  # [NG] first column of each run, relative to the tile
     byte = tl.load(q_ptr + row_off[:, None] + p0 + offs[None, :], mask=mask[:, None], other=0).to(tl.int32)
     if BITS == 3:
         # high bit of column c sits in byte c % P1 of the 1-bit plane, bit c // P1
@@ -93,29 +114,105 @@ def _tile_dot(
             if BITS == 3:
                 code = code | (((hi_byte >> (2 * j + hi_sel)) & 1) << 2)
             cx = tl.sum(tl.reshape(code.to(tl.float32) * xv[None, :], (BLOCK_N, NG, SUB)), axis=2)  # [BLOCK_N, NG]
-        gidx = gbase[:, None] + ((col0 + run0) // GROUP)[None, :]  # [BLOCK_N, NG] flat (row, group) index
-        m2 = mask[:, None]
-        m = (gidx // 128) * 4
-        s_min = tl.load(meta_ptr + m, mask=m2, other=0.0)
-        s_step = tl.load(meta_ptr + m + 1, mask=m2, other=0.0)
-        z_min = tl.load(meta_ptr + m + 2, mask=m2, other=0.0)
-        z_step = tl.load(meta_ptr + m + 3, mask=m2, other=0.0)
-        scale = tl.load(sq_ptr + gidx, mask=m2, other=0).to(tl.float32) * s_step + s_min
-        zero = tl.load(zq_ptr + gidx, mask=m2, other=0).to(tl.float32) * z_step + z_min
+        scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0 // GROUP, mask, NG, ROW_META)
         acc += scale * (cx - zero * sx[None, :])
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
+def _dp4a(a, b):
+    """Per int32 lane: the dot product of four unsigned bytes of `a` (codes) with four signed
+    bytes of `b` (int8 activations), one `dp4a` instruction."""
+    return tl.inline_asm_elementwise(
+        "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, tl.zeros_like(a)], dtype=tl.int32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _tile_dot_i8(
+    xq_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ROW_META: tl.constexpr,
+):  # fmt: skip
+    """`_tile_dot` with int8 activations (`quantize_activations`): the packed bytes are read as
+    int32 words; thanks to the strided packing one shift and one mask give four codes of four
+    consecutive columns in byte lanes, and `dp4a` multiplies them with four int8 activations.
+    Per block of QB columns: dx * sum(code * xq); the zero term uses the exact block sums xs."""
+    MB: tl.constexpr = 4 if BITS == 4 else 2
+    PER: tl.constexpr = 8 // MB
+    LANE_MASK: tl.constexpr = 0x0F0F0F0F if MB == 4 else 0x03030303
+    SUB: tl.constexpr = GROUP if GROUP < BLOCK_P else BLOCK_P
+    NG: tl.constexpr = BLOCK_P // SUB
+    QB: tl.constexpr = SUB if SUB < 32 else 32  # activation quantization block (columns)
+    NQ: tl.constexpr = BLOCK_P // QB
+    W: tl.constexpr = BLOCK_P // 4  # int32 words per row of the tile
+    offs_w = tl.arange(0, W)
+    q32 = q_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    word = tl.load(q32 + (row_off[:, None] + p0) // 4 + offs_w[None, :], mask=mask[:, None], other=0)
+    if BITS == 3:
+        hi_word = tl.load(q32 + (row_off[:, None] + P + (p0 % P1)) // 4 + offs_w[None, :], mask=mask[:, None], other=0)
+        hi_sel = (p0 >= P1).to(tl.int32)
+    acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
+    for j in tl.static_range(PER):
+        col0 = j * P + p0
+        xw = tl.load(xq_ptr + col0 // 4 + offs_w)  # [W] four int8 activations per word
+        blk = col0 // QB + tl.arange(0, NQ)
+        dx = tl.load(dx_ptr + blk)  # [NQ]
+        xs = tl.load(xs_ptr + blk)  # [NQ]
+        codes = (word >> (MB * j)) & LANE_MASK
+        if BITS == 3:
+            codes = codes | (((hi_word >> (2 * j + hi_sel)) & 0x01010101) << 2)
+        d = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, W)))  # [BLOCK_N, W]
+        isum = tl.sum(tl.reshape(d, (BLOCK_N, NQ, QB // 4)), axis=2)  # [BLOCK_N, NQ]
+        cxq = isum.to(tl.float32) * dx[None, :]
+        if QB == SUB:
+            cx = cxq
+            sx = xs
+        else:
+            cx = tl.sum(tl.reshape(cxq, (BLOCK_N, NG, SUB // QB)), axis=2)  # [BLOCK_N, NG]
+            sx = tl.sum(tl.reshape(xs, (NG, SUB // QB)), axis=1)  # [NG]
+        scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0 // GROUP, mask, NG, ROW_META)
+        acc += scale * (cx - zero * sx[None, :])
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _quant_kernel(x_ptr, x_stride, xq_ptr, dx_ptr, xs_ptr, K, QB: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r = program_id(1) of x [R, K] -> int8 activations packed four to an int32 word
+    (xq [R, K/4]), a scale per block of QB columns (dx [R, K/QB]: x ~ dx * xq) and the
+    exact block sums (xs [R, K/QB]). Round half away from zero, deterministic."""
+    r = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + r * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    xb = tl.reshape(x, (BLOCK // QB, QB))
+    amax = tl.max(tl.abs(xb), axis=1)  # [BLOCK/QB]
+    dx = amax / 127.0
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    v = xb * inv[:, None]
+    qv = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v)).to(tl.int32)
+    qv = tl.reshape(qv & 0xFF, (BLOCK // 4, 4))
+    shifts = tl.arange(0, 4) * 8
+    words = tl.sum(qv << shifts[None, :], axis=1)  # [BLOCK/4]
+    nw = K // 4
+    w_offs = tl.program_id(0) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    tl.store(xq_ptr + r * nw + w_offs, words, mask=w_offs < nw)
+    nb = K // QB
+    b_offs = tl.program_id(0) * (BLOCK // QB) + tl.arange(0, BLOCK // QB)
+    tl.store(dx_ptr + r * nb + b_offs, dx, mask=b_offs < nb)
+    tl.store(xs_ptr + r * nb + b_offs, tl.sum(xb, axis=1), mask=b_offs < nb)
+
+
+@triton.jit
 def _gemv_rows(
-    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, pid_n, pid_s, N, P, P1, G, stride_q, p_split, stride_split,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
-    UNROLL: tl.constexpr, MAGIC: tl.constexpr,
+    x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, pid_n, pid_s, N, P, P1, G, stride_q, p_split,
+    stride_split, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    GLU: tl.constexpr, UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
     """out[split, n] = sum_k W[n, k] x[k] over this split's K range, for BLOCK_N rows. With GLU
     the matrix is [2N, K] (gate rows, then up rows) and out[n] = silu(gate) * up.
     UNROLL byte tiles per trip keep more loads in flight (a GEMV is latency-bound
-    otherwise); tiles past the split's end are masked out."""
+    otherwise); tiles past the split's end are masked out. With I8, x_ptr holds int8
+    activations four to a word and dx_ptr/xs_ptr their block scales and sums."""
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     row_off = rows.to(tl.int64) * stride_q
@@ -132,15 +229,26 @@ def _gemv_rows(
             live = pu < p_end
             mask = row_mask & live
             pu = tl.where(live, pu, 0)  # dead tiles read in-bounds bytes and contribute 0
-            acc += _tile_dot(
-                x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, pu, P, P1,
-                BITS, GROUP, BLOCK_N, BLOCK_P, MAGIC,
-            )  # fmt: skip
-            if GLU:
-                acc_up += _tile_dot(
-                    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off, up_gbase, mask, pu, P, P1,
-                    BITS, GROUP, BLOCK_N, BLOCK_P, MAGIC,
+            if I8:
+                acc += _tile_dot_i8(
+                    x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, pu, P, P1,
+                    BITS, GROUP, BLOCK_N, BLOCK_P, ROW_META,
                 )  # fmt: skip
+                if GLU:
+                    acc_up += _tile_dot_i8(
+                        x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off, up_gbase, mask, pu, P, P1,
+                        BITS, GROUP, BLOCK_N, BLOCK_P, ROW_META,
+                    )  # fmt: skip
+            else:
+                acc += _tile_dot(
+                    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, pu, P, P1,
+                    BITS, GROUP, BLOCK_N, BLOCK_P, MAGIC, ROW_META,
+                )  # fmt: skip
+                if GLU:
+                    acc_up += _tile_dot(
+                        x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off, up_gbase, mask, pu, P, P1,
+                        BITS, GROUP, BLOCK_N, BLOCK_P, MAGIC, ROW_META,
+                    )  # fmt: skip
     if GLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     tl.store(out_ptr + pid_s * stride_split + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -150,12 +258,12 @@ def _gemv_rows(
 def _qgemv_kernel(
     x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
-    UNROLL: tl.constexpr, MAGIC: tl.constexpr,
+    UNROLL: tl.constexpr, MAGIC: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
     """One matrix whose tensors are passed as pointers (attention, tests)."""
     _gemv_rows(
-        x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, tl.program_id(0), tl.program_id(1), N, P, P1, G, stride_q,
-        p_split, stride_split, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC,
+        x_ptr, x_ptr, x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, tl.program_id(0), tl.program_id(1), N, P, P1,
+        G, stride_q, p_split, stride_split, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, False, ROW_META,
     )  # fmt: skip
 
 
@@ -173,6 +281,24 @@ def _combine_kernel(part_ptr, w_ptr, out_ptr, N, KSEL, SPLIT, HAS_W: tl.constexp
             s_acc = s_acc * tl.load(w_ptr + j).to(tl.float32)
         acc += s_acc
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def row_meta(spec: QuantSpec, bp: int) -> bool:
+    """Whether a tile's groups of one row always share one meta run (see _group_scales)."""
+    ng = max(1, bp // spec.group_size)
+    return (spec.in_features // spec.group_size) % ng == 0
+
+
+def activation_block(spec: QuantSpec, bp: int) -> int:
+    """Columns per int8 activation scale for a GEMV over `spec` with byte tiles of `bp`."""
+    return min(32, spec.group_size, bp)
+
+
+def quantize_activations(x: torch.Tensor, qb: int, xq: torch.Tensor, dx: torch.Tensor, xs: torch.Tensor) -> None:
+    """x [R, K] -> xq int32 [R, K/4] (int8 x4), dx and xs float32 [R, K/qb] (see _quant_kernel)."""
+    rows, k = x.shape
+    block = max(qb, min(1024, triton.next_power_of_2(k)))
+    _quant_kernel[(triton.cdiv(k, block), rows)](x, x.stride(0), xq, dx, xs, k, QB=qb, BLOCK=block)
 
 
 def _geometry(spec: QuantSpec) -> tuple[int, int, int, int]:
@@ -222,7 +348,7 @@ def _launch(spec: QuantSpec, glu: bool, split: int | None) -> tuple[tuple[int, i
     p_split = iters * bp
     consts = dict(
         BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=bn, BLOCK_P=bp, GLU=glu, UNROLL=_unroll(iters),
-        MAGIC=MAGIC_CODES, num_warps=NUM_WARPS,
+        MAGIC=MAGIC_CODES, ROW_META=row_meta(spec, bp), num_warps=NUM_WARPS,
     )  # fmt: skip
     return (triton.cdiv(n, bn), split), (n, P, P1, G, stride_q, p_split, n), consts
 

@@ -24,7 +24,17 @@ import triton.language as tl
 
 from ..experts.format import ExpertFormat
 from ..quant.compact import QuantSpec
-from .triton_gemv import _gemv_rows, _geometry, _unroll, block_p, combine, supported_spec
+from .triton_gemv import (
+    _gemv_rows,
+    _geometry,
+    _unroll,
+    activation_block,
+    block_p,
+    combine,
+    quantize_activations,
+    row_meta,
+    supported_spec,
+)
 
 _TARGET_PROGRAMS = 8 * 132
 
@@ -33,13 +43,14 @@ _TARGET_PROGRAMS = 8 * 132
 class Tuning:
     """Tile shapes of the two expert GEMVs (swept on an H200 with scripts/tune_moe.py)."""
 
-    gate_up_rows: int = 16
-    down_rows: int = 32
+    gate_up_rows: int = 8
+    down_rows: int = 16
     gate_up_warps: int = 4
     down_warps: int = 4
     unroll: int = 1
     max_block_p: int = 256
     magic: bool = True  # see triton_gemv._tile_dot
+    int8: bool = True  # int8 activations and dp4a (triton_gemv._tile_dot_i8)
 
     @classmethod
     def from_file(cls, path: str, bits: int) -> Tuning:
@@ -60,13 +71,16 @@ DEFAULT_TUNING = Tuning()
 
 @triton.jit
 def _moe_gemv_kernel(
-    x_ptr, x_stride, idx_ptr, table_ptr, base_ptr, out_ptr, out_stride, N, P, P1, G, stride_q, p_split, stride_split,
+    x_ptr, x_stride, dx_ptr, xs_ptr, s_stride, idx_ptr, table_ptr, base_ptr, out_ptr, out_stride, N, P, P1, G,
+    stride_q, p_split, stride_split,
     OFF_Q: tl.constexpr, OFF_SQ: tl.constexpr, OFF_ZQ: tl.constexpr, OFF_META: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
-    UNROLL: tl.constexpr, MAGIC: tl.constexpr,
+    UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
     """Routed position j = program_id(1): out[j, split, n] for the expert top_k_index[j], read
-    through its table entry; the input row is x[j] (x_stride 0: the same x for every j)."""
+    through its table entry; the input row is x[j] (x_stride 0: the same x for every j). With
+    I8, x holds int8 activations (int32 words) and dx/xs their block scales and sums (row
+    stride s_stride)."""
     pid_e = tl.program_id(1)
     e = tl.load(idx_ptr + pid_e)
     # int64 byte offset from `base_ptr` (the slot pool) to a GPU slot or to pinned host memory
@@ -79,9 +93,9 @@ def _moe_gemv_kernel(
     zq_ptr = base_ptr + off + OFF_ZQ
     meta_ptr = (base_ptr + off + OFF_META).to(tl.pointer_type(tl.float32), bitcast=True)
     _gemv_rows(
-        x_ptr + pid_e * x_stride, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr + pid_e * out_stride,
-        tl.program_id(0), tl.program_id(2), N, P, P1, G, stride_q, p_split, stride_split,
-        BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC,
+        x_ptr + pid_e * x_stride, dx_ptr + pid_e * s_stride, xs_ptr + pid_e * s_stride, q_ptr, sq_ptr, zq_ptr,
+        meta_ptr, out_ptr + pid_e * out_stride, tl.program_id(0), tl.program_id(2), N, P, P1, G, stride_q, p_split,
+        stride_split, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, I8, ROW_META,
     )  # fmt: skip
 
 
@@ -107,7 +121,8 @@ def _down_split(spec: QuantSpec, rows: int, k: int, bp: int) -> int:
 
 
 def _launch(fmt: ExpertFormat, name: str, k: int, tuning: Tuning):
-    """(grid, int args, constexprs, split) of one routed-experts GEMV; computed once per shape."""
+    """(grid, int args, constexprs, split, activation block) of one routed-experts GEMV;
+    computed once per shape."""
     spec = fmt.specs[name]
     glu = name == "gate_up_proj"
     P, P1, G, stride_q = _geometry(spec)
@@ -118,9 +133,11 @@ def _launch(fmt: ExpertFormat, name: str, k: int, tuning: Tuning):
     iters = triton.cdiv(P // bp, split)
     consts = dict(
         BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=rows, BLOCK_P=bp, GLU=glu, UNROLL=_unroll(iters, tuning.unroll),
-        MAGIC=tuning.magic, num_warps=tuning.gate_up_warps if glu else tuning.down_warps, **_offsets(fmt, name),
+        MAGIC=tuning.magic, I8=tuning.int8, ROW_META=row_meta(spec, bp), num_warps=tuning.gate_up_warps if glu else tuning.down_warps,
+        **_offsets(fmt, name),
     )  # fmt: skip
-    return (triton.cdiv(n, rows), k, split), (n, P, P1, G, stride_q, iters * bp, n), consts, split
+    grid = (triton.cdiv(n, rows), k, split)
+    return grid, (n, P, P1, G, stride_q, iters * bp, n), consts, split, activation_block(spec, bp)
 
 
 class MoeDecode:
@@ -134,17 +151,35 @@ class MoeDecode:
         self.split = self._down[3]
         self.h = torch.empty(top_k, inter, dtype=torch.float32, device=device)  # [k, I]
         self.part = torch.empty(top_k, self.split, hidden, dtype=torch.float32, device=device)  # [k, split, H]
+        # int8 activations of x (shared by the k experts) and of h (one row per expert)
+        self._xq = self._quant_buffers(1, hidden, self._gate_up[4], device) if tuning.int8 else None
+        self._hq = self._quant_buffers(top_k, inter, self._down[4], device) if tuning.int8 else None
+
+    @staticmethod
+    def _quant_buffers(rows: int, k: int, qb: int, device) -> tuple:
+        return (
+            torch.empty(rows, k // 4, dtype=torch.int32, device=device),
+            torch.empty(rows, k // qb, dtype=torch.float32, device=device),
+            torch.empty(rows, k // qb, dtype=torch.float32, device=device),
+            qb,
+        )
+
+    def _gemv(self, launch, x: torch.Tensor, quant, shared: bool, idx, table_row, base, out) -> None:
+        grid, args, consts, _, _ = launch
+        if quant is None:
+            xs = (x, 0 if shared else x.stride(0), x, x, 0)
+        else:
+            xq, dx, sums, qb = quant
+            quantize_activations(x.view(-1, x.shape[-1]), qb, xq, dx, sums)
+            xs = (xq, 0 if shared else xq.stride(0), dx, sums, 0 if shared else dx.stride(0))
+        _moe_gemv_kernel[grid](*xs, idx, table_row, base, out, out.stride(0), *args, **consts)
 
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  table_row: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """x [H] -> out [H] = sum_j w[j] * expert_{idx[j]}(x); table_row: int64 [E] byte offsets of
         each expert's buffer from `base` (a uint8 tensor, e.g. the slot pool)."""
         idx = top_k_index.reshape(-1)
-        grid, args, consts, _ = self._gate_up
-        _moe_gemv_kernel[grid](x, 0, idx, table_row, base, self.h, self.h.stride(0), *args, **consts)
-        grid, args, consts, _ = self._down
-        _moe_gemv_kernel[grid](
-            self.h, self.h.stride(0), idx, table_row, base, self.part, self.part.stride(0), *args, **consts
-        )
+        self._gemv(self._gate_up, x, self._xq, True, idx, table_row, base, self.h)
+        self._gemv(self._down, self.h, self._hq, False, idx, table_row, base, self.part)
         combine(self.part, top_k_weights.reshape(-1), out.view(-1))
         return out
