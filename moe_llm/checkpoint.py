@@ -1,12 +1,14 @@
 """Lazy reader of a Hugging Face checkpoint directory.
 
 Reads config.json, finds the safetensors shards (single file or sharded with an
-index), and maps every tensor name onto the transformers 5.x module names. The
-expert tensors of both naming schemes are served one expert at a time:
+index), and maps every tensor name onto the transformers 5.x module names with the
+family's architecture map (`arch.CheckpointKeys`). The expert tensors of both naming
+schemes are served one expert at a time:
 
 * per-expert (old): ``layers.L.block_sparse_moe.experts.E.w1/w2/w3`` (Mixtral) or
-  ``layers.L.mlp.experts.E.gate_proj/up_proj/down_proj`` (Qwen-MoE, OLMoE);
-* fused (5.x): ``layers.L.mlp.experts.gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I).
+  ``layers.L.mlp.experts.E.gate_proj/up_proj/down_proj`` (Qwen-MoE, OLMoE, DeepSeek);
+* fused (5.x): ``layers.L.mlp.experts.gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I),
+  or the family's own fused names (Granite-MoE: ``input_linear``/``output_linear``).
 
 Nothing is read until asked for; safetensors memory-maps the files.
 """
@@ -14,28 +16,18 @@ Nothing is read until asked for; safetensors memory-maps the files.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .arch import ArchMap, CheckpointKeys, arch_for_type
 from .errors import CheckpointIntegrityError, ModelLoadError
 
-_PER_EXPERT = re.compile(
-    r"^(?:model\.)?layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
-    r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
-)
-_FUSED = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
-_RENAMES = [(re.compile(r"\.block_sparse_moe\.gate\."), ".mlp.gate.")]
 
-
-def canonical_name(key: str) -> str:
-    """Map a checkpoint key to the transformers 5.x parameter name."""
-    for pattern, repl in _RENAMES:
-        key = pattern.sub(repl, key)
-    return key
+def canonical_name(key: str, keys: CheckpointKeys | None = None) -> str:
+    """Map a checkpoint key to the transformers 5.x parameter name (Mixtral's renames by default)."""
+    return (keys or arch_for_type("mixtral").keys).canonical(key)
 
 
 @dataclass
@@ -45,6 +37,11 @@ class _ExpertKeys:
     down: dict[int, str] = field(default_factory=dict)
     gate_up_fused: str | None = None
     down_fused: str | None = None
+    mxfp4: dict[str, str] = field(default_factory=dict)  # "gate_up.blocks" ... -> key (GPT-OSS)
+
+    @property
+    def is_mxfp4(self) -> bool:
+        return len(self.mxfp4) == 4
 
 
 def read_config_dict(path: Path) -> dict:
@@ -81,9 +78,12 @@ class ConfigOnly:
 class Checkpoint:
     """A local HF checkpoint directory, opened lazily."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, arch: ArchMap | None = None):
         self.path = Path(path).expanduser()
         self.config_dict = read_config_dict(self.path)
+        arch = arch or arch_for_type(self.config_dict.get("model_type"))
+        self.keys: CheckpointKeys = arch.keys
+        self.layout = arch.layout
         self._files = self._find_shards()
         self._handles: dict[Path, object] = {}
         self._key_file: dict[str, Path] = {}
@@ -93,14 +93,18 @@ class Checkpoint:
         self.trunk_keys: dict[str, str] = {}  # canonical -> raw
         self.experts: dict[int, _ExpertKeys] = {}
         for key in self._key_file:
-            if m := _PER_EXPERT.match(key):
-                layer, expert, role = int(m.group(1)), int(m.group(2)), _ROLE[m.group(3)]
+            hit = self.keys.classify(key)
+            if hit is None:
+                self.trunk_keys[self.keys.canonical(key)] = key
+            elif hit[0] == "per_expert":
+                _, layer, expert, role = hit
                 getattr(self.experts.setdefault(layer, _ExpertKeys()), role)[expert] = key
-            elif m := _FUSED.match(key):
-                ek = self.experts.setdefault(int(m.group(1)), _ExpertKeys())
-                setattr(ek, "gate_up_fused" if m.group(2) == "gate_up_proj" else "down_fused", key)
             else:
-                self.trunk_keys[canonical_name(key)] = key
+                ek = self.experts.setdefault(hit[1], _ExpertKeys())
+                if "." in hit[3]:  # an MXFP4 part: gate_up.blocks, down.scales, ...
+                    ek.mxfp4[hit[3]] = key
+                else:
+                    setattr(ek, "gate_up_fused" if hit[3] == "gate_up" else "down_fused", key)
 
     # -- files -------------------------------------------------------------
     def _find_shards(self) -> list[Path]:
@@ -157,7 +161,7 @@ class Checkpoint:
     def is_fused(self, layer: int) -> bool:
         """Whether `layer`'s experts are stored as one fused (E, ...) tensor pair."""
         ek = self.experts.get(layer)
-        return bool(ek and ek.gate_up_fused and ek.down_fused)
+        return bool(ek and ((ek.gate_up_fused and ek.down_fused) or ek.is_mxfp4))
 
     def expert_part_keys(self, layer: int, expert: int) -> list[str]:
         """Raw keys read by `expert(layer, expert)`."""
@@ -166,6 +170,8 @@ class Checkpoint:
             return []
         if ek.gate_up_fused and ek.down_fused:
             return [ek.gate_up_fused, ek.down_fused]
+        if ek.is_mxfp4:
+            return list(ek.mxfp4.values())
         return [d[expert] for d in (ek.gate, ek.up, ek.down) if expert in d]
 
     # -- tensors -----------------------------------------------------------
@@ -179,6 +185,8 @@ class Checkpoint:
         ek = self.experts[layer]
         if ek.gate_up_fused:
             return self.shape(ek.gate_up_fused)[0]
+        if ek.is_mxfp4:
+            return self.shape(ek.mxfp4["gate_up.blocks"])[0]
         return len(ek.down)
 
     def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,12 +195,28 @@ class Checkpoint:
         if ek is None:
             raise CheckpointIntegrityError(f"no expert tensors for layer {layer}")
         if ek.gate_up_fused and ek.down_fused:
-            return self._read(ek.gate_up_fused, expert), self._read(ek.down_fused, expert)
+            gate_up, down = self._read(ek.gate_up_fused, expert), self._read(ek.down_fused, expert)
+            if self.layout.transposed:  # (H, 2I) and (I, H) as transformers holds them
+                gate_up, down = gate_up.T, down.T
+            return self._gate_then_up(gate_up), down.contiguous()
+        if ek.is_mxfp4:  # one expert dequantized: rows are outputs, (2I, H) and (H, I)
+            from .qformat import mxfp4
+
+            parts = {role: self._read(key, expert) for role, key in ek.mxfp4.items()}
+            gate_up = mxfp4.dequantize(parts["gate_up.blocks"], parts["gate_up.scales"])
+            down = mxfp4.dequantize(parts["down.blocks"], parts["down.scales"])
+            return self._gate_then_up(gate_up), down
         try:
             gate, up, down = ek.gate[expert], ek.up[expert], ek.down[expert]
         except KeyError:
             raise CheckpointIntegrityError(f"layer {layer} expert {expert}: missing gate/up/down tensors") from None
         return torch.cat([self._read(gate), self._read(up)], dim=0), self._read(down)
+
+    def _gate_then_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[2I, H] with the gate rows first, whether the family interleaves them (GPT-OSS) or not."""
+        if self.layout.concatenated:
+            return gate_up.contiguous()
+        return torch.cat([gate_up[0::2], gate_up[1::2]], dim=0)
 
     def close(self) -> None:
         self._handles.clear()

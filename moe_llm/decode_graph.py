@@ -24,13 +24,14 @@ eagerly.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from functools import cache
 
 import torch
 from transformers.cache_utils import DynamicLayer
+
+from .arch import resolve_arch
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +179,29 @@ def unsupported_reason(model, hf_config) -> str | None:
         return "the model has no lm_head"
     if getattr(hf_config, "sliding_window", None) is not None:
         return "sliding-window attention"
+    kinds = _cache_layer_kinds(hf_config)
+    if kinds:  # hybrid (linear attention, Mamba) or indexed (DeepSeek sparse attention) layers
+        return f"KV cache layers of type {kinds}"
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in ("sdpa", "eager"):
         return f"attention implementation {impl!r}"
-    for attr in ("final_logit_softcapping", "logit_scale"):
+    # scalings transformers' model forward applies outside the layers, which the captured trunk skips
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "embedding_multiplier"):
         if getattr(hf_config, attr, None) not in (None, 1, 1.0):
-            return f"{attr} in the LM head"
+            return f"{attr} outside the decoder layers"
     return None
+
+
+def _cache_layer_kinds(hf_config) -> str | None:
+    """The cache layer types of this model other than plain `DynamicLayer`, or None."""
+    from transformers import DynamicCache
+
+    try:
+        layers = DynamicCache(config=hf_config).layers
+    except Exception:  # a config transformers' cache cannot read: the capture decides
+        return None
+    kinds = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    return ", ".join(kinds) or None
 
 
 class GraphDecoder:
@@ -193,10 +210,10 @@ class GraphDecoder:
         self.runtime = runtime
         self.device = torch.device(device)
         self.max_len = max_len
-        self.layers = model.model.layers
+        arch = resolve_arch(model, hf_config)
+        self.layers = arch.decoder_layers(model)
         self.eager_attn = model.config._attn_implementation == "eager"
-        params = inspect.signature(self.layers[0].forward).parameters
-        self.kv_arg = "cache" if "cache" in params else "past_key_values"
+        self.kv_arg = arch.kv_arg_of(self.layers[0])
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.arange = torch.arange(max_len, device=self.device)

@@ -4,7 +4,7 @@
   `stride`; every token after the first is scored once, with up to
   `window - stride` tokens of context), computed from `Engine.logits`, so
   quantized experts and attention are measured exactly as they run.
-* `trace_routing`: forward hooks on every MoE layer's router (`mlp.gate`) record,
+* `trace_routing`: forward hooks on every MoE layer's router (the architecture map's) record,
   per token, the experts it routed to and, for each later layer L+a, the
   experts that layer L+a's router picks when applied to the hidden state
   entering layer L's router (what a speculative prefetcher can know early).
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .model import decoder_layers
+from .arch import ArchMap, resolve_arch
 
 CACHE_SIZES = tuple(range(1, 8))
 PREFETCH_COUNTS = (1, 2, 3, 4)
@@ -120,10 +120,9 @@ class RoutingTrace:
         return torch.cat(self.guesses[(source, ahead, rescaled)])
 
 
-def _norm_weight(layer) -> torch.Tensor | None:
-    norm = getattr(layer, "post_attention_layernorm", None)
-    w = getattr(norm, "weight", None)
-    return None if w is None else w.detach().float()
+def _norm_weight(arch: ArchMap, layer) -> torch.Tensor | None:
+    w = getattr(arch.norm_of(layer), "weight", None)
+    return w.detach().float() if isinstance(w, torch.Tensor) else None
 
 
 @torch.inference_mode()
@@ -137,14 +136,15 @@ def trace_routing(
 ) -> RoutingTrace:
     """Run `ids` through the engine in consecutive windows and record the routing
     (only `max_windows` evenly spaced windows when given)."""
-    layers = decoder_layers(engine.model)
-    moe = [i for i, layer in enumerate(layers) if hasattr(getattr(layer, "mlp", None), "gate")]
-    num_experts = int(layers[moe[0]].mlp.gate.weight.shape[0])
-    top_k = int(getattr(engine.hf_config, "num_experts_per_tok", 2))
+    arch = resolve_arch(engine.model, engine.hf_config)
+    layers = arch.decoder_layers(engine.model)
+    moe = [i for i, layer in enumerate(layers) if arch.experts_of(layer) is not None]
+    routers = {i: arch.router_weight(layers[i]).detach().float() for i in moe}
+    num_experts = int(routers[moe[0]].shape[0])
+    top_k = int(engine.runtime.top_k)
     trace = RoutingTrace(moe, top_k, num_experts)
     n_guess = min(max_guesses, num_experts)
-    routers = {i: layers[i].mlp.gate.weight.detach().float() for i in moe}
-    norms = {i: _norm_weight(layers[i]) for i in moe}
+    norms = {i: _norm_weight(arch, layers[i]) for i in moe}
 
     def hook_for(pos: int):
         src = moe[pos]
@@ -166,7 +166,7 @@ def trace_routing(
 
         return hook
 
-    handles = [layers[i].mlp.gate.register_forward_hook(hook_for(p)) for p, i in enumerate(moe)]
+    handles = [arch.router_of(layers[i]).register_forward_hook(hook_for(p)) for p, i in enumerate(moe)]
     try:
         window = min(window, engine.context_length)
         for begin in evenly_spaced(list(range(0, len(ids), window)), max_windows):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .arch import ArchMap, bind, resolve_arch
 from .checkpoint import Checkpoint
 from .errors import CheckpointIntegrityError, ModelLoadError, UnsupportedModelError
 from .experts.format import ExpertFormat
@@ -24,8 +25,6 @@ from .quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
 
-VERIFIED_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
-
 
 @dataclass(frozen=True)
 class MoeInfo:
@@ -34,6 +33,7 @@ class MoeInfo:
     top_k: int
     hidden: int
     intermediate: int
+    arch: ArchMap  # the family's architecture map, paths filled in
 
 
 def read_config(ckpt: Checkpoint):
@@ -64,28 +64,14 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers
+def decoder_layers(model: nn.Module, arch: ArchMap | None = None) -> nn.ModuleList:
+    return (arch or resolve_arch(model, model.config)).decoder_layers(model)
 
 
 def moe_info(model: nn.Module, config) -> MoeInfo:
-    layers, shapes = [], set()
-    for i, layer in enumerate(decoder_layers(model)):
-        experts = getattr(getattr(layer, "mlp", None), "experts", None)
-        if experts is not None and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"):
-            if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
-                raise UnsupportedModelError(f"{config.model_type}: biased or transposed experts are not supported")
-            layers.append(i)
-            shapes.add(tuple(experts.gate_up_proj.shape) + tuple(experts.down_proj.shape))
-    if not layers:
-        raise UnsupportedModelError(f"{config.model_type} is not a Mixture-of-Experts model (no routed experts)")
-    if len(shapes) != 1:
-        raise UnsupportedModelError("MoE layers with different expert shapes are not supported")
-    e, two_i, h, _, _, _ = shapes.pop()
-    top_k = getattr(config, "num_experts_per_tok", None) or 2
-    if config.model_type not in VERIFIED_FAMILIES:
-        log.warning("%s is not one of the verified families %s", config.model_type, VERIFIED_FAMILIES)
-    return MoeInfo(layers, e, top_k, h, two_i // 2)
+    """The MoE geometry and architecture map of a (meta) skeleton, or one line why it cannot load."""
+    arch, g = bind(model, config)
+    return MoeInfo(g.layers, g.num_experts, g.top_k, g.hidden, g.intermediate, arch)
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -97,50 +83,71 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[attr] = value
 
 
-def _is_expert_param(name: str) -> bool:
-    return ".mlp.experts." in name
+def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Buffers saved in a checkpoint (e.g. DeepSeek-V3's e_score_correction_bias), not RoPE caches."""
+    out = []
+    for mod_name, mod in model.named_modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                out.append((f"{mod_name}.{name}" if mod_name else name, buf))
+    return out
 
 
-def load_trunk(model: nn.Module, ckpt: Checkpoint, config, device: torch.device, dtype: torch.dtype) -> None:
-    """Materialise every non-expert parameter from the checkpoint."""
+def load_trunk(
+    model: nn.Module, ckpt: Checkpoint, config, device: torch.device, dtype: torch.dtype, arch: ArchMap | None = None
+) -> None:
+    """Materialise every non-expert parameter and persistent buffer from the checkpoint."""
+    arch = arch or resolve_arch(model, config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for name, param in list(model.named_parameters(remove_duplicate=False)):
-        if _is_expert_param(name):
+    tensors = [*model.named_parameters(remove_duplicate=False), *persistent_buffers(model)]
+    for name, param in tensors:
+        if arch.is_expert_param(name):
             continue
-        key = name
-        if key not in ckpt.trunk_keys:
+        if name not in ckpt.trunk_keys:
             if name == "lm_head.weight" and tied:
                 continue
             raise CheckpointIntegrityError(f"tensor {name} is missing from the checkpoint")
-        t = ckpt.trunk_tensor(key)
+        t = ckpt.trunk_tensor(name)
         if tuple(t.shape) != tuple(param.shape):
             raise CheckpointIntegrityError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
-        _set_tensor(model, name, t.to(device=device, dtype=dtype))
+        # float32 buffers (router correction biases) keep their precision, as transformers keeps them
+        want = param.dtype if not param.is_floating_point() or not isinstance(param, nn.Parameter) else dtype
+        _set_tensor(model, name, t.to(device=device, dtype=want))
     if tied:
         model.lm_head.weight = model.get_input_embeddings().weight
     _rebuild_meta_buffers(model, config, device)
 
 
 def _rebuild_meta_buffers(model: nn.Module, config, device: torch.device) -> None:
-    """Non-persistent buffers (RoPE inv_freq) were built on meta: rebuild their modules."""
+    """Non-persistent buffers (RoPE inv_freq) were built on meta: build their modules afresh.
+    A module that also holds loaded weights keeps them and takes only the fresh buffers."""
     for name, mod in list(model.named_modules()):
-        if not any(b.is_meta for b in mod.buffers(recurse=False)):
+        meta = [b for b, t in mod._buffers.items() if t is not None and t.is_meta]
+        if not meta:
             continue
         try:
             with torch.device("cpu"):
                 fresh = type(mod)(config=config).to(device)
         except TypeError as exc:
             raise ModelLoadError(f"cannot materialise {name} ({type(mod).__name__}): {exc}") from None
+        if any(True for _ in mod.parameters(recurse=True)) or len(meta) < len(mod._buffers):
+            for b in meta:
+                mod._buffers[b] = fresh._buffers[b]
+            continue
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
 
 
-def quantize_dense(model: nn.Module, bits: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Replace nn.Linear modules inside decoder layers with QuantLinear. Returns the count."""
+def quantize_dense(
+    model: nn.Module, bits: int, dtype: torch.dtype, device: torch.device, arch: ArchMap | None = None
+) -> int:
+    """Replace nn.Linear modules inside decoder layers with QuantLinear (experts and routers stay
+    as they are). Returns the count."""
+    arch = arch or resolve_arch(model, model.config)
     count = 0
-    for layer in decoder_layers(model):
+    for layer in arch.decoder_layers(model):
         for name, mod in list(layer.named_modules()):
-            if isinstance(mod, nn.Linear) and ".experts" not in name:
+            if isinstance(mod, nn.Linear) and not arch.keep_dense(name):
                 q = QuantLinear.from_linear(mod.weight.data, mod.bias, bits, dtype, device)
                 parent, _, attr = name.rpartition(".")
                 setattr(layer.get_submodule(parent) if parent else layer, attr, q)

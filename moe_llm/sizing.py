@@ -31,12 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .arch import ArchMap
 from .checkpoint import ConfigOnly
 from .config import EngineConfig, format_size, parse_size
 from .errors import BudgetError, ConfigError, ModelLoadError, UnsupportedModelError
 from .experts.format import ExpertFormat
 from .model import build_skeleton, head_spec, moe_info, read_config
-from .planner import Plan, planned_context
+from .planner import Plan, kv_cache_bytes, planned_context
 from .quant import QuantSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -140,12 +141,26 @@ def _spec_bytes(spec: QuantSpec) -> int:
     return total
 
 
-def trunk_bytes(model: nn.Module, dense: dict[str, QuantSpec]) -> int:
+def model_kv_bytes(hf_config, arch: ArchMap, context: int, dtype_bytes: int) -> int:
+    """The KV cache of `context` tokens as transformers' attention of this family caches it.
+    Multi-head attention keeps K and V of kv_heads x head_dim; MLA (DeepSeek-V2/V3,
+    ``kv_layout="latent"``) keeps the compressed latent, kv_lora_rank + qk_rope_head_dim
+    per token and layer, whatever the number of heads."""
+    layers = hf_config.num_hidden_layers
+    if arch.kv_layout == "latent":
+        width = hf_config.kv_lora_rank + hf_config.qk_rope_head_dim
+        return layers * width * context * dtype_bytes
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    return kv_cache_bytes(layers, kv_heads, head_dim, context, dtype_bytes)
+
+
+def trunk_bytes(model: nn.Module, dense: dict[str, QuantSpec], arch: ArchMap) -> int:
     """Device bytes of every non-expert tensor of a (meta) skeleton; `dense` ones compact."""
     skip = {f"{m}.weight" for m in dense}
     total = sum(_spec_bytes(s) for s in dense.values())
     for name, t in [*model.named_parameters(), *model.named_buffers()]:  # tied weights counted once
-        if ".mlp.experts." not in name and name not in skip:
+        if not arch.is_expert_param(name) and name not in skip:
             total += t.numel() * t.element_size()
     return total
 
@@ -167,14 +182,14 @@ class _Sizer:
             dense = {}
             if cfg.attn_bits:
                 if cfg.attn_bits not in self._dense:
-                    self._dense[cfg.attn_bits] = dense_modules(self.model, cfg.attn_bits)
+                    self._dense[cfg.attn_bits] = dense_modules(self.model, cfg.attn_bits, self.info.arch)
                 dense = dict(self._dense[cfg.attn_bits])
             head = head_spec(self.model, cfg.head_bits)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if head is not None:
             dense["lm_head"] = head
-        trunk = trunk_bytes(self.model, dense)
+        trunk = trunk_bytes(self.model, dense, self.info.arch)
         return fmt, plan_for(self.model, self.hf_config, cfg, self.info, fmt, self.dtype, trunk_bytes=trunk), head
 
     def fits(self, cfg: EngineConfig) -> Plan | None:

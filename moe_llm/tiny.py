@@ -16,7 +16,6 @@ import torch
 
 from .errors import ConfigError
 
-FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
 SINGLE_FILE = "model.safetensors"
 
 CHAT_TEMPLATE = (
@@ -64,26 +63,96 @@ def train_tokenizer(vocab_size: int = 512):
     return fast
 
 
+# multi-head latent attention (DeepSeek-V2/V3 and kin) at tiny size, with a dense first layer
+_MLA = dict(
+    kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
+    num_key_value_heads=4, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+)  # fmt: skip
+_INDEXER = dict(_MLA, index_n_heads=4, index_head_dim=16, index_topk=16)  # DeepSeek sparse attention
+
+_GRANITE_SCALES = dict(embedding_multiplier=2.0, logits_scaling=1.5, residual_multiplier=0.5, attention_multiplier=0.2)
+
+# family -> config fields beyond the tiny common ones (hidden 64, 4 heads, experts of 128)
+TINY_OVERRIDES: dict[str, dict] = {
+    "mixtral": dict(intermediate_size=128),
+    "qwen3_moe": dict(
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        head_dim=16,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),  # fmt: skip
+    "olmoe": dict(intermediate_size=128),
+    "qwen2_moe": dict(shared_expert_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[]),
+    "deepseek_v2": dict(_MLA, q_lora_rank=None, topk_method="group_limited_greedy", routed_scaling_factor=1.5),
+    "deepseek_v3": dict(_MLA, routed_scaling_factor=2.5, norm_topk_prob=True),
+    "gpt_oss": dict(layer_types=None, sliding_window=128),
+    "phimoe": dict(),
+    "granitemoe": dict(_GRANITE_SCALES),
+    "granitemoeshared": dict(_GRANITE_SCALES, shared_intermediate_size=128),
+    "granitemoehybrid": dict(
+        _GRANITE_SCALES, layer_types=["mamba", "attention", "mamba", "attention"], shared_intermediate_size=128
+    ),
+    "hunyuan_v1_moe": dict(moe_topk=2, num_shared_expert=1),
+    # through the generic map
+    "axk1": dict(_MLA),
+    "axk2": dict(_INDEXER),
+    "deepseek_v32": dict(_INDEXER),
+    "glm_moe_dsa": dict(_INDEXER),
+    "glm4_moe_lite": dict(_MLA),
+    "dots1": dict(n_shared_experts=1),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
+    "zaya": dict(num_experts_per_tok=1),
+    "granitemoe_swa": dict(_GRANITE_SCALES),
+}
+# decoder layers a family needs at least (dense first layers, hybrid attention patterns)
+TINY_LAYERS = {f: 3 for f in ("deepseek_v2", "deepseek_v3", "axk1", "axk2", "deepseek_v32", "glm_moe_dsa",
+                              "glm4_moe_lite", "lfm2_moe")}  # fmt: skip
+TINY_LAYERS.update(jamba=4, qwen3_next=4, granitemoehybrid=4, lara_mini=4)
+FAMILIES = tuple(TINY_OVERRIDES)
+_TINY_COMMON = dict(
+    hidden_size=64, intermediate_size=128, moe_intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, num_experts_per_tok=2,
+)  # fmt: skip
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
 def tiny_config(
-    family: str, vocab_size: int, layers: int = 2, experts: int = 8, bos: int = 0, eos: int = 1, pad: int = 2
+    family: str,
+    vocab_size: int,
+    layers: int = 2,
+    experts: int = 8,
+    bos: int = 0,
+    eos: int = 1,
+    pad: int = 2,
+    overrides: dict | None = None,
 ):
-    from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+    """A tiny config of transformers' `family` (any model type: the common tiny fields it has,
+    `TINY_OVERRIDES[family]`, then `overrides`)."""
+    from transformers import AutoConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=4096,
+        vocab_size=vocab_size, num_hidden_layers=layers, max_position_embeddings=4096,
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
     )  # fmt: skip
-    if family == "mixtral":
-        return MixtralConfig(intermediate_size=128, num_local_experts=experts, **common)
-    if family == "qwen3_moe":
-        return Qwen3MoeConfig(
-            intermediate_size=256, moe_intermediate_size=128, num_experts=experts, head_dim=16,
-            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **common,
-        )  # fmt: skip
-    if family == "olmoe":
-        return OlmoeConfig(intermediate_size=128, num_experts=experts, **common)
-    raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    legacy = {"mixtral": (MixtralConfig, "num_local_experts"), "qwen3_moe": (Qwen3MoeConfig, "num_experts"),
+              "olmoe": (OlmoeConfig, "num_experts")}  # fmt: skip
+    if family in legacy and not overrides:  # the shapes the other tests were written against
+        cls, n = legacy[family]
+        return cls(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **{n: experts},
+                   **TINY_OVERRIDES[family], **common)  # fmt: skip
+    try:
+        cls = type(AutoConfig.for_model(family))
+    except ValueError:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}") from None
+    defaults = cls()
+    kwargs = {k: v for k, v in _TINY_COMMON.items() if hasattr(defaults, k)}
+    kwargs.update({k: experts for k in _EXPERT_COUNTS if hasattr(defaults, k)})
+    kwargs.update(TINY_OVERRIDES.get(family, {}))
+    kwargs.update(overrides or {})
+    return cls(**{**kwargs, **common})
 
 
 def make_tiny(
@@ -95,11 +164,13 @@ def make_tiny(
     fused: bool = False,
     shards: int = 1,
     init_std: float = 0.08,
+    overrides: dict | None = None,
 ) -> Path:
     """Write a seeded random-init tiny MoE checkpoint in `shards` safetensors files. Returns the directory.
 
     `fused` keeps transformers 5.x's fused expert tensors; otherwise experts are saved per
-    expert, in the family's original key names (transformers' save_pretrained conversion)."""
+    expert, in the family's original key names (transformers' save_pretrained conversion).
+    `family` is any transformers model type (`tiny_config`); `overrides` are config fields."""
     from transformers import AutoModelForCausalLM
 
     if shards < 1:
@@ -107,7 +178,9 @@ def make_tiny(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
-    cfg = tiny_config(family, len(tok), layers, experts, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    cfg = tiny_config(
+        family, len(tok), layers, experts, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, overrides
+    )
     cfg.initializer_range = init_std  # a wider init gives routing with some structure
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -115,6 +188,10 @@ def make_tiny(
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, init_std)
+        saved = set(model.state_dict())
+        for name, b in model.named_buffers():  # saved buffers too: DeepSeek-V3's e_score_correction_bias
+            if name in saved and b.is_floating_point():
+                b.normal_(0.0, init_std)
     if fused:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         cfg.save_pretrained(out)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..arch import ArchMap
 from ..config import EngineConfig
 from ..engine import Engine
 from ..experts.format import ExpertFormat
@@ -116,19 +117,21 @@ def random_expert(fmt: ExpertFormat, device, gen: torch.Generator, std: float = 
     return buf
 
 
-def _random_trunk(model: nn.Module, config, device, dtype, attn_bits: int | None, gen: torch.Generator) -> None:
+def _random_trunk(
+    model: nn.Module, config, arch: ArchMap, device, dtype, attn_bits: int | None, gen: torch.Generator
+) -> None:
     """Materialise every non-expert tensor on `device` with random values."""
     if attn_bits is not None:
-        for layer in decoder_layers(model):
+        for layer in decoder_layers(model, arch):
             for name, mod in list(layer.named_modules()):
-                if isinstance(mod, nn.Linear) and ".experts" not in name:
+                if isinstance(mod, nn.Linear) and not arch.keep_dense(name):
                     out_f, in_f = mod.weight.shape
                     spec = QuantSpec(attn_bits, pick_group_size(attn_bits, in_f), out_f, in_f)
                     q = QuantLinear(spec, random_compact(spec, device, gen), None, dtype)
                     parent, _, attr = name.rpartition(".")
                     setattr(layer.get_submodule(parent) if parent else layer, attr, q)
     for name, p in list(model.named_parameters()):
-        if ".mlp.experts." in name or not p.is_meta:
+        if arch.is_expert_param(name) or not p.is_meta:
             continue
         if "norm" in name:
             value = torch.ones(p.shape, dtype=dtype, device=device)
@@ -161,9 +164,10 @@ class SyntheticModel:
         self.hf_config = geometry.hf_config()
         self.model = build_skeleton(self.hf_config, self.dtype)
         self.info = moe_info(self.model, self.hf_config)
-        layers = decoder_layers(self.model)
-        self._skeleton_experts = {i: layers[i].mlp.experts for i in self.info.layers}
-        _random_trunk(self.model, self.hf_config, self.device, self.dtype, attn_bits, self.gen)
+        arch = self.info.arch
+        layers = decoder_layers(self.model, arch)
+        self._skeleton_experts = {i: arch.experts_of(layers[i]) for i in self.info.layers}
+        _random_trunk(self.model, self.hf_config, arch, self.device, self.dtype, attn_bits, self.gen)
         self.head_bits = head_bits if quantize_head(self.model, head_bits, self.dtype, self.device) else None
         self.store: ExpertStore | None = None
         self.fmt: ExpertFormat | None = None
@@ -199,9 +203,9 @@ class SyntheticModel:
 
     def detach(self) -> None:
         """Put the skeleton's expert modules back, dropping any engine's slot pool."""
-        layers = decoder_layers(self.model)
+        layers = decoder_layers(self.model, self.info.arch)
         for i, mod in self._skeleton_experts.items():
-            layers[i].mlp.experts = mod
+            self.info.arch.set_experts(layers[i], mod)
 
     def random_prompt(self, n: int, seed: int) -> list[int]:
         g = torch.Generator().manual_seed(seed)

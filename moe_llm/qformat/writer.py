@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..arch import ArchMap
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointIntegrityError, ConfigError
 from ..experts.format import ExpertFormat
-from ..model import MoeInfo, build_skeleton, decoder_layers, moe_info, read_config
+from ..model import MoeInfo, build_skeleton, decoder_layers, moe_info, persistent_buffers, read_config
 from ..quant import QuantSpec, compact, pick_group_size
 from ..quant.compact import META_GROUP
 from .manifest import (
@@ -56,17 +57,21 @@ class QuantizeProgress:
     elapsed_s: float
 
 
-def dense_modules(model: nn.Module, bits: int) -> dict[str, QuantSpec]:
+def dense_modules(model: nn.Module, bits: int, arch: ArchMap) -> dict[str, QuantSpec]:
     """Module name -> spec of every projection `model.quantize_dense` would quantize."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    layers = decoder_layers(model, arch)
     out = {}
     for i, layer in enumerate(layers):
         for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear) and ".experts" not in name:
+            if isinstance(mod, nn.Linear) and not arch.keep_dense(name):
                 out_f, in_f = mod.weight.shape
-                out[f"{prefix}.{i}.{name}"] = QuantSpec(bits, pick_group_size(bits, in_f), out_f, in_f)
+                out[f"{arch.layers}.{i}.{name}"] = QuantSpec(bits, pick_group_size(bits, in_f), out_f, in_f)
     return out
+
+
+def trunk_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and persistent buffer a checkpoint holds (`model.load_trunk` reads the same)."""
+    return [*model.named_parameters(), *persistent_buffers(model)]
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
@@ -125,10 +130,10 @@ def quantize_checkpoint(
     info = moe_info(model, hf_config)
     try:
         fmt = ExpertFormat.build(info.hidden, info.intermediate, experts_bits, torch.float32, group_size)
-        dense = dense_modules(model, attn_bits) if attn_bits else {}
+        dense = dense_modules(model, attn_bits, info.arch) if attn_bits else {}
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    params = {n: tuple(p.shape) for n, p in model.named_parameters() if ".mlp.experts." not in n}
+    params = {n: tuple(p.shape) for n, p in trunk_tensors(model) if not info.arch.is_expert_param(n)}
     _check_source(ckpt, info, params, tied=bool(getattr(hf_config, "tie_word_embeddings", False)))
     dense_weights = {f"{m}.weight": m for m in dense}
     work = _schedule(ckpt, info, params)
