@@ -1,18 +1,19 @@
 """Async access to an `Engine` without blocking the event loop.
 
-Generation is synchronous compute. `astream` runs the engine's generator in a
-worker thread (one per request) and hands each chunk to the loop through an
-`asyncio.Queue`, so the loop keeps serving other tasks between tokens. Concurrent callers queue on
-the engine's FIFO lock inside their worker threads, never on the loop. A
-consumer that stops early sets a flag; the worker then closes the generator,
-which releases the engine.
+Generation is synchronous compute. `astream` runs the engine's stream in a worker
+thread (one per request) and hands each chunk to the loop through an
+`asyncio.Queue`, so the loop keeps serving other tasks between tokens. Concurrent
+requests share the engine's batch (`moe_llm.batching`) from their worker threads, never
+blocking the loop. A consumer that stops early (or is cancelled, e.g. a client that
+disconnects) sets a flag; the worker then closes the stream, which takes the request
+out of the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from .engine import Engine, StreamChunk
@@ -27,6 +28,13 @@ class _Failure:
 
 async def astream(engine: Engine, prompt: Any, **kwargs: Any) -> AsyncIterator[StreamChunk]:
     """Async version of `engine.stream(prompt, **kwargs)`; same chunks, same errors."""
+    async for chunk in aiterate(lambda: engine.stream(prompt, **kwargs)):
+        yield chunk
+
+
+async def aiterate(make: Callable[[], Iterator[StreamChunk]] | Iterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    """Drain a stream in a worker thread: `make` is the stream, or a function that creates it
+    there (its errors are raised here)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
@@ -38,11 +46,9 @@ async def astream(engine: Engine, prompt: Any, **kwargs: Any) -> AsyncIterator[S
             stop.set()
 
     def work() -> None:
-        # the stream is created here, not on the loop's thread: the engine tracks open
-        # streams per thread, and one loop thread may run many requests at once
         chunks = None
         try:
-            chunks = engine.stream(prompt, **kwargs)
+            chunks = make() if callable(make) else make
             for chunk in chunks:
                 if stop.is_set():
                     break

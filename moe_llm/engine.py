@@ -2,10 +2,13 @@
 
 `Engine.stream` is the core generator: tokenize (chat template for message
 lists; a checkpoint without one gets the generic template of `moe_llm.tools`,
-with one warning per engine), prefill the prompt into a fresh `DynamicCache`,
-then decode one token at a time, yielding text deltas. `generate` drains `stream`. Requests are
-serialised by a FIFO lock, so threads sharing one engine never interleave KV
-state; a consumer that abandons a stream releases the engine in `finally`.
+with one warning per engine), then hand the request to the engine's `Batcher`
+(`moe_llm.batching`), which prefills it in chunks into its own `DynamicCache` (reusing
+cached prompt-prefix blocks, `moe_llm.prefix_cache`) and decodes it one token a step
+together with every other request on the engine, yielding text deltas. `generate`
+drains `stream`, so threads sharing one engine share the batch. A FIFO lock keeps
+steps and other model calls (`logits`, `reset_cache`) apart; a consumer that abandons
+a stream leaves the batch in `finally`.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-import time
-import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,13 +23,12 @@ from typing import Any
 
 import torch
 
+from .batching import Batcher, RequestStream
 from .config import EngineConfig, GenerationConfig
 from .errors import ConfigError, InputError
 from .experts.runtime import ExpertsRuntime
 from .planner import Plan
-from .sampling import sample
-from .stats import Stats
-from .textstream import TextStream
+from .prefix_cache import PrefixCache
 from .tools import GENERIC_CHAT_TEMPLATE, ChatPrompt, check_renders, ensure_utf8, render_chat
 
 log = logging.getLogger(__name__)
@@ -107,18 +107,23 @@ class Engine:
         self.model_path = model_path
         self.device = torch.device(config.device)
         self._lock = FifoLock()
-        self._streams: dict[int, weakref.ref] = {}  # thread id -> its latest stream
         self.eos_ids = self._eos_ids()
         self.chat_template_source = self._install_chat_template()
         self._generic_warned = threading.Event()
         # transformers >= 5.2x renamed past_key_values to cache
         self._kv_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.graphs = self._graph_decoder()
+        exact = config.batch_mode == "exact" or (config.batch_mode == "auto" and self.device.type != "cuda")
+        self.graphs = self._graph_decoder(exact)
+        self.prefix_cache = PrefixCache(config.prefill_chunk, config.prefix_cache) if config.prefix_cache else None
+        self.batcher = Batcher(self, config.max_batch, config.max_queue, config.prefill_chunk, self.prefix_cache, exact)
 
-    def _graph_decoder(self):
+    def _graph_decoder(self, exact_batching: bool = False):
         """The CUDA-graph decoder, or None where decode stays eager (CPU, host-dispatched experts,
-        unsupported models)."""
+        unsupported models, exact batching: a lone request must decode as a batched one does)."""
         if not (self.config.cuda_graphs and self.device.type == "cuda"):
+            return None
+        if exact_batching:
+            log.info("decoding without CUDA graphs: batch_mode 'exact' decodes every request eagerly")
             return None
         if not self.runtime.device_dispatch:
             log.info("decoding without CUDA graphs: the experts are dispatched by the host")
@@ -248,102 +253,8 @@ class Engine:
         return self._stream(*self._request(prompt, kwargs))
 
     def _stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[StreamChunk]:
-        self._close_abandoned()
-        it = self._locked_run(prompt_ids, gen)
-        self._streams[threading.get_ident()] = weakref.ref(it)
-        return it
-
-    def _locked_run(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[StreamChunk]:
-        with self._lock:
-            yield from self._run(prompt_ids, gen)
-
-    def _close_abandoned(self) -> None:
-        """A stream this thread left suspended still holds the engine, so the next
-        request from the same thread would wait forever: close it first."""
-        ref = self._streams.pop(threading.get_ident(), None)
-        prev = ref() if ref is not None else None
-        if prev is not None and inspect.getgeneratorstate(prev) == inspect.GEN_SUSPENDED:
-            log.warning("closing an unfinished stream that this thread abandoned")
-            prev.close()
-
-    @torch.inference_mode()
-    def _run(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[StreamChunk]:
-        before = self.stats.copy()
-        t0 = time.perf_counter()
-        generator = torch.Generator().manual_seed(gen.seed) if gen.seed is not None else None
-        max_new = min(gen.max_new_tokens, self.context_length - len(prompt_ids))
-        text = TextStream(self.tokenizer, gen.stop)
-        kv = self._new_kv()
-        pending: list[int] = []
-        finish = "length"
-        ttft = None
-        t_first = t0
-        accounted = False
-        try:
-            self.runtime.prompt_start(len(prompt_ids))
-            ids = torch.tensor([prompt_ids], device=self.device)
-            graphs, tok = self.graphs, -1
-            if graphs is not None and len(prompt_ids) + max_new - 1 > graphs.max_len:
-                graphs = None  # past the static KV: this request decodes eagerly
-            if graphs is not None:
-                graphs.prefill_cache(kv)  # the prompt's KV goes straight into the static cache
-            for step in range(max_new):
-                if step > 0 or len(prompt_ids) == 1:  # a one-token forward, by graph or eagerly
-                    self.runtime.begin_step()
-                if step > 0 and graphs is not None:
-                    logits = self._graph_step(graphs, tok, len(prompt_ids) + step - 1)
-                    if logits is None:  # capture failed: continue eagerly from the same KV
-                        graphs, kv = None, graphs.kv.dump(self._new_kv(), len(prompt_ids) + step - 1)
-                        ids = torch.tensor([[tok]], device=self.device)
-                if step == 0 or graphs is None:
-                    out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._kv_arg: kv})
-                    logits = out.logits[0, -1]
-                    if step == 0 and graphs is not None:
-                        graphs, kv = self._graph_begin(graphs, kv, len(prompt_ids))
-                tok = sample(logits, gen.temperature, gen.top_k, gen.top_p, generator)
-                self.runtime.end_step()  # the step is done: the cache sees its routing, admits experts
-                if step == 0:
-                    t_first = time.perf_counter()
-                    ttft = t_first - t0
-                    self.stats.prefill_seconds += ttft
-                self.stats.tokens_generated += 1
-                if tok in self.eos_ids:
-                    finish = "stop"
-                    break
-                pending.append(tok)
-                delta = text.push(tok)
-                if text.stopped:
-                    finish = "stop"
-                    if delta:
-                        yield StreamChunk(delta, pending)
-                        pending = []
-                    break
-                if delta:
-                    yield StreamChunk(delta, pending)
-                    pending = []
-                if graphs is None:
-                    ids = torch.tensor([[tok]], device=self.device)
-            tail = text.flush() if not text.stopped else ""
-            self.stats.decode_seconds += time.perf_counter() - t_first
-            self.stats.requests += 1
-            self.stats.prompt_tokens += len(prompt_ids)
-            accounted = True
-            call = self.stats - before
-            yield StreamChunk(tail, pending, finish, self._call_stats(call, ttft, len(prompt_ids), text))
-        except BaseException as exc:
-            if not isinstance(exc, GeneratorExit):
-                # raised inside a forward (error, Ctrl-C): slot bookkeeping may be half
-                # updated, so return every slot to the free list
-                self.runtime.reset()
-            raise
-        finally:
-            if not accounted and ttft is not None:  # cancelled: count what was generated
-                self.stats.decode_seconds += time.perf_counter() - t_first
-                self.stats.requests += 1
-                self.stats.prompt_tokens += len(prompt_ids)
-            # abandoned or failed streams: fence in-flight copies, drop per-request state
-            self.cache.synchronize()
-            kv = None
+        """Queue the request (QueueFullError past `max_queue` waiting) and return its chunks."""
+        return RequestStream(self.batcher, self.batcher.submit(prompt_ids, gen))
 
     def _graph_begin(self, graphs, kv, n: int):
         """Hand the prefill's KV to the graph decoder: (graphs, None), or (None, kv) and
@@ -367,16 +278,6 @@ class Engine:
             self.graphs = None
             return None
 
-    def _call_stats(self, call: Stats, ttft: float | None, prompt_tokens: int, text: TextStream) -> dict:
-        d = call.to_dict()
-        d.update(
-            prompt_tokens=prompt_tokens,
-            time_to_first_token_s=ttft or 0.0,
-            expert_bits_per_param=self.expert_bits_per_param,
-            expert_slots=self.cache.num_slots,
-        )
-        return d
-
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate a completion. Options as in `GenerationConfig`."""
         prompt_ids, gen = self._request(prompt, kwargs)
@@ -388,12 +289,16 @@ class Engine:
         return GenerationResult("".join(parts), ids, len(prompt_ids), last.finish_reason, last.stats or {})
 
     def stats_dict(self) -> dict[str, Any]:
+        """Cumulative counters: `Stats`, the batcher's (queue, batch, prefix cache) and the cache size."""
         d = self.stats.to_dict()
         d["expert_bits_per_param"] = self.expert_bits_per_param
         d["expert_slots"] = self.cache.num_slots
+        d.update(self.batcher.stats())
         return d
 
     def reset_cache(self) -> None:
-        """Drop every resident expert (benchmarks, tests)."""
+        """Drop every resident expert and cached prompt prefix (benchmarks, tests)."""
         with self._lock:
             self.runtime.reset()
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()

@@ -46,7 +46,7 @@ def _root(
 def _register() -> None:
     from . import generate  # noqa: F401  (registers generate, demo, make-tiny)
 
-    for optional in ("quantize", "chat", "plan", "bench", "peer", "evaluate"):
+    for optional in ("quantize", "chat", "plan", "bench", "peer", "evaluate", "serve"):
         try:
             __import__(f"{__name__}.{optional}")
         except ModuleNotFoundError as exc:

@@ -1,0 +1,501 @@
+"""Continuous batching: every request that shares an engine advances in the same steps.
+
+A request is a `Sequence` with its own transformers KV cache. `Batcher.step` admits
+waiting sequences (up to `max_batch` active), runs one prefill chunk of the oldest
+sequence still prefilling (chunks of `prefill_chunk` tokens aligned at position 0, so a
+long prompt never stalls the others for more than one chunk, and a prompt is always cut
+the same way whatever else runs), then decodes one token for every sequence that has its
+first token. There is no scheduler thread: the consumer that needs the next token and
+finds no step running runs one for everyone (leader/follower), so a lone request runs in
+its own thread exactly as before, and an exception inside a forward surfaces in the
+threads whose requests were in that step.
+
+Decoding B > 1 rows at a time has two numerics:
+- "fused": one trunk forward of B one-token rows (per-row positions, right-padded keys
+  under a mask); the experts see T = B tokens and read each expert once for all rows.
+- "exact": each row runs the one-token forward a lone request would run. Tokens are then
+  bit-identical to running alone; "fused" is not, because GEMM results depend on the
+  number of rows (MKL on CPU, cuBLAS and the Triton GEMV on CUDA) and the last digits
+  can flip a greedy near-tie.
+"auto" is "exact" on CPU and "fused" on CUDA. With "fused", a single decoding row on CUDA
+keeps the CUDA-graph decoder (`decode_graph`) and moves to eager decode when a second row
+joins; "exact" on CUDA decodes everything eagerly (the engine builds no graph decoder).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import GenerationConfig
+from .errors import MoeLLMError
+from .prefix_cache import PrefixCache, reusable
+from .sampling import sample
+from .stats import Stats
+from .textstream import TextStream
+
+if TYPE_CHECKING:
+    from .engine import Engine, StreamChunk
+
+log = logging.getLogger(__name__)
+
+WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
+
+
+class QueueFullError(MoeLLMError):
+    """The engine's request queue is full; retry later."""
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    gen: GenerationConfig
+    max_new: int
+    text: TextStream
+    generator: torch.Generator | None
+    before: Stats
+    t0: float = field(default_factory=time.perf_counter)
+    state: str = WAITING
+    kv: Any = None  # transformers DynamicCache; None while the graph decoder holds the KV
+    cached: int = 0  # positions whose keys and values are in the KV
+    next_tok: int = -1  # the last sampled token, fed by the next decode step
+    generated: int = 0
+    pending: list[int] = field(default_factory=list)
+    out: deque = field(default_factory=deque)  # StreamChunks not yet taken by the consumer
+    on_graph: bool = False
+    ttft: float | None = None
+    t_first: float = 0.0
+    prefix_hit: int = 0
+    error: BaseException | None = None
+    cancelled: bool = False
+
+
+class RequestStream:
+    """The chunks of one queued request (an iterator). Closing it, or dropping it, even before the
+    first chunk, takes the request out of the batch."""
+
+    def __init__(self, batcher: Batcher, seq: Sequence):
+        self._batcher, self.seq = batcher, seq
+        self._chunks = batcher.drain(seq)
+
+    def __iter__(self) -> RequestStream:
+        return self
+
+    def __next__(self) -> StreamChunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._batcher.cancel(self.seq)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+class _BatchKV:
+    """What the attention modules of a fused step see as their cache: each row's new key and
+    value go into that row's own cache, and attention reads every row's keys right-padded to
+    `width` positions (the step's mask hides the padding)."""
+
+    def __init__(self, rows: list[Sequence], width: int):
+        self.rows, self.width = rows, width
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        B, heads, _, dim = key_states.shape  # [B, heads, 1, dim]
+        keys = key_states.new_zeros(B, heads, self.width, dim)
+        values = value_states.new_zeros(B, value_states.shape[1], self.width, value_states.shape[-1])
+        for b, seq in enumerate(self.rows):
+            k, v = seq.kv.update(key_states[b : b + 1], value_states[b : b + 1], layer_idx)
+            n = k.shape[-2]
+            keys[b, :, :n].copy_(k[0])
+            values[b, :, :n].copy_(v[0])
+        return keys, values
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int,
+        max_queue: int,
+        prefill_chunk: int,
+        prefix: PrefixCache | None,
+        exact: bool,
+    ):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.chunk = prefill_chunk
+        self.prefix = prefix
+        self.exact = exact
+        self._cond = threading.Condition()
+        self._stepping = False
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []
+        self._graph_owner: Sequence | None = None  # the sequence whose KV the graph decoder holds
+        self._graph_dec = None  # that decoder
+        self._fused_reason = self._fused_unsupported()
+        layers = getattr(getattr(engine.model, "model", None), "layers", None)
+        params = inspect.signature(layers[0].forward).parameters if layers else {}
+        self._layer_kv_arg = "cache" if "cache" in params else "past_key_values"  # as decode_graph's layers
+        # counters for /metrics (the engine's Stats hold the per-token ones)
+        self.steps = 0
+        self.batched_rows = 0  # rows decoded by fused forwards
+        self.max_rows = 0  # most rows decoded in one step
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
+        self.rejected = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+
+    def _fused_unsupported(self) -> str | None:
+        from .decode_graph import unsupported_reason
+
+        return unsupported_reason(self.engine.model, self.engine.hf_config)
+
+    # -- the consumer side ----------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active_requests(self) -> int:
+        return len(self.active)
+
+    def submit(self, prompt_ids: list[int], gen: GenerationConfig) -> Sequence:
+        eng = self.engine
+        max_new = min(gen.max_new_tokens, eng.context_length - len(prompt_ids))
+        generator = torch.Generator().manual_seed(gen.seed) if gen.seed is not None else None
+        seq = Sequence(prompt_ids, gen, max_new, TextStream(eng.tokenizer, gen.stop), generator, eng.stats.copy())
+        with self._cond:
+            if len(self.waiting) >= self.max_queue:
+                self.rejected += 1
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting)")
+            self.waiting.append(seq)
+        return seq
+
+    def drain(self, seq: Sequence) -> Iterator[StreamChunk]:
+        """The chunks of `seq` as they come; runs steps whenever nobody else is."""
+        try:
+            while True:
+                chunk, lead = None, False
+                with self._cond:
+                    while not seq.out and seq.state != DONE and self._stepping:
+                        self._cond.wait()
+                    if seq.out:
+                        chunk = seq.out.popleft()
+                    elif seq.state == DONE:
+                        err, seq.error = seq.error, None
+                        if err is not None:
+                            try:
+                                raise err
+                            finally:
+                                err = None  # no cycle through the traceback: the KV it holds goes now
+                        return
+                    else:
+                        self._stepping = lead = True
+                if lead:
+                    try:
+                        self.step()
+                    except BaseException:  # re-raised here (Ctrl-C): the request failed with it
+                        seq.error = None
+                        raise
+                    finally:
+                        with self._cond:
+                            self._stepping = False
+                            self._cond.notify_all()
+                    continue
+                yield chunk
+        finally:
+            self.cancel(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        """Drop a sequence its consumer left (a no-op once it is done)."""
+        with self._cond:
+            if seq.state == DONE:
+                return
+            seq.cancelled = True
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+                seq.state = DONE
+            elif not self._stepping and self._drop_cancelled():  # else the running step drops it
+                self.engine.cache.synchronize()  # fence in-flight copies once a request has left
+
+    # -- steps ------------------------------------------------------------------------------
+    def step(self) -> None:
+        eng = self.engine
+        with eng._lock, torch.inference_mode():
+            with self._cond:
+                left = self._drop_cancelled()
+                while self.waiting and len(self.active) < self.max_batch:
+                    seq = self.waiting.popleft()
+                    seq.state = PREFILL
+                    self.active.append(seq)
+            decoding = [s for s in self.active if s.state == DECODE]
+            prefilling = [s for s in self.active if s.state == PREFILL]
+            work = ([prefilling[0]] if prefilling else []) + decoding
+            try:
+                if prefilling:
+                    self._prefill_chunk(prefilling[0])
+                if decoding:
+                    self._decode(decoding)
+            except BaseException as exc:
+                # raised inside a forward (error, Ctrl-C): slot bookkeeping may be half updated, and
+                # these rows' KV too: return every slot to the free list and fail the step's requests
+                eng.runtime.reset()
+                with self._cond:
+                    for seq in work:
+                        self._finish_failed(seq, exc)
+                    self._release_done()
+                eng.cache.synchronize()
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            self.steps += 1
+            now = time.perf_counter()
+            self._recent.append((now, len(decoding) + (1 if prefilling and prefilling[0].generated else 0)))
+            while self._recent and now - self._recent[0][0] > 10.0:
+                self._recent.popleft()
+            with self._cond:
+                left += self._drop_cancelled() + self._release_done()
+            if left:  # requests left the batch: fence in-flight copies (as at the end of every request)
+                eng.cache.synchronize()
+
+    def tokens_per_second(self) -> float:
+        """Tokens of every request over the last 10 seconds of steps."""
+        recent = list(self._recent)
+        if len(recent) < 2:
+            return 0.0
+        span = recent[-1][0] - recent[0][0]
+        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        eng = self.engine
+        if seq.kv is None:
+            seq.kv = eng._new_kv()
+            if self.prefix is not None and reusable(seq.kv):
+                n, blocks = self.prefix.match(seq.prompt_ids)
+                if n:
+                    self.prefix.restore(seq.kv, blocks, eng.device)
+                    seq.cached = seq.prefix_hit = n
+        start, total = seq.cached, len(seq.prompt_ids)
+        end = min(total, (start // self.chunk + 1) * self.chunk)
+        ids = seq.prompt_ids[start:end]
+        eng.runtime.prompt_start(len(ids))
+        one = len(ids) == 1
+        if one:
+            eng.runtime.begin_step()  # a one-token forward: the runtime's decode path
+        ids_t = torch.tensor([ids], device=eng.device)
+        out = eng.model(input_ids=ids_t, use_cache=True, logits_to_keep=1, **{eng._kv_arg: seq.kv})
+        seq.cached = end
+        if self.prefix is not None and end - start == self.chunk and reusable(seq.kv):
+            self.prefix.store(seq.prompt_ids, seq.kv, start)
+        if end < total:
+            if one:
+                eng.runtime.end_step()
+            return
+        tok = sample(out.logits[0, -1], seq.gen.temperature, seq.gen.top_k, seq.gen.top_p, seq.generator)
+        eng.runtime.end_step()
+        seq.state = DECODE
+        self._maybe_graph(seq)
+        self._emit(seq, tok)
+
+    def _maybe_graph(self, seq: Sequence) -> None:
+        """A lone decoding request on CUDA hands its KV to the CUDA-graph decoder."""
+        eng, graphs = self.engine, self.engine.graphs
+        if graphs is None or self._graph_owner is not None or len(self.active) > 1 or self.waiting:
+            return
+        if len(seq.prompt_ids) + seq.max_new - 1 > graphs.max_len:
+            return  # past the static KV: this request decodes eagerly
+        graphs, kv = eng._graph_begin(graphs, seq.kv, seq.cached)
+        if graphs is not None:
+            seq.kv, seq.on_graph, self._graph_owner, self._graph_dec = None, True, seq, graphs
+
+    def _leave_graph(self, seq: Sequence) -> None:
+        eng = self.engine
+        if seq.on_graph:
+            seq.kv = self._graph_dec.kv.dump(eng._new_kv(), seq.cached)
+            seq.on_graph = False
+        if self._graph_owner is seq:
+            self._graph_owner = None
+
+    def _decode(self, rows: list[Sequence]) -> None:
+        self.max_rows = max(self.max_rows, len(rows))
+        if len(rows) > 1:
+            for seq in rows:
+                self._leave_graph(seq)
+        if len(rows) == 1 or self.exact or self._fused_reason is not None:
+            for seq in rows:
+                self._decode_one(seq)
+            return
+        self._decode_fused(rows)
+
+    def _decode_one(self, seq: Sequence) -> None:
+        """One token of one request: the graph replay, or the eager one-token forward."""
+        eng = self.engine
+        tok, pos = seq.next_tok, seq.cached
+        eng.runtime.begin_step()
+        logits = None
+        if seq.on_graph:
+            dec = self._graph_dec
+            logits = eng._graph_step(dec, tok, pos)
+            if logits is None:  # capture failed (graphs are off now): continue eagerly from the same KV
+                seq.kv = dec.kv.dump(eng._new_kv(), pos)
+                seq.on_graph, self._graph_owner = False, None
+        if logits is None:
+            ids = torch.tensor([[tok]], device=eng.device)
+            logits = eng.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{eng._kv_arg: seq.kv}).logits[0, -1]
+        new = sample(logits, seq.gen.temperature, seq.gen.top_k, seq.gen.top_p, seq.generator)
+        eng.runtime.end_step()  # the step is done: the cache sees its routing, admits experts
+        seq.cached += 1
+        self._emit(seq, new)
+
+    def _decode_fused(self, rows: list[Sequence]) -> None:
+        """One trunk forward for B one-token rows (the experts see T = B)."""
+        eng = self.engine
+        model, inner, dev = eng.model, eng.model.model, eng.device
+        toks = torch.tensor([[s.next_tok] for s in rows], device=dev)  # [B, 1]
+        pos = torch.tensor([[s.cached] for s in rows], device=dev)  # [B, 1]
+        width = max(s.cached for s in rows) + 1
+        valid = torch.arange(width, device=dev)[None, :] <= pos  # [B, width]
+        h = inner.embed_tokens(toks)  # [B, 1, H]
+        if model.config._attn_implementation == "eager":
+            zero = torch.zeros((), dtype=h.dtype, device=dev)
+            mask = torch.where(valid, zero, torch.finfo(h.dtype).min)[:, None, None, :]
+        else:
+            mask = valid[:, None, None, :]  # [B, 1, 1, width]
+        pe = inner.rotary_emb(h, pos)
+        kv = _BatchKV(rows, width)
+        with eng.runtime.decode_rows():
+            for layer in inner.layers:
+                h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=True,
+                          **{self._layer_kv_arg: kv})  # fmt: skip
+        logits = model.lm_head(inner.norm(h))[:, -1]  # [B, V]
+        self.batched_rows += len(rows)
+        for seq, row in zip(rows, logits, strict=True):
+            new = sample(row, seq.gen.temperature, seq.gen.top_k, seq.gen.top_p, seq.generator)
+            seq.cached += 1
+            self._emit(seq, new)
+
+    # -- output -----------------------------------------------------------------------------
+    def _emit(self, seq: Sequence, tok: int) -> None:
+        from .engine import StreamChunk
+
+        stats = self.engine.stats
+        if seq.generated == 0:
+            seq.t_first = time.perf_counter()
+            seq.ttft = seq.t_first - seq.t0
+            stats.prefill_seconds += seq.ttft
+            self.ttft_sum += seq.ttft
+            self.ttft_count += 1
+        stats.tokens_generated += 1
+        seq.generated += 1
+        if tok in self.engine.eos_ids:
+            return self._finish(seq, "stop")
+        seq.pending.append(tok)
+        delta = seq.text.push(tok)
+        if delta:
+            with self._cond:
+                seq.out.append(StreamChunk(delta, seq.pending))
+                self._cond.notify_all()
+            seq.pending = []
+        if seq.text.stopped:
+            return self._finish(seq, "stop")
+        seq.next_tok = tok
+        if seq.generated >= seq.max_new:
+            self._finish(seq, "length")
+
+    def _account(self, seq: Sequence) -> None:
+        stats = self.engine.stats
+        stats.decode_seconds += time.perf_counter() - seq.t_first
+        stats.requests += 1
+        stats.prompt_tokens += len(seq.prompt_ids)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        from .engine import StreamChunk
+
+        tail = seq.text.flush() if not seq.text.stopped else ""
+        self._account(seq)
+        chunk = StreamChunk(tail, seq.pending, reason, self._call_stats(seq))
+        seq.pending = []
+        with self._cond:
+            seq.out.append(chunk)
+            seq.state = DONE
+            self._cond.notify_all()
+        self._free(seq)
+
+    def _finish_failed(self, seq: Sequence, exc: BaseException) -> None:
+        if seq.state == DONE:
+            return
+        if seq.ttft is not None:
+            self._account(seq)
+        seq.error, seq.state = exc, DONE
+        self._free(seq)
+        self._cond.notify_all()
+
+    def _free(self, seq: Sequence) -> None:
+        if self._graph_owner is seq:
+            self._graph_owner = None
+        seq.on_graph = False
+        seq.kv = None
+
+    def _drop_cancelled(self) -> int:
+        """(under the condition) Remove cancelled sequences from the batch, counting what they made.
+        Returns how many left."""
+        for seq in [s for s in self.active if s.cancelled and s.state != DONE]:
+            if seq.ttft is not None:
+                self._account(seq)
+            seq.state = DONE
+            self._free(seq)
+        return self._release_done()
+
+    def _release_done(self) -> int:
+        n = len(self.active)
+        self.active = [s for s in self.active if s.state != DONE]
+        return n - len(self.active)
+
+    def _call_stats(self, seq: Sequence) -> dict[str, Any]:
+        eng = self.engine
+        d = (eng.stats - seq.before).to_dict()  # expert traffic: every request that ran meanwhile
+        decode_s = time.perf_counter() - seq.t_first
+        d.update(
+            tokens_generated=seq.generated,
+            prompt_tokens=len(seq.prompt_ids),
+            requests=1,
+            prefill_seconds=seq.ttft or 0.0,
+            decode_seconds=decode_s,
+            tokens_per_second=(seq.generated - 1) / decode_s if decode_s > 0 and seq.generated > 1 else 0.0,
+            time_to_first_token_s=seq.ttft or 0.0,
+            prefix_cache_hit_tokens=seq.prefix_hit,
+            expert_bits_per_param=eng.expert_bits_per_param,
+            expert_slots=eng.cache.num_slots,
+        )
+        return d
+
+    def stats(self) -> dict[str, Any]:
+        d = {
+            "queue_depth": self.queue_depth,
+            "active_requests": self.active_requests,
+            "max_batch": self.max_batch,
+            "batch_steps": self.steps,
+            "batched_rows": self.batched_rows,
+            "max_batch_rows": self.max_rows,
+            "requests_rejected": self.rejected,
+            "recent_tokens_per_second": self.tokens_per_second(),
+            "time_to_first_token_sum_s": self.ttft_sum,
+            "time_to_first_token_count": self.ttft_count,
+            "time_to_first_token_avg_s": self.ttft_sum / self.ttft_count if self.ttft_count else 0.0,
+            "batch_mode": "exact" if self.exact or self._fused_reason else "fused",
+        }
+        d.update(self.prefix.stats() if self.prefix is not None else PrefixCache(1, 0).stats())
+        return d

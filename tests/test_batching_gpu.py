@@ -1,0 +1,47 @@
+"""Batching on CUDA (skipped without a device): 'exact' gives each request's lone tokens; 'fused'
+hands a lone request to the CUDA-graph decoder and moves it to eager decode when others join."""
+
+from __future__ import annotations
+
+import pytest
+
+import moe_llm
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = ["Experts live in host memory", "def parse_args(argv):" * 3, "The quick brown fox " * 6]
+OPTS = dict(device="cuda", dtype="float32", experts_bits=2, cache_per_layer=2, prefill_chunk=16)
+
+
+def interleaved(engine, prompts, new=16):
+    streams = [engine.stream(p, max_new_tokens=new) for p in prompts]
+    got = [[] for _ in prompts]
+    live = list(range(len(prompts)))
+    while live:
+        for i in list(live):
+            try:
+                got[i].extend(next(streams[i]).token_ids)
+            except StopIteration:
+                live.remove(i)
+    return got
+
+
+def test_exact_batching_on_cuda_gives_the_lone_tokens(tiny_mixtral):
+    engine = moe_llm.load(tiny_mixtral, batch_mode="exact", **OPTS)
+    assert engine.graphs is None  # exact: no graph decoder, every row decodes eagerly
+    alone = [engine.generate(p, max_new_tokens=16).token_ids for p in PROMPTS]
+    assert interleaved(engine, PROMPTS) == alone
+    assert engine.batcher.max_rows >= 2 and engine.cache.consistent()
+
+
+def test_fused_batching_on_cuda_leaves_the_graph_decoder_and_comes_back(tiny_mixtral):
+    engine = moe_llm.load(tiny_mixtral, batch_mode="fused", **OPTS)
+    eager = moe_llm.load(tiny_mixtral, batch_mode="fused", cuda_graphs=False, **OPTS)
+    assert engine.graphs is not None
+    got = interleaved(engine, PROMPTS)
+    assert all(got) and engine.batcher.batched_rows > 0 and engine.cache.consistent()
+    assert engine.batcher.active_requests == 0
+    # a lone request afterwards decodes through the graphs again, with the eager engine's tokens
+    lone = engine.generate(PROMPTS[0], max_new_tokens=16).token_ids
+    assert engine.graphs is not None and engine.graphs._windows
+    assert lone == eager.generate(PROMPTS[0], max_new_tokens=16).token_ids
