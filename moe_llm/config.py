@@ -94,6 +94,12 @@ class EngineConfig(BaseModel):
         description="Which expert leaves the global cache: 'lru', or 'lfu' (frequency-aware, admits a "
         "missed expert only if it is used more often than its victim).",
     )
+    cpu_experts: Literal["auto", "off", "all"] = Field(
+        "auto",
+        description="Missed experts in decode: 'all' computes every miss on CPU threads, inside the captured "
+        "step (llama.cpp's --cpu-moe; on CUDA still experimental, docs/tuning.md); 'auto' is the CPU kernel on "
+        "a CPU-only machine and, for now, the GPU alone on CUDA; 'off' the GPU (or torch on CPU) only.",
+    )
     admissions_in_flight: int = Field(
         4, description="Decode admission copies in flight at once; they share the link with zero-copy misses."
     )
@@ -114,6 +120,22 @@ class EngineConfig(BaseModel):
         None,
         description="Chat template for chat messages: Jinja text, or a path to a .jinja file (read here). "
         "Default: the checkpoint's own, else a generic ChatML template (docs/chat.md).",
+    )
+    max_batch: int = Field(8, description="Requests decoded together in one step (continuous batching).")
+    max_queue: int = Field(64, description="Requests waiting for a batch slot before new ones are refused.")
+    prefill_chunk: int = Field(
+        1024,
+        description="Prompt tokens per prefill forward; also the block size of the prefix cache. With offloaded "
+        "experts each chunk streams the experts once, so a longer chunk prefills faster; a shorter one lets "
+        "other requests decode sooner.",
+    )
+    prefix_cache: int = Field(
+        512 * 2**20, description="Host RAM for the KV of recent prompt prefixes (accepts '512MiB'; 0 turns it off)."
+    )
+    batch_mode: Literal["auto", "exact", "fused"] = Field(
+        "auto",
+        description="How several requests decode together: 'fused' (one forward for all rows), 'exact' (each "
+        "row as if alone: bit-identical tokens), 'auto' (exact on CPU, fused on CUDA). docs/serving.md",
     )
 
     @field_validator("device")
@@ -144,7 +166,13 @@ class EngineConfig(BaseModel):
     def _budget(cls, v):
         return None if v is None else parse_size(v)
 
-    @field_validator("prefetch_experts", "max_context", "group_size", "admissions_in_flight")
+    @field_validator("prefix_cache", mode="before")
+    @classmethod
+    def _prefix_cache(cls, v):
+        return 0 if v in (None, 0, "0", "off", "none") else parse_size(v)
+
+    @field_validator("prefetch_experts", "max_context", "group_size", "admissions_in_flight", "max_batch",
+                     "max_queue", "prefill_chunk")  # fmt: skip
     @classmethod
     def _positive(cls, v: int | None, info) -> int | None:
         if v is not None and v < 1:

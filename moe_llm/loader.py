@@ -30,10 +30,11 @@ from .model import (
     quantize_head,
     read_config,
 )
-from .planner import Plan, check_cache_per_layer, kv_cache_bytes, plan_slots, planned_context, workspace_bytes
+from .planner import Plan, check_cache_per_layer, kv_plan_bytes, plan_slots, planned_context, workspace_bytes
 from .qformat import QuantizedCheckpoint, is_quantized_dir
 from .retry import allocate_shrinking
 from .settings import resolve_engine_config
+from .sizing import model_kv_bytes
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def load(
         cfg = qckpt.resolve(cfg)
     dev = _check_device(cfg.device)
     dtype = _DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    ckpt = qckpt or Checkpoint(model_dir)
+    ckpt = qckpt or Checkpoint(model_dir)  # keys: the architecture map of config.json's model_type
     hf_config = read_config(ckpt)
     model = build_skeleton(hf_config, dtype)
     info = moe_info(model, hf_config)
@@ -101,9 +102,9 @@ def load(
 
     if qckpt is not None:
         qckpt.install_dense(model, dtype, dev)
-    load_trunk(model, ckpt, hf_config, dev, dtype)
+    load_trunk(model, ckpt, hf_config, dev, dtype, info.arch)
     if cfg.attn_bits is not None and qckpt is None:
-        n = quantize_dense(model, cfg.attn_bits, dtype, dev)
+        n = quantize_dense(model, cfg.attn_bits, dtype, dev, info.arch)
         log.info("quantized %d dense projections to %d-bit", n, cfg.attn_bits)
     if quantize_head(model, cfg.head_bits, dtype, dev):
         log.info("quantized the LM head to %d-bit", cfg.head_bits)
@@ -132,31 +133,30 @@ def plan_for(
     passes `trunk_bytes` computed from a meta skeleton instead."""
     context = planned_context(cfg.max_context, getattr(hf_config, "max_position_embeddings", None))
     dsize = torch.empty((), dtype=dtype).element_size()
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     return plan_slots(
         budget=cfg.gpu_budget,
         cache_per_layer=cfg.cache_per_layer,
         trunk_bytes=module_bytes(model) if trunk_bytes is None else trunk_bytes,
-        # graph decode's static KV, or eager decode's dynamic one: the prefill writes into the static one directly
-        kv_bytes=kv_cache_bytes(hf_config.num_hidden_layers, kv_heads, head_dim, context, dsize),
-        workspace=workspace_bytes(info.hidden, info.intermediate, hf_config.vocab_size, context, dsize),
+        kv_bytes=kv_plan_bytes(model_kv_bytes(hf_config, info.arch, context, dsize), cfg.cuda_graphs),
+        workspace=workspace_bytes(
+            info.hidden, info.intermediate, hf_config.vocab_size, min(context, cfg.prefill_chunk), dsize
+        ),
         expert_bytes=fmt.nbytes,
         moe_layers=len(info.layers),
         num_experts=info.num_experts,
     )
 
 
-def _norm_ratios(layers, moe_layers: list[int]) -> dict[int, torch.Tensor | None]:
-    """Layer L -> w_{next} / w_L of the post-attention norms (sharpens the prompt prefetch guess)."""
+def _norm_ratios(arch, layers, moe_layers: list[int]) -> dict[int, torch.Tensor | None]:
+    """Layer L -> w_{next} / w_L of the norms before the MoE blocks (sharpens the prompt prefetch guess)."""
     ratios = {}
     for cur, nxt in zip(moe_layers[:-1], moe_layers[1:], strict=True):
-        w_cur = getattr(layers[cur], "post_attention_layernorm", None)
-        w_nxt = getattr(layers[nxt], "post_attention_layernorm", None)
-        if w_cur is not None and w_nxt is not None and hasattr(w_cur, "weight") and hasattr(w_nxt, "weight"):
-            wc = w_cur.weight.float()
-            ratio = torch.where(wc.abs() > 1e-6, w_nxt.weight.float() / wc, torch.ones_like(wc))
-            ratios[cur] = ratio.to(w_cur.weight.dtype)
+        w_cur = getattr(arch.norm_of(layers[cur]), "weight", None)
+        w_nxt = getattr(arch.norm_of(layers[nxt]), "weight", None)
+        if isinstance(w_cur, torch.Tensor) and isinstance(w_nxt, torch.Tensor) and w_cur.shape == w_nxt.shape:
+            wc = w_cur.float()
+            ratio = torch.where(wc.abs() > 1e-6, w_nxt.float() / wc, torch.ones_like(wc))
+            ratios[cur] = ratio.to(w_cur.dtype)
         else:
             ratios[cur] = None
     return ratios
@@ -176,24 +176,26 @@ def build_runtime(model, cfg, info, fmt: ExpertFormat, store, plan: Plan, dev, r
         shrink=cfg.cache_per_layer is None,  # a slot count the user fixed is not silently changed
     )  # fmt: skip
     plan = dataclasses.replace(plan, slots=cache.num_slots)
-    layers = decoder_layers(model)
-    act_fn = layers[info.layers[0]].mlp.experts.act_fn
+    arch = info.arch
+    layers = decoder_layers(model, arch)
+    act_fn = arch.experts_of(layers[info.layers[0]]).act_fn
     prefetcher = None
     if cfg.prefetch and len(info.layers) > 1:
-        routers = {i: layers[i].mlp.gate.weight for i in info.layers}
+        routers = {i: arch.router_weight(layers[i]) for i in info.layers}
         nxt = dict(zip(info.layers[:-1], info.layers[1:], strict=True))
         guesses = cfg.prefetch_experts or info.top_k
-        prefetcher = PromptPrefetcher(cache, routers, _norm_ratios(layers, info.layers), nxt, guesses)
+        prefetcher = PromptPrefetcher(cache, routers, _norm_ratios(arch, layers, info.layers), nxt, guesses)
     runtime = ExpertsRuntime(
-        cache, fmt, act_fn, info.top_k, prefetcher, evict_on_admit=cfg.prefetch, kernel_tuning=cfg.kernel_tuning
-    )
+        cache, fmt, act_fn, info.top_k, prefetcher, evict_on_admit=cfg.prefetch, kernel_tuning=cfg.kernel_tuning,
+        cpu_experts=cfg.cpu_experts,
+    )  # fmt: skip
     return runtime, plan
 
 
 def assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, path, retain: bool = True) -> Engine:
     """Swap the offloaded experts into the trunk and wrap it all in an `Engine`."""
     runtime, plan = build_runtime(model, cfg, info, fmt, store, plan, dev, retain=retain)
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, info.arch)
     for i in info.layers:
-        layers[i].mlp.experts = OffloadedExperts(i, runtime, info.num_experts)
+        info.arch.set_experts(layers[i], OffloadedExperts(i, runtime, info.num_experts))
     return Engine(model, tokenizer, hf_config, cfg, runtime, plan, path)

@@ -14,8 +14,6 @@ from dataclasses import asdict, dataclass
 from .config import format_size
 from .errors import BudgetError, ConfigError
 
-PREFILL_CHUNK = 4096  # tokens of one prefill pass the activation term is sized for
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -68,10 +66,18 @@ def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, context: int, 
     return 2 * num_layers * kv_heads * head_dim * context * dtype_bytes
 
 
-def workspace_bytes(hidden: int, intermediate: int, vocab: int, context: int, dtype_bytes: int) -> int:
+def kv_plan_bytes(kv: int, cuda_graphs: bool) -> int:
+    """Device bytes of the KV cache for the planned context. Eager decode keeps one dynamic
+    cache; graph decode also has its static one, and when decode starts both hold the prompt
+    (the batcher prefills into a dynamic cache, then hands its KV to the static one)."""
+    return 2 * kv if cuda_graphs else kv
+
+
+def workspace_bytes(hidden: int, intermediate: int, vocab: int, chunk: int, dtype_bytes: int) -> int:
     """Device scratch beyond the trunk, KV and slots. It counts
 
-    - activations of one prefill pass of min(context, PREFILL_CHUNK) tokens:
+    - activations of one prefill pass of `chunk` tokens (the engine's `prefill_chunk`, at
+      most the context):
       4 hidden-sized and 2 intermediate-sized rows per token in the compute dtype, +25%;
     - the prefill dequant workspace of the experts runtime: one whole gate_up [2I, H] in
       the compute dtype (row chunks would save ~160 MiB on Mixtral but doubled the cold
@@ -79,7 +85,6 @@ def workspace_bytes(hidden: int, intermediate: int, vocab: int, context: int, dt
     - one token's logits (fp32, twice: the LM head's output and the sampler's copy);
     - 64 MiB for cuBLAS workspaces and allocator rounding.
     """
-    chunk = min(context, PREFILL_CHUNK)
     act = chunk * (4 * hidden + 2 * intermediate) * dtype_bytes
     dequant = 2 * intermediate * hidden * dtype_bytes
     logits = vocab * 4 * 2

@@ -14,7 +14,10 @@ class Stats:
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     bytes_to_device: int = 0  # copied into slots (copy engine)
-    bytes_from_host: int = 0  # read in place from pinned host RAM by decode kernels (zero-copy misses)
+    bytes_from_host: int = 0  # missed experts read in place from host RAM (GPU zero-copy, or CPU threads)
+    cpu_expert_calls: int = 0  # missed experts (or their CPU shares) computed by CPU threads
+    cpu_expert_bytes: int = 0  # expert bytes those CPU threads read
+    cpu_expert_ms: float = 0.0  # their time
     decode_steps: int = 0  # one-token forwards
     decode_host_syncs: int = 0  # waits for the device inside those forwards (0 with device-side dispatch)
     tokens_generated: int = 0

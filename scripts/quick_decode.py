@@ -23,29 +23,43 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--explore", action="store_true", help="also depth-2 and 3-guess prefetch, and eager decode")
+    ap.add_argument("--explore", action="store_true", help="also the lfu policy and eager decode")
+    ap.add_argument("--cpu", action="store_true", help="the CPU road: cpu_experts off/auto/all at 12 and 4 GiB")
+    ap.add_argument("--kernel-tuning", default=None, help="decode-kernel tiles (scripts/tune_moe.py)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     budget = 12 << 30
+    o = (("max_context", 1152),) + ((("kernel_tuning", args.kernel_tuning),) if args.kernel_tuning else ())
     variants = [
-        Variant("full", 2, budget, profile=True),
-        Variant("no-cache-no-prefetch", 2, budget, prefetch=False, retain=False),
-        Variant("resident", 2, None),
+        Variant("full", 2, budget, profile=True, options=o),
+        Variant("no-cache-no-prefetch", 2, budget, prefetch=False, retain=False, options=o),
+        Variant("resident", 2, None, options=o),
     ]
+    if args.cpu:  # cpu_experts is "auto" in the rows above
+        variants = [variants[0], variants[2]]
+        for b in (budget, 4 << 30):
+            gib = f"{b >> 30}GiB"
+            variants += [
+                Variant(f"cpu-off-{gib}", 2, b, options=o + (("cpu_experts", "off"),)),
+                Variant(f"cpu-all-{gib}", 2, b, options=o + (("cpu_experts", "all"),)),
+            ]
+        variants.append(Variant("cpu-auto-4GiB", 2, 4 << 30, options=o))
     if args.explore:  # prefetch policies side by side
         variants += [
             Variant("full-lfu", 2, budget, options=(("cache_policy", "lfu"),)),
             Variant("full-eager", 2, budget, options=(("cuda_graphs", False),)),
         ]
     run = run_bench(
-        Geometry(), variants=variants, workload=Workload(new_tokens=args.new_tokens, ttft_prompts=(512, 1024)),
+        Geometry(), variants=variants, workload=Workload(new_tokens=args.new_tokens, ttft_prompts=(1024,), repeats=1),
         accelerate_layers=None, out=args.out, budget=budget,
     )  # fmt: skip
     for row in run["variants"]:
         print(
             f"{row['name']:>22}: {row['decode_tok_s']:6.2f} tok/s  {row['bytes_per_token'] / 1e6:7.0f} MB/token "
-            f"hit {row['hit_rate']:.2f}  ttft1024 {row['ttft_s']['1024']:.3f}s  "
-            f"peak {row['peak_gpu_bytes'] / 2**30:.2f} GiB  ÷overlap {row.get('ratio_to_overlap_limit', 0):.2f}"
+            f"hit {row['hit_rate']:.2f}  ttft1024 {row['ttft_s']['1024']:.3f}s  slots {row['expert_slots']}  "
+            f"peak {row['peak_gpu_bytes'] / 2**30:.2f} GiB  ÷overlap {row.get('ratio_to_overlap_limit', 0):.2f}  "
+            f"cpu {row.get('cpu_road')} {row.get('cpu_take')} {row.get('cpu_expert_calls_per_token', 0):.1f} calls/token "
+            f"{row.get('cpu_expert_ms_per_token', 0):.2f} ms/token"
         )
         if "profile" in row:
             print(json.dumps(row["profile"], indent=1))

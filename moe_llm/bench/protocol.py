@@ -124,6 +124,9 @@ def _decode_run(engine: Engine, prompt: list[int], new_tokens: int) -> dict:
         "zero_copy_bytes_per_token": dec.bytes_from_host / max(steps, 1),
         # what crosses the link: admission copies plus misses read in place
         "bytes_per_token": (dec.bytes_to_device + dec.bytes_from_host) / max(steps, 1),
+        "cpu_expert_calls_per_token": dec.cpu_expert_calls / max(steps, 1),
+        "cpu_expert_bytes_per_token": dec.cpu_expert_bytes / max(steps, 1),
+        "cpu_expert_ms_per_token": dec.cpu_expert_ms / max(steps, 1),
     }
 
 
@@ -198,6 +201,10 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
             "expert_bytes": model.fmt.nbytes,
             "expert_bits_per_param": model.fmt.bits_per_param,
             "plan": engine.plan.to_dict(),
+            "cpu_experts": engine.config.cpu_experts,
+            "cpu_road": engine.runtime.cpu_road,  # split (GPU and CPU threads), cpu, or off
+            # of each missed expert, the down-plane bytes the CPU takes, by misses in the layer
+            "cpu_take": engine.runtime.split_take,
         }
         repeats = max(1, workload.repeats)
         ttft = {str(n): [_ttft(engine, prompts[n]) for _ in range(repeats)] for n in workload.ttft_prompts}
@@ -221,6 +228,7 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
         return row
     finally:
         engine.cache.synchronize()
+        engine.runtime.close()  # the split's serving thread
         del engine
         model.detach()
 

@@ -40,7 +40,9 @@ def default_variants(
     widths. `options` (e.g. max_context, head_bits) apply to every row."""
     o = tuple(options)
     vs = [
-        Variant("full", bits, budget, profile=True, options=o),
+        Variant("full", bits, budget, profile=True, options=o),  # cpu_experts "auto"
+        Variant("full-cpu-off", bits, budget, options=o + (("cpu_experts", "off"),)),  # the GPU road only
+        Variant("full-cpu-all", bits, budget, options=o + (("cpu_experts", "all"),)),  # every miss on the CPU
         Variant("full-lfu", bits, budget, options=o + (("cache_policy", "lfu"),)),
         Variant("no-prefetch", bits, budget, prefetch=False, options=o),
         Variant("no-cache-no-prefetch", bits, budget, prefetch=False, retain=False, options=o),
@@ -48,6 +50,11 @@ def default_variants(
         Variant("full-eager", bits, budget, options=o + (("cuda_graphs", False),)),  # what the graph buys
     ]
     vs += [Variant(f"full-{b / (1 << 30):g}GiB", bits, b, options=o) for b in extra_budgets]
+    for cpu in ("off", "all"):
+        vs += [
+            Variant(f"full-cpu-{cpu}-{b / (1 << 30):g}GiB", bits, b, options=o + (("cpu_experts", cpu),))
+            for b in extra_budgets
+        ]
     vs += [
         Variant(f"full-lfu-{b / (1 << 30):g}GiB", bits, b, options=o + (("cache_policy", "lfu"),))
         for b in extra_budgets

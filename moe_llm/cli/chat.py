@@ -21,6 +21,7 @@ from .common import (
     AttnBitsOpt,
     BudgetOpt,
     CacheOpt,
+    CpuExpertsOpt,
     DeviceOpt,
     ExpertsBitsOpt,
     ModelArg,
@@ -198,6 +199,7 @@ def chat(
     cache_per_layer: int = CacheOpt,
     gpu_budget: str = BudgetOpt,
     no_prefetch: bool = NoPrefetchOpt,
+    cpu_experts: str = CpuExpertsOpt,
     device: str = DeviceOpt,
 ):
     """Chat with a model in the terminal: streamed replies, multi-turn history, /help for commands."""
@@ -205,10 +207,13 @@ def chat(
 
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     GenerationConfig.build(**options)  # refuse bad options before loading the model
-    check_engine_options(device, experts_bits, attn_bits, cache_per_layer, gpu_budget)
+    check_engine_options(device, experts_bits, attn_bits, cache_per_layer, gpu_budget, cpu_experts=cpu_experts)
     path, is_random = resolve_model(model_dir)
     console = Console(highlight=False)
-    engine = load_engine(path, device, experts_bits, attn_bits, cache_per_layer, gpu_budget, not no_prefetch)
+    engine = load_engine(
+        path, device, experts_bits, attn_bits, cache_per_layer, gpu_budget, not no_prefetch,
+        **({"cpu_experts": cpu_experts} if cpu_experts else {}),
+    )  # fmt: skip
     if is_random:
         console.print("[yellow]note:[/] the embedded tiny model has random weights: replies are noise")
     console.print(

@@ -42,15 +42,19 @@ def check_engine_options(
     attn_bits: str | None,
     cache_per_layer: int | None,
     gpu_budget: str | None,
+    **extra,
 ) -> None:
-    """Refuse bad engine options (with the settings they combine with) before the slow load."""
+    """Refuse bad engine options (with the settings they combine with) before the slow load;
+    `extra`: further EngineConfig fields (None: not given)."""
     from ..settings import resolve_engine_config
 
     eb = bits_option(experts_bits, (2, 3, 4), "--experts-bits")
     ab = bits_option(attn_bits, (4,), "--attn-bits")
+    given = {k: v for k, v in extra.items() if v is not None}
     resolve_engine_config(
-        dict(device=device, experts_bits=eb, attn_bits=ab, cache_per_layer=cache_per_layer, gpu_budget=gpu_budget)
-    )
+        dict(device=device, experts_bits=eb, attn_bits=ab, cache_per_layer=cache_per_layer, gpu_budget=gpu_budget,
+             **given)
+    )  # fmt: skip
 
 
 def quiet_transformers() -> None:
@@ -82,6 +86,7 @@ def load_engine(
     gpu_budget: str | None,
     prefetch: bool,
     quiet: bool = False,
+    **options,
 ):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -106,7 +111,7 @@ def load_engine(
 
         return moe_llm.load(
             model_dir, device=device, experts_bits=eb, attn_bits=ab, cache_per_layer=cache_per_layer,
-            gpu_budget=gpu_budget, prefetch=None if prefetch else False, progress=cb,
+            gpu_budget=gpu_budget, prefetch=None if prefetch else False, progress=cb, **options,
         )  # fmt: skip
 
 
@@ -124,6 +129,9 @@ HeadBitsOpt = typer.Option(
 )
 CacheOpt = typer.Option(None, "--cache-per-layer", help="Expert slots, as a count per MoE layer (the cache is global).")
 BudgetOpt = typer.Option(None, "--gpu-budget", help="Device memory budget, e.g. 12GiB.")
+CpuExpertsOpt = typer.Option(
+    None, "--cpu-experts", help="Missed experts on the CPU too: auto (cost model), all, or off (default: auto)."
+)
 NoPrefetchOpt = typer.Option(
     False, "--no-prefetch", help="No copies ahead of use (prompt prefetch, decode admissions)."
 )

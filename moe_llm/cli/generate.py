@@ -14,6 +14,7 @@ from .common import (
     AttnBitsOpt,
     BudgetOpt,
     CacheOpt,
+    CpuExpertsOpt,
     DeviceOpt,
     ExpertsBitsOpt,
     ModelArg,
@@ -62,6 +63,7 @@ def generate(
     cache_per_layer: int = CacheOpt,
     gpu_budget: str = BudgetOpt,
     no_prefetch: bool = NoPrefetchOpt,
+    cpu_experts: str = CpuExpertsOpt,
     device: str = DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
@@ -74,7 +76,7 @@ def generate(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []
     )
     GenerationConfig.build(**opts)  # refuse bad options before the slow load
-    check_engine_options(device, experts_bits, attn_bits, cache_per_layer, gpu_budget)
+    check_engine_options(device, experts_bits, attn_bits, cache_per_layer, gpu_budget, cpu_experts=cpu_experts)
     ensure_utf8(prompt)  # argv bytes that are not UTF-8 arrive as lone surrogates (surrogateescape)
     path, is_random = resolve_model(model_dir)
     if is_random and not as_json:
@@ -88,8 +90,9 @@ def generate(
             "parameters, 8 experts, trained on the Python standard library's source: it writes Python-like text)"
         )
     engine = load_engine(
-        path, device, experts_bits, attn_bits, cache_per_layer, gpu_budget, not no_prefetch, quiet=as_json
-    )
+        path, device, experts_bits, attn_bits, cache_per_layer, gpu_budget, not no_prefetch, quiet=as_json,
+        **({"cpu_experts": cpu_experts} if cpu_experts else {}),
+    )  # fmt: skip
     request = [{"role": "user", "content": prompt}] if chat else prompt
     if as_json:
         result = engine.generate(request, **opts)
@@ -119,7 +122,7 @@ def demo(
     generate(
         model_dir=None, prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
         seed=None, stop=None, experts_bits=experts_bits, attn_bits=attn_bits, cache_per_layer=cache_per_layer,
-        gpu_budget=None, no_prefetch=False, device=device, as_json=False, chat=False,
+        gpu_budget=None, no_prefetch=False, cpu_experts=None, device=device, as_json=False, chat=False,
     )  # fmt: skip
 
 

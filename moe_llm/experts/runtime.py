@@ -25,7 +25,10 @@ order, so the result does not depend on where an expert was read from or when.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +72,7 @@ class ExpertsRuntime:
         prefetcher: PromptPrefetcher | None = None,
         evict_on_admit: bool = True,
         kernel_tuning: str | None = None,
+        cpu_experts: str = "off",
     ):
         self.cache = cache
         self.stats = cache.stats
@@ -89,10 +93,76 @@ class ExpertsRuntime:
         self._host_routing: list[tuple[int, list[int]]] = []  # CPU: (layer, routed ids) of the last step
         self._stepped = False
         self._dequant_ws: torch.Tensor | None = None  # prefill: one expert's matrices, dequantized
+        self.cpu_experts = cpu_experts
+        self._decode_rows = False  # inside `decode_rows`
+        self._split = None  # experts.split.CpuSplit: misses shared with CPU threads (device mode)
+        self._cpu = None  # experts.cpu: the CPU kernel for one-token experts (host mode)
+        self._split_seen = {"cpu_expert_calls": 0, "cpu_expert_bytes": 0, "cpu_expert_ns": 0}
+        if self.mode == "device":
+            self._make_dispatch()
+        if cpu_experts != "off" and fmt.specs is not None and self.mode != "copy":
+            self._start_cpu_road(cpu_experts)
 
     @property
     def device_dispatch(self) -> bool:
         return self.mode == "device"
+
+    @property
+    def cpu_road(self) -> str:
+        """Where missed experts of one-token steps are computed besides the GPU: "split" (a
+        share of each on CPU threads, inside the graph), "cpu" (the CPU kernel, no GPU), or "off"."""
+        return "split" if self._split is not None else ("cpu" if self._cpu is not None else "off")
+
+    @property
+    def split_take(self) -> dict | None:
+        """The split's cost-model table: down-plane bytes of each missed expert the CPU takes,
+        by the number of misses in a layer, and the plane's size (None without a split)."""
+        if self._split is None:
+            return None
+        return {"take": self._split.take.tolist(), "plane_bytes": self._split.plane_bytes}
+
+    def _make_dispatch(self) -> None:
+        k = self._kernels
+        tuning = k.Tuning.from_file(self.kernel_tuning, self.fmt.bits) if self.kernel_tuning else k.DEFAULT_TUNING
+        self._dispatch = k.MoeDecode(self.fmt, self.top_k, self.cache.device, tuning)
+        self._routing = torch.zeros(len(self.cache.layers), self.top_k, dtype=torch.long, device=self.cache.device)
+
+    def _start_cpu_road(self, mode: str) -> None:
+        """Start the CPU road for misses; 'auto' falls back to none where it cannot run."""
+        from ..errors import ConfigError
+        from . import cpu
+        from .split import SplitUnavailable
+
+        if not _is_silu(self.act_fn):
+            if mode == "all":
+                raise ConfigError("cpu_experts='all' needs SiLU experts (the CPU kernel computes silu(gate) * up)")
+            return
+        if self.mode == "device" and mode == "auto":
+            # The split runs on the GPU (it neither hangs nor syncs), but its invariance test
+            # (tests/test_gpu_split.py) has not passed yet: greedy tokens with "all" diverged
+            # from "off" on a tiny 2-bit model. Until it does, "auto" keeps misses on the GPU
+            # and the split is opt-in ("all").
+            log.info("CPU experts: 'auto' keeps missed experts on the GPU (the split is opt-in: 'all')")
+            return
+        try:
+            if self.mode == "device":
+                from .split import start_split
+
+                self._split = start_split(self.cache, self.fmt, self._dispatch, self.top_k, mode)
+                weakref.finalize(self, self._split.close)  # stops the serving thread with the runtime
+            else:
+                cpu.kernel.lib()  # builds the kernel now, not inside the first step
+                self._cpu = cpu
+        except (cpu.CpuKernelUnavailable, SplitUnavailable) as exc:
+            if mode == "all":
+                raise ConfigError(f"cpu_experts='all' cannot run here: {exc}") from None
+            log.info("CPU experts off: %s", exc)
+
+    def close(self) -> None:
+        """Stop the CPU road's thread (if any)."""
+        if self._split is not None:
+            self._split.close()
+            self._split = None
 
     # -- per request / per step -------------------------------------------------
     def prompt_start(self, tokens: int) -> None:
@@ -119,12 +189,28 @@ class ExpertsRuntime:
         else:
             routed = [(layer, e) for layer, ids in self._host_routing for e in ids]
             self._host_routing.clear()
+        if self._split is not None:  # what the CPU thread has computed so far
+            now = self._split.stats()
+            self.stats.cpu_expert_calls += now["cpu_expert_calls"] - self._split_seen["cpu_expert_calls"]
+            self.stats.cpu_expert_bytes += now["cpu_expert_bytes"] - self._split_seen["cpu_expert_bytes"]
+            self.stats.cpu_expert_ms += (now["cpu_expert_ns"] - self._split_seen["cpu_expert_ns"]) / 1e6
+            self._split_seen = now
         keys = list(dict.fromkeys(routed))
         cache.observe(keys)
         protect = set(keys)
         for key in keys:
             if not cache.is_resident(*key):
                 cache.admit(key, protect, evict=self.evict_on_admit)
+
+    @contextlib.contextmanager
+    def decode_rows(self):
+        """Around a forward of several one-token decode rows (the batcher's fused step): the
+        experts compute them as one-token steps do, whatever the batch."""
+        self._decode_rows = True
+        try:
+            yield
+        finally:
+            self._decode_rows = False
 
     def reset(self) -> None:
         self._stepped = False
@@ -148,15 +234,10 @@ class ExpertsRuntime:
         return out
 
     def _device_step(self, layer, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-        if self._dispatch is None:
-            k = self._kernels
-            tuning = k.Tuning.from_file(self.kernel_tuning, self.fmt.bits) if self.kernel_tuning else k.DEFAULT_TUNING
-            self._dispatch = k.MoeDecode(self.fmt, top_k_index.numel(), hidden.device, tuning)
-            self._routing = torch.zeros(len(self.cache.layers), top_k_index.numel(), dtype=torch.long,
-                                        device=hidden.device)  # fmt: skip
         out = self._out(layer, hidden)
         cache = self.cache
-        self._dispatch(hidden.reshape(-1), top_k_index, top_k_weights, cache.table_row(layer), cache.pool, out)
+        split = self._split.row(cache.row[layer]) if self._split is not None else None
+        self._dispatch(hidden.reshape(-1), top_k_index, top_k_weights, cache.table_row(layer), cache.pool, out, split)
         self._routing[self.cache.row[layer]].copy_(top_k_index.reshape(-1))
         return out
 
@@ -168,10 +249,21 @@ class ExpertsRuntime:
         rows = []
         for j, e in enumerate(ids):
             slot = cache.slot_of(layer, e)
-            views = cache.views(slot) if slot is not None else cache.store.views(layer, e)
-            y = expert_mlp(hidden, views, self.fmt, self.act_fn)  # [1, H]
+            if self._cpu is not None:  # the CPU kernel, from the slot or the host buffer in place
+                y = self._cpu_expert(hidden, cache.pool[slot] if slot is not None else cache.store.buffer(layer, e))
+            else:
+                views = cache.views(slot) if slot is not None else cache.store.views(layer, e)
+                y = expert_mlp(hidden, views, self.fmt, self.act_fn)  # [1, H]
             rows.append(y.float() * top_k_weights.reshape(-1)[j].float())
         return torch.stack(rows).sum(dim=0).to(hidden.dtype)  # [1, H], summed in k order
+
+    def _cpu_expert(self, x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        y = self._cpu.expert_mlp(x, buf, self.fmt)  # fp32 [n, H]
+        self.stats.cpu_expert_ms += (time.perf_counter() - t0) * 1e3
+        self.stats.cpu_expert_calls += 1
+        self.stats.cpu_expert_bytes += self.fmt.nbytes
+        return y
 
     def _route_ids(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """What the host reads: routed ids [T*k], then the prompt prefetch guess (if any)."""
@@ -212,7 +304,12 @@ class ExpertsRuntime:
             slot = slots[e]
             cache.wait(slot)
             a, b = offsets[e]
-            y = expert_mlp(hidden[tokens[a:b]], cache.views(slot), self.fmt, self.act_fn, workspace)  # [n, H]
+            if self._cpu is not None and self._decode_rows:
+                # a batch of decode rows: the CPU kernel, as for one token (a token's row does not
+                # depend on the others in the call), so batching does not change the tokens
+                y = self._cpu_expert(hidden[tokens[a:b]], cache.pool[slot])
+            else:
+                y = expert_mlp(hidden[tokens[a:b]], cache.views(slot), self.fmt, self.act_fn, workspace)  # [n, H]
             rows.index_copy_(0, perm[a:b], y.float() * weights[a:b, None])
             cache.release(slot)
         if guessed:

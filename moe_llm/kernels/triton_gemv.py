@@ -23,6 +23,7 @@ from math import gcd
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..quant.compact import META_GROUP, QuantSpec
 from ..quant.packing import packed_cols
@@ -136,7 +137,7 @@ def _tile_dot_i8(
     """`_tile_dot` with int8 activations (`quantize_activations`): the packed bytes are read as
     int32 words; thanks to the strided packing one shift and one mask give four codes of four
     consecutive columns in byte lanes, and `dp4a` multiplies them with four int8 activations.
-    Per block of QB columns: dx * sum(code * xq); the zero term uses the exact block sums xs."""
+    Per block of QB columns: dx * sum(code * xq); the zero term uses the block sums xs."""
     MB: tl.constexpr = 4 if BITS == 4 else 2
     PER: tl.constexpr = 8 // MB
     LANE_MASK: tl.constexpr = 0x0F0F0F0F if MB == 4 else 0x03030303
@@ -179,7 +180,7 @@ def _tile_dot_i8(
 def _quant_kernel(x_ptr, x_stride, xq_ptr, dx_ptr, xs_ptr, K, QB: tl.constexpr, BLOCK: tl.constexpr):
     """Row r = program_id(1) of x [R, K] -> int8 activations packed four to an int32 word
     (xq [R, K/4]), a scale per block of QB columns (dx [R, K/QB]: x ~ dx * xq) and the
-    exact block sums (xs [R, K/QB]). Round half away from zero, deterministic."""
+    block sums of the quantized x (xs [R, K/QB])."""
     r = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
@@ -188,9 +189,8 @@ def _quant_kernel(x_ptr, x_stride, xq_ptr, dx_ptr, xs_ptr, K, QB: tl.constexpr, 
     amax = tl.max(tl.abs(xb), axis=1)  # [BLOCK/QB]
     dx = amax / 127.0
     inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-    v = xb * inv[:, None]
-    qv = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v)).to(tl.int32)
-    qv = tl.reshape(qv & 0xFF, (BLOCK // 4, 4))
+    qf = libdevice.rint(xb * inv[:, None])  # round half to even, as the CPU kernel's nearbyintf
+    qv = tl.reshape(qf.to(tl.int32) & 0xFF, (BLOCK // 4, 4))
     shifts = tl.arange(0, 4) * 8
     words = tl.sum(qv << shifts[None, :], axis=1)  # [BLOCK/4]
     nw = K // 4
@@ -199,13 +199,15 @@ def _quant_kernel(x_ptr, x_stride, xq_ptr, dx_ptr, xs_ptr, K, QB: tl.constexpr, 
     nb = K // QB
     b_offs = tl.program_id(0) * (BLOCK // QB) + tl.arange(0, BLOCK // QB)
     tl.store(dx_ptr + r * nb + b_offs, dx, mask=b_offs < nb)
-    tl.store(xs_ptr + r * nb + b_offs, tl.sum(xb, axis=1), mask=b_offs < nb)
+    # sums of the quantized x: the zero-point term then carries the same x as the code term
+    # (as in the CPU kernel), so both roads compute one expert alike
+    tl.store(xs_ptr + r * nb + b_offs, tl.sum(qf, axis=1) * dx, mask=b_offs < nb)
 
 
 @triton.jit
 def _gemv_rows(
     x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, pid_n, pid_s, N, P, P1, G, stride_q, p_split,
-    stride_split, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    stride_split, p_limit, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     GLU: tl.constexpr, UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
     """out[split, n] = sum_k W[n, k] x[k] over this split's K range, for BLOCK_N rows. With GLU
@@ -220,7 +222,7 @@ def _gemv_rows(
     up_off = (rows + N).to(tl.int64) * stride_q
     up_gbase = (rows + N) * G
     p_start = pid_s * p_split
-    p_end = tl.minimum(p_start + p_split, P)
+    p_end = tl.minimum(p_start + p_split, p_limit)  # p_limit <= P: bytes past it are another road's
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
     for p0 in range(p_start, p_end, BLOCK_P * UNROLL):
@@ -263,13 +265,17 @@ def _qgemv_kernel(
     """One matrix whose tensors are passed as pointers (attention, tests)."""
     _gemv_rows(
         x_ptr, x_ptr, x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, tl.program_id(0), tl.program_id(1), N, P, P1,
-        G, stride_q, p_split, stride_split, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, False, ROW_META,
+        G, stride_q, p_split, stride_split, P, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, False, ROW_META,
     )  # fmt: skip
 
 
 @triton.jit
-def _combine_kernel(part_ptr, w_ptr, out_ptr, N, KSEL, SPLIT, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
-    """out[n] = sum_j w[j] * sum_s part[j, s, n], in a fixed order."""
+def _combine_kernel(
+    part_ptr, w_ptr, out_ptr, N, KSEL, SPLIT, cpu_ptr, pcut_ptr, PD, HAS_W: tl.constexpr, CPU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """out[n] = sum_j w[j] * (sum_s part[j, s, n] + cpu[j, n]), in a fixed order. With CPU,
+    position j has a CPU share (rows cpu[j], in host memory) when pcut[j] < PD."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -277,6 +283,9 @@ def _combine_kernel(part_ptr, w_ptr, out_ptr, N, KSEL, SPLIT, HAS_W: tl.constexp
         s_acc = tl.zeros([BLOCK], dtype=tl.float32)
         for s in range(SPLIT):
             s_acc += tl.load(part_ptr + (j * SPLIT + s) * N + offs, mask=mask, other=0.0)
+        if CPU:
+            shared = tl.load(pcut_ptr + j) < PD
+            s_acc += tl.load(cpu_ptr + j * N + offs, mask=mask & shared, other=0.0, volatile=True)
         if HAS_W:
             s_acc = s_acc * tl.load(w_ptr + j).to(tl.float32)
         acc += s_acc
@@ -364,12 +373,18 @@ def gemv(
     _qgemv_kernel[grid](x, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, *args, **consts)
 
 
-def combine(part: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
-    """part: [k, split, N] fp32 -> out [N] = sum_j weights[j] * sum_s part[j, s]."""
+def combine(
+    part: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, cpu: tuple | None = None
+) -> None:  # fmt: skip
+    """part: [k, split, N] fp32 -> out [N] = sum_j weights[j] * sum_s part[j, s]. With `cpu`
+    = (rows pointer, pcut [k], PD), the CPU's share of position j is added before the weight."""
     k, split, n = part.shape
     block = 1024
     w = weights if weights is not None else part
-    _combine_kernel[(triton.cdiv(n, block),)](part, w, out, n, k, split, HAS_W=weights is not None, BLOCK=block)
+    cpu_ptr, pcut, pd = cpu if cpu is not None else (part, part, 0)
+    _combine_kernel[(triton.cdiv(n, block),)](
+        part, w, out, n, k, split, cpu_ptr, pcut, pd, HAS_W=weights is not None, CPU=cpu is not None, BLOCK=block
+    )
 
 
 def linear(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:

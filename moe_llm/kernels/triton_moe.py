@@ -16,6 +16,7 @@ depend on where each expert was read from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,7 @@ DEFAULT_TUNING = Tuning()
 @triton.jit
 def _moe_gemv_kernel(
     x_ptr, x_stride, dx_ptr, xs_ptr, s_stride, idx_ptr, table_ptr, base_ptr, out_ptr, out_stride, N, P, P1, G,
-    stride_q, p_split, stride_split,
+    stride_q, p_split, stride_split, pcut_ptr, PD, CPU: tl.constexpr,
     OFF_Q: tl.constexpr, OFF_SQ: tl.constexpr, OFF_ZQ: tl.constexpr, OFF_META: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
     UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr,
@@ -92,11 +93,42 @@ def _moe_gemv_kernel(
     sq_ptr = base_ptr + off + OFF_SQ
     zq_ptr = base_ptr + off + OFF_ZQ
     meta_ptr = (base_ptr + off + OFF_META).to(tl.pointer_type(tl.float32), bitcast=True)
+    p_limit = P
+    if CPU:  # the CPU computes intermediate neurons i with i % PD >= pcut[j] (down bytes [pcut, PD))
+        cut = tl.load(pcut_ptr + pid_e)
+        if GLU:
+            p_limit = tl.where((tl.program_id(0) * BLOCK_N) % PD < cut, P, 0)
+        else:
+            p_limit = tl.minimum(cut, P)
     _gemv_rows(
         x_ptr + pid_e * x_stride, dx_ptr + pid_e * s_stride, xs_ptr + pid_e * s_stride, q_ptr, sq_ptr, zq_ptr,
         meta_ptr, out_ptr + pid_e * out_stride, tl.program_id(0), tl.program_id(2), N, P, P1, G, stride_q, p_split,
-        stride_split, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, I8, ROW_META,
+        stride_split, p_limit, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, I8, ROW_META,
     )  # fmt: skip
+
+
+@triton.jit
+def _publish_kernel(
+    idx_ptr, table_ptr, pool_bytes, take_ptr, pcut_ptr, x_ptr, head_ptr, xbox_ptr, H, PD,
+    K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The GPU/CPU split of one layer (`experts.split`): a routed expert whose table entry
+    points outside the slot pool is a miss; with m misses the CPU takes take[m] bytes of the
+    down plane of each (cut = PD - take[m]; PD: all on the GPU). Writes the cuts to the
+    device (for the kernels) and, with the routed ids and x, into the mailbox row."""
+    j = tl.arange(0, KP)
+    jm = j < K
+    e = tl.load(idx_ptr + j, mask=jm, other=0)
+    off = tl.load(table_ptr + e, mask=jm, other=0)
+    miss = jm & ((off < 0) | (off >= pool_bytes))
+    take = tl.load(take_ptr + tl.sum(miss.to(tl.int32), axis=0))
+    cut = tl.where(miss, PD - take, PD)
+    tl.store(pcut_ptr + j, cut, mask=jm)
+    tl.store(head_ptr + j, e.to(tl.int32), mask=jm)
+    tl.store(head_ptr + K + j, cut, mask=jm)
+    for h0 in range(0, H, BLOCK):
+        offs = h0 + tl.arange(0, BLOCK)
+        tl.store(xbox_ptr + offs, tl.load(x_ptr + offs, mask=offs < H).to(tl.float32), mask=offs < H)
 
 
 def supported(fmt: ExpertFormat) -> bool:
@@ -164,7 +196,17 @@ class MoeDecode:
             qb,
         )
 
-    def _gemv(self, launch, x: torch.Tensor, quant, shared: bool, idx, table_row, base, out) -> None:
+    @property
+    def plane_bytes(self) -> int:
+        """PD: bytes of the main plane of down_proj; a CPU cut is a byte position in it."""
+        return _geometry(self.fmt.specs["down_proj"])[0]
+
+    @property
+    def cut_align(self) -> int:
+        """Cuts are multiples of this: whole down tiles and whole gate_up row blocks."""
+        return math.lcm(self._down[2]["BLOCK_P"], self._gate_up[2]["BLOCK_N"])
+
+    def _gemv(self, launch, x: torch.Tensor, quant, shared: bool, idx, table_row, base, out, pcut) -> None:
         grid, args, consts, _, _ = launch
         if quant is None:
             xs = (x, 0 if shared else x.stride(0), x, x, 0)
@@ -172,14 +214,29 @@ class MoeDecode:
             xq, dx, sums, qb = quant
             quantize_activations(x.view(-1, x.shape[-1]), qb, xq, dx, sums)
             xs = (xq, 0 if shared else xq.stride(0), dx, sums, 0 if shared else dx.stride(0))
-        _moe_gemv_kernel[grid](*xs, idx, table_row, base, out, out.stride(0), *args, **consts)
+        split = (idx, 0, False) if pcut is None else (pcut, self.plane_bytes, True)
+        _moe_gemv_kernel[grid](
+            *xs, idx, table_row, base, out, out.stride(0), *args, split[0], split[1], CPU=split[2], **consts
+        )
 
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 table_row: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                 table_row: torch.Tensor, base: torch.Tensor, out: torch.Tensor, split=None) -> torch.Tensor:  # fmt: skip
         """x [H] -> out [H] = sum_j w[j] * expert_{idx[j]}(x); table_row: int64 [E] byte offsets of
-        each expert's buffer from `base` (a uint8 tensor, e.g. the slot pool)."""
+        each expert's buffer from `base` (a uint8 tensor, e.g. the slot pool). With `split`
+        (an `experts.split.SplitRow`) the CPU computes its share of each missed expert."""
         idx = top_k_index.reshape(-1)
-        self._gemv(self._gate_up, x, self._xq, True, idx, table_row, base, self.h)
-        self._gemv(self._down, self.h, self._hq, False, idx, table_row, base, self.part)
-        combine(self.part, top_k_weights.reshape(-1), out.view(-1))
+        pcut = None
+        if split is not None:
+            pcut = split.pcut
+            _publish_kernel[(1,)](
+                idx, table_row, base.numel(), split.take, pcut, x, split.head, split.xbox, self.fmt.hidden,
+                self.plane_bytes, K=self.k, KP=triton.next_power_of_2(self.k), BLOCK=1024,
+            )  # fmt: skip
+            split.raise_flag()
+        self._gemv(self._gate_up, x, self._xq, True, idx, table_row, base, self.h, pcut)
+        self._gemv(self._down, self.h, self._hq, False, idx, table_row, base, self.part, pcut)
+        if split is not None:
+            split.wait_done()
+        cpu = None if split is None else (split.ybox, pcut, self.plane_bytes)
+        combine(self.part, top_k_weights.reshape(-1), out.view(-1), cpu)
         return out

@@ -1,0 +1,395 @@
+"""The CPU road for missed experts: a split of each decode step between GPU and CPU.
+
+When a routed expert is not in a GPU slot, two roads lead to its bytes in host RAM: the
+GPU reads them over PCIe (zero-copy), or CPU worker threads compute the expert where it
+lies, over the memory bus. This module runs both at once inside one captured decode step:
+
+- per MoE layer the GPU `publish` kernel (`kernels.triton_moe`) decides, from the routing
+  and the cache table, how much of each missed expert the CPU takes (a `take` table by miss
+  count, from the cost model below), and writes the routing, that cut and the hidden state
+  into a pinned mailbox row; a stream memory operation then raises the row's flag;
+- a C thread (`cpu.split_loop`) polls the flags in layer order, computes its share of each
+  missed expert (intermediate neurons ``i % PD >= cut``: whole rows of gate_up, a byte range
+  of every down row), writes fp32 rows back, and raises ``done``;
+- meanwhile the GPU computes the rest (hits, and the other share of each miss, zero-copy);
+  a stream wait on ``done`` precedes the combine, which adds the CPU rows in k order.
+
+The step never returns to Python, so it stays one CUDA graph. The cost model balances the
+two roads with bandwidths measured on this machine (`measure`), so both finish together.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MODES = ("off", "auto", "all")
+_LINE = 64  # bytes: one flag per cache line
+
+
+class SplitUnavailable(RuntimeError):
+    """The GPU/CPU split cannot run here (no stream memory operations, no CPU kernel)."""
+
+
+class StreamMemOps:
+    """cuStreamWriteValue32 / cuStreamWaitValue32 from the driver, on the current stream.
+
+    Both are captured into CUDA graphs as memory-operation nodes. The write orders every
+    earlier write of the stream before the flag (the default memory barrier)."""
+
+    WAIT_EQ = 0x1
+
+    def __init__(self):
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            raise SplitUnavailable(f"the CUDA driver library cannot be loaded ({exc})") from exc
+        self._write = self._symbol(lib, "cuStreamWriteValue32")
+        self._wait = self._symbol(lib, "cuStreamWaitValue32")
+
+    @staticmethod
+    def _symbol(lib, name: str):
+        for sym in (name + "_v2", name):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                return fn
+        raise SplitUnavailable(f"the CUDA driver has no {name}")
+
+    @staticmethod
+    def _stream() -> int:
+        return torch.cuda.current_stream().cuda_stream
+
+    def write(self, addr: int, value: int) -> None:
+        rc = self._write(self._stream(), addr, value, 0)
+        if rc != 0:
+            raise SplitUnavailable(f"cuStreamWriteValue32 failed (CUresult {rc})")
+
+    def wait(self, addr: int, value: int) -> None:
+        rc = self._wait(self._stream(), addr, value, self.WAIT_EQ)
+        if rc != 0:
+            raise SplitUnavailable(f"cuStreamWaitValue32 failed (CUresult {rc})")
+
+
+class HostPtr:
+    """A device-visible pointer into pinned host memory, as a Triton kernel argument."""
+
+    def __init__(self, addr: int, dtype: torch.dtype):
+        self.addr, self.dtype = addr, dtype
+
+    def data_ptr(self) -> int:
+        return self.addr
+
+
+def _align(n: int, a: int = _LINE) -> int:
+    return -(-n // a) * a
+
+
+@dataclass
+class Mailbox:
+    """Pinned, mapped host memory shared by the GPU step and the CPU thread.
+
+    Per MoE row r: a flag and a done word (one cache line each), and a row of
+    ``header`` (int32 routed ids [k], int32 cuts [k]), ``x`` (fp32 [H]) and ``y``
+    (fp32 [k, H], the CPU's share of each position)."""
+
+    rows: int
+    k: int
+    hidden: int
+    buf: torch.Tensor  # uint8, pinned
+
+    @classmethod
+    def allocate(cls, rows: int, k: int, hidden: int) -> Mailbox:
+        row = cls._row_bytes(k, hidden)
+        nbytes = 2 * rows * _LINE + rows * row + 4 * _LINE  # + stats line
+        # pinned (device-visible under UVA) where there is a GPU; plain RAM for CPU-only tests
+        buf = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        return cls(rows, k, hidden, buf)
+
+    @staticmethod
+    def _row_bytes(k: int, hidden: int) -> int:
+        return _align(8 * k) + _align(4 * hidden) + _align(4 * k * hidden)
+
+    @property
+    def base(self) -> int:
+        return self.buf.data_ptr()
+
+    @property
+    def row_bytes(self) -> int:
+        return self._row_bytes(self.k, self.hidden)
+
+    def flag(self, r: int) -> int:
+        return self.base + r * _LINE
+
+    def done(self, r: int) -> int:
+        return self.base + (self.rows + r) * _LINE
+
+    def row(self, r: int) -> int:
+        return self.base + 2 * self.rows * _LINE + r * self.row_bytes
+
+    def x(self, r: int) -> int:
+        return self.row(r) + _align(8 * self.k)
+
+    def y(self, r: int) -> int:
+        return self.x(r) + _align(4 * self.hidden)
+
+    @property
+    def stats_addr(self) -> int:
+        return self.base + 2 * self.rows * _LINE + self.rows * self.row_bytes
+
+    def stats(self) -> dict[str, int]:
+        """(calls, bytes, ns) the CPU thread has counted: int64 words of the stats line."""
+        off = self.stats_addr - self.base
+        words = self.buf[off : off + 24].view(torch.int64).tolist()
+        return {"cpu_expert_calls": words[0], "cpu_expert_bytes": words[1], "cpu_expert_ns": words[2]}
+
+
+@dataclass(frozen=True)
+class Roads:
+    """Bandwidths of the two roads to a missed expert (bytes/s), and a fixed cost per layer."""
+
+    gpu_hbm: float  # a resident expert, read by the decode kernel
+    zero_copy: float  # a missed expert read by the GPU over the link
+    cpu: float  # a missed expert computed by the CPU threads
+    handoff_s: float = 15e-6  # flag to the CPU and back, per layer with a CPU share
+
+
+def take_table(
+    mode: str, k: int, pd: int, align: int, roads: Roads, expert_bytes: int, gate_up_fraction: float = 2 / 3
+) -> list[int]:
+    """Bytes of the down plane (of PD) the CPU takes from each missed expert, by number of
+    misses m = 0..k in the layer. ``all``: every miss; ``auto``: the share f that makes both
+    roads finish together. The GPU reads (k - m) hits and (1 - f) of each miss; the CPU
+    reads f of each miss's gate_up and all of its down (against h that is zero outside its
+    share), so it reads (f g + (1 - g)) of the expert, g = `gate_up_fraction`."""
+    table = [0] * (k + 1)
+    g = gate_up_fraction
+    t_hit, t_zc, t_cpu = (expert_bytes / bw for bw in (roads.gpu_hbm, roads.zero_copy, roads.cpu))
+    for m in range(1, k + 1):
+        if mode == "all":
+            table[m] = pd
+            continue
+        f = ((k - m) * t_hit + m * t_zc - m * (1 - g) * t_cpu - roads.handoff_s) / (m * (t_zc + g * t_cpu))
+        f = min(1.0, max(0.0, f))
+        table[m] = min(pd, int(round(f * pd / align)) * align)
+    return table
+
+
+def predicted_layer_s(
+    m: int, k: int, take: int, pd: int, roads: Roads, expert_bytes: int, gate_up_fraction: float = 2 / 3
+) -> float:
+    """Modelled time of one MoE layer's experts with m misses and the CPU taking `take` of PD."""
+    f = take / pd if pd else 0.0
+    g = gate_up_fraction
+    gpu = (k - m) * expert_bytes / roads.gpu_hbm + m * (1 - f) * expert_bytes / roads.zero_copy
+    cpu = m * (f * g + (1 - g)) * expert_bytes / roads.cpu + roads.handoff_s if take else 0.0
+    return max(gpu, cpu)
+
+
+@dataclass
+class SplitRow:
+    """What the decode kernels of one MoE row need (see `kernels.triton_moe.MoeDecode`)."""
+
+    pcut: torch.Tensor  # int32 [k] on the device: the cut of each routed position
+    take: torch.Tensor  # int32 [k + 1] on the device: the cost model's take by miss count
+    head: HostPtr
+    xbox: HostPtr
+    ybox: HostPtr
+    _flag: int
+    _done: int
+    _ops: StreamMemOps
+
+    def raise_flag(self) -> None:
+        self._ops.write(self._flag, 1)
+
+    def wait_done(self) -> None:
+        self._ops.wait(self._done, 1)
+        self._ops.write(self._done, 0)
+
+
+class _Ctx(ctypes.Structure):
+    """`moe_split_ctx` of cpu/split_loop.c."""
+
+    _fields_ = [
+        ("rows", ctypes.c_int32), ("k", ctypes.c_int32), ("experts", ctypes.c_int32), ("pd", ctypes.c_int32),
+        ("threads", ctypes.c_int32), ("reserved", ctypes.c_int32),
+        ("row_bytes", ctypes.c_int64), ("x_off", ctypes.c_int64), ("y_off", ctypes.c_int64),
+        ("flags", ctypes.c_void_p), ("dones", ctypes.c_void_p), ("box", ctypes.c_void_p), ("addr", ctypes.c_void_p),
+        ("stop", ctypes.c_void_p), ("stats", ctypes.c_void_p), ("layout", ctypes.c_byte * 0),
+    ]  # fmt: skip
+
+
+def _ctx_type():
+    from .cpu.kernel import ExpertLayoutC
+
+    class Ctx(ctypes.Structure):
+        _fields_ = [*_Ctx._fields_[:-1], ("layout", ExpertLayoutC)]
+
+    return Ctx
+
+
+def expert_share(buffer: torch.Tensor, fmt, x: torch.Tensor, cut: int, pd: int, threads: int | None = None):
+    """The CPU share (intermediate neurons i % pd >= cut) of one expert for one token x [H],
+    as the serving thread computes it: fp32 [H]. cut = 0 is the whole expert."""
+    from .cpu import kernel as ck
+
+    lib = ck.lib()
+    fn = lib.moe_split_expert_share
+    fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ck.ExpertLayoutC), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_int]  # fmt: skip
+    fn.restype = ctypes.c_int
+    xs = x.detach().reshape(-1).to(torch.float32).contiguous()
+    y = torch.empty(fmt.hidden, dtype=torch.float32)
+    layout = ck.layout_struct(fmt)
+    rc = fn(
+        ctypes.c_void_p(buffer.data_ptr()), ctypes.byref(layout), ctypes.c_void_p(xs.data_ptr()), cut, pd,
+        ctypes.c_void_p(y.data_ptr()), ck._threads(threads),
+    )  # fmt: skip
+    ck._check(rc, "moe_split_expert_share")
+    return y
+
+
+class CpuSplit:
+    """The mailbox, the serving C thread and the device tables of the split, for one runtime."""
+
+    def __init__(
+        self, cache, fmt, top_k: int, plane_bytes: int, take: list[int], threads: int | None = None, ops=None
+    ):  # fmt: skip
+        from .cpu import kernel as ck
+
+        self.ops = ops if ops is not None else StreamMemOps()
+        self.lib = ck.lib()
+        self.rows, self.k = len(cache.layers), top_k
+        self.plane_bytes = plane_bytes
+        self.box = Mailbox.allocate(self.rows, top_k, fmt.hidden)
+        dev = cache.device
+        self.take = torch.tensor(take, dtype=torch.int32, device=dev)
+        self.pcut = torch.full((self.rows, top_k), plane_bytes, dtype=torch.int32, device=dev)
+        store = cache.store
+        self._addr = torch.tensor(
+            [store.address(layer, e) for layer in cache.layers for e in range(cache.num_experts)], dtype=torch.int64
+        )  # [rows * E] host addresses (uint64 in C)
+        self._stop = ctypes.c_int32(0)
+        ctx = _ctx_type()()
+        ctx.rows, ctx.k, ctx.experts, ctx.pd = self.rows, top_k, cache.num_experts, plane_bytes
+        ctx.threads = ck._threads(threads)
+        ctx.row_bytes = self.box.row_bytes
+        ctx.x_off = self.box.x(0) - self.box.row(0)
+        ctx.y_off = self.box.y(0) - self.box.row(0)
+        ctx.flags, ctx.dones, ctx.box = self.box.flag(0), self.box.done(0), self.box.row(0)
+        ctx.addr, ctx.stop = self._addr.data_ptr(), ctypes.addressof(self._stop)
+        ctx.stats, ctx.layout = self.box.stats_addr, ck.layout_struct(fmt)
+        self._ctx = ctx
+        self.lib.moe_split_serve.argtypes = [ctypes.c_void_p]
+        self.lib.moe_split_serve.restype = ctypes.c_int
+        import threading
+
+        self._rc: int | None = None
+        self._thread = threading.Thread(target=self._serve, name="moe-llm-cpu-experts", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self._rc = self.lib.moe_split_serve(ctypes.addressof(self._ctx))
+
+    def row(self, r: int) -> SplitRow:
+        b = self.box
+        return SplitRow(
+            self.pcut[r], self.take, HostPtr(b.row(r), torch.int32), HostPtr(b.x(r), torch.float32),
+            HostPtr(b.y(r), torch.float32), b.flag(r), b.done(r), self.ops,
+        )  # fmt: skip
+
+    def set_take(self, take: list[int]) -> None:
+        self.take.copy_(torch.tensor(take, dtype=torch.int32))
+
+    def stats(self) -> dict[str, int]:
+        return self.box.stats()
+
+    def close(self) -> None:
+        self._stop.value = 1
+        self._thread.join(timeout=5)
+
+
+def _roads_file():
+    from ..defaults import cache_dir
+
+    return cache_dir() / "roads.json"
+
+
+def measure_roads(cache, fmt, dispatch, top_k: int, threads: int) -> Roads:
+    """Bandwidths of this machine's two roads to a missed expert of this format, measured on
+    the model's own experts (layer 0) and cached per GPU, CPU, format and thread count."""
+    import hashlib
+    import json
+    import time
+
+    from .cpu.build import _cpu_fingerprint
+
+    cpu_id = hashlib.sha256(_cpu_fingerprint().encode()).hexdigest()[:12]
+    key = "|".join(
+        str(v) for v in (torch.cuda.get_device_name(cache.device), cpu_id, fmt.bits, fmt.hidden, fmt.intermediate,
+                         threads)
+    )  # fmt: skip
+    path = _roads_file()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return Roads(**known[key])
+    layer = cache.layers[0]
+    store = cache.store
+    x = torch.randn(fmt.hidden, generator=torch.Generator().manual_seed(0))
+    expert_share(store.buffer(layer, 0), fmt, x, 0, dispatch.plane_bytes, threads)  # warm
+    t0 = time.perf_counter()
+    for _ in range(3):
+        expert_share(store.buffer(layer, 0), fmt, x, 0, dispatch.plane_bytes, threads)
+    cpu_bw = 3 * fmt.nbytes / (time.perf_counter() - t0)
+    dev = cache.device
+    xd = x.to(dev, fmt.dtype)
+    idx = torch.arange(top_k, device=dev) % cache.num_experts
+    w = torch.full((top_k,), 1.0 / top_k, device=dev)
+    out = torch.empty(fmt.hidden, dtype=fmt.dtype, device=dev)
+    host_row = cache.table_row(layer).clone()  # nothing is resident yet: every entry is host RAM
+    dispatch(xd, idx, w, host_row, cache.pool, out)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        dispatch(xd, idx, w, host_row, cache.pool, out)
+    end.record()
+    end.synchronize()
+    zc_bw = 3 * top_k * fmt.nbytes / (start.elapsed_time(end) / 1e3)
+    roads = Roads(gpu_hbm=1.0e12, zero_copy=zc_bw, cpu=cpu_bw)
+    known[key] = roads.__dict__
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1))
+    except OSError:
+        pass
+    log.info("roads to a missed expert: GPU zero-copy %.1f GB/s, CPU %.1f GB/s (%d threads)",
+             zc_bw / 1e9, cpu_bw / 1e9, threads)  # fmt: skip
+    return roads
+
+
+def start_split(cache, fmt, dispatch, top_k: int, mode: str, threads: int | None = None) -> CpuSplit:
+    """The split for a device-dispatch runtime: roads measured (or cached), the take table of
+    `mode` ('auto' or 'all'), the mailbox and the serving thread."""
+    if not torch.cuda.is_available():
+        raise SplitUnavailable("the GPU/CPU split needs CUDA")
+    from .cpu import kernel as ck
+
+    n = threads or max(1, ck.default_threads() - 1)  # one core stays with the thread that drives the GPU
+    pd = dispatch.plane_bytes
+    align = dispatch.cut_align
+    if pd % align:  # cuts inside an expert need whole tiles; else an expert goes whole to one road
+        align = pd
+    roads = measure_roads(cache, fmt, dispatch, top_k, n) if mode == "auto" else Roads(1.0, 1.0, 1.0)
+    take = take_table(mode, top_k, pd, align, roads, fmt.nbytes)
+    log.info("CPU experts %s: of each missed expert the CPU takes %s of %d down-plane bytes by miss count",
+             mode, take, pd)  # fmt: skip
+    return CpuSplit(cache, fmt, top_k, pd, take, threads=n)

@@ -1,0 +1,159 @@
+"""The CPU side of the GPU/CPU decode split (`experts.split`, `experts/cpu/split_loop.c`):
+the CPU share of an expert (intermediate neurons i % PD >= cut) computed from the host buffer,
+checked against an exact model of its int8 arithmetic; the whole share equals the CPU expert
+kernel bit for bit; the cost model's take table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_llm.experts import cpu
+from moe_llm.experts.format import ExpertFormat, matrix_views
+from moe_llm.experts.split import Roads, expert_share, predicted_layer_s, take_table
+from moe_llm.quant import compact, packing
+
+
+def _expert(fmt: ExpertFormat, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(2 * fmt.intermediate, fmt.hidden, generator=gen) * 0.05
+    down = torch.randn(fmt.hidden, fmt.intermediate, generator=gen) * 0.05
+    buf = torch.zeros(fmt.nbytes, dtype=torch.uint8)
+    fmt.layout.write(buf, fmt.encode(gate_up, down))
+    return buf
+
+
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    for j in range(0, x.shape[-1], 32):
+        blk = x[..., j : j + 32]
+        amax = blk.abs().amax(dim=-1, keepdim=True)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        out[..., j : j + 32] = torch.round(blk * inv) * (amax / 127.0)
+    return out
+
+
+def _dense(views, fmt, name) -> torch.Tensor:
+    spec = fmt.specs[name]
+    t = matrix_views(views, name)
+    codes = packing.unpack(t["q"], spec.bits, spec.in_features).double()
+    scale, zero = compact.expand_meta(t["scale_q"], t["zero_q"], t["meta"], spec)
+    g = spec.group_size
+    return (codes - zero.double().repeat_interleave(g, 1)) * scale.double().repeat_interleave(g, 1)
+
+
+def _model_share(buf, fmt, x, cut, pd) -> torch.Tensor:
+    """float64 model of the kernel's int8 arithmetic, h zero outside the share."""
+    views = fmt.layout.views(buf)
+    gate, up = (_dense(views, fmt, "gate_up_proj") @ _int8_blocks(x.double())).chunk(2)
+    h = F.silu(gate) * up
+    keep = (torch.arange(fmt.intermediate) % pd) >= cut
+    h = torch.where(keep, h, torch.zeros_like(h))
+    return _dense(views, fmt, "down_proj") @ _int8_blocks(h.float()).double()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_share_matches_its_int8_model_and_shares_add_up(bits):
+    fmt = ExpertFormat.build(256, 512, bits, torch.float32)
+    buf = _expert(fmt, bits)
+    x = torch.randn(256, generator=torch.Generator().manual_seed(7))
+    pd = {2: 128, 3: 128, 4: 256}[bits]  # bytes of the main plane of down_proj (I/4, I/4, I/2)
+    whole = _model_share(buf, fmt, x, 0, pd)
+    for cut in (0, 32, 64, pd - 32):
+        got = expert_share(buf, fmt, x, cut, pd).double()
+        want = _model_share(buf, fmt, x, cut, pd)
+        assert (got - want).norm() / want.norm() < 1e-4
+        rest = whole - want  # what the GPU computes: the neurons i % pd < cut
+        assert ((got + rest) - whole).norm() / whole.norm() < 1e-4
+    assert torch.equal(expert_share(buf, fmt, x, pd, pd), torch.zeros(256))  # cut = PD: nothing on the CPU
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_whole_share_equals_the_cpu_expert_kernel(bits):
+    fmt = ExpertFormat.build(256, 512, bits, torch.float32)
+    buf = _expert(fmt, 10 + bits)
+    x = torch.randn(256, generator=torch.Generator().manual_seed(3))
+    a = expert_share(buf, fmt, x, 0, 128, threads=2)
+    b = cpu.expert_mlp(x[None], buf, fmt, threads=1)[0]
+    assert torch.equal(a, b)
+
+
+def test_take_table_balances_the_two_roads():
+    roads = Roads(gpu_hbm=1.1e12, zero_copy=36e9, cpu=40e9)
+    pd, align, nbytes = 3584, 256, 55_738_368
+    auto = take_table("auto", 2, pd, align, roads, nbytes)
+    assert auto[0] == 0 and all(t % align == 0 and 0 < t < pd for t in auto[1:])
+    assert take_table("all", 2, pd, align, roads, nbytes) == [0, pd, pd]
+    for m in (1, 2):  # the modelled layer time is no worse than either road alone
+        t = predicted_layer_s(m, 2, auto[m], pd, roads, nbytes)
+        assert t <= predicted_layer_s(m, 2, 0, pd, roads, nbytes)
+        assert t <= predicted_layer_s(m, 2, pd, pd, roads, nbytes)
+    slow_cpu = take_table("auto", 2, pd, align, Roads(1.1e12, 36e9, 1e9), nbytes)
+    assert slow_cpu[1] < auto[1]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_tokens_do_not_depend_on_cpu_experts(tiny_dirs, family, bits):
+    """CPU machine: 'off' is the torch path, 'auto' and 'all' the CPU kernel; same tokens."""
+    import moe_llm
+
+    runs = {}
+    for mode in ("off", "auto", "all"):
+        engine = moe_llm.load(tiny_dirs[family], experts_bits=bits, cache_per_layer=2, cpu_experts=mode)
+        res = engine.generate("Experts live in host memory", max_new_tokens=16)
+        runs[mode] = (res.token_ids, engine.stats.cpu_expert_calls, engine.runtime.cpu_road)
+    assert runs["off"][0] == runs["auto"][0] == runs["all"][0]
+    assert runs["off"][1:] == (0, "off")
+    assert runs["auto"][1] > 0 and runs["auto"][2] == runs["all"][2] == "cpu"
+
+
+def test_cpu_experts_option_is_checked(tiny_dirs):
+    import moe_llm
+    from moe_llm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cpu_experts"):
+        moe_llm.load(tiny_dirs["mixtral"], experts_bits=2, cpu_experts="sometimes")
+
+
+def test_serving_thread_answers_the_mailbox_in_any_row_order():
+    """The C serving loop of the split, driven from Python as the GPU would drive it: routed
+    ids, cuts and x into a row, its flag raised; the thread writes the CPU shares and `done`."""
+    import time
+    from types import SimpleNamespace
+
+    from moe_llm.experts import ExpertStore
+    from moe_llm.experts.split import CpuSplit
+
+    fmt = ExpertFormat.build(256, 512, 2, torch.float32)
+    store = ExpertStore(fmt, [0, 1, 2], 4)
+    for layer in range(3):
+        for e in range(4):
+            store.put_raw(layer, e, _expert(fmt, 100 + 4 * layer + e))
+    cache = SimpleNamespace(layers=[0, 1, 2], device=torch.device("cpu"), num_experts=4, store=store)
+    split = CpuSplit(cache, fmt, 2, 128, [0, 64, 128], threads=2, ops=object())
+    try:
+        box = split.box
+        for r, (ids, cuts) in ((1, ([2, 3], [64, 128])), (0, ([1, 0], [0, 32])), (2, ([3, 3], [128, 128]))):
+            x = torch.randn(256, generator=torch.Generator().manual_seed(r))
+            row = box.buf[box.row(r) - box.base :]
+            row[:16].view(torch.int32)[:] = torch.tensor(ids + cuts, dtype=torch.int32)
+            row[box.x(r) - box.row(r) :][: 4 * 256].view(torch.float32)[:] = x
+            done = box.buf[box.done(r) - box.base :][:4].view(torch.int32)
+            flag = box.buf[box.flag(r) - box.base :][:4].view(torch.int32)
+            flag[0] = 1
+            deadline = time.monotonic() + 10
+            while int(done[0]) != 1:
+                assert time.monotonic() < deadline, "the serving thread did not answer"
+                time.sleep(1e-4)
+            done[0] = 0
+            y = row[box.y(r) - box.row(r) :][: 4 * 2 * 256].view(torch.float32).view(2, 256)
+            for j, (e, cut) in enumerate(zip(ids, cuts, strict=True)):
+                if cut < 128:
+                    assert torch.equal(y[j], expert_share(store.buffer(r, e), fmt, x, cut, 128, threads=1))
+        stats = split.stats()
+        assert stats["cpu_expert_calls"] == 3 and stats["cpu_expert_bytes"] > 0
+    finally:
+        split.close()
+    assert not split._thread.is_alive()
