@@ -10,21 +10,17 @@ finds no step running runs one for everyone (leader/follower), so a lone request
 its own thread exactly as before, and an exception inside a forward surfaces in the
 threads whose requests were in that step.
 
-Decoding B > 1 rows at a time has two numerics:
-- "fused": one trunk forward of B one-token rows (per-row positions, right-padded keys
-  under a mask); the experts see T = B tokens and read each expert once for all rows.
-- "exact": each row runs the one-token forward a lone request would run. Tokens are then
-  bit-identical to running alone; "fused" is not, because GEMM results depend on the
-  number of rows (MKL on CPU, cuBLAS and the Triton GEMV on CUDA) and the last digits
-  can flip a greedy near-tie.
-"auto" is "exact" on CPU and "fused" on CUDA. With "fused", a single decoding row on CUDA
-keeps the CUDA-graph decoder (`decode_graph`) and moves to eager decode when a second row
-joins; "exact" on CUDA decodes everything eagerly (the engine builds no graph decoder).
+Decoding B > 1 rows: "fused" runs one trunk forward for all rows (`fused_decode`), "exact"
+runs each row's one-token forward as a lone request would, so its tokens are bit-identical
+to running alone; fused ones are not (GEMM results depend on the number of rows, and the
+last digits can flip a greedy near-tie). "auto" is "exact" on CPU and "fused" on CUDA, where
+a single decoding row keeps the CUDA-graph decoder and moves to eager decode when a second
+row joins ("exact" on CUDA decodes everything eagerly).
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import logging
 import threading
 import time
@@ -37,6 +33,7 @@ import torch
 
 from .config import GenerationConfig
 from .errors import MoeLLMError
+from .fused_decode import FusedDecode
 from .prefix_cache import PrefixCache, reusable
 from .sampling import sample
 from .stats import Stats
@@ -97,30 +94,8 @@ class RequestStream:
         self._batcher.cancel(self.seq)
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # interpreter shutdown
-            pass
-
-
-class _BatchKV:
-    """What the attention modules of a fused step see as their cache: each row's new key and
-    value go into that row's own cache, and attention reads every row's keys right-padded to
-    `width` positions (the step's mask hides the padding)."""
-
-    def __init__(self, rows: list[Sequence], width: int):
-        self.rows, self.width = rows, width
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        B, heads, _, dim = key_states.shape  # [B, heads, 1, dim]
-        keys = key_states.new_zeros(B, heads, self.width, dim)
-        values = value_states.new_zeros(B, value_states.shape[1], self.width, value_states.shape[-1])
-        for b, seq in enumerate(self.rows):
-            k, v = seq.kv.update(key_states[b : b + 1], value_states[b : b + 1], layer_idx)
-            n = k.shape[-2]
-            keys[b, :, :n].copy_(k[0])
-            values[b, :, :n].copy_(v[0])
-        return keys, values
 
 
 class Batcher:
@@ -145,10 +120,7 @@ class Batcher:
         self.active: list[Sequence] = []
         self._graph_owner: Sequence | None = None  # the sequence whose KV the graph decoder holds
         self._graph_dec = None  # that decoder
-        self._fused_reason = self._fused_unsupported()
-        layers = getattr(getattr(engine.model, "model", None), "layers", None)
-        params = inspect.signature(layers[0].forward).parameters if layers else {}
-        self._layer_kv_arg = "cache" if "cache" in params else "past_key_values"  # as decode_graph's layers
+        self._fused = FusedDecode(engine)
         # counters for /metrics (the engine's Stats hold the per-token ones)
         self.steps = 0
         self.batched_rows = 0  # rows decoded by fused forwards
@@ -157,11 +129,6 @@ class Batcher:
         self.ttft_count = 0
         self.rejected = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
-
-    def _fused_unsupported(self) -> str | None:
-        from .decode_graph import unsupported_reason
-
-        return unsupported_reason(self.engine.model, self.engine.hf_config)
 
     # -- the consumer side ----------------------------------------------------------------
     @property
@@ -334,7 +301,7 @@ class Batcher:
         if len(rows) > 1:
             for seq in rows:
                 self._leave_graph(seq)
-        if len(rows) == 1 or self.exact or self._fused_reason is not None:
+        if len(rows) == 1 or self.exact or self._fused.unsupported is not None:
             for seq in rows:
                 self._decode_one(seq)
             return
@@ -361,26 +328,8 @@ class Batcher:
         self._emit(seq, new)
 
     def _decode_fused(self, rows: list[Sequence]) -> None:
-        """One trunk forward for B one-token rows (the experts see T = B)."""
-        eng = self.engine
-        model, inner, dev = eng.model, eng.model.model, eng.device
-        toks = torch.tensor([[s.next_tok] for s in rows], device=dev)  # [B, 1]
-        pos = torch.tensor([[s.cached] for s in rows], device=dev)  # [B, 1]
-        width = max(s.cached for s in rows) + 1
-        valid = torch.arange(width, device=dev)[None, :] <= pos  # [B, width]
-        h = inner.embed_tokens(toks)  # [B, 1, H]
-        if model.config._attn_implementation == "eager":
-            zero = torch.zeros((), dtype=h.dtype, device=dev)
-            mask = torch.where(valid, zero, torch.finfo(h.dtype).min)[:, None, None, :]
-        else:
-            mask = valid[:, None, None, :]  # [B, 1, 1, width]
-        pe = inner.rotary_emb(h, pos)
-        kv = _BatchKV(rows, width)
-        with eng.runtime.decode_rows():
-            for layer in inner.layers:
-                h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=True,
-                          **{self._layer_kv_arg: kv})  # fmt: skip
-        logits = model.lm_head(inner.norm(h))[:, -1]  # [B, V]
+        """One trunk forward for B one-token rows (`fused_decode`)."""
+        logits = self._fused(rows)  # [B, V]
         self.batched_rows += len(rows)
         for seq, row in zip(rows, logits, strict=True):
             new = sample(row, seq.gen.temperature, seq.gen.top_k, seq.gen.top_p, seq.generator)
@@ -495,7 +444,7 @@ class Batcher:
             "time_to_first_token_sum_s": self.ttft_sum,
             "time_to_first_token_count": self.ttft_count,
             "time_to_first_token_avg_s": self.ttft_sum / self.ttft_count if self.ttft_count else 0.0,
-            "batch_mode": "exact" if self.exact or self._fused_reason else "fused",
+            "batch_mode": "exact" if self.exact or self._fused.unsupported else "fused",
         }
         d.update(self.prefix.stats() if self.prefix is not None else PrefixCache(1, 0).stats())
         return d

@@ -42,3 +42,17 @@ def wait_for(predicate, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def interleaved(engine, prompts, max_new_tokens: int, **opts) -> list[list[int]]:
+    """Submit every prompt, then consume the streams round-robin: one batch from the first step on."""
+    streams = [engine.stream(p, max_new_tokens=max_new_tokens, **opts) for p in prompts]
+    got: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))
+    while live:
+        for i in list(live):
+            try:
+                got[i].extend(next(streams[i]).token_ids)
+            except StopIteration:
+                live.remove(i)
+    return got

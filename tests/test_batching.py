@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from serve_helpers import interleaved as batch_streams
 
 import moe_llm
 from moe_llm.batching import QueueFullError
@@ -33,17 +34,7 @@ def load(path, **opts):
 
 
 def interleaved(engine, prompts, **opts) -> list[list[int]]:
-    """Submit every prompt, then consume the streams round-robin: one batch from the first step on."""
-    streams = [engine.stream(p, max_new_tokens=NEW, **opts) for p in prompts]
-    got: list[list[int]] = [[] for _ in prompts]
-    live = list(range(len(prompts)))
-    while live:
-        for i in list(live):
-            try:
-                got[i].extend(next(streams[i]).token_ids)
-            except StopIteration:
-                live.remove(i)
-    return got
+    return batch_streams(engine, prompts, NEW, **opts)
 
 
 @pytest.fixture(scope="module")

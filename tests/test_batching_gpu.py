@@ -4,6 +4,7 @@ hands a lone request to the CUDA-graph decoder and moves it to eager decode when
 from __future__ import annotations
 
 import pytest
+from serve_helpers import interleaved as batch_streams
 
 import moe_llm
 
@@ -14,16 +15,7 @@ OPTS = dict(device="cuda", dtype="float32", experts_bits=2, cache_per_layer=2, p
 
 
 def interleaved(engine, prompts, new=16):
-    streams = [engine.stream(p, max_new_tokens=new) for p in prompts]
-    got = [[] for _ in prompts]
-    live = list(range(len(prompts)))
-    while live:
-        for i in list(live):
-            try:
-                got[i].extend(next(streams[i]).token_ids)
-            except StopIteration:
-                live.remove(i)
-    return got
+    return batch_streams(engine, prompts, new)
 
 
 def test_exact_batching_on_cuda_gives_the_lone_tokens(tiny_mixtral):

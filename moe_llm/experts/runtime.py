@@ -97,7 +97,6 @@ class ExpertsRuntime:
         self._decode_rows = False  # inside `decode_rows`
         self._split = None  # experts.split.CpuSplit: misses shared with CPU threads (device mode)
         self._cpu = None  # experts.cpu: the CPU kernel for one-token experts (host mode)
-        self._split_seen = {"cpu_expert_calls": 0, "cpu_expert_bytes": 0, "cpu_expert_ns": 0}
         if self.mode == "device":
             self._make_dispatch()
         if cpu_experts != "off" and fmt.specs is not None and self.mode != "copy":
@@ -148,7 +147,7 @@ class ExpertsRuntime:
             if self.mode == "device":
                 from .split import start_split
 
-                self._split = start_split(self.cache, self.fmt, self._dispatch, self.top_k, mode)
+                self._split = start_split(self.cache, self.fmt, self._dispatch, self.top_k)
                 weakref.finalize(self, self._split.close)  # stops the serving thread with the runtime
             else:
                 cpu.kernel.lib()  # builds the kernel now, not inside the first step
@@ -189,12 +188,11 @@ class ExpertsRuntime:
         else:
             routed = [(layer, e) for layer, ids in self._host_routing for e in ids]
             self._host_routing.clear()
-        if self._split is not None:  # what the CPU thread has computed so far
-            now = self._split.stats()
-            self.stats.cpu_expert_calls += now["cpu_expert_calls"] - self._split_seen["cpu_expert_calls"]
-            self.stats.cpu_expert_bytes += now["cpu_expert_bytes"] - self._split_seen["cpu_expert_bytes"]
-            self.stats.cpu_expert_ms += (now["cpu_expert_ns"] - self._split_seen["cpu_expert_ns"]) / 1e6
-            self._split_seen = now
+        if self._split is not None:  # what the CPU thread has computed since the last step
+            calls, nbytes, ns = self._split.new_counts()
+            self.stats.cpu_expert_calls += calls
+            self.stats.cpu_expert_bytes += nbytes
+            self.stats.cpu_expert_ms += ns / 1e6
         keys = list(dict.fromkeys(routed))
         cache.observe(keys)
         protect = set(keys)

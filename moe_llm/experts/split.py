@@ -6,25 +6,31 @@ lies, over the memory bus. This module runs both at once inside one captured dec
 
 - per MoE layer the GPU `publish` kernel (`kernels.triton_moe`) decides, from the routing
   and the cache table, how much of each missed expert the CPU takes (a `take` table by miss
-  count, from the cost model below), and writes the routing, that cut and the hidden state
-  into a pinned mailbox row; a stream memory operation then raises the row's flag;
-- a C thread (`cpu.split_loop`) polls the flags in layer order, computes its share of each
-  missed expert (intermediate neurons ``i % PD >= cut``: whole rows of gate_up, a byte range
-  of every down row), writes fp32 rows back, and raises ``done``;
+  count), and writes the routing, that cut and the hidden state into a pinned mailbox row;
+  a stream memory operation then raises the row's flag;
+- a C thread (`cpu/split_loop.c`) polls the flags, computes its share of each missed expert
+  (intermediate neurons ``i % PD >= cut``: those rows of gate_up, and every down row against
+  h that is zero outside the share), writes fp32 rows back, and raises ``done``;
 - meanwhile the GPU computes the rest (hits, and the other share of each miss, zero-copy);
   a stream wait on ``done`` precedes the combine, which adds the CPU rows in k order.
 
-The step never returns to Python, so it stays one CUDA graph. The cost model balances the
-two roads with bandwidths measured on this machine (`measure`), so both finish together.
+The step never returns to Python, so it stays one CUDA graph. Today only `cpu_experts="all"`
+starts it (every miss to the CPU); `take_table`'s balanced mode is the cost model for a
+later `auto`, which needs measured road bandwidths (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
+
+from .cpu import kernel as ck
+from .cpu.kernel import ExpertLayoutC
 
 log = logging.getLogger(__name__)
 
@@ -221,33 +227,31 @@ class _Ctx(ctypes.Structure):
         ("threads", ctypes.c_int32), ("reserved", ctypes.c_int32),
         ("row_bytes", ctypes.c_int64), ("x_off", ctypes.c_int64), ("y_off", ctypes.c_int64),
         ("flags", ctypes.c_void_p), ("dones", ctypes.c_void_p), ("box", ctypes.c_void_p), ("addr", ctypes.c_void_p),
-        ("stop", ctypes.c_void_p), ("stats", ctypes.c_void_p), ("layout", ctypes.c_byte * 0),
+        ("stop", ctypes.c_void_p), ("stats", ctypes.c_void_p), ("layout", ExpertLayoutC),
     ]  # fmt: skip
 
 
-def _ctx_type():
-    from .cpu.kernel import ExpertLayoutC
-
-    class Ctx(ctypes.Structure):
-        _fields_ = [*_Ctx._fields_[:-1], ("layout", ExpertLayoutC)]
-
-    return Ctx
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL:
+    """The CPU kernel library with the split's two entry points declared."""
+    lib = ck.lib()
+    lib.moe_split_expert_share.argtypes = [
+        ctypes.c_void_p, ctypes.POINTER(ExpertLayoutC), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_int,
+    ]  # fmt: skip
+    lib.moe_split_expert_share.restype = ctypes.c_int
+    lib.moe_split_serve.argtypes = [ctypes.c_void_p]
+    lib.moe_split_serve.restype = ctypes.c_int
+    return lib
 
 
 def expert_share(buffer: torch.Tensor, fmt, x: torch.Tensor, cut: int, pd: int, threads: int | None = None):
     """The CPU share (intermediate neurons i % pd >= cut) of one expert for one token x [H],
     as the serving thread computes it: fp32 [H]. cut = 0 is the whole expert."""
-    from .cpu import kernel as ck
-
-    lib = ck.lib()
-    fn = lib.moe_split_expert_share
-    fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ck.ExpertLayoutC), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_void_p, ctypes.c_int]  # fmt: skip
-    fn.restype = ctypes.c_int
     xs = x.detach().reshape(-1).to(torch.float32).contiguous()
     y = torch.empty(fmt.hidden, dtype=torch.float32)
     layout = ck.layout_struct(fmt)
-    rc = fn(
+    rc = _lib().moe_split_expert_share(
         ctypes.c_void_p(buffer.data_ptr()), ctypes.byref(layout), ctypes.c_void_p(xs.data_ptr()), cut, pd,
         ctypes.c_void_p(y.data_ptr()), ck._threads(threads),
     )  # fmt: skip
@@ -261,135 +265,71 @@ class CpuSplit:
     def __init__(
         self, cache, fmt, top_k: int, plane_bytes: int, take: list[int], threads: int | None = None, ops=None
     ):  # fmt: skip
-        from .cpu import kernel as ck
-
         self.ops = ops if ops is not None else StreamMemOps()
-        self.lib = ck.lib()
-        self.rows, self.k = len(cache.layers), top_k
+        rows = len(cache.layers)
         self.plane_bytes = plane_bytes
-        self.box = Mailbox.allocate(self.rows, top_k, fmt.hidden)
+        store = cache.store
+        # the serving loop makes the same checks (layout, shape) before it starts; make them here,
+        # where they raise, and not in a thread the GPU would then wait on
+        expert_share(store.buffer(cache.layers[0], 0), fmt, torch.zeros(fmt.hidden), plane_bytes, plane_bytes, 1)
+        self.box = box = Mailbox.allocate(rows, top_k, fmt.hidden)
         dev = cache.device
         self.take = torch.tensor(take, dtype=torch.int32, device=dev)
-        self.pcut = torch.full((self.rows, top_k), plane_bytes, dtype=torch.int32, device=dev)
-        store = cache.store
+        self.pcut = torch.full((rows, top_k), plane_bytes, dtype=torch.int32, device=dev)
         self._addr = torch.tensor(
             [store.address(layer, e) for layer in cache.layers for e in range(cache.num_experts)], dtype=torch.int64
         )  # [rows * E] host addresses (uint64 in C)
         self._stop = ctypes.c_int32(0)
-        ctx = _ctx_type()()
-        ctx.rows, ctx.k, ctx.experts, ctx.pd = self.rows, top_k, cache.num_experts, plane_bytes
-        ctx.threads = ck._threads(threads)
-        ctx.row_bytes = self.box.row_bytes
-        ctx.x_off = self.box.x(0) - self.box.row(0)
-        ctx.y_off = self.box.y(0) - self.box.row(0)
-        ctx.flags, ctx.dones, ctx.box = self.box.flag(0), self.box.done(0), self.box.row(0)
-        ctx.addr, ctx.stop = self._addr.data_ptr(), ctypes.addressof(self._stop)
-        ctx.stats, ctx.layout = self.box.stats_addr, ck.layout_struct(fmt)
-        self._ctx = ctx
-        self.lib.moe_split_serve.argtypes = [ctypes.c_void_p]
-        self.lib.moe_split_serve.restype = ctypes.c_int
-        import threading
-
-        self._rc: int | None = None
-        self._thread = threading.Thread(target=self._serve, name="moe-llm-cpu-experts", daemon=True)
+        self._seen = (0, 0, 0)  # counts already reported by new_counts
+        self._ctx = _Ctx(
+            rows=rows, k=top_k, experts=cache.num_experts, pd=plane_bytes, threads=ck._threads(threads),
+            row_bytes=box.row_bytes, x_off=box.x(0) - box.row(0), y_off=box.y(0) - box.row(0),
+            flags=box.flag(0), dones=box.done(0), box=box.row(0), addr=self._addr.data_ptr(),
+            stop=ctypes.addressof(self._stop), stats=box.stats_addr, layout=ck.layout_struct(fmt),
+        )  # fmt: skip
+        self._rows = [
+            SplitRow(
+                self.pcut[r],
+                self.take,
+                HostPtr(box.row(r), torch.int32),
+                HostPtr(box.x(r), torch.float32),
+                HostPtr(box.y(r), torch.float32),
+                box.flag(r),
+                box.done(r),
+                self.ops,
+            )  # fmt: skip
+            for r in range(rows)
+        ]
+        self._thread = threading.Thread(
+            target=_lib().moe_split_serve, args=(ctypes.addressof(self._ctx),), name="moe-llm-cpu-experts", daemon=True
+        )
         self._thread.start()
 
-    def _serve(self) -> None:
-        self._rc = self.lib.moe_split_serve(ctypes.addressof(self._ctx))
-
     def row(self, r: int) -> SplitRow:
-        b = self.box
-        return SplitRow(
-            self.pcut[r], self.take, HostPtr(b.row(r), torch.int32), HostPtr(b.x(r), torch.float32),
-            HostPtr(b.y(r), torch.float32), b.flag(r), b.done(r), self.ops,
-        )  # fmt: skip
-
-    def set_take(self, take: list[int]) -> None:
-        self.take.copy_(torch.tensor(take, dtype=torch.int32))
+        return self._rows[r]
 
     def stats(self) -> dict[str, int]:
         return self.box.stats()
+
+    def new_counts(self) -> tuple[int, int, int]:
+        """(calls, bytes, ns) the serving thread added since the last call."""
+        now = tuple(self.box.stats().values())
+        new = tuple(a - b for a, b in zip(now, self._seen, strict=True))
+        self._seen = now
+        return new
 
     def close(self) -> None:
         self._stop.value = 1
         self._thread.join(timeout=5)
 
 
-def _roads_file():
-    from ..defaults import cache_dir
-
-    return cache_dir() / "roads.json"
-
-
-def measure_roads(cache, fmt, dispatch, top_k: int, threads: int) -> Roads:
-    """Bandwidths of this machine's two roads to a missed expert of this format, measured on
-    the model's own experts (layer 0) and cached per GPU, CPU, format and thread count."""
-    import hashlib
-    import json
-    import time
-
-    from .cpu.build import _cpu_fingerprint
-
-    cpu_id = hashlib.sha256(_cpu_fingerprint().encode()).hexdigest()[:12]
-    key = "|".join(
-        str(v) for v in (torch.cuda.get_device_name(cache.device), cpu_id, fmt.bits, fmt.hidden, fmt.intermediate,
-                         threads)
-    )  # fmt: skip
-    path = _roads_file()
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return Roads(**known[key])
-    layer = cache.layers[0]
-    store = cache.store
-    x = torch.randn(fmt.hidden, generator=torch.Generator().manual_seed(0))
-    expert_share(store.buffer(layer, 0), fmt, x, 0, dispatch.plane_bytes, threads)  # warm
-    t0 = time.perf_counter()
-    for _ in range(3):
-        expert_share(store.buffer(layer, 0), fmt, x, 0, dispatch.plane_bytes, threads)
-    cpu_bw = 3 * fmt.nbytes / (time.perf_counter() - t0)
-    dev = cache.device
-    xd = x.to(dev, fmt.dtype)
-    idx = torch.arange(top_k, device=dev) % cache.num_experts
-    w = torch.full((top_k,), 1.0 / top_k, device=dev)
-    out = torch.empty(fmt.hidden, dtype=fmt.dtype, device=dev)
-    host_row = cache.table_row(layer).clone()  # nothing is resident yet: every entry is host RAM
-    dispatch(xd, idx, w, host_row, cache.pool, out)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        dispatch(xd, idx, w, host_row, cache.pool, out)
-    end.record()
-    end.synchronize()
-    zc_bw = 3 * top_k * fmt.nbytes / (start.elapsed_time(end) / 1e3)
-    roads = Roads(gpu_hbm=1.0e12, zero_copy=zc_bw, cpu=cpu_bw)
-    known[key] = roads.__dict__
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(known, indent=1))
-    except OSError:
-        pass
-    log.info("roads to a missed expert: GPU zero-copy %.1f GB/s, CPU %.1f GB/s (%d threads)",
-             zc_bw / 1e9, cpu_bw / 1e9, threads)  # fmt: skip
-    return roads
-
-
-def start_split(cache, fmt, dispatch, top_k: int, mode: str, threads: int | None = None) -> CpuSplit:
-    """The split for a device-dispatch runtime: roads measured (or cached), the take table of
-    `mode` ('auto' or 'all'), the mailbox and the serving thread."""
+def start_split(cache, fmt, dispatch, top_k: int, threads: int | None = None) -> CpuSplit:
+    """The split for a device-dispatch runtime with every miss on the CPU ('all'): the take
+    table, the mailbox and the serving thread."""
     if not torch.cuda.is_available():
         raise SplitUnavailable("the GPU/CPU split needs CUDA")
-    from .cpu import kernel as ck
-
     n = threads or max(1, ck.default_threads() - 1)  # one core stays with the thread that drives the GPU
     pd = dispatch.plane_bytes
-    align = dispatch.cut_align
-    if pd % align:  # cuts inside an expert need whole tiles; else an expert goes whole to one road
-        align = pd
-    roads = measure_roads(cache, fmt, dispatch, top_k, n) if mode == "auto" else Roads(1.0, 1.0, 1.0)
-    take = take_table(mode, top_k, pd, align, roads, fmt.nbytes)
-    log.info("CPU experts %s: of each missed expert the CPU takes %s of %d down-plane bytes by miss count",
-             mode, take, pd)  # fmt: skip
+    take = take_table("all", top_k, pd, pd, Roads(1.0, 1.0, 1.0), fmt.nbytes)
+    log.info("CPU experts all: of each missed expert the CPU takes %s of %d down-plane bytes by miss count", take, pd)
     return CpuSplit(cache, fmt, top_k, pd, take, threads=n)
