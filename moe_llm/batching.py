@@ -2,13 +2,13 @@
 
 A request is a `Sequence` with its own transformers KV cache. `Batcher.step` admits
 waiting sequences (up to `max_batch` active), runs one prefill chunk of the oldest
-sequence still prefilling (chunks of `prefill_chunk` tokens aligned at position 0, so a
-long prompt never stalls the others for more than one chunk, and a prompt is always cut
-the same way whatever else runs), then decodes one token for every sequence that has its
-first token. There is no scheduler thread: the consumer that needs the next token and
-finds no step running runs one for everyone (leader/follower), so a lone request runs in
-its own thread exactly as before, and an exception inside a forward surfaces in the
-threads whose requests were in that step.
+sequence still prefilling (`prefill`: chunks of `prefill_chunk` tokens aligned at position
+0, so a long prompt never stalls the others for more than one chunk, and a prompt is always
+cut the same way whatever else runs; the prefix cache's longest match restored first), then
+decodes one token for every sequence that has its first token. There is no scheduler
+thread: the consumer that needs the next token and finds no step running runs one for
+everyone (leader/follower), so a lone request runs in its own thread exactly as before,
+and an exception inside a forward surfaces in the threads whose requests were in that step.
 
 Decoding B > 1 rows: "fused" runs one trunk forward for all rows (`fused_decode`), "exact"
 runs each row's one-token forward as a lone request would, so its tokens are bit-identical
@@ -26,17 +26,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import GenerationConfig
+from .decode_graph import take_back
 from .errors import MoeLLMError
 from .fused_decode import FusedDecode
-from .prefix_cache import PrefixCache, reusable
+from .prefill import Prefill
+from .prefix_cache import PrefixCache
 from .sampling import sample
-from .stats import Stats
+from .sequence import DECODE, DONE, PREFILL, Sequence
 from .textstream import TextStream
 
 if TYPE_CHECKING:
@@ -44,35 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
-
 
 class QueueFullError(MoeLLMError):
     """The engine's request queue is full; retry later."""
-
-
-@dataclass
-class Sequence:
-    prompt_ids: list[int]
-    gen: GenerationConfig
-    max_new: int
-    text: TextStream
-    generator: torch.Generator | None
-    before: Stats
-    t0: float = field(default_factory=time.perf_counter)
-    state: str = WAITING
-    kv: Any = None  # transformers DynamicCache; None while the graph decoder holds the KV
-    cached: int = 0  # positions whose keys and values are in the KV
-    next_tok: int = -1  # the last sampled token, fed by the next decode step
-    generated: int = 0
-    pending: list[int] = field(default_factory=list)
-    out: deque = field(default_factory=deque)  # StreamChunks not yet taken by the consumer
-    on_graph: bool = False
-    ttft: float | None = None
-    t_first: float = 0.0
-    prefix_hit: int = 0
-    error: BaseException | None = None
-    cancelled: bool = False
 
 
 class RequestStream:
@@ -111,8 +86,8 @@ class Batcher:
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.chunk = prefill_chunk
         self.prefix = prefix
+        self.prefill = Prefill(engine, prefill_chunk, prefix)
         self.exact = exact
         self._cond = threading.Condition()
         self._stepping = False
@@ -247,46 +222,46 @@ class Batcher:
         return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
 
     def _prefill_chunk(self, seq: Sequence) -> None:
-        eng = self.engine
         if seq.kv is None:
-            seq.kv = eng._new_kv()
-            if self.prefix is not None and reusable(seq.kv):
-                n, blocks = self.prefix.match(seq.prompt_ids)
-                if n:
-                    self.prefix.restore(seq.kv, blocks, eng.device)
-                    seq.cached = seq.prefix_hit = n
-        start, total = seq.cached, len(seq.prompt_ids)
-        end = min(total, (start // self.chunk + 1) * self.chunk)
-        ids = seq.prompt_ids[start:end]
-        eng.runtime.prompt_start(len(ids))
-        one = len(ids) == 1
-        if one:
-            eng.runtime.begin_step()  # a one-token forward: the runtime's decode path
-        ids_t = torch.tensor([ids], device=eng.device)
-        out = eng.model(input_ids=ids_t, use_cache=True, logits_to_keep=1, **{eng._kv_arg: seq.kv})
-        seq.cached = end
-        if self.prefix is not None and end - start == self.chunk and reusable(seq.kv):
-            self.prefix.store(seq.prompt_ids, seq.kv, start)
-        if end < total:
-            if one:
-                eng.runtime.end_step()
+            self.prefill.begin(seq, self._graph_bound(seq, whole=True))
+        logits = self.prefill.run(seq)
+        if logits is None:
             return
-        tok = sample(out.logits[0, -1], seq.gen.temperature, seq.gen.top_k, seq.gen.top_p, seq.generator)
-        eng.runtime.end_step()
+        tok = sample(logits, seq.gen.temperature, seq.gen.top_k, seq.gen.top_p, seq.generator)
+        self.engine.runtime.end_step()
         seq.state = DECODE
         self._maybe_graph(seq)
+        self.prefill.keep(seq, self._kv_layers)
         self._emit(seq, tok)
 
-    def _maybe_graph(self, seq: Sequence) -> None:
-        """A lone decoding request on CUDA hands its KV to the CUDA-graph decoder."""
-        eng, graphs = self.engine, self.engine.graphs
+    def _graph_bound(self, seq: Sequence, whole: bool = False):
+        """The CUDA-graph decoder if `seq` goes to it once prefilled (a lone decoding request on
+        CUDA that fits its static KV; `whole`: and prefilled in one chunk from position 0), else None."""
+        graphs = self.engine.graphs
         if graphs is None or self._graph_owner is not None or len(self.active) > 1 or self.waiting:
-            return
+            return None
         if len(seq.prompt_ids) + seq.max_new - 1 > graphs.max_len:
-            return  # past the static KV: this request decodes eagerly
-        graphs, kv = eng._graph_begin(graphs, seq.kv, seq.cached)
+            return None  # past the static KV: this request decodes eagerly
+        if whole and (seq.cached or len(seq.prompt_ids) > self.prefill.chunk):
+            return None
+        return graphs
+
+    def _maybe_graph(self, seq: Sequence) -> None:
+        """A lone decoding request on CUDA hands its KV to the CUDA-graph decoder; one that wrote
+        its prompt through to the static KV and does not go (another request came) takes it back."""
+        graphs = self._graph_bound(seq)
+        if graphs is None:
+            take_back(seq.kv, seq.cached)
+            return
+        graphs, _ = self.engine._graph_begin(graphs, seq.kv, seq.cached)  # on failure seq.kv holds it all
         if graphs is not None:
             seq.kv, seq.on_graph, self._graph_owner, self._graph_dec = None, True, seq, graphs
+
+    def _kv_layers(self, seq: Sequence) -> list:
+        """Per layer (keys, values) of `seq`'s positions, wherever they are (the static KV on the graph)."""
+        if seq.on_graph:
+            return list(zip(self._graph_dec.kv.keys, self._graph_dec.kv.values, strict=True))
+        return [(layer.keys, layer.values) for layer in seq.kv.layers]
 
     def _leave_graph(self, seq: Sequence) -> None:
         eng = self.engine
@@ -349,6 +324,7 @@ class Batcher:
             self.ttft_count += 1
         stats.tokens_generated += 1
         seq.generated += 1
+        seq.out_ids.append(tok)
         if tok in self.engine.eos_ids:
             return self._finish(seq, "stop")
         seq.pending.append(tok)
@@ -377,6 +353,7 @@ class Batcher:
         self._account(seq)
         chunk = StreamChunk(tail, seq.pending, reason, self._call_stats(seq))
         seq.pending = []
+        self.prefill.keep(seq, self._kv_layers)  # the prompt and the reply, for the next turn
         with self._cond:
             seq.out.append(chunk)
             seq.state = DONE
@@ -426,6 +403,7 @@ class Batcher:
             tokens_per_second=(seq.generated - 1) / decode_s if decode_s > 0 and seq.generated > 1 else 0.0,
             time_to_first_token_s=seq.ttft or 0.0,
             prefix_cache_hit_tokens=seq.prefix_hit,
+            prefill_tokens=seq.prefilled,
             expert_bits_per_param=eng.expert_bits_per_param,
             expert_slots=eng.cache.num_slots,
         )
@@ -446,5 +424,5 @@ class Batcher:
             "time_to_first_token_avg_s": self.ttft_sum / self.ttft_count if self.ttft_count else 0.0,
             "batch_mode": "exact" if self.exact or self._fused.unsupported else "fused",
         }
-        d.update(self.prefix.stats() if self.prefix is not None else PrefixCache(1, 0).stats())
+        d.update(self.prefix.stats() if self.prefix is not None else PrefixCache(0).stats())
         return d

@@ -8,7 +8,9 @@ schemes are served one expert at a time:
 * per-expert (old): ``layers.L.block_sparse_moe.experts.E.w1/w2/w3`` (Mixtral) or
   ``layers.L.mlp.experts.E.gate_proj/up_proj/down_proj`` (Qwen-MoE, OLMoE, DeepSeek);
 * fused (5.x): ``layers.L.mlp.experts.gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I),
-  or the family's own fused names (Granite-MoE: ``input_linear``/``output_linear``).
+  or the family's own fused names (Granite-MoE: ``input_linear``/``output_linear``), or
+  GPT-OSS's transposed, interleaved tensors with biases, in bf16 or as shipped in MXFP4
+  (``gate_up_proj_blocks`` / ``_scales``), dequantized one expert at a time.
 
 Nothing is read until asked for; safetensors memory-maps the files.
 """
@@ -38,6 +40,7 @@ class _ExpertKeys:
     gate_up_fused: str | None = None
     down_fused: str | None = None
     mxfp4: dict[str, str] = field(default_factory=dict)  # "gate_up.blocks" ... -> key (GPT-OSS)
+    bias: dict[str, str] = field(default_factory=dict)  # "gate_up_bias" / "down_bias" -> fused key (GPT-OSS)
 
     @property
     def is_mxfp4(self) -> bool:
@@ -103,6 +106,8 @@ class Checkpoint:
                 ek = self.experts.setdefault(hit[1], _ExpertKeys())
                 if "." in hit[3]:  # an MXFP4 part: gate_up.blocks, down.scales, ...
                     ek.mxfp4[hit[3]] = key
+                elif hit[3].endswith("_bias"):
+                    ek.bias[hit[3]] = key
                 else:
                     setattr(ek, "gate_up_fused" if hit[3] == "gate_up" else "down_fused", key)
 
@@ -169,9 +174,9 @@ class Checkpoint:
         if ek is None:
             return []
         if ek.gate_up_fused and ek.down_fused:
-            return [ek.gate_up_fused, ek.down_fused]
+            return [ek.gate_up_fused, ek.down_fused, *ek.bias.values()]
         if ek.is_mxfp4:
-            return list(ek.mxfp4.values())
+            return [*ek.mxfp4.values(), *ek.bias.values()]
         return [d[expert] for d in (ek.gate, ek.up, ek.down) if expert in d]
 
     # -- tensors -----------------------------------------------------------
@@ -212,8 +217,24 @@ class Checkpoint:
             raise CheckpointIntegrityError(f"layer {layer} expert {expert}: missing gate/up/down tensors") from None
         return torch.cat([self._read(gate), self._read(up)], dim=0), self._read(down)
 
+    def expert_biases(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up bias [2I] with the gate entries first, down bias [H]) of one expert where the
+        family's layout has biases (GPT-OSS), else None."""
+        if not self.layout.bias:
+            return None
+        if not self.has_biases(layer):
+            raise CheckpointIntegrityError(f"layer {layer}: expert biases (gate_up_proj_bias, down_proj_bias) missing")
+        keys = self.experts[layer].bias
+        return self._gate_then_up(self._read(keys["gate_up_bias"], expert)), self._read(keys["down_bias"], expert)
+
+    def has_biases(self, layer: int) -> bool:
+        """Whether `layer` stores both fused expert biases."""
+        ek = self.experts.get(layer)
+        return ek is not None and set(ek.bias) == {"gate_up_bias", "down_bias"}
+
     def _gate_then_up(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """[2I, H] with the gate rows first, whether the family interleaves them (GPT-OSS) or not."""
+        """[2I, H] (or a [2I] bias) with the gate rows first, whether the family interleaves them
+        (GPT-OSS) or not."""
         if self.layout.concatenated:
             return gate_up.contiguous()
         return torch.cat([gate_up[0::2], gate_up[1::2]], dim=0)

@@ -125,7 +125,7 @@ class EngineConfig(BaseModel):
     max_queue: int = Field(64, description="Requests waiting for a batch slot before new ones are refused.")
     prefill_chunk: int = Field(
         1024,
-        description="Prompt tokens per prefill forward; also the block size of the prefix cache. With offloaded "
+        description="Prompt tokens per prefill forward (chunks end at its multiples). With offloaded "
         "experts each chunk streams the experts once, so a longer chunk prefills faster; a shorter one lets "
         "other requests decode sooner.",
     )

@@ -160,6 +160,14 @@ def write_through(kv, static: StaticKV) -> bool:
     return True
 
 
+def take_back(kv, n: int) -> None:
+    """Make the write-through layers of `kv` hold their first `n` positions themselves again
+    (copied from the static cache), for a request that decodes eagerly after all."""
+    for layer in getattr(kv, "layers", None) or []:
+        if isinstance(layer, _WriteThroughLayer):
+            layer.take_back(n)
+
+
 class _Window:
     """The graph of one attention window width."""
 
@@ -234,9 +242,7 @@ class GraphDecoder:
         try:
             self.kv.load(kv, n)
         except RuntimeError:
-            for layer in getattr(kv, "layers", None) or []:
-                if isinstance(layer, _WriteThroughLayer):
-                    layer.take_back(n)
+            take_back(kv, n)
             raise
 
     def window_for(self, pos: int) -> int:

@@ -3,9 +3,10 @@
 `Engine.stream` is the core generator: tokenize (chat template for message
 lists; a checkpoint without one gets the generic template of `moe_llm.tools`,
 with one warning per engine), then hand the request to the engine's `Batcher`
-(`moe_llm.batching`), which prefills it in chunks into its own `DynamicCache` (reusing
-cached prompt-prefix blocks, `moe_llm.prefix_cache`) and decodes it one token a step
-together with every other request on the engine, yielding text deltas. `generate`
+(`moe_llm.batching`), which prefills it in chunks into its own `DynamicCache` (after
+restoring the longest prefix of the prompt that the prefix cache holds, to the token:
+`moe_llm.prefill`) and decodes it one token a step together with every other request
+on the engine, yielding text deltas. `generate`
 drains `stream`, so threads sharing one engine share the batch. A FIFO lock keeps
 steps and other model calls (`logits`, `reset_cache`) apart; a consumer that abandons
 a stream leaves the batch in `finally`.
@@ -27,7 +28,7 @@ from .batching import Batcher, RequestStream
 from .config import EngineConfig, GenerationConfig
 from .errors import ConfigError, InputError
 from .experts.runtime import ExpertsRuntime
-from .planner import Plan
+from .planning import Plan, planned_context
 from .prefix_cache import PrefixCache
 from .tools import GENERIC_CHAT_TEMPLATE, ChatPrompt, check_renders, ensure_utf8, render_chat
 
@@ -113,8 +114,14 @@ class Engine:
         # transformers >= 5.2x renamed past_key_values to cache
         self._kv_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         exact = config.batch_mode == "exact" or (config.batch_mode == "auto" and self.device.type != "cuda")
+        if self.device.type == "cuda" and self.fmt.bits is not None:
+            # quantized decode on CUDA: norms and router in one launch each per token (with
+            # quantization off the trunk runs transformers' modules verbatim: the oracle)
+            from .kernels import trunk_ops
+
+            trunk_ops.install(model)
         self.graphs = self._graph_decoder(exact)
-        self.prefix_cache = PrefixCache(config.prefill_chunk, config.prefix_cache) if config.prefix_cache else None
+        self.prefix_cache = PrefixCache(config.prefix_cache) if config.prefix_cache else None
         self.batcher = Batcher(self, config.max_batch, config.max_queue, config.prefill_chunk, self.prefix_cache, exact)
 
     def _graph_decoder(self, exact_batching: bool = False):
@@ -134,17 +141,14 @@ class Engine:
         if reason is not None:
             log.info("decoding without CUDA graphs: %s", reason)
             return None
-        from .planner import planned_context
-
-        # the static KV covers the planned context; longer requests decode eagerly
-        kv_len = planned_context(self.config.max_context, getattr(self.hf_config, "max_position_embeddings", None))
-        return GraphDecoder(self.model, self.hf_config, self.runtime, self.device, min(kv_len, self.context_length))
+        # the static KV covers the planned context, which no request goes past
+        return GraphDecoder(self.model, self.hf_config, self.runtime, self.device, self.context_length)
 
     # -- properties ------------------------------------------------------------
     @property
     def context_length(self) -> int:
-        n = getattr(self.hf_config, "max_position_embeddings", None) or 4096
-        return int(min(self.config.max_context, n)) if self.config.max_context else int(n)
+        """Positions a prompt plus its new tokens may hold: the context the KV is planned for."""
+        return planned_context(self.config.max_context, getattr(self.hf_config, "max_position_embeddings", None))
 
     @property
     def model_name(self) -> str:

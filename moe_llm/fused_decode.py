@@ -11,8 +11,8 @@ import torch
 from .arch import resolve_arch
 
 if TYPE_CHECKING:
-    from .batching import Sequence
     from .engine import Engine
+    from .sequence import Sequence
 
 
 class _BatchKV:

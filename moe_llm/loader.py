@@ -1,9 +1,10 @@
 """`moe_llm.load`: checkpoint directory -> ready `Engine`.
 
-checkpoint -> meta skeleton -> trunk on device (optionally 4-bit dense layers)
--> experts encoded into the pinned `ExpertStore` -> budget plan -> `build_runtime`
-(global `ExpertCache`, `PromptPrefetcher`, `ExpertsRuntime`) -> `OffloadedExperts`
-swapped into every MoE layer.
+config.json -> meta skeleton -> budget plan (`planning.plan_load`: a budget that cannot fit
+fails here, before any weight or checksum is read) -> trunk on device (optionally 4-bit
+dense layers) -> experts encoded into the pinned `ExpertStore` -> `build_runtime` (global
+`ExpertCache`, `PromptPrefetcher`, `ExpertsRuntime`) -> `OffloadedExperts` swapped into
+every MoE layer.
 """
 
 from __future__ import annotations
@@ -19,22 +20,11 @@ from .checkpoint import Checkpoint
 from .engine import Engine
 from .errors import ConfigError, ModelLoadError
 from .experts import ExpertCache, ExpertFormat, ExpertsRuntime, OffloadedExperts, PromptPrefetcher
-from .model import (
-    build_skeleton,
-    decoder_layers,
-    fill_store,
-    load_trunk,
-    module_bytes,
-    moe_info,
-    quantize_dense,
-    quantize_head,
-    read_config,
-)
-from .planner import Plan, check_cache_per_layer, kv_plan_bytes, plan_slots, planned_context, workspace_bytes
-from .qformat import QuantizedCheckpoint, is_quantized_dir
+from .model import decoder_layers, fill_store, load_trunk, module_bytes, quantize_dense, quantize_head
+from .planning import Plan, plan_for, plan_load
+from .qformat import QuantizedCheckpoint
 from .retry import allocate_shrinking
 from .settings import resolve_engine_config
-from .sizing import model_kv_bytes
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -87,17 +77,13 @@ def load(
         device=device, experts_bits=experts_bits, attn_bits=attn_bits, cache_per_layer=cache_per_layer,
         gpu_budget=gpu_budget, prefetch=prefetch, **options,
     ))  # fmt: skip
-    qckpt = None
-    if is_quantized_dir(model_dir):
-        qckpt = QuantizedCheckpoint(model_dir, verify_checksums=cfg.verify_checksums)
-        cfg = qckpt.resolve(cfg)
     dev = _check_device(cfg.device)
     dtype = _DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    # from config.json (and a quantized directory's manifest) alone: a budget that cannot fit fails here
+    lp = plan_load(model_dir, cfg, dtype)
+    cfg, hf_config, model, info, fmt, plan = lp.cfg, lp.hf_config, lp.model, lp.info, lp.fmt, lp.plan
+    qckpt = QuantizedCheckpoint(model_dir, verify_checksums=cfg.verify_checksums) if lp.quantized else None
     ckpt = qckpt or Checkpoint(model_dir)  # keys: the architecture map of config.json's model_type
-    hf_config = read_config(ckpt)
-    model = build_skeleton(hf_config, dtype)
-    info = moe_info(model, hf_config)
-    check_cache_per_layer(cfg.cache_per_layer, info.num_experts)  # before the slow part of loading
     tokenizer = _load_tokenizer(ckpt.path)
 
     if qckpt is not None:
@@ -108,11 +94,10 @@ def load(
         log.info("quantized %d dense projections to %d-bit", n, cfg.attn_bits)
     if quantize_head(model, cfg.head_bits, dtype, dev):
         log.info("quantized the LM head to %d-bit", cfg.head_bits)
+    if module_bytes(model) != plan.trunk_bytes:  # the meta count missed something: plan the trunk as it is
+        log.warning("trunk holds %d bytes, %d planned; re-planning the slots", module_bytes(model), plan.trunk_bytes)
+        plan = plan_for(model, hf_config, cfg, info, fmt, dtype)
 
-    try:
-        fmt = ExpertFormat.build(info.hidden, info.intermediate, cfg.experts_bits, dtype, cfg.group_size)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     quant_dev = dev if dev.type == "cuda" else torch.device("cpu")
     cb = (lambda done, total: progress("experts", done, total)) if progress else None
     if qckpt is not None:
@@ -121,30 +106,8 @@ def load(
         store = fill_store(ckpt, info, fmt, pin=dev.type == "cuda", quant_device=quant_dev, progress=cb)
     ckpt.close()
 
-    plan = plan_for(model, hf_config, cfg, info, fmt, dtype)
     log.info("expert slots: %d of %d", plan.slots, len(info.layers) * info.num_experts)
     return assemble(model, tokenizer, hf_config, cfg, info, fmt, store, plan, dev, str(ckpt.path))
-
-
-def plan_for(
-    model, hf_config, cfg, info, fmt: ExpertFormat, dtype: torch.dtype, trunk_bytes: int | None = None
-) -> Plan:
-    """Budget plan for a trunk already on its device (see `planner.plan_slots`); `moe-llm plan`
-    passes `trunk_bytes` computed from a meta skeleton instead."""
-    context = planned_context(cfg.max_context, getattr(hf_config, "max_position_embeddings", None))
-    dsize = torch.empty((), dtype=dtype).element_size()
-    return plan_slots(
-        budget=cfg.gpu_budget,
-        cache_per_layer=cfg.cache_per_layer,
-        trunk_bytes=module_bytes(model) if trunk_bytes is None else trunk_bytes,
-        kv_bytes=kv_plan_bytes(model_kv_bytes(hf_config, info.arch, context, dsize), cfg.cuda_graphs),
-        workspace=workspace_bytes(
-            info.hidden, info.intermediate, hf_config.vocab_size, min(context, cfg.prefill_chunk), dsize
-        ),
-        expert_bytes=fmt.nbytes,
-        moe_layers=len(info.layers),
-        num_experts=info.num_experts,
-    )
 
 
 def _norm_ratios(arch, layers, moe_layers: list[int]) -> dict[int, torch.Tensor | None]:
@@ -178,7 +141,7 @@ def build_runtime(model, cfg, info, fmt: ExpertFormat, store, plan: Plan, dev, r
     plan = dataclasses.replace(plan, slots=cache.num_slots)
     arch = info.arch
     layers = decoder_layers(model, arch)
-    act_fn = arch.experts_of(layers[info.layers[0]]).act_fn
+    act_fn = getattr(arch.experts_of(layers[info.layers[0]]), "act_fn", None)  # None: a named activation
     prefetcher = None
     if cfg.prefetch and len(info.layers) > 1:
         routers = {i: arch.router_weight(layers[i]) for i in info.layers}

@@ -224,7 +224,7 @@ def fill_store(
                 )
             if fmt.bits is not None:
                 gate_up, down = gate_up.to(quant_device), down.to(quant_device)
-            encoded = fmt.encode(gate_up, down)
+            encoded = fmt.encode(gate_up, down, ckpt.expert_biases(layer, e))
             store.put(layer, e, {k: v.cpu() for k, v in encoded.items()})
             done += 1
             if progress:

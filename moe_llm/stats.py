@@ -22,6 +22,7 @@ class Stats:
     decode_host_syncs: int = 0  # waits for the device inside those forwards (0 with device-side dispatch)
     tokens_generated: int = 0
     prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens run through prefill forwards (the rest came from the prefix cache)
     requests: int = 0
     decode_seconds: float = 0.0
     prefill_seconds: float = 0.0

@@ -87,7 +87,7 @@ TINY_OVERRIDES: dict[str, dict] = {
     "qwen2_moe": dict(shared_expert_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[]),
     "deepseek_v2": dict(_MLA, q_lora_rank=None, topk_method="group_limited_greedy", routed_scaling_factor=1.5),
     "deepseek_v3": dict(_MLA, routed_scaling_factor=2.5, norm_topk_prob=True),
-    "gpt_oss": dict(layer_types=None, sliding_window=128),
+    "gpt_oss": dict(layer_types=None, sliding_window=4),  # a window shorter than the test prompts
     "phimoe": dict(),
     "granitemoe": dict(_GRANITE_SCALES),
     "granitemoeshared": dict(_GRANITE_SCALES, shared_intermediate_size=128),
@@ -210,6 +210,53 @@ def make_tiny(
         json.dumps({"family": family, "seed": seed, "random_weights": True}, indent=2)
     )
     return out
+
+
+# what GPT-OSS's config.json says of its MXFP4 experts (everything else stays 16-bit)
+MXFP4_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
+
+
+def to_mxfp4(src: str | Path, dst: str | Path) -> Path:
+    """A copy of tiny GPT-OSS checkpoint `src` in the layout GPT-OSS ships: each layer's experts as
+    MXFP4 ``<proj>_blocks`` (E, out, in / 32, 16) and ``<proj>_scales`` (E, out, in / 32) in place of
+    transformers' (E, in, out) tensor (`qformat.mxfp4.encode`), biases and the trunk unchanged, and
+    config.json's `quantization_config` saying mxfp4. Returns `dst`."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from .qformat import mxfp4
+    from .qformat.safetensors_io import save_safetensors
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    renamed = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        state = load_file(str(f))
+        for key in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            blocks, scales = mxfp4.encode(state.pop(key).transpose(1, 2))  # rows are outputs
+            state[f"{key}_blocks"], state[f"{key}_scales"] = blocks.contiguous(), scales.contiguous()
+            renamed[key] = f.name
+        save_safetensors(state, f, metadata={"format": "pt"})
+    index = dst / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        for key, file in renamed.items():
+            del data["weight_map"][key]
+            data["weight_map"].update({f"{key}_blocks": file, f"{key}_scales": file})
+        index.write_text(json.dumps(data, indent=2) + "\n")
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = MXFP4_CONFIG
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dst
 
 
 @contextmanager

@@ -40,11 +40,13 @@ def random_expert(fmt: ExpertFormat, gen: torch.Generator) -> torch.Tensor:
     return buf
 
 
-def time_calls(fn, n_buffers: int, repeats: int) -> list[float]:
+def time_calls(fn, n_buffers: int, repeats: int, gap_s: float = 0.0) -> list[float]:
     for i in range(n_buffers):  # warm-up: first touch, thread team start
         fn(i)
     times = []
     for i in range(repeats):
+        if gap_s:
+            time.sleep(gap_s)  # sparse calls, as decode at a large cache makes them
         t0 = time.perf_counter()
         fn(i % n_buffers)
         times.append(time.perf_counter() - t0)
@@ -74,8 +76,8 @@ def one_call(fmt: ExpertFormat, bufs: list[torch.Tensor], x: torch.Tensor, threa
     return lambda i: experts_mlp(x, [bufs[i], bufs[(i + 1) % len(bufs)]], [0.6, 0.4], fmt, threads=threads)
 
 
-def report(label: str, call, n: int, fmt: ExpertFormat, bw: float, n_buf: int, repeats: int) -> None:
-    times = time_calls(call, n_buf, repeats)
+def report(label: str, call, n: int, fmt: ExpertFormat, bw: float, n_buf: int, repeats: int, gap_s: float = 0.0) -> None:
+    times = time_calls(call, n_buf, repeats, gap_s)
     med, best = statistics.median(times), min(times)
     g_med, g_best = n * fmt.nbytes / med / 1e9, n * fmt.nbytes / best / 1e9
     print(
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--gaps-ms", type=float, nargs="+", default=[], help="also time calls this far apart")
     ap.add_argument("--llc-multiple", type=float, default=4.0, help="bytes of distinct experts / 32 MiB")
     args = ap.parse_args()
     cores = default_threads()
@@ -114,6 +117,9 @@ def main() -> None:
             report(f"{t:>8}", one_call(fmt, bufs, x, t, 1), 1, fmt, bw[t], n_buf, args.repeats)
         t = thread_counts[-1]
         report(f" top-2 x{t}", one_call(fmt, bufs, x, t, 2), 2, fmt, bw[t], n_buf, args.repeats)
+        for gap in args.gaps_ms:
+            for t in thread_counts:
+                report(f"{t:>3} @{gap:g}ms", one_call(fmt, bufs, x, t, 1), 1, fmt, bw[t], n_buf, args.repeats, gap / 1e3)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ profile of the full row. The numbers that go into docs come from `moe-llm bench`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -25,6 +26,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--explore", action="store_true", help="also the lfu policy and eager decode")
     ap.add_argument("--cpu", action="store_true", help="the CPU road: cpu_experts off/auto/all at 12 and 4 GiB")
+    ap.add_argument("--rows", nargs="+", default=None, help="only these rows, by name")
+    ap.add_argument("--profile", nargs="+", default=None, help="trace these rows (decode and cold prefill)")
     ap.add_argument("--kernel-tuning", default=None, help="decode-kernel tiles (scripts/tune_moe.py)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -46,9 +49,13 @@ def main() -> None:
         variants.append(Variant("cpu-auto-4GiB", 2, 4 << 30, options=o))
     if args.explore:  # prefetch policies side by side
         variants += [
-            Variant("full-lfu", 2, budget, options=(("cache_policy", "lfu"),)),
-            Variant("full-eager", 2, budget, options=(("cuda_graphs", False),)),
+            Variant("full-lfu", 2, budget, options=o + (("cache_policy", "lfu"),)),
+            Variant("full-eager", 2, budget, options=o + (("cuda_graphs", False),)),
         ]
+    if args.rows:
+        variants = [v for v in variants if v.name in args.rows]
+    if args.profile:
+        variants = [dataclasses.replace(v, profile=v.name in args.profile) for v in variants]
     run = run_bench(
         Geometry(), variants=variants, workload=Workload(new_tokens=args.new_tokens, ttft_prompts=(1024,), repeats=1),
         accelerate_layers=None, out=args.out, budget=budget,
@@ -61,8 +68,9 @@ def main() -> None:
             f"cpu {row.get('cpu_road')} {row.get('cpu_take')} {row.get('cpu_expert_calls_per_token', 0):.1f} calls/token "
             f"{row.get('cpu_expert_ms_per_token', 0):.2f} ms/token"
         )
-        if "profile" in row:
-            print(json.dumps(row["profile"], indent=1))
+        for key in ("profile", "profile_prefill"):
+            if key in row:
+                print(json.dumps(row[key], indent=1))
 
 
 if __name__ == "__main__":

@@ -136,6 +136,7 @@ def test_abandoning_a_batched_stream_leaves_the_others_intact(tiny_mixtral, solo
 
 @pytest.mark.parametrize("variant", ["unquantized", "2-bit experts"])
 def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(tiny_mixtral, variant):
+    """(More turns, branches and the memory limit: tests/test_prefix_reuse.py.)"""
     opts = VARIANTS[variant]
     cached, plain = load(tiny_mixtral, **opts), load(tiny_mixtral, prefix_cache=0, **opts)
     turn1 = [{"role": "system", "content": "Answer briefly. " * 6}, {"role": "user", "content": "Hello there"}]
@@ -144,10 +145,10 @@ def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(tiny_mixtral, variant):
     turn2 = [*turn1, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "Go on."}]
     again = cached.generate(turn2, max_new_tokens=NEW)
     n1 = len(cached.encode(turn1))
-    assert again.stats["prefix_cache_hit_tokens"] == (n1 // 16) * 16 > 0  # whole blocks of turn 1's prompt
+    assert again.stats["prefix_cache_hit_tokens"] >= n1 - 1 > (n1 // 16) * 16  # turn 1's prompt, to the token
     assert again.token_ids == plain.generate(turn2, max_new_tokens=NEW).token_ids
-    same = cached.generate(turn2, max_new_tokens=NEW)  # the whole prompt but its last token is cached now
-    assert same.stats["prefix_cache_hit_tokens"] == ((len(cached.encode(turn2)) - 1) // 16) * 16
+    same = cached.generate(turn2, max_new_tokens=NEW)  # the whole prompt but its last token or two is cached now
+    assert len(cached.encode(turn2)) - 3 < same.stats["prefix_cache_hit_tokens"] < len(cached.encode(turn2))
     assert same.token_ids == again.token_ids
     d = cached.stats_dict()
     assert (
@@ -156,19 +157,11 @@ def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(tiny_mixtral, variant):
     assert d["prefix_cache_bytes"] > 0
 
 
-def test_prefix_cache_stays_within_its_memory_limit(tiny_mixtral):
-    engine = load(tiny_mixtral, prefix_cache=3 * 2 * 2 * 2 * 16 * 16 * 4)  # three blocks of this model's KV
-    for i in range(4):
-        engine.generate(f"{i} " + "Namespaces are one honking great idea. " * 4, max_new_tokens=2)
-    d = engine.stats_dict()
-    assert 0 < d["prefix_cache_bytes"] <= 3 * 2 * 2 * 2 * 16 * 16 * 4 and d["prefix_cache_blocks"] <= 3
-    assert d["prefix_cache_evictions"] > 0
-
-
 def test_stats_report_batching_and_prefix_counters(tiny_engine):
     d = tiny_engine.stats_dict()
-    for key in ("queue_depth", "active_requests", "prefix_cache_hit_tokens", "recent_tokens_per_second",
-                "time_to_first_token_avg_s", "host_syncs_per_token", "bytes_to_device", "batch_mode"):  # fmt: skip
+    for key in ("queue_depth", "active_requests", "prefix_cache_hit_tokens", "prefill_tokens",
+                "recent_tokens_per_second", "time_to_first_token_avg_s", "host_syncs_per_token", "bytes_to_device",
+                "batch_mode"):  # fmt: skip
         assert key in d
     assert d["batch_mode"] == "exact"  # the CPU default
 

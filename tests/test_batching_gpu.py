@@ -37,3 +37,28 @@ def test_fused_batching_on_cuda_leaves_the_graph_decoder_and_comes_back(tiny_mix
     lone = engine.generate(PROMPTS[0], max_new_tokens=16).token_ids
     assert engine.graphs is not None and engine.graphs._windows
     assert lone == eager.generate(PROMPTS[0], max_new_tokens=16).token_ids
+
+
+def test_a_lone_request_on_cuda_prefills_into_the_static_kv(tiny_mixtral):
+    """Write-through: the graph decoder gets layers that hold nothing (the prompt is in its static
+    KV already); tokens equal the eager engine's, and a follow-up turn restores from the prefix cache."""
+    engine = moe_llm.load(tiny_mixtral, batch_mode="fused", **{**OPTS, "prefill_chunk": 64})
+    eager = moe_llm.load(
+        tiny_mixtral, batch_mode="fused", cuda_graphs=False, prefix_cache=0, **{**OPTS, "prefill_chunk": 64}
+    )
+    dec, seen = engine.graphs, []
+    begin = dec.begin
+
+    def spy(kv, n):
+        seen.append([(type(layer).__name__, layer.keys is None) for layer in kv.layers])
+        begin(kv, n)
+
+    dec.begin = spy
+    ids = engine.encode(PROMPTS[0])
+    got = engine.generate(ids, max_new_tokens=16)
+    assert seen == [[("_WriteThroughLayer", True)] * engine.hf_config.num_hidden_layers]
+    assert got.token_ids == eager.generate(ids, max_new_tokens=16).token_ids
+    follow = ids + got.token_ids + ids[1:]  # the prompt is kept (from the static KV); decoded positions not
+    again = engine.generate(follow, max_new_tokens=16)
+    assert again.stats["prefix_cache_hit_tokens"] == len(ids) and not engine.batcher.prefill.like_prefill
+    assert again.token_ids == eager.generate(follow, max_new_tokens=16).token_ids

@@ -43,3 +43,11 @@ def test_cli_rejects_bad_repeat_counts(repeats, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code != 0 and "--repeats must be at least 1" in err and "Traceback" not in err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_cli_rows_picks_rows_by_name_and_names_the_known_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--tiny", "--device", "cpu", "--rows", "full,nope", "--out", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err
+    assert exc.value.code != 0 and "no row named nope" in err and "resident" in err and "Traceback" not in err
+    assert not (tmp_path / "b.json").exists()

@@ -172,3 +172,16 @@ def test_prompt_start_fills_free_slots_only():
     issued = pf.prompt_start(tokens=64, top_k=2)
     assert issued == 3 and c.is_resident(1, 0)  # three free slots, nothing evicted
     assert pf.prompt_start(tokens=2, top_k=2) == 0  # a short prompt is not worth it
+
+
+def test_a_long_prompt_keeps_the_copy_queue_two_layers_deep():
+    c = make_cache(slots=3 * E, layers=(0, 1, 2))
+    router = torch.eye(E, 16)
+    pf = PromptPrefetcher(c, {0: router, 1: router, 2: router}, {0: None, 1: None}, {0: 1, 1: 2}, guesses=2)
+    assert pf.prompt_start(tokens=64, top_k=2) == 2 * E  # the first two MoE layers, whole
+    assert c.per_layer() == {0: E, 1: E, 2: 0}
+    assert pf.issue(0, [4, 5, 2]) == E  # layer 1's guess is in already; all of layer 2 behind it
+    assert c.per_layer() == {0: E, 1: E, 2: E}
+    c.reset()
+    pf.prompt_start(tokens=2, top_k=2)  # a short prompt: only the next layer's guess
+    assert pf.issue(0, [4, 5, 2]) == 2 and c.keys() == {(1, 4), (1, 5)}

@@ -122,3 +122,58 @@ def test_expert_decode_and_prefill_match_reference(tk, bits, geometry):
     workspace = torch.empty(2 * hidden * inter, device="cuda", dtype=torch.bfloat16)
     y = expert_mlp(x, views, fmt, F.silu, workspace)
     assert _rel(y, want) < 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [64, 4096, 5120])
+def test_one_launch_rmsnorm_matches_transformers(dtype, n):
+    """The decode RMSNorm (`triton_trunk`) against transformers' forward: only the order of
+    the sum of squares differs, so results agree to the last bit but for rare roundings."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    from moe_llm.kernels import trunk_ops
+
+    gen = torch.Generator("cuda").manual_seed(n)
+    norm = MixtralRMSNorm(n, eps=1e-5).to("cuda", dtype)
+    norm.weight.data = torch.randn(n, device="cuda", generator=gen).to(dtype)
+    x = (torch.randn(1, 1, n, device="cuda", generator=gen) * 3).to(dtype)
+    want = norm(x)
+    assert trunk_ops.install(norm)["norm"] == 1
+    got = norm(x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    assert (got == want).float().mean() > 0.99
+    rows = torch.randn(3, n, device="cuda", generator=gen).to(dtype)
+    assert torch.equal(norm(rows), MixtralRMSNorm.forward(norm, rows))  # prompts: transformers' forward
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("experts,top_k,hidden", [(8, 2, 4096), (4, 2, 64), (64, 8, 2048)])
+def test_one_launch_router_matches_transformers(dtype, experts, top_k, hidden):
+    """Mixtral's router in one launch: the same experts in the same order and the same
+    weights to float rounding, where the top-k is not a near tie."""
+    from types import SimpleNamespace
+
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    from moe_llm.kernels import trunk_ops
+
+    cfg = SimpleNamespace(num_experts_per_tok=top_k, num_local_experts=experts, hidden_size=hidden)
+    router = MixtralTopKRouter(cfg).to("cuda", dtype)
+    gen = torch.Generator("cuda").manual_seed(experts * hidden)
+    router.weight.data = (torch.randn(experts, hidden, device="cuda", generator=gen) * 0.05).to(dtype)
+    assert trunk_ops.install(router)["router"] == 1
+    checked = 0
+    for _ in range(20):
+        x = torch.randn(1, hidden, device="cuda", generator=gen).to(dtype)
+        want_logits, want_scores, want_idx = MixtralTopKRouter.forward(router, x)
+        ranked = want_logits.float().sort(descending=True).values[0]
+        if ranked[top_k - 1] - ranked[top_k] < (0.05 if dtype == torch.bfloat16 else 1e-3):
+            continue  # a near tie: the order of the dot products may pick the other expert
+        logits, scores, idx = router(x)
+        assert logits.dtype == want_logits.dtype and scores.dtype == torch.float32 and idx.dtype == torch.int64
+        torch.testing.assert_close(logits.float(), want_logits.float(), rtol=2e-2, atol=1e-2)
+        assert idx.tolist() == want_idx.tolist()
+        torch.testing.assert_close(scores, want_scores, rtol=1e-3, atol=1e-4)
+        checked += 1
+    assert checked >= 10

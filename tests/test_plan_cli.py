@@ -11,7 +11,7 @@ import pytest
 
 import moe_llm
 from moe_llm.errors import BudgetError
-from moe_llm.sizing import plan_model
+from moe_llm.planning import plan_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

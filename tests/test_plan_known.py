@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from moe_llm.errors import BudgetError, ModelLoadError, UnsupportedModelError
-from moe_llm.sizing import known_model, known_models, plan_model
+from moe_llm.planning import known_model, known_models, plan_model
 
 GIB = 2**30
 
@@ -24,7 +24,9 @@ PLANNABLE = {
     "deepseek-v2-lite": (27, 26, 64, 6, 2048, 1408, 15.7),  # first_k_dense_replace 1
     "deepseek-v3": (61, 58, 256, 8, 7168, 2048, 671.1),  # first_k_dense_replace 3
 }
-UNSIZABLE = ("gpt-oss-20b", "gpt-oss-120b")  # biased, transposed experts: moe_info refuses them
+# GPT-OSS: (decoder layers = MoE layers, routed experts, total params in billions); top-4, hidden and
+# expert intermediate 2880, and each expert also holds its two biases
+GPT_OSS = {"gpt-oss-20b": (24, 32, 20.9), "gpt-oss-120b": (36, 128, 116.8)}
 
 
 def run_cli(argv, capsys):
@@ -42,7 +44,7 @@ def error_line(err: str) -> str:
 
 def test_every_shipped_config_is_named_and_sourced():
     names = {m.name for m in known_models()}
-    assert names == set(PLANNABLE) | set(UNSIZABLE)
+    assert names == set(PLANNABLE) | set(GPT_OSS)
     repos = {m.name: m.repo for m in known_models()}
     assert repos["mixtral-8x7b"] == "mistralai/Mixtral-8x7B-v0.1" and repos["deepseek-v3"] == "deepseek-ai/DeepSeek-V3"
     readme = (known_models()[0].path.parent / "README.md").read_text()
@@ -131,13 +133,25 @@ def test_an_unknown_name_lists_the_known_ones(capsys, tmp_path, monkeypatch):
         plan_model("no-such-model")
 
 
-@pytest.mark.parametrize("name", UNSIZABLE)
-def test_a_family_the_engine_cannot_size_is_one_line(name, capsys):
-    code, out = run_cli(["plan", name, "--gpu-budget", "12GiB", "--experts-bits", "2"], capsys)
+@pytest.mark.parametrize("name", sorted(GPT_OSS))
+def test_gpt_oss_plans_with_its_expert_biases(name):
+    layers, experts, billions = GPT_OSS[name]
+    mp = plan_model(name)  # bf16, no budget
+    assert (mp.num_layers, mp.moe_layers, mp.num_experts, mp.top_k) == (layers, layers, experts, 4)
+    p = mp.plan
+    assert p.expert_bytes == 3 * 2880 * 2880 * 2 + (2 * 2880 + 2880) * 2  # bf16 matrices, then the biases
+    assert (p.trunk_bytes + p.host_bytes) / 2 / 1e9 == pytest.approx(billions, abs=0.1)
+
+
+def test_a_family_the_engine_cannot_size_is_one_line(capsys, tmp_path):
+    from moe_llm.tiny import tiny_config
+
+    tiny_config("aria_text", 512).save_pretrained(tmp_path / "aria")  # transposed experts, no declared layout
+    code, out = run_cli(["plan", str(tmp_path / "aria"), "--gpu-budget", "12GiB", "--experts-bits", "2"], capsys)
     assert code == 2 and out.out == "" and out.err.count("\n") == 1
-    assert f"{name} (openai/{name}) cannot be planned" in out.err and "biased or transposed experts" in out.err
+    assert "aria_text: biased or transposed experts are not supported" in out.err
     with pytest.raises(UnsupportedModelError):
-        plan_model(name)
+        plan_model(tmp_path / "aria")
 
 
 def _flags(text: str) -> list[str]:

@@ -9,8 +9,7 @@ import json
 import pytest
 
 from moe_llm.errors import BudgetError, ConfigError
-from moe_llm.planner import Plan, plan_slots, planned_context, workspace_bytes
-from moe_llm.sizing import plan_model
+from moe_llm.planning import Plan, plan_model, plan_slots, planned_context, workspace_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

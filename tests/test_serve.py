@@ -267,16 +267,22 @@ def test_health_and_prometheus_metrics(base, client):
     assert any(k.startswith("moe_llm_http_errors_total") for k in values) or "moe_llm_http_errors_total" in r.text
 
 
-def test_follow_up_turn_reuses_the_prompt_prefix(client, engine):
-    history = [{"role": "system", "content": "You are a terse assistant who answers in Python. " * 3}, *HELLO]
-    first = client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
-    before = engine.stats_dict()["prefix_cache_hit_tokens"]
-    follow = [*history, {"role": "assistant", "content": first.choices[0].message.content},
-              {"role": "user", "content": "And again?"}]  # fmt: skip
-    second = client.chat.completions.create(model=MODEL, messages=follow, max_tokens=8, temperature=0)
-    hit = engine.stats_dict()["prefix_cache_hit_tokens"] - before
-    assert hit >= 16 and hit % 16 == 0  # whole 16-token blocks of the first prompt
+def test_follow_up_turn_prefills_only_its_new_tokens(client, engine):
+    history = [{"role": "system", "content": "Be kind. " * 5}, *HELLO]
     fresh = moe_llm.load(engine.model_path, cache_per_layer=2, prefill_chunk=16, prefix_cache=0)
+    first = client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
+    reply = fresh.generate(history, max_new_tokens=8)
+    assert first.choices[0].message.content == reply.text and first.choices[0].finish_reason == "length"
+    before = engine.stats_dict()
+    follow = [*history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "And again?"}]
+    second = client.chat.completions.create(model=MODEL, messages=follow, max_tokens=8, temperature=0)
+    after = engine.stats_dict()
+    ran = engine.encode(history) + reply.token_ids[:-1]  # the first request's positions (its last token never ran)
+    p2 = engine.encode(follow)
+    assert p2[: len(ran)] == ran  # the reply re-renders to the tokens the server generated
+    assert after["prefill_tokens"] - before["prefill_tokens"] == len(p2) - len(ran)  # only the turn's new tokens
+    assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == len(ran)
+    assert second.usage.prompt_tokens == len(p2) and second.usage.prompt_tokens_details.cached_tokens == len(ran)
     assert second.choices[0].message.content == fresh.generate(follow, max_new_tokens=8).text
 
 

@@ -8,7 +8,7 @@ The results of each family are tracked in docs/families.md.
 
 from __future__ import annotations
 
-from .spec import FUSED_ROLES, ArchMap, CheckpointKeys, ExpertLayout, RouterSpec
+from .spec import FUSED_BIAS_ROLES, FUSED_ROLES, ArchMap, CheckpointKeys, ExpertLayout, RouterSpec
 
 FUSED_PROJ = {"gate_up_proj": "gate_up", "down_proj": "down"}
 MXFP4_PARTS = ("blocks", "scales")
@@ -26,8 +26,9 @@ _GRANITE_KEYS = CheckpointKeys(
 )
 _GPT_OSS_KEYS = CheckpointKeys(
     fused={
-        **FUSED_ROLES, **{f"experts.{p}_{part}": f"{r}.{part}" for p, r in FUSED_PROJ.items() for part in MXFP4_PARTS},
-    },  # MXFP4 checkpoints: experts.gate_up_proj_blocks / _scales, down_proj_blocks / _scales
+        **FUSED_ROLES, **FUSED_BIAS_ROLES,
+        **{f"experts.{p}_{part}": f"{r}.{part}" for p, r in FUSED_PROJ.items() for part in MXFP4_PARTS},
+    },  # MXFP4 checkpoints (as shipped): experts.gate_up_proj_blocks / _scales, down_proj_blocks / _scales
 )  # fmt: skip
 _GRANITE = dict(block="block_sparse_moe", router="router", keys=_GRANITE_KEYS)
 
@@ -80,9 +81,9 @@ FAMILIES: dict[str, ArchMap] = {
             "GptOssForCausalLM",
             router="router",
             keys=_GPT_OSS_KEYS,
+            # gate/up interleaved and transposed, biases, a clamped SwiGLU: the torch expert path
             layout=ExpertLayout(concatenated=False, transposed=True, bias=True, activation="clamped_swiglu"),
-            refuse="biased or transposed experts are not supported (GPT-OSS: gate/up interleaved and transposed, "
-            "with biases and a clamped SwiGLU the offloaded-experts kernels do not compute)",
+            verified=True,
         ),  # fmt: skip
     )
 }

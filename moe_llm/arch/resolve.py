@@ -7,8 +7,8 @@
   (E, H) weight, the KV argument of the decoder layer). Works on a loaded engine too,
   whose experts are already offloaded.
 * `bind(model, config)`: resolve, then check that every MoE layer's experts follow
-  transformers' experts contract with a layout the engine computes (act_fn(gate) * up,
-  no biases, concatenated and not transposed). Anything else is one
+  transformers' experts contract with the map's expert layout (by default act_fn(gate) * up,
+  no biases, concatenated and not transposed; GPT-OSS declares its own). Anything else is one
   `UnsupportedModelError` line saying why: a family must match transformers or refuse.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .families import FAMILIES, GENERIC_VERIFIED
-from .spec import ArchMap, CheckpointKeys
+from .spec import ArchMap, CheckpointKeys, ExpertLayout
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,6 @@ def _discover(model: nn.Module, config, arch: ArchMap) -> ArchMap:
 def resolve_arch(model: nn.Module, config) -> ArchMap:
     """The family's map with every path filled in (see the module docstring)."""
     arch = arch_for_type(getattr(config, "model_type", None))
-    if arch.refuse:
-        raise UnsupportedModelError(f"{arch.model_type}: {arch.refuse}")
     return _discover(model, config, arch) if arch.generic else arch
 
 
@@ -138,27 +136,49 @@ def _default_gate():
     return _default_apply_gate
 
 
-def contract_problem(experts: nn.Module) -> str | None:
-    """Why the engine cannot compute `experts` exactly as transformers does, or None."""
+def contract_problem(experts: nn.Module, layout: ExpertLayout = ExpertLayout()) -> str | None:
+    """Why the engine cannot compute `experts` exactly as transformers does with the map's expert
+    `layout` (the default: act_fn(gate) * up, concatenated, no biases), or None. A family whose
+    experts differ from the default loads only where its map declares that layout (GPT-OSS)."""
     cls = type(experts).__name__
     if not hasattr(experts, "has_bias"):  # set by transformers' @use_experts_implementation
         return f"the experts module {cls} does not follow transformers' experts contract"
     missing = [n for n in ("gate_up_proj", "down_proj") if getattr(experts, n, None) is None]
     if not getattr(experts, "has_gate", True) or missing:
         return f"experts without {' or '.join(missing) or 'a gate'} ({cls}: up/down only) are not supported"
-    if experts.has_bias or getattr(experts, "is_transposed", False):
-        return "biased or transposed experts are not supported"
-    if not getattr(experts, "is_concatenated", True):
-        return "experts with interleaved gate/up rows are not supported"
+    if bool(experts.has_bias) != layout.bias or bool(getattr(experts, "is_transposed", False)) != layout.transposed:
+        return "biased or transposed experts are not supported without a declared expert layout"
+    if bool(getattr(experts, "is_concatenated", True)) != layout.concatenated:
+        return "experts with interleaved gate/up rows are not supported without a declared expert layout"
     if getattr(experts, "has_post_expert_norm", False):
         return "experts with a norm after each expert are not supported"
-    if getattr(type(experts), "_apply_gate", None) is not _default_gate():
+    if layout.activation != "act_fn":  # the map names the activation the engine computes
+        from ..experts.compute import ACTIVATIONS
+
+        args = ACTIVATIONS.get(layout.activation, (None, ()))[1]
+        if layout.activation not in ACTIVATIONS or not all(_is_number(getattr(experts, a, None)) for a in args):
+            return f"the activation {layout.activation!r} of {cls} is not one the engine computes"
+    elif getattr(type(experts), "_apply_gate", None) is not _default_gate():
         return f"experts with their own gate activation ({cls}._apply_gate) are not supported"
-    if not callable(getattr(experts, "act_fn", None)):
+    elif not callable(getattr(experts, "act_fn", None)):
         return f"the experts module {cls} has no act_fn"
     if experts.gate_up_proj.dim() != 3 or experts.down_proj.dim() != 3:
         return f"the experts module {cls} does not hold 3-D gate_up_proj/down_proj"
     return None
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _bound_layout(layout: ExpertLayout, experts: nn.Module) -> ExpertLayout:
+    """`layout` with its named activation's arguments read off transformers' experts module."""
+    if layout.activation == "act_fn":
+        return layout
+    from ..experts.compute import ACTIVATIONS
+
+    args = tuple((a, float(getattr(experts, a))) for a in ACTIVATIONS[layout.activation][1])
+    return dataclasses.replace(layout, act_args=args)
 
 
 def own_cache_class(model: nn.Module) -> str | None:
@@ -189,7 +209,7 @@ def bind(model: nn.Module, config) -> tuple[ArchMap, MoeGeometry]:
         experts = arch.experts_of(layer)
         if experts is None:
             continue  # a dense layer (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)
-        problem = contract_problem(experts)
+        problem = contract_problem(experts, arch.layout)
         if problem is not None:
             raise UnsupportedModelError(f"{name}: {problem}")
         if arch.router_of(layer) is None:
@@ -201,13 +221,15 @@ def bind(model: nn.Module, config) -> tuple[ArchMap, MoeGeometry]:
                 f"{name}: the router {type(arch.router_of(layer)).__name__} has no {arch.router_spec.weight}"
             ) from None
         layers.append(i)
-        shapes.add(tuple(experts.gate_up_proj.shape) + tuple(experts.down_proj.shape))
+        shapes.add(arch.layout.geometry(experts.gate_up_proj.shape) + tuple(experts.down_proj.shape))
     if not layers:
         raise UnsupportedModelError(f"{name} is not a Mixture-of-Experts model (no routed experts)")
     if len(shapes) != 1:
         raise UnsupportedModelError(f"{name}: MoE layers with different expert shapes are not supported")
-    e, two_i, h, _, _, _ = shapes.pop()
-    router = arch.router_of(decoder[layers[0]])
+    e, two_i, h, *_ = shapes.pop()
+    first = decoder[layers[0]]
+    arch = dataclasses.replace(arch, layout=_bound_layout(arch.layout, arch.experts_of(first)))
+    router = arch.router_of(first)
     top_k = getattr(router, "top_k", None)
     if not isinstance(top_k, int):
         top_k = getattr(config, "num_experts_per_tok", None) or 2

@@ -23,18 +23,39 @@ KV_ARGS = ("cache", "past_key_values", "past_key_value")  # the decoder layer's 
 PER_EXPERT_ROLES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # fused tensor, relative to the MoE block -> role (transformers 5.x naming)
 FUSED_ROLES = {"experts.gate_up_proj": "gate_up", "experts.down_proj": "down"}
+# fused expert biases, relative to the MoE block -> role (families whose layout has `bias`)
+FUSED_BIAS_ROLES = {"experts.gate_up_proj_bias": "gate_up_bias", "experts.down_proj_bias": "down_bias"}
 
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """How transformers' experts module holds a layer's experts."""
+    """How transformers' experts module holds a layer's experts, and what one expert computes.
+
+    The checkpoint reader turns every layout into ours (gate rows then up rows, outputs as
+    rows); what stays is the math: `bias` and `activation`. `plain` says whether that math
+    is what the compiled expert kernels compute (see the property)."""
 
     gate_up: str = "gate_up_proj"  # (E, 2I, H): gate rows [0:I], up rows [I:2I]
     down: str = "down_proj"  # (E, H, I)
     concatenated: bool = True  # False: gate/up rows interleaved (g0, u0, g1, u1, ...)
     transposed: bool = False  # True: (E, H, 2I) and (E, I, H)
-    bias: bool = False  # gate_up_proj_bias / down_proj_bias
-    activation: str = "act_fn"  # "act_fn": act_fn(gate) * up with the module's act_fn; else its own, named
+    bias: bool = False  # gate_up_proj_bias [E, 2I] / down_proj_bias [E, H], added after each matmul
+    activation: str = "act_fn"  # "act_fn": act_fn(gate) * up with the module's act_fn; else one of
+    # `experts.compute.ACTIVATIONS`, by name (GPT-OSS: "clamped_swiglu")
+    act_args: tuple[tuple[str, float], ...] = ()  # the named activation's arguments, read off the
+    # experts module when the map is bound (GPT-OSS: alpha, limit)
+
+    @property
+    def plain(self) -> bool:
+        """down(act_fn(gate) * up) with no biases: the only experts the compiled kernels (Triton on
+        CUDA, the C kernel on CPU) may run, and then only with a SiLU act_fn. Any other expert goes
+        through the torch path (dequantize, matmul, bias, activation) everywhere."""
+        return not self.bias and self.activation == "act_fn"
+
+    def geometry(self, gate_up_shape) -> tuple[int, int, int]:
+        """(experts, 2I, H) of transformers' fused gate_up tensor in this layout."""
+        e, a, b = (int(n) for n in gate_up_shape)
+        return (e, b, a) if self.transposed else (e, a, b)
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,6 @@ class ArchMap:
     keys: CheckpointKeys = CheckpointKeys()
     kv_arg: str = "cache"  # the decoder layer's KV cache argument (transformers >= 5.2x; older: past_key_values)
     kv_layout: str = "heads"  # "latent" (MLA): the cache holds kv_lora_rank + qk_rope_head_dim per token and layer
-    refuse: str | None = None  # set: the family does not load, for this one-line reason
     verified: bool = False  # greedy tokens equal transformers' (tests/test_families.py)
     generic: bool = False  # the generic map: paths read off the skeleton (`resolve`)
 

@@ -136,16 +136,33 @@ def _ttft(engine: Engine, prompt: list[int]) -> float:
     return engine.generate(prompt, max_new_tokens=1).stats["time_to_first_token_s"]
 
 
-def profile_decode(engine: Engine, prompt: list[int], tokens: int = 8) -> dict:
-    """torch.profiler over a few decode steps: per-token wall, H2D copy and kernel time."""
+def _traced(engine: Engine, run: Callable[[], object]):
     from torch.profiler import ProfilerActivity, profile
 
-    engine.generate(prompt, max_new_tokens=2)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        engine.generate(prompt[:1], max_new_tokens=tokens)
+        run()
         _sync(engine.device)
         wall = time.perf_counter() - t0
+    return prof, wall
+
+
+def profile_prefill(engine: Engine, prompt: list[int]) -> dict:
+    """torch.profiler over one cold prefill (TTFT): wall, H2D copy, kernel time, top kernels."""
+    engine.reset_cache()
+    _sync(engine.device)
+    prof, wall = _traced(engine, lambda: engine.generate(prompt, max_new_tokens=1))
+    return _summary(prof, wall, 1, "prompt")
+
+
+def profile_decode(engine: Engine, prompt: list[int], tokens: int = 8) -> dict:
+    """torch.profiler over a few decode steps: per-token wall, H2D copy and kernel time."""
+    engine.generate(prompt, max_new_tokens=2)
+    prof, wall = _traced(engine, lambda: engine.generate(prompt[:1], max_new_tokens=tokens))
+    return _summary(prof, wall, tokens, "token")  # forward passes (the 1-token prompt's prefill is one)
+
+
+def _summary(prof, wall: float, n: int, unit: str) -> dict:
     copy_us = kernel_us = sync_us = 0.0
     kernels = []
     for ev in prof.key_averages():
@@ -158,14 +175,13 @@ def profile_decode(engine: Engine, prompt: list[int], tokens: int = 8) -> dict:
         if ev.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync"):
             sync_us += ev.cpu_time_total
     kernels.sort(reverse=True)
-    n = tokens  # forward passes (the 1-token prompt's prefill is one of them)
     return {
-        "tokens": n,
-        "wall_s_per_token": wall / n,
-        "h2d_copy_s_per_token": copy_us / 1e6 / n,
-        "kernel_s_per_token": kernel_us / 1e6 / n,
-        "host_wait_s_per_token": sync_us / 1e6 / n,
-        "top_kernels": [{"name": k[:80], "s_per_token": us / 1e6 / n, "calls": c} for us, k, c in kernels[:10]],
+        f"{unit}s": n,
+        f"wall_s_per_{unit}": wall / n,
+        f"h2d_copy_s_per_{unit}": copy_us / 1e6 / n,
+        f"kernel_s_per_{unit}": kernel_us / 1e6 / n,
+        f"host_wait_s_per_{unit}": sync_us / 1e6 / n,
+        "top_kernels": [{"name": k[:80], f"s_per_{unit}": us / 1e6 / n, "calls": c} for us, k, c in kernels[:14]],
     }
 
 
@@ -221,6 +237,7 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
         if v.profile:
             try:
                 row["profile"] = profile_decode(engine, prompts["main"][:16])
+                row["profile_prefill"] = profile_prefill(engine, prompts[max(workload.ttft_prompts)])
             except Exception as exc:  # the profiler is optional on some runtimes
                 row["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
         _sync(dev)

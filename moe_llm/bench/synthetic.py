@@ -25,8 +25,9 @@ from ..config import EngineConfig
 from ..engine import Engine
 from ..experts.format import ExpertFormat
 from ..experts.store import ExpertStore
-from ..loader import assemble, plan_for
+from ..loader import assemble
 from ..model import _rebuild_meta_buffers, _set_tensor, build_skeleton, decoder_layers, moe_info, quantize_head
+from ..planning import plan_for
 from ..quant import QuantSpec, pick_group_size
 from ..quant_linear import QuantLinear
 

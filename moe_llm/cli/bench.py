@@ -71,6 +71,7 @@ def bench(
         "--accelerate-layers",
         help="Depth of the accelerate baseline (its bf16 layers must overflow the budget); 0 skips it.",
     ),
+    rows: str = typer.Option("", "--rows", help="Only these rows, by name (comma list; default: every row)."),
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="A tiny geometry (tests)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -100,6 +101,18 @@ def bench(
     console = Console(width=None if sys.stdout.isatty() else 200)
 
     out = out or default_out()
+    options = (("max_context", max_context),) + ((("kernel_tuning", str(kernel_tuning)),) if kernel_tuning else ())
+    variants = None
+    if rows:
+        from ..bench.runner import default_variants
+
+        every = default_variants(experts_bits, parse_size(gpu_budget), _sizes(extra_budget), _ints(also_bits, "--also-bits"),
+                                 options)  # fmt: skip
+        wanted = [r.strip() for r in rows.split(",") if r.strip()]
+        unknown = sorted(set(wanted) - {v.name for v in every})
+        if unknown:
+            raise ConfigError(f"--rows: no row named {', '.join(unknown)}; rows: {', '.join(v.name for v in every)}")
+        variants = [v for v in every if v.name in wanted]
 
     def on_row(row: dict) -> None:
         err_console.print(f"[green]{row['name']}[/]: {row['decode_tok_s']:.2f} tok/s, TTFT {row['ttft_s']}")
@@ -108,8 +121,7 @@ def bench(
         geometry, device, bits=experts_bits, budget=parse_size(gpu_budget), extra_budgets=_sizes(extra_budget),
         also_bits=_ints(also_bits, "--also-bits"), workload=workload, accelerate_layers=accelerate_layers or None,
         out=out, command=shlex.join(["moe-llm", *sys.argv[1:]]), on_row=on_row,
-        options=(("max_context", max_context),) + ((("kernel_tuning", str(kernel_tuning)),) if kernel_tuning else ()),
-        head_bits=hb,
+        options=options, head_bits=hb, variants=variants,
     )  # fmt: skip
     table = Table(title=f"synthetic Mixtral ({geometry.layers} layers), random routing")
     for h in TABLE_HEADER:

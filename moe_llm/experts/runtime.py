@@ -34,15 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ActFn, expert_mlp, fast_path
+from ..kernels import ActFn, fast_path
 from .cache import ExpertCache
+from .compute import expert_forward
 from .format import ExpertFormat
 from .prefetch import PromptPrefetcher
 
 log = logging.getLogger(__name__)
 
 
-def _is_silu(act_fn: ActFn) -> bool:
+def kernels_compute(fmt: ExpertFormat, act_fn: ActFn | None) -> bool:
+    """Whether the compiled expert kernels (Triton decode, the C CPU kernel) compute these experts:
+    a plain layout (no biases, act_fn(gate) * up, decided by the architecture map) with a SiLU
+    act_fn. Every other expert takes the torch path (`compute.expert_forward`)."""
+    if not fmt.compute.plain:
+        return False
     probe = torch.linspace(-4.0, 4.0, 17)
     try:
         return bool(torch.allclose(act_fn(probe), F.silu(probe), atol=1e-6))
@@ -52,7 +58,7 @@ def _is_silu(act_fn: ActFn) -> bool:
 
 def _device_kernels(cache: ExpertCache, fmt: ExpertFormat, act_fn: ActFn):
     """The Triton dispatch module if one-token steps can run on the device, else None."""
-    if not cache.cuda or fmt.specs is None or not _is_silu(act_fn):
+    if not cache.cuda or fmt.specs is None or not kernels_compute(fmt, act_fn):
         return None
     try:
         from ..kernels import triton_moe
@@ -132,9 +138,11 @@ class ExpertsRuntime:
         from . import cpu
         from .split import SplitUnavailable
 
-        if not _is_silu(self.act_fn):
+        if not kernels_compute(self.fmt, self.act_fn):
             if mode == "all":
-                raise ConfigError("cpu_experts='all' needs SiLU experts (the CPU kernel computes silu(gate) * up)")
+                raise ConfigError(
+                    "cpu_experts='all' needs bias-free SiLU experts (the CPU kernel computes silu(gate) * up)"
+                )
             return
         if self.mode == "device" and mode == "auto":
             # The split runs on the GPU (it neither hangs nor syncs), but its invariance test
@@ -251,7 +259,7 @@ class ExpertsRuntime:
                 y = self._cpu_expert(hidden, cache.pool[slot] if slot is not None else cache.store.buffer(layer, e))
             else:
                 views = cache.views(slot) if slot is not None else cache.store.views(layer, e)
-                y = expert_mlp(hidden, views, self.fmt, self.act_fn)  # [1, H]
+                y = expert_forward(hidden, views, self.fmt, self.act_fn)  # [1, H]
             rows.append(y.float() * top_k_weights.reshape(-1)[j].float())
         return torch.stack(rows).sum(dim=0).to(hidden.dtype)  # [1, H], summed in k order
 
@@ -307,7 +315,7 @@ class ExpertsRuntime:
                 # depend on the others in the call), so batching does not change the tokens
                 y = self._cpu_expert(hidden[tokens[a:b]], cache.pool[slot])
             else:
-                y = expert_mlp(hidden[tokens[a:b]], cache.views(slot), self.fmt, self.act_fn, workspace)  # [n, H]
+                y = expert_forward(hidden[tokens[a:b]], cache.views(slot), self.fmt, self.act_fn, workspace)  # [n, H]
             rows.index_copy_(0, perm[a:b], y.float() * weights[a:b, None])
             cache.release(slot)
         if guessed:

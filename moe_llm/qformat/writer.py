@@ -129,7 +129,9 @@ def quantize_checkpoint(
     model = build_skeleton(hf_config, torch.float32)  # meta: names and shapes only
     info = moe_info(model, hf_config)
     try:
-        fmt = ExpertFormat.build(info.hidden, info.intermediate, experts_bits, torch.float32, group_size)
+        fmt = ExpertFormat.build(
+            info.hidden, info.intermediate, experts_bits, torch.float32, group_size, info.arch.layout
+        )
         dense = dense_modules(model, attn_bits, info.arch) if attn_bits else {}
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -174,7 +176,7 @@ def quantize_checkpoint(
                     f"layer {layer} expert {e}: shapes {tuple(gate_up.shape)}/{tuple(down.shape)}, "
                     f"expected {want_gu}/{want_d}"
                 )
-            encoded = fmt.encode(gate_up.to(qdev), down.to(qdev))
+            encoded = fmt.encode(gate_up.to(qdev), down.to(qdev), ckpt.expert_biases(layer, e))
             buf = torch.zeros(fmt.nbytes, dtype=torch.uint8)  # zeroed padding: reproducible bytes
             fmt.layout.write(buf, {k: v.cpu() for k, v in encoded.items()})
             tensors[EXPERT_KEY.format(layer=layer, expert=e)] = buf
@@ -222,6 +224,8 @@ def _check_source(ckpt: Checkpoint, info: MoeInfo, params: dict[str, tuple[int, 
             raise CheckpointIntegrityError(
                 f"layer {layer} has {ckpt.num_experts(layer)} experts, config says {info.num_experts}"
             )
+        if info.arch.layout.bias and not ckpt.has_biases(layer):
+            raise CheckpointIntegrityError(f"layer {layer}: expert biases (gate_up_proj_bias, down_proj_bias) missing")
         for e in range(info.num_experts):
             if not ckpt.expert_part_keys(layer, e):
                 raise CheckpointIntegrityError(f"layer {layer} expert {e}: missing gate/up/down tensors")

@@ -223,8 +223,10 @@ class Server:
         return prometheus_text(self.engine.stats_dict(), self.errors)
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached`: prompt tokens restored from the prefix cache, not prefilled."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
 
 def _json_content(text: str) -> str:
@@ -260,6 +262,7 @@ class _Reply:
         self.tools = tools
         self.json_mode = response_format is not None
         self.completion_tokens = 0
+        self.cached_tokens = 0
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.server.model}
@@ -272,6 +275,8 @@ class _Reply:
         try:
             async for chunk in it:
                 self.completion_tokens += len(chunk.token_ids)
+                if chunk.stats:
+                    self.cached_tokens = int(chunk.stats.get("prefix_cache_hit_tokens", 0))
                 yield chunk
         finally:
             await it.aclose()
@@ -296,13 +301,13 @@ class _Reply:
             message["content"] = _json_content(text)
         choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         return {**self._base("chat.completion"), "choices": [choice],
-                "usage": _usage(self.prompt_tokens, self.completion_tokens)}  # fmt: skip
+                "usage": _usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)}  # fmt: skip
 
     async def collect_text(self, chunks) -> dict[str, Any]:
         text, finish = await self._all(chunks)
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return {**self._base("text_completion"), "choices": [choice],
-                "usage": _usage(self.prompt_tokens, self.completion_tokens)}  # fmt: skip
+                "usage": _usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)}  # fmt: skip
 
     def _chat_chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
@@ -334,7 +339,7 @@ class _Reply:
             yield self._chat_chunk({}, finish)
         if include_usage:
             yield {**self._base("chat.completion.chunk"), "choices": [],
-                   "usage": _usage(self.prompt_tokens, self.completion_tokens)}  # fmt: skip
+                   "usage": _usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)}  # fmt: skip
 
     async def stream_text(self, chunks, include_usage: bool):
         async for chunk in self._chunks(chunks):
@@ -343,7 +348,7 @@ class _Reply:
                 yield {**self._base("text_completion"), "choices": [choice]}
         if include_usage:
             yield {**self._base("text_completion"), "choices": [],
-                   "usage": _usage(self.prompt_tokens, self.completion_tokens)}  # fmt: skip
+                   "usage": _usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)}  # fmt: skip
 
 
 def _sse(events) -> StreamingResponse:

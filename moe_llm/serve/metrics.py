@@ -29,6 +29,7 @@ METRICS = (
     ("moe_llm_prefix_cache_hit_tokens_total", "prefix_cache_hit_tokens", "counter", "Prompt tokens reused."),
     ("moe_llm_prefix_cache_hit_rate", "prefix_cache_hit_rate", "gauge", "Reused / looked-up prompt tokens."),
     ("moe_llm_prefix_cache_bytes", "prefix_cache_bytes", "gauge", "Host bytes held by the prefix cache."),
+    ("moe_llm_prefill_tokens_total", "prefill_tokens", "counter", "Prompt tokens run through prefill forwards."),
 )
 
 

@@ -1,4 +1,5 @@
-"""What goes where, from config.json alone: the numbers behind `moe-llm plan`.
+"""What goes where, from config.json alone: the numbers behind `moe-llm plan` and the
+plan `moe_llm.load` allocates, made before it reads any weight (`plan_load`).
 
 A model is a directory holding config.json, or a known model's name (`known_model`):
 the config.json of each lives in ``moe_llm/data/known_configs/`` (see its README for
@@ -13,6 +14,10 @@ experts, a token's expert finds its slot with probability S / (L * E) however th
 slots are spread over layers, so the expected bytes copied per token are
 ``(1 - S / (L * E)) * top_k * expert_bytes * L``. Random-init weights (synthetic
 benchmarks) route near-uniformly, which is the worst case for the cache.
+
+The loader plans the same way, from the meta skeleton it later fills: a budget that
+cannot hold the trunk, the KV and one slot per MoE layer is refused before a single
+expert (or a checksum) is read, with the leaner settings that would fit.
 """
 
 from __future__ import annotations
@@ -31,18 +36,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import ArchMap
-from .checkpoint import ConfigOnly
-from .config import EngineConfig, format_size, parse_size
-from .errors import BudgetError, ConfigError, ModelLoadError, UnsupportedModelError
-from .experts.format import ExpertFormat
-from .model import build_skeleton, head_spec, moe_info, read_config
-from .planner import Plan, kv_cache_bytes, planned_context
-from .quant import QuantSpec
+from ..arch import ArchMap
+from ..checkpoint import ConfigOnly
+from ..config import EngineConfig, format_size, parse_size
+from ..errors import BudgetError, ConfigError, ModelLoadError, UnsupportedModelError
+from ..experts.format import ExpertFormat
+from ..model import MoeInfo, build_skeleton, head_spec, module_bytes, moe_info, read_config
+from ..quant import QuantSpec
+from .slots import Plan, kv_cache_bytes, kv_plan_bytes, plan_slots, planned_context, workspace_bytes
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-KNOWN_CONFIGS = Path(__file__).parent / "data" / "known_configs"
+KNOWN_CONFIGS = Path(__file__).parents[1] / "data" / "known_configs"
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class ModelPlan:
     head_bits: int | None  # as planned: None also where a tied head stays 16-bit
     expert_bits_per_param: float
     plan: Plan
+    token_trunk_bytes: int  # trunk bytes a decoded token reads: all of it but the input embedding's other rows
     ram_bytes: int | None
     known_model: str | None = None  # the Hugging Face repository, when planned from a shipped config.json
 
@@ -165,6 +171,27 @@ def trunk_bytes(model: nn.Module, dense: dict[str, QuantSpec], arch: ArchMap) ->
     return total
 
 
+def plan_for(
+    model, hf_config, cfg, info, fmt: ExpertFormat, dtype: torch.dtype, trunk_bytes: int | None = None
+) -> Plan:
+    """The budget plan (`plan_slots`) at `cfg`'s context: for the trunk as `model` holds it
+    (on its device), or of `trunk_bytes` (a meta skeleton's, counted by `trunk_bytes`)."""
+    context = planned_context(cfg.max_context, getattr(hf_config, "max_position_embeddings", None))
+    dsize = torch.empty((), dtype=dtype).element_size()
+    return plan_slots(
+        budget=cfg.gpu_budget,
+        cache_per_layer=cfg.cache_per_layer,
+        trunk_bytes=module_bytes(model) if trunk_bytes is None else trunk_bytes,
+        kv_bytes=kv_plan_bytes(model_kv_bytes(hf_config, info.arch, context, dsize), cfg.cuda_graphs),
+        workspace=workspace_bytes(
+            info.hidden, info.intermediate, hf_config.vocab_size, min(context, cfg.prefill_chunk), dsize
+        ),
+        expert_bytes=fmt.nbytes,
+        moe_layers=len(info.layers),
+        num_experts=info.num_experts,
+    )
+
+
 class _Sizer:
     """One meta skeleton, planned at any bits, context and budget (the suggestions re-plan it)."""
 
@@ -173,12 +200,11 @@ class _Sizer:
         self._dense: dict[int, dict[str, QuantSpec]] = {}
 
     def plan(self, cfg: EngineConfig) -> tuple[ExpertFormat, Plan, QuantSpec | None]:
-        from .loader import plan_for
-        from .qformat.writer import dense_modules
+        from ..qformat.writer import dense_modules
 
         try:
             fmt = ExpertFormat.build(self.info.hidden, self.info.intermediate, cfg.experts_bits, self.dtype,
-                                     cfg.group_size)  # fmt: skip
+                                     cfg.group_size, self.info.arch.layout)  # fmt: skip
             dense = {}
             if cfg.attn_bits:
                 if cfg.attn_bits not in self._dense:
@@ -191,6 +217,16 @@ class _Sizer:
             dense["lm_head"] = head
         trunk = trunk_bytes(self.model, dense, self.info.arch)
         return fmt, plan_for(self.model, self.hf_config, cfg, self.info, fmt, self.dtype, trunk_bytes=trunk), head
+
+    def token_trunk_bytes(self, trunk: int) -> int:
+        """Of `trunk` bytes, those a decoded token reads: an input embedding the LM head does
+        not share is one row a token (the rest of the table stays in memory, unread)."""
+        emb = self.model.get_input_embeddings()
+        head = getattr(self.model, "lm_head", None)
+        w = getattr(emb, "weight", None)
+        if w is None or getattr(self.hf_config, "tie_word_embeddings", False) or getattr(head, "weight", None) is w:
+            return trunk
+        return trunk - (w.shape[0] - 1) * w[0].numel() * w.element_size()
 
     def fits(self, cfg: EngineConfig) -> Plan | None:
         try:
@@ -266,32 +302,73 @@ def _round_up(nbytes: int) -> str:
     return f"{max(1, math.ceil(nbytes / (1 << 20)))}MiB"
 
 
+@dataclass(frozen=True)
+class LoadPlan:
+    """What `moe_llm.load` knows before it reads a weight: the settings (a quantized
+    directory's stored bits adopted), the config, the meta skeleton it then fills, the MoE
+    geometry, the expert format and the budget plan."""
+
+    cfg: EngineConfig
+    hf_config: Any
+    model: nn.Module
+    info: MoeInfo
+    fmt: ExpertFormat
+    plan: Plan
+    quantized: bool
+
+
+def _stored_bits(path: Path, cfg: EngineConfig) -> tuple[EngineConfig, bool]:
+    """`cfg` with a quantized directory's stored bits (its manifest alone is read)."""
+    from ..qformat import is_quantized_dir, read_manifest, resolve_stored_bits
+
+    quantized = is_quantized_dir(path)
+    if quantized:
+        cfg = resolve_stored_bits(read_manifest(path), cfg, path.name)
+    return cfg, quantized
+
+
+def _skeleton(src: ConfigOnly, dtype: torch.dtype, known: KnownModel | None):
+    try:
+        hf_config = read_config(src)
+        model = build_skeleton(hf_config, dtype)
+        return hf_config, model, moe_info(model, hf_config)
+    except UnsupportedModelError as exc:
+        if known is None:
+            raise
+        raise UnsupportedModelError(f"{known.name} ({known.repo}) cannot be planned: {exc}") from None
+
+
+def _fitted(sizer: _Sizer, cfg: EngineConfig, quantized: bool) -> tuple[ExpertFormat, Plan, QuantSpec | None]:
+    try:
+        return sizer.plan(cfg)
+    except BudgetError as exc:
+        raise BudgetError(f"{exc}; {sizer.gpu_hint(cfg, quantized)}") from None
+
+
+def plan_load(model_dir: str | Path, cfg: EngineConfig, dtype: torch.dtype) -> LoadPlan:
+    """The loader's plan of directory `model_dir` at `cfg` and compute `dtype`, from config.json
+    (and a quantized directory's manifest) alone: a budget that cannot fit raises `BudgetError`
+    here, naming the leaner settings or the budget that would, before any weight is read."""
+    cfg, quantized = _stored_bits(Path(model_dir).expanduser(), cfg)
+    src = ConfigOnly.open(model_dir)
+    hf_config, model, info = _skeleton(src, dtype, None)
+    fmt, plan, _ = _fitted(_Sizer(model, hf_config, info, dtype), cfg, quantized)
+    return LoadPlan(cfg, hf_config, model, info, fmt, plan, quantized)
+
+
 def plan_model(model_dir: str | Path, ram: str | int | None = None, **options) -> ModelPlan:
     """Plan `model_dir` (a directory, or a known model's name: `known_model`) without loading
     weights. Options as in `moe_llm.load`; raises `BudgetError` when the model does not fit
     the GPU budget or `ram`, with the leaner settings or the budget that would."""
-    from .qformat import is_quantized_dir, read_manifest, resolve_stored_bits
-    from .settings import resolve_engine_config
+    from ..settings import resolve_engine_config
 
     cfg: EngineConfig = resolve_engine_config(options)
     with _config_source(model_dir) as (src, known):
-        quantized = is_quantized_dir(src.path)
-        if quantized:
-            cfg = resolve_stored_bits(read_manifest(src.path), cfg, src.path.name)
+        cfg, quantized = _stored_bits(src.path, cfg)
         dtype = _DTYPES[cfg.dtype or "bfloat16"]  # planning is for the GPU: bf16 unless told otherwise
-        try:
-            hf_config = read_config(src)
-            model = build_skeleton(hf_config, dtype)
-            info = moe_info(model, hf_config)
-        except UnsupportedModelError as exc:
-            if known is None:
-                raise
-            raise UnsupportedModelError(f"{known.name} ({known.repo}) cannot be planned: {exc}") from None
+        hf_config, model, info = _skeleton(src, dtype, known)
     sizer = _Sizer(model, hf_config, info, dtype)
-    try:
-        fmt, plan, head = sizer.plan(cfg)
-    except BudgetError as exc:
-        raise BudgetError(f"{exc}; {sizer.gpu_hint(cfg, quantized)}") from None
+    fmt, plan, head = _fitted(sizer, cfg, quantized)
     ram_bytes = None
     if ram is not None:
         try:
@@ -316,6 +393,7 @@ def plan_model(model_dir: str | Path, ram: str | int | None = None, **options) -
         head_bits=cfg.head_bits if head is not None else None,
         expert_bits_per_param=fmt.bits_per_param,
         plan=plan,
+        token_trunk_bytes=sizer.token_trunk_bytes(plan.trunk_bytes),
         ram_bytes=ram_bytes,
         known_model=known.repo if known else None,
     )

@@ -1,7 +1,8 @@
-"""Budget planner: how many expert slots of the one global pool fit a device memory budget.
+"""The budget arithmetic: how many expert slots of the one global pool fit a device memory budget.
 
 The budget covers everything the engine allocates on the device: the trunk
-(attention, norms, embeddings, LM head), the KV cache for the planned context,
+(attention, norms, embeddings, LM head), the KV cache for the planned context
+(`planned_context`: the one definition of how many positions the engine holds),
 activations and kernel workspace, and then the expert slot pool. The pool is
 global across MoE layers: any layer may hold any number of slots, but never
 fewer than `floor`, so every byte left after the fixed costs holds an expert.
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import format_size
-from .errors import BudgetError, ConfigError
+from ..config import format_size
+from ..errors import BudgetError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class Plan:
 
 
 def planned_context(max_context: int | None, model_max: int | None) -> int:
-    """The context the KV cache is planned (and, for graph decode, allocated) for:
+    """The context length, in positions: what the KV cache is planned (and, for graph decode,
+    allocated) for, and the most a prompt plus its new tokens may hold (`Engine.context_length`).
     `max_context` when given, else 4096, never past the model's own maximum."""
     return min(max_context or 4096, model_max or 4096)
 

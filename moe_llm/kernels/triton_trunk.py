@@ -1,0 +1,92 @@
+"""One-launch replacements for small transformers trunk ops of a decoded token, on CUDA
+(`trunk_ops.install` puts them in).
+
+A decoded token's layer was ~35 small kernels on the H200, each a few microseconds of launch
+and ramp for a few KB of data. Two ops account for about 22 of them:
+
+- RMSNorm (twice per layer): transformers runs eight kernels (to float32, pow, mean, add,
+  rsqrt, mul, to the input dtype, times the weight). `rmsnorm_row` does the same arithmetic
+  in the same dtypes in one launch; only the order of the sum of squares differs.
+- The softmax top-k router (Mixtral's): linear, float, softmax, top-k (two kernels), sum and
+  divide. `topk_router_row` does them in one launch: logits rounded to the weight's dtype as
+  F.linear returns them, softmax of those in float32, the k largest by repeated argmax (ties
+  to the lower expert id), divided by their sum. The logits' dot products are summed in
+  another order than cuBLAS's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, axis=0) / N
+    y = (x * tl.math.rsqrt(var + eps)).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    out = w.to(tl.float32) * y.to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rmsnorm_row(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm of one contiguous CUDA row x [..., N] (one row in all)."""
+    n = x.shape[-1]
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    block = triton.next_power_of_2(n)
+    _rmsnorm_kernel[(1,)](x, weight, out, n, float(eps), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return out
+
+
+@triton.jit
+def _router_kernel(
+    x_ptr, w_ptr, logits_ptr, scores_ptr, idx_ptr, H, E,
+    K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    e = tl.arange(0, EP)
+    em = e < E
+    acc = tl.zeros([EP, BLOCK_H], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        hm = h < H
+        x = tl.load(x_ptr + h, mask=hm, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e[:, None] * H + h[None, :], mask=em[:, None] & hm[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    logit = tl.sum(acc, axis=1).to(logits_ptr.dtype.element_ty)  # what F.linear returns
+    tl.store(logits_ptr + e, logit, mask=em)
+    lf = tl.where(em, logit.to(tl.float32), float("-inf"))
+    p = tl.exp(lf - tl.max(lf, axis=0))
+    p = p / tl.sum(p, axis=0)
+    kk = tl.arange(0, KP)
+    top_v = tl.zeros([KP], dtype=tl.float32)
+    top_i = tl.zeros([KP], dtype=tl.int64)
+    vals = tl.where(em, p, -1.0)
+    for j in tl.static_range(K):
+        m = tl.max(vals, axis=0)
+        i = tl.min(tl.where(vals == m, e, EP), axis=0)
+        top_v = tl.where(kk == j, m, top_v)
+        top_i = tl.where(kk == j, i.to(tl.int64), top_i)
+        vals = tl.where(e == i, -1.0, vals)
+    top_v = top_v / tl.sum(top_v, axis=0)
+    tl.store(scores_ptr + kk, top_v, mask=kk < K)
+    tl.store(idx_ptr + kk, top_i, mask=kk < K)
+
+
+def topk_router_row(x: torch.Tensor, weight: torch.Tensor, top_k: int):
+    """Mixtral's router for one contiguous CUDA row x [1, H], weight [E, H]: (logits [1, E] in
+    the promoted dtype, scores float32 [1, k], indices int64 [1, k])."""
+    e, h = weight.shape
+    logits = torch.empty(1, e, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    scores = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
+    idx = torch.empty(1, top_k, dtype=torch.int64, device=x.device)
+    ep = max(2, triton.next_power_of_2(e))
+    block_h = max(16, min(triton.next_power_of_2(h), 8192 // ep))  # 8192 fp32 partial sums
+    _router_kernel[(1,)](
+        x, weight, logits, scores, idx, h, e, K=top_k, KP=max(2, triton.next_power_of_2(top_k)), EP=ep,
+        BLOCK_H=block_h, num_warps=8,
+    )  # fmt: skip
+    return logits, scores, idx

@@ -1,0 +1,53 @@
+"""Which trunk modules get the one-launch decode kernels (`kernels.trunk_ops.install`), and
+that a patched module computes exactly transformers' forward wherever the kernels do not
+apply (CPU rows here; the kernels themselves are checked in tests/test_gpu_kernels.py)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import moe_llm.experts  # noqa: F401  (before moe_llm.kernels: the package's import order)
+from moe_llm.kernels import trunk_ops
+
+
+def _model(model_type: str, **extra):
+    cfg = AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, num_experts_per_tok=2, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _named(model, suffix: str):
+    return [m for m in model.modules() if type(m).__name__.endswith(suffix)]
+
+
+def test_mixtral_norms_and_routers_are_patched_once_and_compute_the_same_off_cuda():
+    model = _model("mixtral", num_local_experts=4)
+    norms, routers = _named(model, "RMSNorm"), _named(model, "TopKRouter")
+    assert len(norms) == 2 * 2 + 1 and len(routers) == 2  # two per layer and the final norm; one per layer
+    for m in norms + routers:
+        m.weight.data = torch.randn(m.weight.shape)
+    x = torch.randn(3, 5, 64)
+    before = [m(x) for m in norms] + [m(x.reshape(-1, 64)) for m in routers]
+    assert trunk_ops.install(model) == {"norm": len(norms), "router": len(routers)}
+    assert all("forward" in vars(m) for m in norms + routers)
+    assert trunk_ops.install(model) == {"norm": 0, "router": 0}  # idempotent
+    after = [m(x) for m in norms] + [m(x.reshape(-1, 64)) for m in routers]
+    for got, want in zip(after, before, strict=True):
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                        strict=True):  # fmt: skip
+            assert torch.equal(g, w)  # CPU rows: transformers' own forward
+    one = x[:1, :1]
+    assert torch.equal(norms[0](one), type(norms[0]).forward(norms[0], one))
+
+
+def test_modules_with_other_formulas_keep_their_forward():
+    model = _model("gpt_oss", num_local_experts=4, layer_types=["full_attention", "full_attention"])
+    assert trunk_ops.install(model) == {"norm": 0, "router": 0}  # GPT-OSS: other norm, biased router
+    qwen = _model("qwen3_moe", num_experts=4, moe_intermediate_size=32)
+    counts = trunk_ops.install(qwen)
+    assert counts["router"] == 0  # norm_topk_prob: another router formula
+    assert counts["norm"] == len([m for m in _named(qwen, "RMSNorm") if "forward" in vars(m)]) > 0
