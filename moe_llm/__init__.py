@@ -21,9 +21,9 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .checkpoint.loader import load
     from .config import EngineConfig, GenerationConfig
-    from .engine import Engine, GenerationResult, StreamChunk
-    from .loader import load
+    from .runtime.engine import Engine, GenerationResult, StreamChunk
 
 __version__ = "0.1.0"
 
@@ -31,10 +31,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "EngineConfig": ".config",
     "GenerationConfig": ".config",
-    "Engine": ".engine",
-    "GenerationResult": ".engine",
-    "StreamChunk": ".engine",
-    "load": ".loader",
+    "Engine": ".runtime.engine",
+    "GenerationResult": ".runtime.engine",
+    "StreamChunk": ".runtime.engine",
+    "load": ".checkpoint.loader",
 }
 
 __all__ = [

@@ -182,7 +182,7 @@ class EngineConfig(BaseModel):
     @field_validator("chat_template")
     @classmethod
     def _chat_template(cls, v: str | None) -> str | None:
-        from .tools import read_chat_template
+        from .serve.tools import read_chat_template
 
         return None if v is None else read_chat_template(v)
 

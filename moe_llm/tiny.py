@@ -233,8 +233,8 @@ def to_mxfp4(src: str | Path, dst: str | Path) -> Path:
 
     from safetensors.torch import load_file
 
-    from .qformat import mxfp4
-    from .qformat.safetensors_io import save_safetensors
+    from .checkpoint.qformat import mxfp4
+    from .checkpoint.qformat.safetensors_io import save_safetensors
 
     src, dst = Path(src), Path(dst)
     shutil.copytree(src, dst)
@@ -290,7 +290,7 @@ def shard_groups(sizes: list[int], shards: int) -> list[list[int]]:
 
 def _write_shards(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:
     """`model.safetensors`, or `model-0000i-of-0000N.safetensors` and the index transformers writes."""
-    from .qformat.safetensors_io import save_safetensors
+    from .checkpoint.qformat.safetensors_io import save_safetensors
 
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # an earlier run's shards

@@ -76,7 +76,9 @@ def one_call(fmt: ExpertFormat, bufs: list[torch.Tensor], x: torch.Tensor, threa
     return lambda i: experts_mlp(x, [bufs[i], bufs[(i + 1) % len(bufs)]], [0.6, 0.4], fmt, threads=threads)
 
 
-def report(label: str, call, n: int, fmt: ExpertFormat, bw: float, n_buf: int, repeats: int, gap_s: float = 0.0) -> None:
+def report(
+    label: str, call, n: int, fmt: ExpertFormat, bw: float, n_buf: int, repeats: int, gap_s: float = 0.0
+) -> None:
     times = time_calls(call, n_buf, repeats, gap_s)
     med, best = statistics.median(times), min(times)
     g_med, g_best = n * fmt.nbytes / med / 1e9, n * fmt.nbytes / best / 1e9
@@ -119,7 +121,9 @@ def main() -> None:
         report(f" top-2 x{t}", one_call(fmt, bufs, x, t, 2), 2, fmt, bw[t], n_buf, args.repeats)
         for gap in args.gaps_ms:
             for t in thread_counts:
-                report(f"{t:>3} @{gap:g}ms", one_call(fmt, bufs, x, t, 1), 1, fmt, bw[t], n_buf, args.repeats, gap / 1e3)
+                report(
+                    f"{t:>3} @{gap:g}ms", one_call(fmt, bufs, x, t, 1), 1, fmt, bw[t], n_buf, args.repeats, gap / 1e3
+                )
 
 
 if __name__ == "__main__":

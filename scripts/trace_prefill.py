@@ -53,17 +53,23 @@ def main() -> None:
     t_first = min(e["ts"] for e in dev)
     t_last = max(e["ts"] + e["dur"] for e in dev)
     busy = sum(e["dur"] for e in h2d)
-    print(f"device span {(t_last - t_first) / 1e3:.1f} ms, H2D busy {busy / 1e3:.1f} ms in {len(h2d)} copies, "
-          f"{sum(e['args'].get('bytes', 0) for e in h2d) / 1e9:.2f} GB; kernels {sum(e['dur'] for e in kern) / 1e3:.1f} ms")
-    print(f"before the first H2D: {(h2d[0]['ts'] - t_first) / 1e3:.2f} ms; after the last: {(t_last - h2d[-1]['ts'] - h2d[-1]['dur']) / 1e3:.2f} ms")
+    print(
+        f"device span {(t_last - t_first) / 1e3:.1f} ms, H2D busy {busy / 1e3:.1f} ms in {len(h2d)} copies, "
+        f"{sum(e['args'].get('bytes', 0) for e in h2d) / 1e9:.2f} GB; kernels {sum(e['dur'] for e in kern) / 1e3:.1f} ms"
+    )
+    print(
+        f"before the first H2D: {(h2d[0]['ts'] - t_first) / 1e3:.2f} ms; after the last: {(t_last - h2d[-1]['ts'] - h2d[-1]['dur']) / 1e3:.2f} ms"
+    )
     gaps = []
     for a, b in zip(h2d, h2d[1:], strict=False):
         g = b["ts"] - (a["ts"] + a["dur"])
         if g > 0:
             gaps.append((g, a["ts"] + a["dur"], b["ts"]))
     gaps.sort(reverse=True)
-    print(f"H2D gaps: {len(gaps)}, total {sum(g for g, _, _ in gaps) / 1e3:.1f} ms, over 0.2 ms: "
-          f"{sum(g for g, _, _ in gaps if g > 200) / 1e3:.1f} ms in {sum(1 for g, _, _ in gaps if g > 200)}")
+    print(
+        f"H2D gaps: {len(gaps)}, total {sum(g for g, _, _ in gaps) / 1e3:.1f} ms, over 0.2 ms: "
+        f"{sum(g for g, _, _ in gaps if g > 200) / 1e3:.1f} ms in {sum(1 for g, _, _ in gaps if g > 200)}"
+    )
     for g, s, e in gaps[: args.gaps]:
         ops = {}
         for c in cpu:
@@ -72,8 +78,11 @@ def main() -> None:
                 ops[c["name"]] = ops.get(c["name"], 0) + (hi - lo)
         top = sorted(ops.items(), key=lambda kv: -kv[1])[:6]
         ks = [k["name"][:40] for k in kern if s <= k["ts"] < e][:4]
-        print(f" gap {g / 1e3:6.2f} ms at {(s - t_first) / 1e3:7.1f} ms: host " +
-              ", ".join(f"{n[:38]} {d / 1e3:.2f}" for n, d in top) + f" | kernels {ks}")
+        print(
+            f" gap {g / 1e3:6.2f} ms at {(s - t_first) / 1e3:7.1f} ms: host "
+            + ", ".join(f"{n[:38]} {d / 1e3:.2f}" for n, d in top)
+            + f" | kernels {ks}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import moe_llm
-from moe_llm.arch import FAMILIES, arch_for_type, contract_problem, resolve_arch
-from moe_llm.model import build_skeleton
+from moe_llm.checkpoint.arch import FAMILIES, arch_for_type, contract_problem, resolve_arch
+from moe_llm.checkpoint.model import build_skeleton
 from moe_llm.planning import model_kv_bytes, plan_model
 from moe_llm.tiny import make_tiny, tiny_config
 
@@ -85,7 +85,7 @@ def test_saved_buffers_reach_the_trunk(tmp_path, one_thread):
 
 
 def test_routers_stay_16_bit_when_dense_layers_are_quantized(tmp_path, one_thread):
-    from moe_llm.quant_linear import QuantLinear
+    from moe_llm.runtime.quant_linear import QuantLinear
 
     engine = moe_llm.load(make_tiny(tmp_path / "hy", "hunyuan_v1_moe"), cache_per_layer=2, attn_bits=4)
     layer = engine.model.model.layers[0]
@@ -144,7 +144,7 @@ def test_mxfp4_experts_are_read_one_at_a_time_in_the_canonical_layout(tmp_path, 
     and running such a checkpoint: tests/test_gpt_oss.py)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from moe_llm.checkpoint import Checkpoint
+    from moe_llm.checkpoint.source import Checkpoint
     from moe_llm.experts.format import ExpertFormat
 
     bf16 = make_tiny(tmp_path / "bf16", "gpt_oss", fused=True, overrides={"hidden_size": 64, "intermediate_size": 64})

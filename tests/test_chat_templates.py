@@ -14,7 +14,7 @@ import pytest
 import moe_llm
 from moe_llm.config import EngineConfig
 from moe_llm.errors import ConfigError
-from moe_llm.tools import GENERIC_STOP, render_chat
+from moe_llm.serve.tools import GENERIC_STOP, render_chat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ import torch
 
 import moe_llm
 from moe_llm.defaults import default_model_dir, shipped_demo_dir
-from moe_llm.evaluate import perplexity, tokenize_text
+from moe_llm.eval.evaluate import perplexity, tokenize_text
 
 DEMO = shipped_demo_dir()
 pytestmark = pytest.mark.skipif(DEMO is None, reason="the demo model is not installed")

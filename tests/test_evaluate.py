@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_llm.cli import main
-from moe_llm.evaluate import (
+from moe_llm.eval.evaluate import (
     evenly_spaced,
     lru_hit_rate,
     perplexity,

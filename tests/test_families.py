@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import moe_llm
-from moe_llm.arch import FAMILIES, GENERIC_VERIFIED
+from moe_llm.checkpoint.arch import FAMILIES, GENERIC_VERIFIED
 from moe_llm.errors import MoeLLMError
 from moe_llm.tiny import TINY_LAYERS, make_tiny
 
@@ -133,7 +133,7 @@ def test_graph_decode_trunk_equals_transformers_or_names_why_not(tmp_path, famil
     """CUDA-graph decode calls the decoder layers itself (static KV, explicit mask): run that
     trunk eagerly here; where it cannot compute what transformers computes, `unsupported_reason`
     must say so (the engine then decodes eagerly), never differ silently."""
-    from moe_llm.decode_graph import GraphDecoder, unsupported_reason
+    from moe_llm.runtime.decode_graph import GraphDecoder, unsupported_reason
 
     engine = moe_llm.load(make_tiny(tmp_path / family, family, layers=LAYERS.get(family, 2)), cache_per_layer=2)
     if unsupported_reason(engine.model, engine.hf_config) is not None:

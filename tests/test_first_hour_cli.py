@@ -66,7 +66,7 @@ def test_help_and_version_import_neither_torch_nor_transformers(argv):
 def test_public_names_still_resolve_lazily():
     for name in moe_llm.__all__:
         assert getattr(moe_llm, name) is not None
-    assert moe_llm.load.__module__ == "moe_llm.loader" and moe_llm.Engine.__name__ == "Engine"
+    assert moe_llm.load.__module__ == "moe_llm.checkpoint.loader" and moe_llm.Engine.__name__ == "Engine"
     assert set(moe_llm.__all__) <= set(dir(moe_llm))
 
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from moe_llm.checkpoint import Checkpoint
+from moe_llm.checkpoint.source import Checkpoint
 from moe_llm.tiny import make_tiny
 
 CLI = [sys.executable, "-m", "moe_llm"]
@@ -93,7 +93,7 @@ def umask():
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_quantize_writes_files_with_the_usual_mode(tiny_mixtral, tmp_path, umask, mask, one_thread):
-    from moe_llm.qformat import quantize_checkpoint
+    from moe_llm.checkpoint.qformat import quantize_checkpoint
 
     umask(mask)
     out = tmp_path / "q"

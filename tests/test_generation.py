@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_llm.sampling import sample
-from moe_llm.textstream import TextStream
+from moe_llm.runtime.sampling import sample
+from moe_llm.runtime.textstream import TextStream
 
 
 def test_temperature_zero_is_argmax():

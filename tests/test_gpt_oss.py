@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import moe_llm
-from moe_llm.arch import FAMILIES, contract_problem
+from moe_llm.checkpoint.arch import FAMILIES, contract_problem
 from moe_llm.errors import ConfigError
 from moe_llm.tiny import make_tiny, to_mxfp4
 
@@ -68,7 +68,7 @@ def test_clamped_swiglu_is_transformers_gate():
 
 
 def test_the_map_declares_the_layout_transformers_uses():
-    from moe_llm.model import build_skeleton
+    from moe_llm.checkpoint.model import build_skeleton
     from moe_llm.tiny import tiny_config
 
     experts = build_skeleton(tiny_config("gpt_oss", 512), torch.float32).model.layers[0].mlp.experts
@@ -95,7 +95,7 @@ def test_sliding_window_and_sinks_through_the_engine_equal_transformers(dirs, wh
 def test_mxfp4_checkpoint_loads_expert_by_expert_and_equals_transformers(dirs, monkeypatch):
     from safetensors import safe_open
 
-    from moe_llm.qformat import mxfp4
+    from moe_llm.checkpoint.qformat import mxfp4
 
     with safe_open(str(dirs["mxfp4"] / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -152,7 +152,7 @@ def test_biased_experts_never_reach_the_compiled_kernels(dirs, tiny_mixtral):
 def test_quantize_once_keeps_the_biases(dirs, tmp_path):
     """`moe-llm quantize` of the MXFP4 checkpoint: each expert's buffer holds its biases, and the
     directory gives the tokens of quantizing at load time."""
-    from moe_llm.qformat import quantize_checkpoint
+    from moe_llm.checkpoint.qformat import quantize_checkpoint
 
     manifest = quantize_checkpoint(dirs["mxfp4"], tmp_path / "q4", experts_bits=4, attn_bits=None)
     names = [entry[0] for entry in manifest.experts.layout]

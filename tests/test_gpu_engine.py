@@ -117,7 +117,7 @@ def _long_prompt(engine, n: int) -> list[int]:
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
 def test_graph_decode_equals_eager_decode(tiny_dirs, family):
     """fp32, 2-bit experts: graph replay gives the eager engine's tokens, across a window change."""
-    from moe_llm.decode_graph import MIN_WINDOW
+    from moe_llm.runtime.decode_graph import MIN_WINDOW
 
     opts = dict(device="cuda", dtype="float32", experts_bits=2, cache_per_layer=2)
     graph = moe_llm.load(tiny_dirs[family], **opts)
@@ -133,7 +133,7 @@ def test_graph_decode_equals_eager_decode(tiny_dirs, family):
 
 
 def test_graph_capture_failure_falls_back_to_eager(tiny_mixtral, monkeypatch, caplog):
-    from moe_llm.decode_graph import GraphDecoder
+    from moe_llm.runtime.decode_graph import GraphDecoder
 
     opts = dict(device="cuda", dtype="float32", experts_bits=2, cache_per_layer=2)
     want = moe_llm.load(tiny_mixtral, cuda_graphs=False, **opts).generate(PROMPT, max_new_tokens=NEW).token_ids

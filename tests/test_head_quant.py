@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import moe_llm
-from moe_llm.model import build_skeleton, head_spec, quantize_head
+from moe_llm.checkpoint.model import build_skeleton, head_spec, quantize_head
 from moe_llm.quant import compact
-from moe_llm.quant_linear import QuantLinear
+from moe_llm.runtime.quant_linear import QuantLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +79,7 @@ def test_a_tied_head_is_refused_with_a_log_line(caplog):
     cfg.tie_word_embeddings = True
     model = AutoModelForCausalLM.from_config(cfg)
     assert model.lm_head.weight is model.get_input_embeddings().weight
-    with caplog.at_level(logging.INFO, logger="moe_llm.model"):
+    with caplog.at_level(logging.INFO, logger="moe_llm.checkpoint.model"):
         assert quantize_head(model, 4, torch.float32, torch.device("cpu")) is False
     assert "tied" in caplog.text
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.get_input_embeddings().weight

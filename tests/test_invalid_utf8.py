@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from moe_llm.errors import InputError
-from moe_llm.tools import render_chat
+from moe_llm.serve.tools import render_chat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 import moe_llm
-from moe_llm.checkpoint import Checkpoint
+from moe_llm.checkpoint.source import Checkpoint
 from moe_llm.errors import BudgetError, InputError
 from moe_llm.experts.store import ExpertStore
 from moe_llm.planning import plan_model, planned_context
@@ -60,7 +60,7 @@ def test_a_budget_that_cannot_fit_fails_before_any_weight_is_read(tiny_mixtral, 
 
 
 def test_a_quantized_directory_is_refused_before_its_checksums_are_read(tiny_mixtral, tmp_path, monkeypatch):
-    from moe_llm.qformat import quantize_checkpoint, reader
+    from moe_llm.checkpoint.qformat import quantize_checkpoint, reader
 
     out = tmp_path / "q4"
     quantize_checkpoint(tiny_mixtral, out, experts_bits=4, attn_bits=None, device="cpu")
@@ -97,7 +97,7 @@ def test_a_quantized_directory_is_refused_before_its_checksums_are_read(tiny_mix
 )
 def test_the_loader_allocates_the_plan_made_from_the_meta_skeleton(tiny_dirs, family, options, caplog):
     planned = plan_model(tiny_dirs[family], dtype="float32", gpu_budget="1GiB", **options)
-    with caplog.at_level(logging.WARNING, logger="moe_llm.loader"):
+    with caplog.at_level(logging.WARNING, logger="moe_llm.checkpoint.loader"):
         engine = moe_llm.load(tiny_dirs[family], gpu_budget="1GiB", **options)
     assert "re-planning" not in caplog.text  # the trunk on the device holds what the meta count said
     assert engine.plan == planned.plan and engine.plan.trunk_bytes > 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moe_llm
-from moe_llm.prefix_cache import PrefixCache
+from moe_llm.runtime.prefix_cache import PrefixCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

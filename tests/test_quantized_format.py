@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import moe_llm
+from moe_llm.checkpoint.qformat import FORMAT_VERSION, MANIFEST, quantize_checkpoint, read_manifest
+from moe_llm.checkpoint.qformat.manifest import sha256_file
 from moe_llm.errors import CheckpointIntegrityError, ConfigError
-from moe_llm.qformat import FORMAT_VERSION, MANIFEST, quantize_checkpoint, read_manifest
-from moe_llm.qformat.manifest import sha256_file
 from moe_llm.tiny import make_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")

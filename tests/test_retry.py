@@ -68,7 +68,7 @@ def test_is_oom():
 
 def test_load_shrinks_the_cache_on_out_of_memory(tiny_mixtral, monkeypatch):
     import moe_llm
-    from moe_llm import loader
+    from moe_llm.checkpoint import loader
 
     real = loader.ExpertCache
 

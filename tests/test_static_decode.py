@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moe_llm
-from moe_llm.decode_graph import MIN_WINDOW, GraphDecoder, unsupported_reason
+from moe_llm.runtime.decode_graph import MIN_WINDOW, GraphDecoder, unsupported_reason
 
 NEW = 12
 PROMPT_TEXT = "Experts live in host memory"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import moe_llm
-from moe_llm.decode_graph import GraphDecoder, _WriteThroughLayer
+from moe_llm.runtime.decode_graph import GraphDecoder, _WriteThroughLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import Engine
+from ..runtime.engine import Engine
 from .kernels import kernel_timings
 from .synthetic import SyntheticModel
 

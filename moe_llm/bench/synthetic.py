@@ -20,16 +20,23 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..arch import ArchMap
+from ..checkpoint.arch import ArchMap
+from ..checkpoint.loader import assemble
+from ..checkpoint.model import (
+    _rebuild_meta_buffers,
+    _set_tensor,
+    build_skeleton,
+    decoder_layers,
+    moe_info,
+    quantize_head,
+)
 from ..config import EngineConfig
-from ..engine import Engine
 from ..experts.format import ExpertFormat
 from ..experts.store import ExpertStore
-from ..loader import assemble
-from ..model import _rebuild_meta_buffers, _set_tensor, build_skeleton, decoder_layers, moe_info, quantize_head
 from ..planning import plan_for
 from ..quant import QuantSpec, pick_group_size
-from ..quant_linear import QuantLinear
+from ..runtime.engine import Engine
+from ..runtime.quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ def _check_window(window: int, stride: int | None, max_windows: int | None) -> N
 
 def _engine_and_ids(model_dir: Path, text_file: Path, device, experts_bits, attn_bits, quiet: bool):
     """Read the text (before the slow model load, so a bad path fails fast), load, tokenize."""
-    from ..evaluate import tokenize_text
+    from ..eval.evaluate import tokenize_text
 
     text = _read_text(text_file)
     engine = load_engine(model_dir, device, experts_bits, attn_bits, None, None, False, quiet=quiet)
@@ -65,7 +65,7 @@ def perplexity(
     as_json: bool = JsonOpt,
 ):
     """Sliding-window perplexity of a text file: {"perplexity": ..., "tokens": ...}."""
-    from ..evaluate import perplexity as measure
+    from ..eval.evaluate import perplexity as measure
 
     _check_window(window, stride, max_windows)
     engine, ids = _engine_and_ids(model_dir, text_file, device, experts_bits, attn_bits, as_json)
@@ -96,7 +96,7 @@ def trace(
     as_json: bool = JsonOpt,
 ):
     """Routing statistics over a text: LRU hit rate per cache size, prefetch recall per distance."""
-    from ..evaluate import routing_report, trace_routing
+    from ..eval.evaluate import routing_report, trace_routing
 
     _check_window(window, None, max_windows)
     engine, ids = _engine_and_ids(model_dir, text_file, device, "none", "none", as_json)

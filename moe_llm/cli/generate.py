@@ -70,7 +70,7 @@ def generate(
 ):
     """Generate text from a prompt, streaming tokens (or one JSON object with --json)."""
     from ..config import GenerationConfig
-    from ..tools import ensure_utf8
+    from ..serve.tools import ensure_utf8
 
     opts = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []

@@ -23,9 +23,9 @@ def quantize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Quantize SRC_DIR to OUT_DIR (safetensors + manifest); `moe_llm.load(OUT_DIR)` then skips hqq."""
+    from ..checkpoint.qformat import QuantizeProgress, quantize_checkpoint
     from ..config import format_size
     from ..errors import ConfigError
-    from ..qformat import QuantizeProgress, quantize_checkpoint
 
     quiet_transformers()
     eb = parse_bits(experts_bits, (2, 3, 4), "--experts-bits")

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..stats import Stats
+from ..runtime.stats import Stats
 from .policy import Key, make_policy
 from .store import ExpertStore
 

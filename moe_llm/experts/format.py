@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..arch.spec import ExpertLayout as ExpertMath
+from ..checkpoint.arch.spec import ExpertLayout as ExpertMath
 from ..quant import ExpertLayout, QuantSpec, compact, pick_group_size
 
 MATRICES = ("gate_up_proj", "down_proj")

@@ -36,12 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import ArchMap
-from ..checkpoint import ConfigOnly
+from ..checkpoint.arch import ArchMap
+from ..checkpoint.model import MoeInfo, build_skeleton, head_spec, module_bytes, moe_info, read_config
+from ..checkpoint.source import ConfigOnly
 from ..config import EngineConfig, format_size, parse_size
 from ..errors import BudgetError, ConfigError, ModelLoadError, UnsupportedModelError
 from ..experts.format import ExpertFormat
-from ..model import MoeInfo, build_skeleton, head_spec, module_bytes, moe_info, read_config
 from ..quant import QuantSpec
 from .slots import Plan, kv_cache_bytes, kv_plan_bytes, plan_slots, planned_context, workspace_bytes
 
@@ -200,7 +200,7 @@ class _Sizer:
         self._dense: dict[int, dict[str, QuantSpec]] = {}
 
     def plan(self, cfg: EngineConfig) -> tuple[ExpertFormat, Plan, QuantSpec | None]:
-        from ..qformat.writer import dense_modules
+        from ..checkpoint.qformat.writer import dense_modules
 
         try:
             fmt = ExpertFormat.build(self.info.hidden, self.info.intermediate, cfg.experts_bits, self.dtype,
@@ -319,7 +319,7 @@ class LoadPlan:
 
 def _stored_bits(path: Path, cfg: EngineConfig) -> tuple[EngineConfig, bool]:
     """`cfg` with a quantized directory's stored bits (its manifest alone is read)."""
-    from ..qformat import is_quantized_dir, read_manifest, resolve_stored_bits
+    from ..checkpoint.qformat import is_quantized_dir, read_manifest, resolve_stored_bits
 
     quantized = is_quantized_dir(path)
     if quantized:

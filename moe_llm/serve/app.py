@@ -25,14 +25,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..aio import aiterate
-from ..batching import QueueFullError
-from ..engine import Engine, StreamChunk
 from ..errors import InputError, MoeLLMError
-from ..tools import ToolCallStream, parse_tool_calls
+from ..runtime.batching import QueueFullError
+from ..runtime.engine import Engine, StreamChunk
+from .aio import aiterate
 from .expert_view import ExpertView
 from .metrics import prometheus_text
 from .protocol import ChatCompletionRequest, CompletionRequest, UnsupportedError
+from .tools import ToolCallStream, parse_tool_calls
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..engine import Engine
 from ..experts.runtime import OffloadedExperts
+from ..runtime.engine import Engine
 
 
 class ExpertView:

@@ -14,8 +14,8 @@ from collections import deque
 import pytest
 
 from moe_llm.config import GenerationConfig
-from moe_llm.engine import StreamChunk
-from moe_llm.textstream import TextStream
+from moe_llm.runtime.engine import StreamChunk
+from moe_llm.runtime.textstream import TextStream
 
 
 class ScriptedEngine:

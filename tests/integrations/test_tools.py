@@ -1,4 +1,4 @@
-"""Tool-call rendering and parsing (`moe_llm.tools`), pure functions on text and the tiny tokenizer."""
+"""Tool-call rendering and parsing (`moe_llm.serve.tools`), pure functions on text and the tiny tokenizer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moe_llm.tools import (
+from moe_llm.serve.tools import (
     ToolCallStream,
     forced_prefill,
     merge_consecutive,

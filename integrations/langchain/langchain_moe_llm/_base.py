@@ -13,8 +13,8 @@ from typing import Any
 from langchain_core.language_models import LangSmithParams
 from pydantic import Field, PrivateAttr, model_validator
 
-from moe_llm.adapters import EngineOptions
-from moe_llm.tools import ensure_utf8
+from moe_llm.serve.adapters import EngineOptions
+from moe_llm.serve.tools import ensure_utf8
 
 # per-call kwargs that map onto the engine's generation options
 _CALL_OPTIONS = {

@@ -25,9 +25,9 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
-from moe_llm.aio import astream
-from moe_llm.engine import StreamChunk
-from moe_llm.tools import ChatPrompt, ToolCallStream, normalize_tool_choice
+from moe_llm.runtime.engine import StreamChunk
+from moe_llm.serve.aio import astream
+from moe_llm.serve.tools import ChatPrompt, ToolCallStream, normalize_tool_choice
 
 from ._base import MoeParams, usage
 from .structured import JsonReplyParser, ToolCallReplyParser

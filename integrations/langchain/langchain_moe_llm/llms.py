@@ -9,8 +9,8 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from moe_llm.aio import astream
-from moe_llm.engine import StreamChunk
+from moe_llm.runtime.engine import StreamChunk
+from moe_llm.serve.aio import astream
 
 from ._base import MoeParams, usage
 

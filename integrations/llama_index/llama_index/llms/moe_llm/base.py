@@ -5,7 +5,7 @@ model's chat template (`Engine.chat_prompt`; the generic ChatML one on a
 checkpoint without a template), so query and chat engines (which call `chat`
 when `metadata.is_chat_model`) get the model's own turn format. Tools passed to
 `chat(..., tools=...)` (what `chat_with_tools`, `FunctionAgent` and
-`structured_predict` do) are rendered and parsed by `moe_llm.tools`; calls come
+`structured_predict` do) are rendered and parsed by `moe_llm.serve.tools`; calls come
 back as `ToolCallBlock`s of the reply, and a stream holds a call back until it
 is complete, so deltas never show call syntax. Streaming responses carry the
 running text and the delta; the last one carries usage in `raw["usage"]`, which
@@ -38,10 +38,10 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from moe_llm.adapters import EngineOptions, usage_counts
-from moe_llm.aio import astream
-from moe_llm.engine import Engine, StreamChunk
-from moe_llm.tools import ChatPrompt, ToolCallStream
+from moe_llm.runtime.engine import Engine, StreamChunk
+from moe_llm.serve.adapters import EngineOptions, usage_counts
+from moe_llm.serve.aio import astream
+from moe_llm.serve.tools import ChatPrompt, ToolCallStream
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool

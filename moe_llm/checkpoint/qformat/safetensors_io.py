@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointIntegrityError
+from ...errors import CheckpointIntegrityError
 
 DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .config import GenerationConfig
+from ..config import GenerationConfig
 from .stats import Stats
 from .textstream import TextStream
 

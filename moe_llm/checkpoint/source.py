@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointIntegrityError, ModelLoadError
 from .arch import ArchMap, CheckpointKeys, arch_for_type
-from .errors import CheckpointIntegrityError, ModelLoadError
 
 
 def canonical_name(key: str, keys: CheckpointKeys | None = None) -> str:

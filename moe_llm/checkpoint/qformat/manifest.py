@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import CheckpointIntegrityError
+from ...errors import CheckpointIntegrityError
 
 FORMAT_NAME = "moe-llm-quantized"
 FORMAT_VERSION = 1

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ...errors import UnsupportedModelError
 from .families import FAMILIES, GENERIC_VERIFIED
 from .spec import ArchMap, CheckpointKeys, ExpertLayout
 
@@ -55,7 +55,7 @@ def arch_for_type(model_type: str | None) -> ArchMap:
 
 
 def _is_offloaded(mod) -> bool:
-    from ..experts.runtime import OffloadedExperts
+    from ...experts.runtime import OffloadedExperts
 
     return isinstance(mod, OffloadedExperts)
 
@@ -153,7 +153,7 @@ def contract_problem(experts: nn.Module, layout: ExpertLayout = ExpertLayout()) 
     if getattr(experts, "has_post_expert_norm", False):
         return "experts with a norm after each expert are not supported"
     if layout.activation != "act_fn":  # the map names the activation the engine computes
-        from ..experts.compute import ACTIVATIONS
+        from ...experts.compute import ACTIVATIONS
 
         args = ACTIVATIONS.get(layout.activation, (None, ()))[1]
         if layout.activation not in ACTIVATIONS or not all(_is_number(getattr(experts, a, None)) for a in args):
@@ -175,7 +175,7 @@ def _bound_layout(layout: ExpertLayout, experts: nn.Module) -> ExpertLayout:
     """`layout` with its named activation's arguments read off transformers' experts module."""
     if layout.activation == "act_fn":
         return layout
-    from ..experts.compute import ACTIVATIONS
+    from ...experts.compute import ACTIVATIONS
 
     args = tuple((a, float(getattr(experts, a))) for a in ACTIVATIONS[layout.activation][1])
     return dataclasses.replace(layout, act_args=args)

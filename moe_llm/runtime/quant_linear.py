@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import quant_linear
-from .quant import QuantSpec, compact, pick_group_size
+from ..kernels import quant_linear
+from ..quant import QuantSpec, compact, pick_group_size
 
 
 class QuantLinear(nn.Module):

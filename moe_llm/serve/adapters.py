@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .engine import Engine
+from ..runtime.engine import Engine
 
 
 class EngineOptions(BaseModel):
@@ -34,7 +34,7 @@ class EngineOptions(BaseModel):
             return engine
         if self.model_path is None:
             raise ValueError("give model_path= (a checkpoint directory) or engine= (a loaded moe_llm.Engine)")
-        from .loader import load
+        from ..checkpoint.loader import load
 
         device = self.device
         if device is None:

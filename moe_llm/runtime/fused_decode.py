@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .arch import resolve_arch
+from ..checkpoint.arch import resolve_arch
 
 if TYPE_CHECKING:
     from .engine import Engine

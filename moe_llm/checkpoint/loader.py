@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
-from .engine import Engine
-from .errors import ConfigError, ModelLoadError
-from .experts import ExpertCache, ExpertFormat, ExpertsRuntime, OffloadedExperts, PromptPrefetcher
+from ..errors import ConfigError, ModelLoadError
+from ..experts import ExpertCache, ExpertFormat, ExpertsRuntime, OffloadedExperts, PromptPrefetcher
+from ..planning import Plan, plan_for, plan_load
+from ..retry import allocate_shrinking
+from ..runtime.engine import Engine
+from ..runtime.stats import Stats
+from ..settings import resolve_engine_config
 from .model import decoder_layers, fill_store, load_trunk, module_bytes, quantize_dense, quantize_head
-from .planning import Plan, plan_for, plan_load
 from .qformat import QuantizedCheckpoint
-from .retry import allocate_shrinking
-from .settings import resolve_engine_config
-from .stats import Stats
+from .source import Checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import GenerationConfig
+from ..config import GenerationConfig
+from ..errors import MoeLLMError
 from .decode_graph import take_back
-from .errors import MoeLLMError
 from .fused_decode import FusedDecode
 from .prefill import Prefill
 from .prefix_cache import PrefixCache

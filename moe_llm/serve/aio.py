@@ -3,7 +3,7 @@
 Generation is synchronous compute. `astream` runs the engine's stream in a worker
 thread (one per request) and hands each chunk to the loop through an
 `asyncio.Queue`, so the loop keeps serving other tasks between tokens. Concurrent
-requests share the engine's batch (`moe_llm.batching`) from their worker threads, never
+requests share the engine's batch (`moe_llm.runtime.batching`) from their worker threads, never
 blocking the loop. A consumer that stops early (or is cancelled, e.g. a client that
 disconnects) sets a flag; the worker then closes the stream, which takes the request
 out of the batch.
@@ -16,7 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from .engine import Engine, StreamChunk
+from ..runtime.engine import Engine, StreamChunk
 
 _DONE = object()
 

@@ -31,7 +31,7 @@ from functools import cache
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .arch import resolve_arch
+from ..checkpoint.arch import resolve_arch
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Engine: prefill, decode, stream, on top of the offloaded transformers trunk.
 
 `Engine.stream` is the core generator: tokenize (chat template for message
-lists; a checkpoint without one gets the generic template of `moe_llm.tools`,
+lists; a checkpoint without one gets the generic template of `moe_llm.serve.tools`,
 with one warning per engine), then hand the request to the engine's `Batcher`
-(`moe_llm.batching`), which prefills it in chunks into its own `DynamicCache` (after
+(`moe_llm.runtime.batching`), which prefills it in chunks into its own `DynamicCache` (after
 restoring the longest prefix of the prompt that the prefix cache holds, to the token:
-`moe_llm.prefill`) and decodes it one token a step together with every other request
+`moe_llm.runtime.prefill`) and decodes it one token a step together with every other request
 on the engine, yielding text deltas. `generate`
 drains `stream`, so threads sharing one engine share the batch. A FIFO lock keeps
 steps and other model calls (`logits`, `reset_cache`) apart; a consumer that abandons
@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
+from ..config import EngineConfig, GenerationConfig
+from ..errors import ConfigError, InputError
+from ..experts.runtime import ExpertsRuntime
+from ..planning import Plan, planned_context
+from ..serve.tools import GENERIC_CHAT_TEMPLATE, ChatPrompt, check_renders, ensure_utf8, render_chat
 from .batching import Batcher, RequestStream
-from .config import EngineConfig, GenerationConfig
-from .errors import ConfigError, InputError
-from .experts.runtime import ExpertsRuntime
-from .planning import Plan, planned_context
 from .prefix_cache import PrefixCache
-from .tools import GENERIC_CHAT_TEMPLATE, ChatPrompt, check_renders, ensure_utf8, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Engine:
         if self.device.type == "cuda" and self.fmt.bits is not None:
             # quantized decode on CUDA: norms and router in one launch each per token (with
             # quantization off the trunk runs transformers' modules verbatim: the oracle)
-            from .kernels import trunk_ops
+            from ..kernels import trunk_ops
 
             trunk_ops.install(model)
         self.graphs = self._graph_decoder(exact)

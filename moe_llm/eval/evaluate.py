@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .arch import ArchMap, resolve_arch
+from ..checkpoint.arch import ArchMap, resolve_arch
 
 CACHE_SIZES = tuple(range(1, 8))
 PREFETCH_COUNTS = (1, 2, 3, 4)

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import EngineConfig
-from ..errors import CheckpointIntegrityError, ConfigError, ModelLoadError
-from ..experts.format import ExpertFormat
-from ..experts.store import ExpertStore
-from ..quant import QuantSpec
-from ..quant_linear import QuantLinear
+from ...config import EngineConfig
+from ...errors import CheckpointIntegrityError, ConfigError, ModelLoadError
+from ...experts.format import ExpertFormat
+from ...experts.store import ExpertStore
+from ...quant import QuantSpec
+from ...runtime.quant_linear import QuantLinear
 from .manifest import MANIFEST, METADATA_TAG, Manifest, read_manifest, verify_files
 from .safetensors_io import DTYPES, MappedFile, read_header
 from .writer import layout_entries

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...errors import CheckpointIntegrityError, ConfigError
+from ...experts.format import ExpertFormat
+from ...quant import QuantSpec, compact, pick_group_size
+from ...quant.compact import META_GROUP
 from ..arch import ArchMap
-from ..checkpoint import Checkpoint
-from ..errors import CheckpointIntegrityError, ConfigError
-from ..experts.format import ExpertFormat
 from ..model import MoeInfo, build_skeleton, decoder_layers, moe_info, persistent_buffers, read_config
-from ..quant import QuantSpec, compact, pick_group_size
-from ..quant.compact import META_GROUP
+from ..source import Checkpoint
 from .manifest import (
     EXPERT_KEY,
     MANIFEST,
@@ -113,7 +113,7 @@ def quantize_checkpoint(
     progress: Callable[[QuantizeProgress], None] | None = None,
 ) -> Manifest:
     """Write the quantized form of checkpoint `src` to `out`; returns its manifest."""
-    from .. import __version__
+    from ... import __version__
 
     if experts_bits not in (2, 3, 4):
         raise ConfigError(f"experts_bits must be 2, 3 or 4, got {experts_bits!r}")

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import CheckpointIntegrityError, ModelLoadError, UnsupportedModelError
+from ..experts.format import ExpertFormat
+from ..experts.store import ExpertStore
+from ..quant import QuantSpec, pick_group_size
+from ..runtime.quant_linear import QuantLinear
 from .arch import ArchMap, bind, resolve_arch
-from .checkpoint import Checkpoint
-from .errors import CheckpointIntegrityError, ModelLoadError, UnsupportedModelError
-from .experts.format import ExpertFormat
-from .experts.store import ExpertStore
-from .quant import QuantSpec, pick_group_size
-from .quant_linear import QuantLinear
+from .source import Checkpoint
 
 log = logging.getLogger(__name__)
 
