@@ -327,7 +327,7 @@ class ExpertsRuntime:
     def _workspace(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self._dequant_ws is None and fast_path(hidden, self.fmt) is not None:
             # a whole gate_up [2I, H]: one dequantize and one GEMM per matrix (row chunks cost
-            # prefill time on the H200); the planner counts this size
+            # prefill time on the H200); the plan (moe_llm.planning) counts this size
             n = 2 * self.fmt.intermediate * self.fmt.hidden
             self._dequant_ws = torch.empty(n, dtype=self.fmt.dtype, device=hidden.device)
         return self._dequant_ws
