@@ -19,25 +19,10 @@ import time
 
 import torch
 
+from moe_llm.bench.synthetic import random_expert
 from moe_llm.experts.cpu import default_threads, expert_mlp, experts_mlp, isa, measure_read_bandwidth, qlinear
 from moe_llm.experts.format import ExpertFormat, matrix_views
 from moe_llm.quant import QuantSpec
-
-
-def random_expert(fmt: ExpertFormat, gen: torch.Generator) -> torch.Tensor:
-    """A host buffer of `fmt` with random codes and 8-bit meta, and sane float meta."""
-    tensors = {}
-    for name, spec in fmt.specs.items():
-        for key, (dtype, shape) in spec.tensors(name).items():
-            if dtype == torch.uint8:
-                tensors[key] = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
-        meta = torch.empty(spec.meta_rows, 4)
-        meta[:, 0], meta[:, 1] = 0.01, 0.02 / 255  # scale in [0.01, 0.03]
-        meta[:, 2], meta[:, 3] = 0.0, (2**spec.bits - 1) / 255  # zero in [0, 2**bits - 1]
-        tensors[f"{name}.meta"] = meta
-    buf = torch.zeros(fmt.nbytes, dtype=torch.uint8)
-    fmt.layout.write(buf, tensors)
-    return buf
 
 
 def time_calls(fn, n_buffers: int, repeats: int, gap_s: float = 0.0) -> list[float]:
@@ -109,7 +94,7 @@ def main() -> None:
     for bits in args.bits:
         fmt = ExpertFormat.build(args.hidden, args.intermediate, bits, torch.bfloat16)
         n_buf = max(2, int(args.llc_multiple * 32 * 2**20 / fmt.nbytes) + 1)
-        bufs = [random_expert(fmt, gen) for _ in range(n_buf)]
+        bufs = [random_expert(fmt, "cpu", gen) for _ in range(n_buf)]
         mb = fmt.nbytes / 1e6
         ceiling = compute_ceiling(fmt, bufs[0], x, args.repeats)
         print(f"\n{bits}-bit expert: {mb:.1f} MB ({fmt.bits_per_param:.2f} bits/param), {n_buf} distinct buffers")
