@@ -97,8 +97,9 @@ class EngineConfig(BaseModel):
     cpu_experts: Literal["auto", "off", "all"] = Field(
         "auto",
         description="Missed experts in decode: 'all' computes every miss on CPU threads, inside the captured "
-        "step (llama.cpp's --cpu-moe; on CUDA still experimental, docs/tuning.md); 'auto' is the CPU kernel on "
-        "a CPU-only machine and, for now, the GPU alone on CUDA; 'off' the GPU (or torch on CPU) only.",
+        "step (llama.cpp's --cpu-moe); 'auto' is the CPU kernel on a CPU-only machine and, on CUDA, shares each "
+        "miss between the GPU (zero-copy) and the CPU by a cost model of this machine's measured bandwidths; "
+        "'off' the GPU (or torch on CPU) only. The two roads compute an expert to the same bits.",
     )
     admissions_in_flight: int = Field(
         4, description="Decode admission copies in flight at once; they share the link with zero-copy misses."

@@ -1,12 +1,13 @@
 """The CPU expert kernel (`moe_llm.experts.cpu`) against the torch reference.
 
-Two oracles. (1) An exact model of the kernel's arithmetic: int8 activations per block of 32
-(round half to even, scale amax / 127) times the dequantized weights, in float64; the kernel
-must match it to float32 rounding (1e-5 relative), which pins every index, shift and scale.
-(2) The fp32 dequantize-then-matmul reference `moe_llm.kernels.expert_mlp`: int8 activations
-add an error of about amax / (127 * sqrt(12)) per element, 0.4-0.6% of the norm of one
-projection for Gaussian inputs (block amax ~ 2.1 sigma), and the MLP stacks two projections
-plus the int8 h, measured at 1.0-1.6%; the bound is 3e-2.
+Two oracles. (1) `exact_expert`, a numpy model of the exact arithmetic the CPU kernel shares
+with the GPU decode kernels: int8 activations per block of 32 columns, one rounded float32
+product per block term, rounded to an integer and summed exactly. The kernel must equal it
+bit for bit, which pins every index, shift, scale and rounding. (2) The fp32
+dequantize-then-matmul reference `moe_llm.kernels.expert_mlp`: int8 activations add an error
+of about amax / (127 * sqrt(12)) per element, 0.4-0.6% of the norm of one projection for
+Gaussian inputs (block amax ~ 2.1 sigma), and the MLP stacks two projections plus the int8 h,
+measured at 1.0-1.6%; the bound is 3e-2.
 
 Shapes cover the SIMD path (bit planes 32-column aligned) and the portable one: H=256 with
 I=352 (down's planes are 88, 44 columns) and H=264, I=200 (group size 8).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ctypes
 from concurrent.futures import ThreadPoolExecutor
 
+import exact_expert
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,7 +96,7 @@ def test_shapes_cover_both_paths(experts):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("b", [1, 5])
-def test_qlinear_matches_int8_model_exactly(experts, bits, shape, b):
+def test_qlinear_is_the_exact_model(experts, bits, shape, b):
     fmt, buf = experts[(*shape, bits)]
     views = fmt.layout.views(buf)
     gen = torch.Generator().manual_seed(b)
@@ -102,7 +104,23 @@ def test_qlinear_matches_int8_model_exactly(experts, bits, shape, b):
         spec = fmt.specs[name]
         x = torch.randn(b, spec.in_features, generator=gen)
         t = matrix_views(views, name)
-        assert rel(cpu.qlinear(x, t, spec, threads=2), simulated_linear(x, t, spec)) < EXACT_TOL
+        y = cpu.qlinear(x, t, spec, threads=2)
+        for i in range(b):
+            want = exact_expert.linear(t, spec, x[i].numpy()).astype("float32")
+            assert torch.equal(y[i], torch.from_numpy(want)), (name, i)
+        assert rel(y, simulated_linear(x, t, spec)) < EXACT_TOL  # and the model is the int8 product
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("b", [1, 5])
+def test_expert_mlp_is_the_exact_model(experts, bits, shape, b):
+    """Bit for bit, each token alone: what the GPU kernels must give too (tests/test_gpu_split.py)."""
+    fmt, buf = experts[(*shape, bits)]
+    x = torch.randn(b, shape[0], generator=torch.Generator().manual_seed(10 + b))
+    y = cpu.expert_mlp(x, buf, fmt, threads=3)
+    for i in range(b):
+        assert torch.equal(y[i], torch.from_numpy(exact_expert.expert(buf, fmt, x[i]).astype("float32"))), i
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -5,6 +5,8 @@ kernel bit for bit; the cost model's take table."""
 
 from __future__ import annotations
 
+import exact_expert
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,19 +56,26 @@ def _model_share(buf, fmt, x, cut, pd) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_share_matches_its_int8_model_and_shares_add_up(bits):
+def test_share_is_the_exact_model_and_shares_add_up_to_the_bit(bits):
+    """The CPU's share of an expert is the exact model's sum over its neurons, in float64; with
+    the GPU's complement (the same model over the other neurons) it adds up to the whole expert
+    exactly, and rounds to the bits the CPU kernel gives for the whole."""
     fmt = ExpertFormat.build(256, 512, bits, torch.float32)
     buf = _expert(fmt, bits)
     x = torch.randn(256, generator=torch.Generator().manual_seed(7))
     pd = {2: 128, 3: 128, 4: 256}[bits]  # bytes of the main plane of down_proj (I/4, I/4, I/2)
-    whole = _model_share(buf, fmt, x, 0, pd)
+    whole = exact_expert.expert(buf, fmt, x)
+    assert (torch.from_numpy(whole) - _model_share(buf, fmt, x, 0, pd)).norm() / _model_share(
+        buf, fmt, x, 0, pd
+    ).norm() < 1e-4
+    neuron = np.arange(fmt.intermediate) % pd
     for cut in (0, 32, 64, pd - 32):
-        got = expert_share(buf, fmt, x, cut, pd).double()
-        want = _model_share(buf, fmt, x, cut, pd)
-        assert (got - want).norm() / want.norm() < 1e-4
-        rest = whole - want  # what the GPU computes: the neurons i % pd < cut
-        assert ((got + rest) - whole).norm() / whole.norm() < 1e-4
-    assert torch.equal(expert_share(buf, fmt, x, pd, pd), torch.zeros(256))  # cut = PD: nothing on the CPU
+        got = expert_share(buf, fmt, x, cut, pd)
+        assert got.dtype == torch.float64
+        assert np.array_equal(got.numpy(), exact_expert.expert(buf, fmt, x, keep=neuron >= cut))
+        rest = exact_expert.expert(buf, fmt, x, keep=neuron < cut)  # what the GPU computes
+        assert np.array_equal(got.numpy() + rest, whole)
+    assert torch.equal(expert_share(buf, fmt, x, pd, pd), torch.zeros(256, dtype=torch.float64))  # cut = PD
 
 
 @pytest.mark.parametrize("bits", [2, 3])
@@ -76,7 +85,7 @@ def test_whole_share_equals_the_cpu_expert_kernel(bits):
     x = torch.randn(256, generator=torch.Generator().manual_seed(3))
     a = expert_share(buf, fmt, x, 0, 128, threads=2)
     b = cpu.expert_mlp(x[None], buf, fmt, threads=1)[0]
-    assert torch.equal(a, b)
+    assert torch.equal(a.float(), b)
 
 
 def test_take_table_balances_the_two_roads():
@@ -148,7 +157,7 @@ def test_serving_thread_answers_the_mailbox_in_any_row_order():
                 assert time.monotonic() < deadline, "the serving thread did not answer"
                 time.sleep(1e-4)
             done[0] = 0
-            y = row[box.y(r) - box.row(r) :][: 4 * 2 * 256].view(torch.float32).view(2, 256)
+            y = row[box.y(r) - box.row(r) :][: 8 * 2 * 256].view(torch.float64).view(2, 256)
             for j, (e, cut) in enumerate(zip(ids, cuts, strict=True)):
                 if cut < 128:
                     assert torch.equal(y[j], expert_share(store.buffer(r, e), fmt, x, cut, 128, threads=1))

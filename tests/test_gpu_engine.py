@@ -161,6 +161,47 @@ def test_graph_step_never_waits_for_the_host(tiny_mixtral):
     assert engine.stats.host_syncs_per_token == 0
 
 
+def test_graph_run_ahead_equals_eager_decode_with_admissions_in_flight(tiny_mixtral):
+    """Greedy graph decode runs one step ahead: the cache admits and evicts while the next step
+    is in flight (a small cache: misses, admissions, evictions), and the tokens and counts are
+    the eager engine's; enqueueing a step never waits for the host."""
+    opts = dict(device="cuda", dtype="float32", experts_bits=2, cache_per_layer=2)
+    graph = moe_llm.load(tiny_mixtral, **opts)
+    eager = moe_llm.load(tiny_mixtral, cuda_graphs=False, **opts)
+    dec, ahead = graph.graphs, []
+    enqueue = dec.enqueue
+
+    def counted(pos, tok=None):
+        ahead.append(tok is None)
+        enqueue(pos, tok)
+
+    dec.enqueue = counted
+    prompts = [PROMPT, "def parse_args(argv):" * 3, _long_prompt(graph, 40)]
+    for p in prompts:
+        assert graph.generate(p, max_new_tokens=24).token_ids == eager.generate(p, max_new_tokens=24).token_ids
+    assert sum(ahead) > 0 and dec.in_flight == 0 and graph.graphs is dec
+    g, e = graph.stats, eager.stats
+    assert g.cache_misses > 0 and g.prefetch_issued > 0 and g.evictions > 0
+    assert g.decode_steps == e.decode_steps and g.cache_hits + g.cache_misses == e.cache_hits + e.cache_misses
+    assert g.host_syncs_per_token == 0 and graph.cache.consistent()
+    # one step enqueued ahead: no wait for the device
+    rt = graph.runtime
+    rt.begin_step()
+    enqueue(5, 1)
+    rt.begin_step()
+    assert _count_syncs(lambda: enqueue(6)) == 0
+    for _ in range(2):
+        rt.end_step(dec.take()[1])
+    # every expert resident (a warm cache): no misses, and still no host sync inside a step
+    resident = moe_llm.load(tiny_mixtral, device="cuda", experts_bits=2, cache_per_layer=8)
+    resident.generate(PROMPT, max_new_tokens=NEW)
+    before = resident.stats.copy()
+    resident.generate(PROMPT, max_new_tokens=NEW)
+    warm = resident.stats - before
+    assert warm.decode_steps > 0 and warm.host_syncs_per_token == 0
+    assert warm.cache_misses == 0 and warm.cache_hits > 0
+
+
 def test_request_past_the_static_kv_decodes_eagerly(tiny_mixtral):
     opts = dict(device="cuda", dtype="float32", experts_bits=2, cache_per_layer=2)
     want = moe_llm.load(tiny_mixtral, cuda_graphs=False, **opts).generate(PROMPT, max_new_tokens=NEW).token_ids

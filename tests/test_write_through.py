@@ -3,8 +3,8 @@ straight into the decoder's static KV, so the prompt's KV never exists twice; on
 not go to the graph after all takes its KV back and decodes eagerly from a complete cache.
 
 CUDA graphs need a GPU, so here the real `GraphDecoder` (static KV, write-through layers,
-the trunk it captures) runs each step eagerly (`step_eager`); everything else is the
-engine's own path on CPU."""
+the trunk it captures, the greedy pick it leaves on the device) runs each step eagerly, as
+`step_eager` does; everything else is the engine's own path on CPU."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ PROMPT = "Experts live in host memory"
 
 
 class EagerGraphs(GraphDecoder):
-    """The graph decoder with each step run eagerly (CPU has no CUDA graphs)."""
+    """The graph decoder with each step run eagerly instead of replayed (CPU has no CUDA graphs)."""
 
     begins: list[list[str]]
 
-    def step(self, tok: int, pos: int) -> torch.Tensor:
-        return self.step_eager(tok, pos)
+    def _forward(self, pos: int) -> torch.Tensor:
+        return self._eager(self.window_for(pos))[0, -1]
 
     def begin(self, kv, n: int) -> None:
         # what the decoder is handed: write-through layers that hold nothing, or plain ones

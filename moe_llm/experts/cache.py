@@ -12,12 +12,19 @@ Streams and events (CUDA), so that no kernel ever reads a slot being overwritten
 - copies run on ``copy_stream`` in issue order; after a copy the table entry is
   pointed at the slot on the same stream, then ``ready[slot]`` is recorded;
 - an eviction points the victim's entry back at host RAM on ``table_stream``, after
-  ``released[slot]`` (the last compute that read the slot) and ``ready[slot]`` (its
-  own admission), then the copy into that slot waits for the repoint;
+  ``released[slot]`` (the last prompt compute that read the slot), the last decode step
+  enqueued (``step_enqueued``: a decode step may still be in flight, run ahead, when the
+  host admits for the step before it) and ``ready[slot]`` (its own admission), then
+  the copy into that slot waits for the repoint (so for those steps too);
 - before a decode step the compute stream waits for ``table_stream`` (repoints are
   tiny and never queue behind copies), so the step sees every eviction.
 On CPU the same bookkeeping runs with plain copies, so policy and table semantics
 are testable anywhere.
+
+Decode steps are numbered as they begin (``before_step``), and a step's hits are judged
+as of its beginning, since with a step in flight the host changes the cache before it
+observes that step: a step reads a slot whose copy was known complete before it began,
+and, until the repoint that waits for it, the slot of an expert evicted after it began.
 
 ``retain=False`` gives the "no cache" ablation: a slot is dropped right after use.
 """
@@ -67,6 +74,9 @@ class ExpertCache:
         self._free = list(range(n))[::-1]
         self._pending: dict[int, Key] = {}  # slot -> key whose copy may still be in flight
         self._prefetched: set[Key] = set()
+        self.steps = 0  # decode steps begun
+        self._first_read = [0] * n  # per slot: the first step that reads it (its copy known complete)
+        self._gone: dict[Key, tuple[int, int]] = {}  # evicted: the (first, last) steps that read its slot
         self.cuda = self.device.type == "cuda"
         self.table: torch.Tensor | None = None
         if self.cuda:
@@ -75,6 +85,7 @@ class ExpertCache:
             self._ready = [torch.cuda.Event() for _ in range(n)]
             self._released = [torch.cuda.Event() for _ in range(n)]
             self._repointed = [torch.cuda.Event() for _ in range(n)]
+            self._last_step = torch.cuda.Event()  # recorded after each decode step is enqueued
             base = self.pool.data_ptr()  # table entries are byte offsets from the pool (UVA)
             self._host = torch.tensor(
                 [[store.address(layer, e) - base for e in range(self.num_experts)] for layer in self.layers],
@@ -106,10 +117,13 @@ class ExpertCache:
     def is_resident(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._where
 
-    def is_ready(self, layer: int, expert: int) -> bool:
-        """Resident with its copy known to be complete (a decode step reads it from the slot)."""
-        slot = self._where.get((layer, expert))
-        return slot is not None and slot not in self._pending
+    def _read_slot(self, key: Key, step: int) -> bool:
+        """Whether decode step `step` read `key` from a slot (not from host RAM)."""
+        slot = self._where.get(key)
+        if slot is not None and slot not in self._pending and self._first_read[slot] <= step:
+            return True
+        span = self._gone.get(key)
+        return span is not None and span[0] <= step <= span[1]
 
     def slot_of(self, layer: int, expert: int) -> int | None:
         return self._where.get((layer, expert))
@@ -157,9 +171,12 @@ class ExpertCache:
         if key in self._prefetched:
             self._prefetched.discard(key)
             self.stats.prefetch_wasted += 1
+        if slot not in self._pending and self._first_read[slot] <= self.steps:
+            self._gone[key] = (self._first_read[slot], self.steps)  # steps begun so far read the slot
         if self.cuda:
             ts = self.table_stream
-            ts.wait_event(self._released[slot])  # compute has finished reading the slot
+            ts.wait_event(self._released[slot])  # the forward that last acquired the slot has read it
+            ts.wait_event(self._last_step)  # and so has every decode step enqueued
             ts.wait_event(self._ready[slot])  # and its own admission has landed in the table
             with torch.cuda.stream(ts):
                 layer, e = key
@@ -182,7 +199,7 @@ class ExpertCache:
         if self.cuda:
             stream = self.copy_stream
             with torch.cuda.stream(stream):
-                stream.wait_event(self._repointed[slot])  # no step reads the slot through the old entry
+                stream.wait_event(self._repointed[slot])  # no step reads the slot through the old entry any more
                 stream.wait_event(self._released[slot])
                 self.pool[slot].copy_(src, non_blocking=True)
                 self.table[self.row[layer], e].fill_(self._slot_addr[slot])
@@ -190,6 +207,7 @@ class ExpertCache:
             self._pending[slot] = key
         else:
             self.pool[slot].copy_(src)
+            self._first_read[slot] = self.steps + 1
         self._owner[slot] = key
         self._where[key] = slot
         self._count[layer] += 1
@@ -199,8 +217,13 @@ class ExpertCache:
     def _poll(self, slot: int) -> bool:
         """True once `slot`'s copy has completed (forgets it as pending)."""
         if slot in self._pending and self._ready[slot].query():
-            del self._pending[slot]
+            self._landed(slot)
         return slot not in self._pending
+
+    def _landed(self, slot: int) -> None:
+        """`slot`'s copy is known complete: decode steps that begin from now on read it."""
+        del self._pending[slot]
+        self._first_read[slot] = self.steps + 1
 
     def poll(self) -> None:
         for slot in list(self._pending):
@@ -261,18 +284,27 @@ class ExpertCache:
 
     # -- decode: misses read in place, admissions after the step ------------------
     def before_step(self) -> None:
-        """Before a decode step is enqueued: it must see every eviction issued so far."""
+        """Before a decode step is enqueued: it must see every eviction issued so far. Numbers
+        the step (`steps`)."""
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.table_stream)
             self.poll()
+        self.steps += 1
 
-    def observe(self, routed: list[Key]) -> tuple[int, int]:
-        """A decode step used `routed` (distinct keys): count hits (read from a ready slot)
-        and misses (read from host RAM), and tell the policy. Returns (hits, misses)."""
+    def step_enqueued(self) -> None:
+        """A decode step has just been enqueued on the current stream (CUDA): evictions wait
+        for it, since the host may admit while it runs."""
+        self._last_step.record(torch.cuda.current_stream(self.device))
+
+    def observe(self, routed: list[Key], step: int | None = None) -> tuple[int, int]:
+        """Decode step `step` (default: one that read the cache as it is now) used `routed`
+        (distinct keys): count hits (read from a slot) and misses (read from host RAM), and
+        tell the policy. Steps are observed in order. Returns (hits, misses)."""
+        step = self.steps + 1 if step is None else step
         hits = 0
         for key in routed:
             self.policy.touch(key)
-            if self.is_ready(*key):
+            if self._read_slot(key, step):
                 hits += 1
                 if key in self._prefetched:
                     self._prefetched.discard(key)
@@ -282,6 +314,8 @@ class ExpertCache:
         self.stats.cache_misses += misses
         self.stats.bytes_from_host += misses * self.store.fmt.nbytes
         self.policy.tick()
+        if self._gone:  # later steps began after these evictions
+            self._gone = {key: span for key, span in self._gone.items() if span[1] > step}
         return hits, misses
 
     def admit(self, key: Key, protect: set, evict: bool = True) -> bool:
@@ -308,7 +342,8 @@ class ExpertCache:
         if self.cuda:
             self.copy_stream.synchronize()
             self.table_stream.synchronize()
-            self._pending.clear()
+            for slot in list(self._pending):
+                self._landed(slot)
 
     def reset(self) -> None:
         """Drop every resident expert (slots stay allocated; every entry points at host RAM)."""
@@ -321,4 +356,5 @@ class ExpertCache:
         self._count = dict.fromkeys(self.layers, 0)
         self._free = list(range(len(self._owner)))[::-1]
         self._prefetched.clear()
+        self._gone.clear()
         self.policy.clear()

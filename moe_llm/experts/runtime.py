@@ -10,9 +10,12 @@ and hands it to the runtime. Two paths:
   ``top_k_index`` and the cache's address table on the device (a slot, or pinned host
   RAM for a miss), so a whole decode step can be captured as one CUDA graph. On CPU
   the same semantics run in torch (slot views, or the host buffer in place). The
-  routing of every layer is recorded on the device; `end_step`, after the engine has
-  read the step's logits, shows it to the cache, which counts hits and misses and
-  admits experts into slots for the steps that follow, off the critical path.
+  routing of every layer is recorded on the device; `end_step`, once the step has
+  finished, shows it to the cache, which counts hits and misses and admits experts
+  into slots for the steps that follow, off the critical path. A step run ahead
+  (`decode_graph.GraphDecoder.enqueue`) has its routing copied out when it is enqueued
+  (`snapshot`), since the step after it overwrites the device record before the host
+  ends it.
 - **a prompt** (and every decode where no device kernel fits, e.g. unquantized experts
   on CUDA): one host sync per layer reads the routed experts; resident experts run
   first, misses are copied into slots (recycled in order behind their release events
@@ -29,6 +32,7 @@ import contextlib
 import logging
 import time
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +72,13 @@ def _device_kernels(cache: ExpertCache, fmt: ExpertFormat, act_fn: ActFn):
     return triton_moe if triton_moe.supported(fmt) else None
 
 
+class Routed(NamedTuple):
+    """The routing of one decode step, copied to the host when the step was enqueued."""
+
+    ids: torch.Tensor  # [moe layers, k] int64 on the host: valid once the step has finished
+    step: int  # the cache's number of the step (`ExpertCache.steps`): hits are judged as of it
+
+
 class ExpertsRuntime:
     def __init__(
         self,
@@ -95,9 +106,11 @@ class ExpertsRuntime:
         self.mode = "device" if self._kernels is not None else ("copy" if cache.cuda else "host")
         self._dispatch = None  # triton_moe.MoeDecode, allocated on first use
         self._decode_out: dict[int, torch.Tensor] = {}  # layer -> [1, H]
-        self._routing: torch.Tensor | None = None  # [moe layers, k] routed ids of the last step (device)
-        self._host_routing: list[tuple[int, list[int]]] = []  # CPU: (layer, routed ids) of the last step
-        self._stepped = False
+        # [moe layers, k] routed ids of the last one-token step, where `_device_step` or `_host_step` runs it
+        self._routing = None
+        if self.mode != "copy":
+            self._routing = torch.zeros(len(cache.layers), top_k, dtype=torch.long, device=cache.device)
+        self._stepped = False  # a step has begun and not ended
         self._dequant_ws: torch.Tensor | None = None  # prefill: one expert's matrices, dequantized
         self.cpu_experts = cpu_experts
         self._decode_rows = False  # inside `decode_rows`
@@ -130,7 +143,6 @@ class ExpertsRuntime:
         k = self._kernels
         tuning = k.Tuning.from_file(self.kernel_tuning, self.fmt.bits) if self.kernel_tuning else k.DEFAULT_TUNING
         self._dispatch = k.MoeDecode(self.fmt, self.top_k, self.cache.device, tuning)
-        self._routing = torch.zeros(len(self.cache.layers), self.top_k, dtype=torch.long, device=self.cache.device)
 
     def _start_cpu_road(self, mode: str) -> None:
         """Start the CPU road for misses; 'auto' falls back to none where it cannot run."""
@@ -144,18 +156,21 @@ class ExpertsRuntime:
                     "cpu_experts='all' needs bias-free SiLU experts (the CPU kernel computes silu(gate) * up)"
                 )
             return
-        if self.mode == "device" and mode == "auto":
-            # The split runs on the GPU (it neither hangs nor syncs), but its invariance test
-            # (tests/test_gpu_split.py) has not passed yet: greedy tokens with "all" diverged
-            # from "off" on a tiny 2-bit model. Until it does, "auto" keeps misses on the GPU
-            # and the split is opt-in ("all").
-            log.info("CPU experts: 'auto' keeps missed experts on the GPU (the split is opt-in: 'all')")
+        if self.mode == "device" and not self._dispatch.matches_cpu:
+            # the GPU kernels quantize activations in blocks narrower than the CPU kernel's 32
+            # columns (tiny shapes): a shared expert would not give the GPU's bits
+            if mode == "all":
+                raise ConfigError(
+                    "cpu_experts='all' needs experts whose GPU kernels compute as the CPU kernel does "
+                    "(int8 activations in blocks of 32 columns); this model's shapes do not allow it"
+                )
+            log.info("CPU experts off: the GPU kernels' activation blocks differ from the CPU kernel's")
             return
         try:
             if self.mode == "device":
                 from .split import start_split
 
-                self._split = start_split(self.cache, self.fmt, self._dispatch, self.top_k)
+                self._split = start_split(self.cache, self.fmt, self._dispatch, self.top_k, mode)
                 weakref.finalize(self, self._split.close)  # stops the serving thread with the runtime
             else:
                 cpu.kernel.lib()  # builds the kernel now, not inside the first step
@@ -178,31 +193,40 @@ class ExpertsRuntime:
             self.prefetcher.prompt_start(tokens, self.top_k)
 
     def begin_step(self) -> None:
-        """Called before each one-token forward is enqueued (or its graph replayed)."""
-        self.stats.decode_steps += 1
-        self._stepped = self.mode != "copy"  # a replayed graph runs no Python: flag the step here
+        """Called before each one-token forward is enqueued (or its graph replayed): a
+        replayed graph runs no Python, so the step is flagged here, for `end_step`."""
+        self._stepped = True
         self.cache.before_step()
 
-    def end_step(self) -> None:
-        """Called once the step's logits have been read (the step has finished): count hits
-        and misses and admit missed experts for the steps that follow."""
-        if not self._stepped:
+    def snapshot(self, into: torch.Tensor) -> Routed:
+        """The routing of the step just enqueued, copied into `into` (host, pinned on CUDA)
+        without waiting, for `end_step` once the step has finished: steps enqueued after it
+        overwrite the device record first."""
+        into.copy_(self._routing, non_blocking=True)
+        return Routed(into, self.cache.steps)
+
+    def end_step(self, routed: Routed | None = None) -> None:
+        """Called once a one-token step has finished: count it, show its routing to the cache
+        (hits and misses) and admit missed experts for the steps that follow. `routed`: the
+        step's routing as `snapshot` took it (steps enqueued after it may be in flight);
+        by default the last step's, read now. A step never ended (run ahead, then discarded)
+        is not counted."""
+        if routed is None and not self._stepped:
             return
         self._stepped = False
+        self.stats.decode_steps += 1
+        if self.mode == "copy":  # host-dispatched: the forward acquired its experts, counting hits and misses
+            return
         cache = self.cache
-        if self.mode == "device":
-            rows = self._routing.tolist()  # the step is done: a 2-line copy, no wait
-            routed = [(layer, e) for layer, row in zip(cache.layers, rows, strict=True) for e in row]
-        else:
-            routed = [(layer, e) for layer, ids in self._host_routing for e in ids]
-            self._host_routing.clear()
+        rows = (self._routing if routed is None else routed.ids).tolist()  # the step is done: no wait
+        routed_keys = [(layer, e) for layer, row in zip(cache.layers, rows, strict=True) for e in row]
         if self._split is not None:  # what the CPU thread has computed since the last step
             calls, nbytes, ns = self._split.new_counts()
             self.stats.cpu_expert_calls += calls
             self.stats.cpu_expert_bytes += nbytes
             self.stats.cpu_expert_ms += ns / 1e6
-        keys = list(dict.fromkeys(routed))
-        cache.observe(keys)
+        keys = list(dict.fromkeys(routed_keys))
+        cache.observe(keys, None if routed is None else routed.step)
         protect = set(keys)
         for key in keys:
             if not cache.is_resident(*key):
@@ -220,13 +244,11 @@ class ExpertsRuntime:
 
     def reset(self) -> None:
         self._stepped = False
-        self._host_routing.clear()
         self.cache.reset()
 
     # -- the experts call --------------------------------------------------------------
     def forward(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if hidden.shape[0] == 1 and self.mode != "copy":
-            self._stepped = True
             if self.mode == "device":
                 return self._device_step(layer, hidden, top_k_index, top_k_weights)
             return self._host_step(layer, hidden, top_k_index, top_k_weights)
@@ -251,7 +273,7 @@ class ExpertsRuntime:
         """CPU: each routed expert from its slot, or from the host buffer in place (a miss)."""
         cache = self.cache
         ids = top_k_index.reshape(-1).tolist()
-        self._host_routing.append((layer, ids))
+        self._routing[cache.row[layer]] = top_k_index.reshape(-1)
         rows = []
         for j, e in enumerate(ids):
             slot = cache.slot_of(layer, e)

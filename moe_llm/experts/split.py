@@ -10,13 +10,17 @@ lies, over the memory bus. This module runs both at once inside one captured dec
   a stream memory operation then raises the row's flag;
 - a C thread (`cpu/split_loop.c`) polls the flags, computes its share of each missed expert
   (intermediate neurons ``i % PD >= cut``: those rows of gate_up, and every down row against
-  h that is zero outside the share), writes fp32 rows back, and raises ``done``;
+  h that is zero outside the share, reading only the share's bytes of each down row but at
+  3 bits), writes float64 rows back, and raises ``done``;
 - meanwhile the GPU computes the rest (hits, and the other share of each miss, zero-copy);
   a stream wait on ``done`` precedes the combine, which adds the CPU rows in k order.
 
-The step never returns to Python, so it stays one CUDA graph. Today only `cpu_experts="all"`
-starts it (every miss to the CPU); `take_table`'s balanced mode is the cost model for a
-later `auto`, which needs measured road bandwidths (see docs/architecture.md).
+The step never returns to Python, so it stays one CUDA graph. Both roads compute an expert
+with the same exact arithmetic (`experts/cpu/moe_cpu.c`, `kernels/triton_gemv.py`): the CPU's
+share comes back as float64 sums that the combine adds to the GPU's without rounding, so
+where a missed expert ran never changes the output. `cpu_experts="all"` sends every miss to
+the CPU; `"auto"` (the default on CUDA) gives each road the share of each miss that makes
+both finish together (`take_table`), from this machine's measured bandwidths (`road_rates`).
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ class Mailbox:
 
     Per MoE row r: a flag and a done word (one cache line each), and a row of
     ``header`` (int32 routed ids [k], int32 cuts [k]), ``x`` (fp32 [H]) and ``y``
-    (fp32 [k, H], the CPU's share of each position)."""
+    (float64 [k, H], the CPU's share of each position as exact sums: see cpu/moe_cpu.c)."""
 
     rows: int
     k: int
@@ -120,7 +124,7 @@ class Mailbox:
 
     @staticmethod
     def _row_bytes(k: int, hidden: int) -> int:
-        return _align(8 * k) + _align(4 * hidden) + _align(4 * k * hidden)
+        return _align(8 * k) + _align(4 * hidden) + _align(8 * k * hidden)
 
     @property
     def base(self) -> int:
@@ -247,9 +251,10 @@ def _lib() -> ctypes.CDLL:
 
 def expert_share(buffer: torch.Tensor, fmt, x: torch.Tensor, cut: int, pd: int, threads: int | None = None):
     """The CPU share (intermediate neurons i % pd >= cut) of one expert for one token x [H],
-    as the serving thread computes it: fp32 [H]. cut = 0 is the whole expert."""
+    as the serving thread computes it: float64 [H], exact sums that the GPU's share adds to
+    without rounding. cut = 0 is the whole expert."""
     xs = x.detach().reshape(-1).to(torch.float32).contiguous()
-    y = torch.empty(fmt.hidden, dtype=torch.float32)
+    y = torch.empty(fmt.hidden, dtype=torch.float64)
     layout = ck.layout_struct(fmt)
     rc = _lib().moe_split_expert_share(
         ctypes.c_void_p(buffer.data_ptr()), ctypes.byref(layout), ctypes.c_void_p(xs.data_ptr()), cut, pd,
@@ -293,7 +298,7 @@ class CpuSplit:
                 self.take,
                 HostPtr(box.row(r), torch.int32),
                 HostPtr(box.x(r), torch.float32),
-                HostPtr(box.y(r), torch.float32),
+                HostPtr(box.y(r), torch.float64),
                 box.flag(r),
                 box.done(r),
                 self.ops,
@@ -323,13 +328,39 @@ class CpuSplit:
         self._thread.join(timeout=5)
 
 
-def start_split(cache, fmt, dispatch, top_k: int, threads: int | None = None) -> CpuSplit:
-    """The split for a device-dispatch runtime with every miss on the CPU ('all'): the take
-    table, the mailbox and the serving thread."""
+def start_split(cache, fmt, dispatch, top_k: int, mode: str = "all", threads: int | None = None) -> CpuSplit:
+    """The split for a device-dispatch runtime: the take table ('all': every miss on the CPU;
+    'auto': the share of each miss that makes both roads finish together, from this machine's
+    measured bandwidths, `road_rates`), the mailbox and the serving thread."""
     if not torch.cuda.is_available():
         raise SplitUnavailable("the GPU/CPU split needs CUDA")
     n = threads or max(1, ck.default_threads() - 1)  # one core stays with the thread that drives the GPU
     pd = dispatch.plane_bytes
-    take = take_table("all", top_k, pd, pd, Roads(1.0, 1.0, 1.0), fmt.nbytes)
-    log.info("CPU experts all: of each missed expert the CPU takes %s of %d down-plane bytes by miss count", take, pd)
+    roads = road_rates() if mode == "auto" else Roads(1.0, 1.0, 1.0)
+    # the CPU reads its share of gate_up and, but for 3 bits (rows unpacked whole), only its share of down
+    g = 2 / 3 if fmt.bits == 3 else 1.0
+    take = take_table(mode, top_k, pd, dispatch.cut_align, roads, fmt.nbytes, gate_up_fraction=g)
+    log.info("CPU experts %s: of each missed expert the CPU takes %s of %d down-plane bytes by miss count (%s)",
+             mode, take, pd, roads)  # fmt: skip
     return CpuSplit(cache, fmt, top_k, pd, take, threads=n)
+
+
+# What the decode kernels reach of the raw bandwidths the planner counts with (measured on the
+# H200, docs/benchmarks.md): the expert GEMV reads HBM at about 1,170 GB/s of 4,800 peak, and
+# pinned host RAM in place at about 36 GB/s where the copy engine moves 55.
+HBM_EFFICIENCY = 0.25
+ZERO_COPY_EFFICIENCY = 0.65
+
+
+def road_rates() -> Roads:
+    """The two roads' rates on this machine: the planner's (`planning.speed.machine`: RAM read
+    and pinned host-to-device bandwidths measured once and cached, the GPU's peak, the CPU
+    road's share of RAM bandwidth), the GPU's two times what the decode kernels reach of them."""
+    from ..planning import speed
+
+    mach = speed.machine()
+    if not all(mach.source(name).startswith("measured") for name in ("pcie_gbps", "ram_gbps")):
+        speed.measure_machine()  # once per machine: kept in machine.json
+        mach = speed.machine()
+    r = mach.roads()
+    return Roads(r.gpu_hbm * HBM_EFFICIENCY, r.zero_copy * ZERO_COPY_EFFICIENCY, r.cpu, r.handoff_s)

@@ -13,6 +13,14 @@ contiguous tiles, and never written back dequantized.
 The routed experts of a decode step go through `triton_moe`, which runs the same
 row loop (`_gemv_rows`) on experts found through the cache's table; `combine` sums
 their K-partials and applies the routing weights in a fixed order.
+
+With int8 activations (`_tile_dot_i8`) the arithmetic is exact and the same as the CPU
+kernel's (`experts/cpu/moe_cpu.c`, whose header gives the formula): per block of 32
+columns one rounded float32 product per term, rounded to an integer (block scales are
+kept times 2^32), the integers summed in float64, which no order of summation changes.
+Every add that follows a multiply goes through `_add_rn` (PTX with an explicit rounding
+mode, which the compiler never fuses into an FMA), so a GPU and a CPU computing one
+expert, or each computing a share of it, give the same bits.
 """
 
 from __future__ import annotations
@@ -50,6 +58,62 @@ def supported_spec(spec: QuantSpec) -> bool:
     b, g = block_p(spec), spec.group_size
     pow2 = (b & (b - 1)) == 0 and (g & (g - 1)) == 0
     return spec.bits in (2, 3, 4) and b >= 8 and pow2
+
+
+@triton.jit
+def _add_rn(a, b):
+    """a + b in float32 through PTX with an explicit rounding mode: LLVM cannot see into it and
+    ptxas never fuses an add.rn with the multiply before it, so every product stays rounded as
+    on the CPU (plain multiplies whose results reach only these adds are safe)."""
+    a, b = tl.broadcast(a, b)
+    return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _exp_det(x):
+    """e^x in the fixed sequence of float32 operations of the CPU kernel's `exp_det`
+    (experts/cpu/moe_cpu.c): the same bits on both."""
+    zero = tl.zeros_like(x)
+    c = tl.where(x < -87.0, zero - 87.0, x)
+    c = tl.where(c > 88.0, zero + 88.0, c)
+    n = libdevice.rint(c * 1.4426950216293335)
+    r = _add_rn(c, -(n * 0.693145751953125))
+    r = _add_rn(r, -(n * 1.428606765330187e-06))
+    p = _add_rn((zero + 0.0013888889225199819) * r, zero + 0.008333333767950535)
+    p = _add_rn(p * r, zero + 0.0416666679084301)
+    p = _add_rn(p * r, zero + 0.1666666716337204)
+    p = _add_rn(p * r, zero + 0.5)
+    p = _add_rn(p * r, zero + 1.0)
+    p = _add_rn(p * r, zero + 1.0)
+    s = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, p * s)
+
+
+@triton.jit
+def _silu_det(v):
+    """v / (1 + e^-v), as the CPU kernel computes it."""
+    e = _exp_det(-v)
+    return libdevice.div_rn(v, _add_rn(e, tl.zeros_like(e) + 1.0))
+
+
+@triton.jit
+def _block_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NQ: tl.constexpr, QB: tl.constexpr,
+                  GROUP: tl.constexpr, ROW_META: tl.constexpr):  # fmt: skip
+    """(scale, scale * zero) [BLOCK_N, NQ] of the group of each block of QB columns
+    col0 + [0, NQ * QB) of each row, with plain float32 multiplies and adds (as on the CPU)."""
+    gidx = gbase[:, None] + (col0 + tl.arange(0, NQ) * QB)[None, :] // GROUP
+    m2 = mask[:, None]
+    if ROW_META:
+        m = ((gbase + col0 // GROUP) // 128 * 4)[:, None]
+    else:
+        m = (gidx // 128) * 4
+    s_min = tl.load(meta_ptr + m, mask=m2, other=0.0)
+    s_step = tl.load(meta_ptr + m + 1, mask=m2, other=0.0)
+    z_min = tl.load(meta_ptr + m + 2, mask=m2, other=0.0)
+    z_step = tl.load(meta_ptr + m + 3, mask=m2, other=0.0)
+    scale = _add_rn(tl.load(sq_ptr + gidx, mask=m2, other=0).to(tl.float32) * s_step, s_min)
+    zero = _add_rn(tl.load(zq_ptr + gidx, mask=m2, other=0).to(tl.float32) * z_step, z_min)
+    return scale, scale * zero
 
 
 @triton.jit
@@ -134,15 +198,15 @@ def _tile_dot_i8(
     xq_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
-    """`_tile_dot` with int8 activations (`quantize_activations`): the packed bytes are read as
-    int32 words; thanks to the strided packing one shift and one mask give four codes of four
-    consecutive columns in byte lanes, and `dp4a` multiplies them with four int8 activations.
-    Per block of QB columns: dx * sum(code * xq); the zero term uses the block sums xs."""
+    """`_tile_dot` with int8 activations (`quantize_activations`), exactly: the packed bytes are
+    read as int32 words; thanks to the strided packing one shift and one mask give four codes of
+    four consecutive columns in byte lanes, and `dp4a` multiplies them with four int8
+    activations. Per block of QB columns: rint(isum * (s * dx)) - rint((s * z) * xs), dx and xs
+    kept times 2^32, summed in float64 (exact integers). Returns the float64 sums [BLOCK_N]."""
     MB: tl.constexpr = 4 if BITS == 4 else 2
     PER: tl.constexpr = 8 // MB
     LANE_MASK: tl.constexpr = 0x0F0F0F0F if MB == 4 else 0x03030303
     SUB: tl.constexpr = GROUP if GROUP < BLOCK_P else BLOCK_P
-    NG: tl.constexpr = BLOCK_P // SUB
     QB: tl.constexpr = SUB if SUB < 32 else 32  # activation quantization block (columns)
     NQ: tl.constexpr = BLOCK_P // QB
     W: tl.constexpr = BLOCK_P // 4  # int32 words per row of the tile
@@ -152,7 +216,7 @@ def _tile_dot_i8(
     if BITS == 3:
         hi_word = tl.load(q32 + (row_off[:, None] + P + (p0 % P1)) // 4 + offs_w[None, :], mask=mask[:, None], other=0)
         hi_sel = (p0 >= P1).to(tl.int32)
-    acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, NQ], dtype=tl.float64)
     for j in tl.static_range(PER):
         col0 = j * P + p0
         xw = tl.load(xq_ptr + col0 // 4 + offs_w)  # [W] four int8 activations per word
@@ -163,32 +227,28 @@ def _tile_dot_i8(
         if BITS == 3:
             codes = codes | (((hi_word >> (2 * j + hi_sel)) & 0x01010101) << 2)
         d = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, W)))  # [BLOCK_N, W]
-        isum = tl.sum(tl.reshape(d, (BLOCK_N, NQ, QB // 4)), axis=2)  # [BLOCK_N, NQ]
-        cxq = isum.to(tl.float32) * dx[None, :]
-        if QB == SUB:
-            cx = cxq
-            sx = xs
-        else:
-            cx = tl.sum(tl.reshape(cxq, (BLOCK_N, NG, SUB // QB)), axis=2)  # [BLOCK_N, NG]
-            sx = tl.sum(tl.reshape(xs, (NG, SUB // QB)), axis=1)  # [NG]
-        scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0 // GROUP, mask, NG, ROW_META)
-        acc += scale * (cx - zero * sx[None, :])
+        isum = tl.sum(tl.reshape(d, (BLOCK_N, NQ, QB // 4)), axis=2)  # [BLOCK_N, NQ] exact
+        scale, sz = _block_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NQ, QB, GROUP, ROW_META)
+        p = libdevice.rint(isum.to(tl.float32) * (scale * dx[None, :]))
+        q = libdevice.rint(sz * xs[None, :])
+        acc += p.to(tl.float64) - q.to(tl.float64)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
 def _quant_kernel(x_ptr, x_stride, xq_ptr, dx_ptr, xs_ptr, K, QB: tl.constexpr, BLOCK: tl.constexpr):
     """Row r = program_id(1) of x [R, K] -> int8 activations packed four to an int32 word
-    (xq [R, K/4]), a scale per block of QB columns (dx [R, K/QB]: x ~ dx * xq) and the
-    block sums of the quantized x (xs [R, K/QB])."""
+    (xq [R, K/4]), a scale per block of QB columns times 2^32 (dx [R, K/QB]: x ~ dx * xq / 2^32)
+    and the block sums of the quantized x times their scale (xs [R, K/QB])."""
     r = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + r * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
     xb = tl.reshape(x, (BLOCK // QB, QB))
     amax = tl.max(tl.abs(xb), axis=1)  # [BLOCK/QB]
-    dx = amax / 127.0
-    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    c127 = tl.zeros_like(amax) + 127.0
+    dx = libdevice.div_rn(amax, c127) * 4294967296.0  # times 2^32, as the CPU kernel keeps it
+    inv = tl.where(amax > 0, libdevice.div_rn(c127, amax), 0.0)
     qf = libdevice.rint(xb * inv[:, None])  # round half to even, as the CPU kernel's nearbyintf
     qv = tl.reshape(qf.to(tl.int32) & 0xFF, (BLOCK // 4, 4))
     shifts = tl.arange(0, 4) * 8
@@ -214,7 +274,9 @@ def _gemv_rows(
     the matrix is [2N, K] (gate rows, then up rows) and out[n] = silu(gate) * up.
     UNROLL byte tiles per trip keep more loads in flight (a GEMV is latency-bound
     otherwise); tiles past the split's end are masked out. With I8, x_ptr holds int8
-    activations four to a word and dx_ptr/xs_ptr their block scales and sums."""
+    activations four to a word and dx_ptr/xs_ptr their block scales and sums, and the sums are
+    exact (`_tile_dot_i8`): out holds them in float64 (K-partials add up without rounding), or
+    with GLU silu(gate) * up in float32 from the rounded gate and up."""
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     row_off = rows.to(tl.int64) * stride_q
@@ -223,8 +285,12 @@ def _gemv_rows(
     up_gbase = (rows + N) * G
     p_start = pid_s * p_split
     p_end = tl.minimum(p_start + p_split, p_limit)  # p_limit <= P: bytes past it are another road's
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if I8:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+        acc_up = tl.zeros([BLOCK_N], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
     for p0 in range(p_start, p_end, BLOCK_P * UNROLL):
         for u in tl.static_range(UNROLL):
             pu = p0 + u * BLOCK_P
@@ -251,8 +317,11 @@ def _gemv_rows(
                         x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off, up_gbase, mask, pu, P, P1,
                         BITS, GROUP, BLOCK_N, BLOCK_P, MAGIC, ROW_META,
                     )  # fmt: skip
+    if I8:
+        acc = acc * 2.3283064365386963e-10  # 2^-32: exact
+        acc_up = acc_up * 2.3283064365386963e-10
     if GLU:
-        acc = acc * tl.sigmoid(acc) * acc_up
+        acc = _silu_det(acc.to(tl.float32)) * acc_up.to(tl.float32)
     tl.store(out_ptr + pid_s * stride_split + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -275,20 +344,23 @@ def _combine_kernel(
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     """out[n] = sum_j w[j] * (sum_s part[j, s, n] + cpu[j, n]), in a fixed order. With CPU,
-    position j has a CPU share (rows cpu[j], in host memory) when pcut[j] < PD."""
+    position j has a CPU share (rows cpu[j], float64 in host memory) when pcut[j] < PD. The
+    partials (float64 exact sums with int8 activations) are added in float64, so where a share
+    was computed does not change the result; then rounded once to float32."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(KSEL):
-        s_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        s_acc = tl.zeros([BLOCK], dtype=tl.float64)
         for s in range(SPLIT):
-            s_acc += tl.load(part_ptr + (j * SPLIT + s) * N + offs, mask=mask, other=0.0)
+            s_acc += tl.load(part_ptr + (j * SPLIT + s) * N + offs, mask=mask, other=0.0).to(tl.float64)
         if CPU:
             shared = tl.load(pcut_ptr + j) < PD
-            s_acc += tl.load(cpu_ptr + j * N + offs, mask=mask & shared, other=0.0, volatile=True)
+            s_acc += tl.load(cpu_ptr + j * N + offs, mask=mask & shared, other=0.0, volatile=True).to(tl.float64)
+        y = s_acc.to(tl.float32)
         if HAS_W:
-            s_acc = s_acc * tl.load(w_ptr + j).to(tl.float32)
-        acc += s_acc
+            y = y * tl.load(w_ptr + j).to(tl.float32)
+        acc = _add_rn(acc, y)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -376,8 +448,9 @@ def gemv(
 def combine(
     part: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, cpu: tuple | None = None
 ) -> None:  # fmt: skip
-    """part: [k, split, N] fp32 -> out [N] = sum_j weights[j] * sum_s part[j, s]. With `cpu`
-    = (rows pointer, pcut [k], PD), the CPU's share of position j is added before the weight."""
+    """part: [k, split, N] (float64 exact sums, or fp32) -> out [N] = sum_j weights[j] *
+    sum_s part[j, s]. With `cpu` = (float64 rows pointer, pcut [k], PD), the CPU's share of
+    position j is added before the weight."""
     k, split, n = part.shape
     block = 1024
     w = weights if weights is not None else part

@@ -9,9 +9,12 @@ PCIe link (zero-copy) for a miss. Nothing waits for the host, so a whole decode
 step can be one CUDA graph, and one graph serves any mix of hits and misses.
 
 A layer is three launches: gate_up with the GLU fused (grid: row blocks x k),
-down split along K into fp32 partials (row blocks x k x splits), and `combine`,
+down split along K into partials (row blocks x k x splits), and `combine`,
 which applies the routing weights and sums in k order, so the result does not
-depend on where each expert was read from.
+depend on where each expert was read from. With int8 activations (the default) the
+partials are exact float64 sums, computed as the CPU kernel computes them
+(`triton_gemv._tile_dot_i8`): an expert whose share the CPU computes
+(`experts.split`) gives the same bits as one the GPU computes alone.
 """
 
 from __future__ import annotations
@@ -182,7 +185,8 @@ class MoeDecode:
         self._down = _launch(fmt, "down_proj", top_k, tuning)
         self.split = self._down[3]
         self.h = torch.empty(top_k, inter, dtype=torch.float32, device=device)  # [k, I]
-        self.part = torch.empty(top_k, self.split, hidden, dtype=torch.float32, device=device)  # [k, split, H]
+        part_dtype = torch.float64 if tuning.int8 else torch.float32  # exact sums with int8 activations
+        self.part = torch.empty(top_k, self.split, hidden, dtype=part_dtype, device=device)  # [k, split, H]
         # int8 activations of x (shared by the k experts) and of h (one row per expert)
         self._xq = self._quant_buffers(1, hidden, self._gate_up[4], device) if tuning.int8 else None
         self._hq = self._quant_buffers(top_k, inter, self._down[4], device) if tuning.int8 else None
@@ -195,6 +199,13 @@ class MoeDecode:
             torch.empty(rows, k // qb, dtype=torch.float32, device=device),
             qb,
         )
+
+    @property
+    def matches_cpu(self) -> bool:
+        """Whether these kernels compute an expert bit for bit as the CPU kernel does (exact
+        int8 arithmetic in blocks of 32 columns, as `experts/cpu/moe_cpu.c`): the condition for
+        sharing missed experts with the CPU without changing any output."""
+        return self.tuning.int8 and self._gate_up[4] == 32 and self._down[4] == 32
 
     @property
     def plane_bytes(self) -> int:

@@ -16,6 +16,13 @@ to running alone; fused ones are not (GEMM results depend on the number of rows,
 last digits can flip a greedy near-tie). "auto" is "exact" on CPU and "fused" on CUDA, where
 a single decoding row keeps the CUDA-graph decoder and moves to eager decode when a second
 row joins ("exact" on CUDA decodes everything eagerly).
+
+A greedy request on the graph decoder runs ahead by one step (`_decode_ahead`): each step
+enqueues the request's next step, fed by this one's argmax on the device, before the host
+reads this one's token, so the GPU computes while the host ends the step (the cache's
+admissions, detokenizing, stop checks). A step run ahead belongs to a batch that stays as
+it is; whatever ends its request, changes the batch or resets the cache first forgets it
+(`drop_ahead`), and it is never observed, counted or emitted.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import MoeLLMError
-from .decode_graph import take_back
+from .decode_graph import GraphCaptureError, take_back
 from .fused_decode import FusedDecode
 from .prefill import Prefill
 from .prefix_cache import PrefixCache
@@ -186,6 +193,8 @@ class Batcher:
             decoding = [s for s in self.active if s.state == DECODE]
             prefilling = [s for s in self.active if s.state == PREFILL]
             work = ([prefilling[0]] if prefilling else []) + decoding
+            if len(work) != 1 or work[0] is not self._graph_owner:  # the batch changed under a step run ahead
+                self.drop_ahead()
             try:
                 if prefilling:
                     self._prefill_chunk(prefilling[0])
@@ -266,10 +275,17 @@ class Batcher:
     def _leave_graph(self, seq: Sequence) -> None:
         eng = self.engine
         if seq.on_graph:
+            self.drop_ahead()
             seq.kv = self._graph_dec.kv.dump(eng._new_kv(), seq.cached)
             seq.on_graph = False
         if self._graph_owner is seq:
             self._graph_owner = None
+
+    def drop_ahead(self) -> None:
+        """Forget the step run ahead, if any (`_decode_ahead`): its request, if it goes on,
+        enqueues that step again from the host."""
+        if self._graph_dec is not None:
+            self._graph_dec.discard()
 
     def _decode(self, rows: list[Sequence]) -> None:
         self.max_rows = max(self.max_rows, len(rows))
@@ -283,24 +299,50 @@ class Batcher:
         self._decode_fused(rows)
 
     def _decode_one(self, seq: Sequence) -> None:
-        """One token of one request: the graph replay, or the eager one-token forward."""
+        """One token of one request: on the graph decoder (run ahead when greedy), else the eager one-token forward."""
         eng = self.engine
-        tok, pos = seq.next_tok, seq.cached
-        eng.runtime.begin_step()
-        logits = None
         if seq.on_graph:
-            dec = self._graph_dec
-            logits = eng._graph_step(dec, tok, pos)
-            if logits is None:  # capture failed (graphs are off now): continue eagerly from the same KV
-                seq.kv = dec.kv.dump(eng._new_kv(), pos)
-                seq.on_graph, self._graph_owner = False, None
-        if logits is None:
-            ids = torch.tensor([[tok]], device=eng.device)
-            logits = eng.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{eng._kv_arg: seq.kv}).logits[0, -1]
+            try:
+                return self._decode_ahead(seq) if seq.gen.temperature <= 0 else self._decode_graph(seq)
+            except GraphCaptureError as exc:  # graphs are off now: continue eagerly from the same KV
+                eng._graphs_failed(exc)
+                self._leave_graph(seq)
+        eng.runtime.begin_step()
+        ids = torch.tensor([[seq.next_tok]], device=eng.device)
+        logits = eng.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{eng._kv_arg: seq.kv}).logits[0, -1]
+        self._sampled(seq, logits)
+
+    def _decode_graph(self, seq: Sequence) -> None:
+        """One sampled token on the graph decoder: a replay, then the host samples (and waits)."""
+        self.engine.runtime.begin_step()
+        self._sampled(seq, self._graph_dec.step(seq.next_tok, seq.cached))
+
+    def _sampled(self, seq: Sequence, logits: torch.Tensor) -> None:
         new = sample(logits, seq.gen.temperature, seq.gen.top_k, seq.gen.top_p, seq.generator)
-        eng.runtime.end_step()  # the step is done: the cache sees its routing, admits experts
+        self.engine.runtime.end_step()  # the step is done: the cache sees its routing, admits experts
         seq.cached += 1
         self._emit(seq, new)
+
+    def _decode_ahead(self, seq: Sequence) -> None:
+        """One greedy token on the graph decoder, run ahead: the step after this one (fed by
+        this one's argmax on the device) is enqueued before the host waits for this one, then
+        the host ends this one with the routing copied when it was enqueued. No step runs
+        ahead past the request's last token, or when the next step may have other work."""
+        dec, rt = self._graph_dec, self.engine.runtime
+        if not dec.in_flight:  # this step was not run ahead: its input comes from the host
+            rt.begin_step()
+            dec.enqueue(seq.cached, seq.next_tok)
+        if seq.generated + 1 < seq.max_new and self._alone_next():
+            rt.begin_step()
+            dec.enqueue(seq.cached + 1)
+        tok, routed = dec.take()
+        rt.end_step(routed)
+        seq.cached += 1
+        self._emit(seq, tok)
+
+    def _alone_next(self) -> bool:
+        """Whether the next step decodes the one active request and nothing else."""
+        return len(self.active) == 1 and not (self.waiting and self.max_batch > 1)
 
     def _decode_fused(self, rows: list[Sequence]) -> None:
         """One trunk forward for B one-token rows (`fused_decode`)."""
@@ -370,6 +412,8 @@ class Batcher:
         self._cond.notify_all()
 
     def _free(self, seq: Sequence) -> None:
+        if seq.on_graph:
+            self.drop_ahead()
         if self._graph_owner is seq:
             self._graph_owner = None
         seq.on_graph = False

@@ -20,26 +20,48 @@ width, lazily. Graphs are used only on CUDA, for the model families whose layers
 take the standard transformers arguments, without sliding windows, with "sdpa" or
 "eager" attention, and with device-side expert dispatch; everything else decodes
 eagerly.
+
+Every step leaves its greedy pick (the argmax of its logits, captured in the graph) in
+the input token tensor, so a greedy request can run ahead (`enqueue`): the next step is
+enqueued with that device token as its input before the host has read this one's, and
+each enqueued step's token and routing come back through a small pinned ring behind an
+event (`take`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..checkpoint.arch import resolve_arch
 
+if TYPE_CHECKING:
+    from ..experts.runtime import Routed
+
 log = logging.getLogger(__name__)
 
 MIN_WINDOW = 256
+RING = 2  # steps enqueued and not yet read, at most: the one read next and the one run ahead
 
 
 class GraphCaptureError(RuntimeError):
     """The trunk could not be captured; the caller decodes eagerly instead."""
+
+
+class _Done:
+    """What stands for a CUDA event off CUDA, where a step has finished when it returns."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 @cache
@@ -229,6 +251,14 @@ class GraphDecoder:
         self._windows: dict[int, _Window] = {}
         self._pool = None
         self._stream: torch.cuda.Stream | None = None
+        # run ahead: each enqueued step's token and routing land in a ring slot behind an event
+        cuda = self.device.type == "cuda"
+        self._ring_tok = torch.zeros(RING, dtype=torch.long, pin_memory=cuda)
+        self._ring_routing = torch.zeros(RING, len(runtime.cache.layers), runtime.top_k, dtype=torch.long,
+                                         pin_memory=cuda)  # fmt: skip
+        self._ring_done = [torch.cuda.Event() if cuda else _Done() for _ in range(RING)]
+        self._ahead: deque[tuple[int, Routed]] = deque()  # (ring slot, routing) of steps not yet taken
+        self._enqueued = 0
 
     # -- per request ---------------------------------------------------------------
     def prefill_cache(self, kv) -> bool:
@@ -251,23 +281,66 @@ class GraphDecoder:
             w *= 2
         return min(w, self.max_len)
 
-    def _set(self, tok: int, pos: int) -> None:
+    def _set(self, pos: int, tok: int | None = None) -> None:
+        """Write the step's position (and its input token, unless the last step's pick is it)."""
         if not 0 <= pos < self.max_len:
             raise ValueError(f"position {pos} is outside the static cache ({self.max_len})")
-        self.tok.fill_(tok)
+        if tok is not None:
+            self.tok.fill_(tok)
         self.pos.fill_(pos)
 
     @torch.inference_mode()
     def step_eager(self, tok: int, pos: int) -> torch.Tensor:
         """The same trunk, static KV and mask as `step`, run eagerly (any device; tests)."""
-        self._set(tok, pos)
-        return self._trunk(self.window_for(pos))[0, -1]
+        self._set(pos, tok)
+        return self._eager(self.window_for(pos))[0, -1]
 
     @torch.inference_mode()
     def step(self, tok: int, pos: int) -> torch.Tensor:
         """Logits [V] for token `tok` at position `pos` (the KV holds positions < pos): one
-        graph replay, no host sync."""
-        self._set(tok, pos)
+        graph replay, no host sync (the host samples from them: `enqueue` is the greedy way)."""
+        self._set(pos, tok)
+        return self._forward(pos)
+
+    # -- run ahead (greedy) ------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Steps enqueued and not yet taken."""
+        return len(self._ahead)
+
+    @torch.inference_mode()
+    def enqueue(self, pos: int, tok: int | None = None) -> None:
+        """Enqueue the greedy step at `pos` without waiting for it: its input is `tok`, or (None)
+        the token the step before it picked on the device. Its own pick stays in `tok` for
+        the step after it, and is copied with the step's routing into a ring slot behind an
+        event, for `take`. The runtime's `begin_step` precedes each call."""
+        if len(self._ahead) == RING:
+            raise RuntimeError("the run-ahead ring is full: take a step first")
+        self._set(pos, tok)
+        self._forward(pos)
+        slot = self._enqueued % RING
+        self._enqueued += 1
+        self._ring_tok[slot : slot + 1].copy_(self.tok.view(-1), non_blocking=True)
+        routed = self.runtime.snapshot(self._ring_routing[slot])
+        self._ring_done[slot].record()
+        self._ahead.append((slot, routed))
+
+    def take(self) -> tuple[int, Routed]:
+        """The token and routing of the oldest step not yet taken, waiting for it to finish."""
+        slot, routed = self._ahead.popleft()
+        self._ring_done[slot].synchronize()
+        return int(self._ring_tok[slot]), routed
+
+    def discard(self) -> None:
+        """Forget the steps not yet taken (their request ended, or left the graph). Nothing waits:
+        a forgotten step only wrote KV past its request's positions, the next request's
+        writes queue behind it on the stream, and evictions wait for it (`ExpertCache`)."""
+        self._ahead.clear()
+
+    def _forward(self, pos: int) -> torch.Tensor:
+        """Logits [V] of the token in `tok` at position `pos` (both written already), whose
+        argmax lands in `tok`: one graph replay, after which the cache knows the step is
+        enqueued (evictions wait for it)."""
         width = self.window_for(pos)
         win = self._windows.get(width)
         if win is None:
@@ -279,6 +352,7 @@ class GraphDecoder:
                 ) from exc
             self._windows[width] = win
         win.graph.replay()
+        self.runtime.cache.step_enqueued()
         return win.logits[0, -1]
 
     # -- capture -------------------------------------------------------------------------
@@ -300,9 +374,19 @@ class GraphDecoder:
                       **{self.kv_arg: self.kv})  # fmt: skip
         return self.model.lm_head(inner.norm(h))
 
+    def _pick(self, logits: torch.Tensor) -> None:
+        """The greedy pick of the step (logits [1, 1, V]) into `tok`: the next step's input."""
+        torch.argmax(logits[:, -1], dim=-1, keepdim=True, out=self.tok)
+
+    def _eager(self, width: int) -> torch.Tensor:
+        logits = self._trunk(width)
+        self._pick(logits)
+        return logits
+
     def _capture_window(self, width: int) -> _Window:
         """Warm up once on a side stream, then capture the step for one window width.
-        The warm-up writes the current position's KV, which the replay then rewrites."""
+        The warm-up writes the current position's KV, which the replay then rewrites; it
+        leaves `tok` alone (no pick), so the replay reads the step's own input."""
         log.info("capturing the decode graph for a %d-position window", width)
         if self._stream is None:
             self._stream = _capture_stream(self.device)
@@ -317,6 +401,7 @@ class GraphDecoder:
                 win.graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     win.logits = self._trunk(width)
+                    self._pick(win.logits)
                 finally:
                     win.graph.capture_end()
             torch.cuda.current_stream(self.device).wait_stream(self._stream)

@@ -271,16 +271,10 @@ class Engine:
             return None, kv
         return graphs, None  # the static KV holds the prompt now
 
-    def _graph_step(self, graphs, tok: int, pos: int) -> torch.Tensor | None:
-        """Logits from the CUDA-graph decoder, or None (and graphs off for good) if capture fails."""
-        from .decode_graph import GraphCaptureError
-
-        try:
-            return graphs.step(tok, pos)
-        except GraphCaptureError as exc:
-            log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
-            self.graphs = None
-            return None
+    def _graphs_failed(self, exc: Exception) -> None:
+        """A graph capture failed: graphs off for good, every request decodes eagerly."""
+        log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", exc)
+        self.graphs = None
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate a completion. Options as in `GenerationConfig`."""
@@ -303,6 +297,7 @@ class Engine:
     def reset_cache(self) -> None:
         """Drop every resident expert and cached prompt prefix (benchmarks, tests)."""
         with self._lock:
+            self.batcher.drop_ahead()
             self.runtime.reset()
             if self.prefix_cache is not None:
                 self.prefix_cache.clear()

@@ -27,7 +27,7 @@ class Sequence:
     t0: float = field(default_factory=time.perf_counter)
     state: str = WAITING
     kv: Any = None  # transformers DynamicCache; None while the graph decoder holds the KV
-    cached: int = 0  # positions whose keys and values are in the KV
+    cached: int = 0  # positions whose keys and values are in the KV and belong to it (not a step run ahead's)
     clean: int = 0  # leading positions computed as a fresh prefill computes them (`prefill`)
     kept: int = 0  # leading positions stored in the prefix cache
     prefilled: int = 0  # prompt tokens run through prefill forwards (not restored)

@@ -4,15 +4,23 @@
  * quant/packing.py): packed 2/3/4-bit codes in the strided layout, 8-bit scale and zero per
  * group of `gs` input columns, float32 (scale_min, scale_step, zero_min, zero_step) per run of
  * 128 groups. Activations are quantized to int8 per block of 32 columns (one float scale per
- * block, like llama.cpp's Q8_0), so the inner loop is an integer dot product of codes x int8:
- *   sum_g s_g * sum_{i in g} (q_i - z_g) x_i  ~  sum_blocks s_g d_b (q . xq)  -  sum_g s_g z_g X_g
- * where X_g is the sum of the int8 activation (times its block scales) over group g.
+ * block, like llama.cpp's Q8_0), so the inner loop is an integer dot product of codes x int8.
  *
- * Every output row is computed by one thread in a fixed order, so results do not depend on
- * the thread count or on which thread takes which rows; work items (16-32 rows) are handed
- * out dynamically, so a core taken by another process delays only the items it holds.
- * Built with -fopenmp when available; without it everything runs serially. The C API is
- * pointer-based (no Python objects); see moe_llm/experts/cpu/__init__.py.
+ * Exact arithmetic (the same on the GPU: moe_llm/kernels/triton_gemv.py). A row's output is
+ *   y = sum_b  rint(isum_b * (s_g d_b)) - rint((s_g z_g) * xs_b)      (times 2^-32)
+ * over its blocks b of 32 columns (group g of block b), where isum_b is the exact integer dot
+ * product of codes and int8 activations, d_b the block's scale and xs_b = sum(xq_b) d_b, both
+ * kept times 2^32 (exact: a power of two). Every product is one float32 multiply (no fused
+ * multiply-add anywhere: built with -ffp-contract=off), rounded to an integer, and the integers
+ * are summed in float64, exactly (they stay far below 2^53). A sum of exact integers does not
+ * depend on its order, so the result is the same bits for any thread count, vector width or
+ * split of the blocks between two machines: the GPU and the CPU compute one expert alike, and
+ * an expert shared between them (moe_llm/experts/split.py) adds up to the same bits. SiLU uses
+ * `exp_det`, one fixed sequence of float32 operations that the GPU kernel repeats.
+ *
+ * Work items (16-32 rows) are handed out dynamically, so a core taken by another process delays
+ * only the items it holds. Built with -fopenmp when available; without it everything runs
+ * serially. The C API is pointer-based (no Python objects); see moe_llm/experts/cpu/__init__.py.
  */
 #include <float.h>
 #include <math.h>
@@ -35,11 +43,12 @@ static int omp_get_thread_num(void) { return 0; }
 #define MOE_SIMD 0
 #endif
 
-#define MOE_CPU_ABI 1
+#define MOE_CPU_ABI 2
 #define QB 32          /* activation columns per int8 block */
 #define META_GROUP 128 /* groups per float32 meta row */
-/* tokens that share one decode of a row's codes: 4 tokens x 4 accumulators need the 32
-   vector registers of AVX-512 */
+#define GRID 0x1p32f   /* block scales are kept times 2^32: products rounded to integers */
+#define UNGRID 0x1p-32
+/* tokens that share one decode of a row's codes */
 #if defined(__AVX512F__)
 #define TILE 4
 #else
@@ -74,18 +83,20 @@ typedef struct { /* one quantized matrix [rows, cols] */
   const uint8_t *q, *sq, *zq;
   const float *meta;
   int bits, rows, cols, gs, G, rowbytes, fast;
+  int skip; /* leading blocks of each bit plane whose activations are zero (a share), 2/4 bits */
 } qmat;
 
 typedef struct { /* ntok activation rows of `cols`, int8 per QB block */
-  int ntok, cols, nblk, G;
-  const int8_t *xq;   /* [ntok][cols] */
-  const float *d;     /* [ntok][nblk] block scales */
-  const float *gsum;  /* [ntok][G] sums of xq * d per weight group */
+  int ntok, cols, nblk;
+  const int8_t *xq; /* [ntok][cols] */
+  const float *d;   /* [ntok][nblk] block scales, times 2^32 */
+  const float *xs;  /* [ntok][nblk] sum of the block's xq times its d */
 } qact;
 
 typedef struct { /* per-thread scratch */
-  float *s, *sz, *sd, *zt; /* group scales, scale * zero, block scales, zero terms */
-  uint8_t *codes;
+  float *s, *sz;  /* [G] group scale, scale * zero */
+  int32_t *isum;  /* [TILE][nblk] exact integer dot product of each block */
+  uint8_t *codes; /* [cols] one row's codes, unpacked */
 } scratch;
 
 int moe_cpu_abi_version(void) { return MOE_CPU_ABI; }
@@ -137,11 +148,13 @@ static void make_mat(qmat *m, const uint8_t *q, const uint8_t *sq, const uint8_t
   /* the SIMD path needs every 32-byte load of one bit plane to cover 32 columns of one group */
   int plane = bits == 2 ? cols / 4 : bits == 4 ? cols / 2 : cols / 8;
   m->fast = MOE_SIMD && gs % QB == 0 && plane % 32 == 0;
+  m->skip = 0;
 }
 
-/* x[0:n] -> xq = round(x * 127 / amax); returns the block scale amax / 127. A NaN or inf
-   makes the scale NaN (and xq 0), so it reaches every output as in a float matmul. */
-static float quantize_block(const float *x, int n, int8_t *xq) {
+/* x[0:n] -> xq = rint(x * (127 / amax)); returns the block scale (amax / 127) * 2^32 and
+   writes xs = sum(xq) * scale. A NaN or inf makes the scale NaN (and xq 0), so it reaches
+   every output as in a float matmul. */
+static float quantize_block(const float *x, int n, int8_t *xq, float *xs) {
   float amax = 0.f;
   int finite = 1;
   for (int j = 0; j < n; j++) {
@@ -150,49 +163,100 @@ static float quantize_block(const float *x, int n, int8_t *xq) {
     amax = v > amax ? v : amax; /* not fmaxf: that is a libm call */
   }
   const float id = finite && amax > 0.f ? 127.f / amax : 0.f;
-  for (int j = 0; j < n; j++) xq[j] = (int8_t)nearbyintf(finite ? x[j] * id : 0.f);
-  return finite ? amax / 127.f : NAN;
-}
-
-/* Sums of the dequantized int8 activation per weight group: with them the zero-point term
-   carries the same quantized x as the code term, so the error is sum_i w_i (xq_i d - x_i),
-   as for dense weights times int8 x, however far the zeros are from the codes' middle. */
-static void group_sums(const int8_t *xq, const float *d, int cols, int gs, float *gsum) {
-  for (int g = 0; g < cols / gs; g++) {
-    float s = 0.f;
-    for (int j0 = g * gs, j1; j0 < (g + 1) * gs; j0 = j1) {
-      j1 = imin((j0 / QB + 1) * QB, (g + 1) * gs);
-      int32_t isum = 0;
-      for (int j = j0; j < j1; j++) isum += xq[j];
-      s += d[j0 / QB] * (float)isum;
-    }
-    gsum[g] = s;
+  int32_t sum = 0;
+  for (int j = 0; j < n; j++) {
+    xq[j] = (int8_t)nearbyintf(finite ? x[j] * id : 0.f);
+    sum += xq[j];
   }
+  const float d = finite ? amax / 127.f * GRID : NAN;
+  *xs = (float)sum * d;
+  return d;
 }
 
-/* int8 per block of QB, and the group sums of the result. */
-static void quantize_act(const float *x, int cols, int gs, int8_t *xq, float *d, float *gsum) {
-  for (int j0 = 0; j0 < cols; j0 += QB) d[j0 / QB] = quantize_block(x + j0, imin(QB, cols - j0), xq + j0);
-  group_sums(xq, d, cols, gs, gsum);
+/* int8 per block of QB: codes, scales and block sums. */
+static void quantize_act(const float *x, int cols, int8_t *xq, float *d, float *xs) {
+  for (int j0 = 0; j0 < cols; j0 += QB) d[j0 / QB] = quantize_block(x + j0, imin(QB, cols - j0), xq + j0, xs + j0 / QB);
 }
 
-/* Float scale s and scale * zero of each group of row r. */
+/* e^x in a fixed sequence of float32 operations (no libm: the GPU repeats them, see
+   kernels/triton_gemv.py `_exp_det`): 2^n e^r with n = rint(x log2 e), r = x - n ln 2 in two
+   parts, and e^r by Horner's rule. Inputs are clamped to [-87, 88], where 2^n is a normal float. */
+static float exp_det(float x) {
+  if (x != x) return x;
+  x = x < -87.f ? -87.f : x;
+  x = x > 88.f ? 88.f : x;
+  const float n = nearbyintf(x * 0x1.715476p+0f);
+  float r = x - n * 0x1.62e4p-1f;
+  r = r - n * 0x1.7f7d1cp-20f;
+  float p = 0x1.6c16c2p-10f;
+  p = p * r + 0x1.111112p-7f;
+  p = p * r + 0x1.555556p-5f;
+  p = p * r + 0x1.555556p-3f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float s;
+  memcpy(&s, &bits, sizeof s);
+  return p * s;
+}
+
+static inline float silu(float v) { return v / (1.f + exp_det(-v)); }
+
+/* Float scale s and scale * zero of each group of row r (plain multiplies and adds). */
 static void row_scales(const qmat *m, int r, float *restrict s, float *restrict sz) {
   const size_t f = (size_t)r * m->G;
   const uint8_t *sq = m->sq + f, *zq = m->zq + f;
-  int g = 0;
-  while (g < m->G) {
-    size_t mi = (f + g) / META_GROUP;
-    int end = (int)((mi + 1) * META_GROUP - f);
-    if (end > m->G) end = m->G;
+  for (int g = 0; g < m->G;) {
+    const size_t mi = (f + g) / META_GROUP;
+    const int end = imin(m->G, (int)((mi + 1) * META_GROUP - f));
     const float *mm = m->meta + 4 * mi;
     const float s0 = mm[0], s1 = mm[1], z0 = mm[2], z1 = mm[3];
-    for (; g < end; g++) {
+    for (; g < end; g++) { /* vectorised by the compiler; contraction is off */
       const float sg = (float)sq[g] * s1 + s0;
       s[g] = sg;
       sz[g] = sg * ((float)zq[g] * z1 + z0);
     }
   }
+}
+
+/* sum_b rint(isum_b * (s_g d_b)) - rint((s z)_g * xs_b), exactly (see the top of this file), for
+   one row (group scales s, s * z) and one token (block scales d, block sums xs); g = b / bpg. */
+static double exact_sum(const int32_t *isum, const float *s, const float *sz, const float *d, const float *xs,
+                        int nblk, int bpg) {
+  int b = 0;
+  double acc = 0.0;
+#if MOE_SIMD
+  if (bpg <= 2) {
+    const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    for (; b + 8 <= nblk; b += 8) {
+      __m256 sg, szg;
+      if (bpg == 1) {
+        sg = _mm256_loadu_ps(s + b), szg = _mm256_loadu_ps(sz + b);
+      } else { /* each group's values for its two blocks */
+        sg = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + b / 2)), dup);
+        szg = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sz + b / 2)), dup);
+      }
+      const __m256 fi = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(isum + b)));
+      const __m256 p = _mm256_round_ps(_mm256_mul_ps(fi, _mm256_mul_ps(sg, _mm256_loadu_ps(d + b))), rm);
+      const __m256 q = _mm256_round_ps(_mm256_mul_ps(szg, _mm256_loadu_ps(xs + b)), rm);
+      a0 = _mm256_add_pd(a0, _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(p)),
+                                           _mm256_cvtps_pd(_mm256_castps256_ps128(q))));
+      a1 = _mm256_add_pd(a1, _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)),
+                                           _mm256_cvtps_pd(_mm256_extractf128_ps(q, 1))));
+    }
+    double part[4];
+    _mm256_storeu_pd(part, _mm256_add_pd(a0, a1));
+    acc = (part[0] + part[1]) + (part[2] + part[3]);
+  }
+#endif
+  for (; b < nblk; b++) {
+    const int g = b / bpg;
+    acc += (double)nearbyintf((float)isum[b] * (s[g] * d[b])) - (double)nearbyintf(sz[g] * xs[b]);
+  }
+  return acc;
 }
 
 static void unpack_row(const uint8_t *rq, int bits, int cols, uint8_t *codes) {
@@ -210,17 +274,20 @@ static void unpack_row(const uint8_t *rq, int bits, int cols, uint8_t *codes) {
     for (int c = 0; c < step; c++) codes[p * step + c] = (rq[c] >> (bits * p)) & mask;
 }
 
-/* Portable path, any shape: sum over segments that lie in one group and one block. */
-static float generic_dot(const qmat *m, const uint8_t *codes, const float *s, const qact *a, int t) {
+/* Portable path, any shape: the same terms over segments that lie in one group and one block
+   (a whole block when the group size is a multiple of QB, as on the fast path). */
+static double generic_row(const qmat *m, const uint8_t *codes, const float *s, const float *sz, const qact *a,
+                          int t) {
   const int8_t *xq = a->xq + (size_t)t * a->cols;
   const float *d = a->d + (size_t)t * a->nblk;
-  float acc = 0.f;
+  double acc = 0.0;
   for (int j0 = 0, j1; j0 < m->cols; j0 = j1) {
-    int nb = (j0 / QB + 1) * QB, ng = (j0 / m->gs + 1) * m->gs;
+    const int nb = (j0 / QB + 1) * QB, ng = (j0 / m->gs + 1) * m->gs;
     j1 = imin(imin(nb, ng), m->cols);
-    int32_t isum = 0;
-    for (int j = j0; j < j1; j++) isum += (int32_t)codes[j] * xq[j];
-    acc += s[j0 / m->gs] * d[j0 / QB] * (float)isum;
+    int32_t isum = 0, qsum = 0;
+    for (int j = j0; j < j1; j++) isum += (int32_t)codes[j] * xq[j], qsum += xq[j];
+    const float db = d[j0 / QB], sg = s[j0 / m->gs], xs = (float)qsum * db;
+    acc += (double)nearbyintf((float)isum * (sg * db)) - (double)nearbyintf(sz[j0 / m->gs] * xs);
   }
   return acc;
 }
@@ -236,125 +303,61 @@ static inline __m256i dot_u8s8(__m256i u, __m256i v) {
 #endif
 }
 
-static inline float hsum8(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
+/* [sum of the 8 lanes of v0, ..., of v7]: a transposing tree of horizontal adds. */
+static inline __m256i hsum8x8(const __m256i *v) {
+  const __m256i b0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i b1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
 }
 
-/* acc[t][chain] += (codes . xq[t][col:col+32]) * sd[t][col/32]; NT and CH are constants after
-   inlining, so the accumulators stay in registers; CH independent chains hide FMA latency. */
-#define BLOCK(CODES, COL, P)                                                                       \
-  do {                                                                                             \
-    const int col_ = (COL), b_ = col_ / QB;                                                        \
-    for (int t = 0; t < NT; t++) {                                                                 \
-      __m256i x_ = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * cols + col_));            \
-      __m256 f_ = _mm256_cvtepi32_ps(dot_u8s8((CODES), x_));                                       \
-      acc[t][(P) & (CH - 1)] = _mm256_fmadd_ps(f_, _mm256_broadcast_ss(sd + t * nblk + b_),         \
-                                               acc[t][(P) & (CH - 1)]);                           \
-    }                                                                                              \
-  } while (0)
-
-static inline __attribute__((always_inline)) void fast_dot(const qmat *m, const uint8_t *rq,
-                                                           const int8_t *xq, const float *sd,
-                                                           int nblk, float *out, const int NT,
-                                                           const int CH) {
-  const int cols = m->cols;
-  __m256 acc[TILE][4];
-  for (int t = 0; t < NT; t++)
-    for (int k = 0; k < CH; k++) acc[t][k] = _mm256_setzero_ps();
-  const __m256i m3 = _mm256_set1_epi8(3), m15 = _mm256_set1_epi8(15);
-  if (m->bits == 2) {
-    const int step = cols / 4;
-    for (int c = 0; c < step; c += 32) {
-      const __m256i v = _mm256_loadu_si256((const __m256i *)(rq + c));
-      PREFETCH(rq + c, PF2);
-      BLOCK(_mm256_and_si256(v, m3), c, 0);
-      BLOCK(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3), step + c, 1);
-      BLOCK(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3), 2 * step + c, 2);
-      BLOCK(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), 3 * step + c, 3);
-    }
-  } else if (m->bits == 4) {
-    const int step = cols / 2;
-    int c = 0;
-    for (; c + 64 <= step; c += 64) {
-      const __m256i v = _mm256_loadu_si256((const __m256i *)(rq + c));
-      const __m256i w = _mm256_loadu_si256((const __m256i *)(rq + c + 32));
-      PREFETCH(rq + c, PF4);
-      BLOCK(_mm256_and_si256(v, m15), c, 0);
-      BLOCK(_mm256_and_si256(_mm256_srli_epi16(v, 4), m15), step + c, 1);
-      BLOCK(_mm256_and_si256(w, m15), c + 32, 2);
-      BLOCK(_mm256_and_si256(_mm256_srli_epi16(w, 4), m15), step + c + 32, 3);
-    }
-    if (c < step) {
-      const __m256i v = _mm256_loadu_si256((const __m256i *)(rq + c));
-      BLOCK(_mm256_and_si256(v, m15), c, 0);
-      BLOCK(_mm256_and_si256(_mm256_srli_epi16(v, 4), m15), step + c, 1);
-    }
-  } else { /* 3-bit: `rq` holds the row's codes unpacked to column order (unpack3) */
-    int b = 0;
-    for (; b + 4 <= nblk; b += 4) {
-      BLOCK(_mm256_loadu_si256((const __m256i *)(rq + QB * b)), QB * b, 0);
-      BLOCK(_mm256_loadu_si256((const __m256i *)(rq + QB * b + 32)), QB * b + 32, 1);
-      BLOCK(_mm256_loadu_si256((const __m256i *)(rq + QB * b + 64)), QB * b + 64, 2);
-      BLOCK(_mm256_loadu_si256((const __m256i *)(rq + QB * b + 96)), QB * b + 96, 3);
-    }
-    for (; b < nblk; b++) BLOCK(_mm256_loadu_si256((const __m256i *)(rq + QB * b)), QB * b, 0);
-  }
-  for (int t = 0; t < NT; t++) {
-    __m256 v = acc[t][0];
-    for (int k = 1; k < CH; k++) v = _mm256_add_ps(v, acc[t][k]);
-    out[t] = hsum8(v);
-  }
-}
-#undef BLOCK
-
-static inline __m256 cvt8(const uint8_t *p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+static inline int32_t hsum1(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
 
-/* Row r's 8-bit meta for tokens t0..t0+nt: sd[t][b] = s_g * d[t][b] and the zero terms
-   zt[t] = sum_g s_g z_g X[t][g] (one pass per token keeps the accumulator in a register). */
-static void fast_prologue(const qmat *m, int r, const qact *a, int t0, int nt, float *restrict sd, float *zt) {
-  const int G = m->G, nblk = a->nblk, bpg = m->gs / QB;
-  const size_t f = (size_t)r * G;
-  const uint8_t *sq = m->sq + f, *zq = m->zq + f;
-  for (int t = 0; t < nt; t++) {
-    const float *d = a->d + (size_t)(t0 + t) * nblk, *gsum = a->gsum + (size_t)(t0 + t) * G;
-    float *o = sd + (size_t)t * nblk, ztail = 0.f, sbuf[8];
-    __m256 zacc = _mm256_setzero_ps();
-    for (int g = 0; g < G;) {
-      const size_t mi = (f + g) / META_GROUP;
-      const int end = imin(G, (int)((mi + 1) * META_GROUP - f));
-      const float *mm = m->meta + 4 * mi;
-      const __m256 s0 = _mm256_set1_ps(mm[0]), s1 = _mm256_set1_ps(mm[1]);
-      const __m256 z0 = _mm256_set1_ps(mm[2]), z1 = _mm256_set1_ps(mm[3]);
-      for (; g + 8 <= end; g += 8) {
-        const __m256 sg = _mm256_fmadd_ps(cvt8(sq + g), s1, s0);
-        const __m256 szg = _mm256_mul_ps(sg, _mm256_fmadd_ps(cvt8(zq + g), z1, z0));
-        zacc = _mm256_fmadd_ps(szg, _mm256_loadu_ps(gsum + g), zacc);
-        if (bpg == 1) {
-          _mm256_storeu_ps(o + g, _mm256_mul_ps(sg, _mm256_loadu_ps(d + g)));
-        } else if (bpg == 2) { /* [s0 s0 s1 s1 ...]: each group's scale for its two blocks */
-          const __m256 lo = _mm256_unpacklo_ps(sg, sg), hi = _mm256_unpackhi_ps(sg, sg);
-          const __m256 a0 = _mm256_permute2f128_ps(lo, hi, 0x20), a1 = _mm256_permute2f128_ps(lo, hi, 0x31);
-          _mm256_storeu_ps(o + 2 * g, _mm256_mul_ps(a0, _mm256_loadu_ps(d + 2 * g)));
-          _mm256_storeu_ps(o + 2 * g + 8, _mm256_mul_ps(a1, _mm256_loadu_ps(d + 2 * g + 8)));
-        } else {
-          _mm256_storeu_ps(sbuf, sg);
-          for (int k = 0; k < 8; k++)
-            for (int q = 0, b = (g + k) * bpg; q < bpg; q++, b++) o[b] = sbuf[k] * d[b];
+/* The codes of plane `p` of the 32 packed bytes at `at` (2 or 4 bits per code). */
+static inline __m256i plane_codes(const uint8_t *at, int bits, int p) {
+  const __m256i v = _mm256_loadu_si256((const __m256i *)at);
+  if (bits == 2) return _mm256_and_si256(_mm256_srli_epi16(v, 2 * p), _mm256_set1_epi8(3));
+  return _mm256_and_si256(_mm256_srli_epi16(v, 4 * p), _mm256_set1_epi8(15));
+}
+
+/* isum[t][b]: the exact integer dot product of every block of one row with NT tokens. The
+   codes of block b lie in plane b / (step / 32) at packed bytes 32 * (b % (step / 32)) (2 and 4
+   bits; 3 bits: `rq` holds the codes unpacked, block b at 32 b); eight consecutive blocks of a
+   plane are reduced together (their packed bytes are re-read from L1 for each plane). */
+static inline __attribute__((always_inline)) void block_dots(const qmat *m, const uint8_t *rq, const int8_t *xq,
+                                                             int nblk, int32_t *isum, const int NT) {
+  const int cols = m->cols, bits = m->bits;
+  const int per = bits == 3 ? 1 : 8 / bits, bpp = nblk / per; /* planes; blocks per plane */
+  const int step = bits == 3 ? 0 : cols / per;                  /* packed bytes per plane */
+  for (int p = 0; p < per; p++) {
+    int c = m->skip; /* block of this plane; those before hold zero activations */
+    for (; c + 8 <= bpp; c += 8) {
+      const int b0 = p * bpp + c;
+      if (bits == 2 && p == 0) PREFETCH(rq + 32 * c, PF2);
+      if (bits == 4 && p == 0) PREFETCH(rq + 32 * c, PF4);
+      for (int t = 0; t < NT; t++) {
+        const int8_t *xt = xq + (size_t)t * cols + QB * b0;
+        __m256i v[8];
+        for (int i = 0; i < 8; i++) {
+          const __m256i codes = bits == 3 ? _mm256_loadu_si256((const __m256i *)(rq + QB * (b0 + i)))
+                                          : plane_codes(rq + 32 * (c + i), bits, p);
+          v[i] = dot_u8s8(codes, _mm256_loadu_si256((const __m256i *)(xt + QB * i)));
         }
-      }
-      for (; g < end; g++) {
-        const float sg = (float)sq[g] * mm[1] + mm[0];
-        ztail += sg * ((float)zq[g] * mm[3] + mm[2]) * gsum[g];
-        for (int q = 0, b = g * bpg; q < bpg; q++, b++) o[b] = sg * d[b];
+        _mm256_storeu_si256((__m256i *)(isum + (size_t)t * nblk + b0), hsum8x8(v));
       }
     }
-    zt[t] = hsum8(zacc) + ztail;
+    for (; c < bpp; c++) {
+      const int b = p * bpp + c;
+      const __m256i codes = bits == 3 ? _mm256_loadu_si256((const __m256i *)(rq + QB * b)) : plane_codes(rq + 32 * c, bits, p);
+      for (int t = 0; t < NT; t++)
+        isum[(size_t)t * nblk + b] = hsum1(dot_u8s8(codes, _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * cols + QB * b))));
+    }
   }
+  (void)step;
 }
 
 /* 3-bit row -> one code per byte in column order, one store per 32 codes. Hi plane p covers
@@ -380,78 +383,71 @@ static void unpack3(const uint8_t *rq, int cols, uint8_t *codes) {
   }
 }
 
-static void fast_tile(const qmat *m, const uint8_t *rq, const int8_t *xq, const float *sd, int nblk,
-                      float *out, int nt) {
+static void fast_tile(const qmat *m, const uint8_t *rq, const int8_t *xq, int nblk, int32_t *isum, int nt) {
   switch (nt) {
-    /* 4 chains for every tile width: a token's sum order never depends on its neighbours */
-    case 1: fast_dot(m, rq, xq, sd, nblk, out, 1, 4); break;
+    case 1: block_dots(m, rq, xq, nblk, isum, 1); break;
 #if TILE > 2
-    case 2: fast_dot(m, rq, xq, sd, nblk, out, 2, 4); break;
-    case 3: fast_dot(m, rq, xq, sd, nblk, out, 3, 4); break;
-    default: fast_dot(m, rq, xq, sd, nblk, out, 4, 4); break;
+    case 2: block_dots(m, rq, xq, nblk, isum, 2); break;
+    case 3: block_dots(m, rq, xq, nblk, isum, 3); break;
+    default: block_dots(m, rq, xq, nblk, isum, 4); break;
 #else
-    default: fast_dot(m, rq, xq, sd, nblk, out, 2, 4); break;
+    default: block_dots(m, rq, xq, nblk, isum, 2); break;
 #endif
   }
 }
 #endif
 
-/* sum_i a[i] b[i] in 8 interleaved partial sums (vectorisable, same order every call). */
-static float dot8(const float *restrict a, const float *restrict b, int n) {
-  float part[8] = {0.f};
-  int i = 0;
-#if MOE_SIMD
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  _mm256_storeu_ps(part, acc);
-#else
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; k++) part[k] += a[i + k] * b[i + k];
-#endif
-  for (int k = 0; i < n; i++, k++) part[k] += a[i] * b[i];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
-/* y[t * ldy + r] = (W x_t)[r] for rows r in [r0, r1) and every token t. */
-static void mat_rows(const qmat *m, int r0, int r1, const qact *a, float *y, size_t ldy, scratch *ws) {
-  const int G = m->G;
+/* Rows [r0, r1) of W x_t for every token t: y[t * ldy + r] in float32 or, with `yd`, the exact
+   float64 sum (a multiple of 2^-32: shares of one row computed apart add up exactly). */
+static void mat_rows(const qmat *m, int r0, int r1, const qact *a, float *y, double *yd, size_t ldy, scratch *ws) {
+  if (m->skip) /* skipped blocks are never written: their (zero-activation) terms are exactly 0 */
+    memset(ws->isum, 0, sizeof(int32_t) * TILE * (size_t)a->nblk);
   for (int r = r0; r < r1; r++) {
     const uint8_t *rq = m->q + (size_t)r * m->rowbytes;
-    if (!m->fast) {
-      row_scales(m, r, ws->s, ws->sz);
-      for (int t = 0; t < a->ntok; t++) ws->zt[t] = dot8(ws->sz, a->gsum + (size_t)t * G, G);
-      unpack_row(rq, m->bits, m->cols, ws->codes);
-    }
+    row_scales(m, r, ws->s, ws->sz);
+    if (!m->fast) unpack_row(rq, m->bits, m->cols, ws->codes);
     for (int t0 = 0; t0 < a->ntok; t0 += TILE) {
       const int nt = imin(TILE, a->ntok - t0);
-      float dots[TILE];
+      double sums[TILE];
       if (m->fast) {
 #if MOE_SIMD
         if (m->bits == 3 && t0 == 0) unpack3(rq, m->cols, ws->codes);
-        fast_prologue(m, r, a, t0, nt, ws->sd, ws->zt + t0);
-        fast_tile(m, m->bits == 3 ? ws->codes : rq, a->xq + (size_t)t0 * a->cols, ws->sd, a->nblk, dots, nt);
+        fast_tile(m, m->bits == 3 ? ws->codes : rq, a->xq + (size_t)t0 * a->cols, a->nblk, ws->isum, nt);
+        for (int t = 0; t < nt; t++)
+          sums[t] = exact_sum(ws->isum + (size_t)t * a->nblk, ws->s, ws->sz, a->d + (size_t)(t0 + t) * a->nblk,
+                              a->xs + (size_t)(t0 + t) * a->nblk, a->nblk, m->gs / QB);
 #endif
       } else {
-        for (int t = 0; t < nt; t++) dots[t] = generic_dot(m, ws->codes, ws->s, a, t0 + t);
+        for (int t = 0; t < nt; t++) sums[t] = generic_row(m, ws->codes, ws->s, ws->sz, a, t0 + t);
       }
-      for (int t = 0; t < nt; t++) y[(size_t)(t0 + t) * ldy + r] = dots[t] - ws->zt[t0 + t];
+      for (int t = 0; t < nt; t++) {
+        const size_t at = (size_t)(t0 + t) * ldy + r;
+        if (yd)
+          yd[at] = sums[t] * UNGRID;
+        else
+          y[at] = (float)(sums[t] * UNGRID);
+      }
     }
   }
 }
 
 static size_t scratch_bytes(int maxG, int maxcols, int ntok) {
-  int nblk = (maxcols + QB - 1) / QB;
-  return sizeof(float) * (2 * (size_t)maxG + (size_t)TILE * nblk + ntok) + (size_t)maxcols + 64;
+  (void)ntok;
+  const size_t nblk = (size_t)(maxcols + QB - 1) / QB;
+  return sizeof(float) * 2 * (size_t)maxG + sizeof(int32_t) * TILE * nblk + (size_t)maxcols + 5 * 64;
 }
 
 static scratch scratch_at(uint8_t *base, int maxG, int maxcols, int ntok) {
+  (void)ntok;
   scratch s;
-  int nblk = (maxcols + QB - 1) / QB;
-  s.s = (float *)base;
-  s.sz = s.s + maxG;
-  s.sd = s.sz + maxG;
-  s.zt = s.sd + (size_t)TILE * nblk;
-  s.codes = (uint8_t *)(s.zt + ntok);
+  const size_t nblk = (size_t)(maxcols + QB - 1) / QB;
+  uint8_t *p = base;
+#define NEXT(T, N) ((T *)(p = (uint8_t *)(((uintptr_t)p + 63) & ~(uintptr_t)63), p += (N) * sizeof(T), p - (N) * sizeof(T)))
+  s.s = NEXT(float, (size_t)maxG);
+  s.sz = NEXT(float, (size_t)maxG);
+  s.isum = NEXT(int32_t, TILE * nblk);
+  s.codes = NEXT(uint8_t, (size_t)maxcols);
+#undef NEXT
   return s;
 }
 
@@ -476,8 +472,6 @@ static void *take(uint8_t **p, size_t bytes) {
   return at;
 }
 
-static inline float silu(float v) { return v / (1.f + expf(-v)); }
-
 /* Shared core: nexp experts (one token) or one expert (ntok tokens). out[e or t][H]. */
 static int run_experts(const uint8_t *const *bases, const float *weights, int nexp,
                        const moe_cpu_expert_layout *L, const float *x, int ntok, float *out,
@@ -494,23 +488,22 @@ static int run_experts(const uint8_t *const *bases, const float *weights, int ne
   const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
   const size_t per_thread = (scratch_bytes(maxG, maxcols, ntok) + 63) / 64 * 64;
   const size_t fl = sizeof(float);
-  size_t total = (size_t)ntok * H + (size_t)ntok * nbh * fl + (size_t)ntok * Ggu * fl /* x */
-                 + (size_t)nrows * 2 * I * fl                                       /* gate, up */
-                 + (size_t)nrows * I + (size_t)nrows * nbi * fl + (size_t)nrows * Gdn * fl /* h */
+  size_t total = (size_t)ntok * H + 2 * (size_t)ntok * nbh * fl /* x */
+                 + (size_t)nrows * 2 * I * fl                   /* gate, up */
+                 + (size_t)nrows * I + 2 * (size_t)nrows * nbi * fl /* h */
                  + (size_t)threads * per_thread + 8 * 64;
   uint8_t *mem = (uint8_t *)malloc(total);
   if (!mem) return MOE_CPU_ENOMEM;
   uint8_t *p = mem;
   int8_t *xq = take(&p, (size_t)ntok * H);
-  float *xd = take(&p, (size_t)ntok * nbh * fl), *xg = take(&p, (size_t)ntok * Ggu * fl);
+  float *xd = take(&p, (size_t)ntok * nbh * fl), *xs = take(&p, (size_t)ntok * nbh * fl);
   float *gu = take(&p, (size_t)nrows * 2 * I * fl); /* [nrows][2I]: gate then up; h over gate */
   int8_t *hq = take(&p, (size_t)nrows * I);
-  float *hd = take(&p, (size_t)nrows * nbi * fl), *hg = take(&p, (size_t)nrows * Gdn * fl);
+  float *hd = take(&p, (size_t)nrows * nbi * fl), *hs = take(&p, (size_t)nrows * nbi * fl);
   uint8_t *scr = take(&p, (size_t)threads * per_thread);
   for (int t = 0; t < ntok; t++)
-    quantize_act(x + (size_t)t * H, H, L->gs_gate_up, xq + (size_t)t * H, xd + (size_t)t * nbh,
-                 xg + (size_t)t * Ggu);
-  const qact ax = {ntok, H, nbh, Ggu, xq, xd, xg};
+    quantize_act(x + (size_t)t * H, H, xq + (size_t)t * H, xd + (size_t)t * nbh, xs + (size_t)t * nbh);
+  const qact ax = {ntok, H, nbh, xq, xd, xs};
   const int ngu = (I + GU_CHUNK - 1) / GU_CHUNK, ndn = (H + DOWN_CHUNK - 1) / DOWN_CHUNK;
 
 #pragma omp parallel num_threads(threads)
@@ -522,27 +515,24 @@ static int run_experts(const uint8_t *const *bases, const float *weights, int ne
       qmat mg, md;
       expert_mats(L, bases[e], &mg, &md);
       float *ge = gu + (size_t)e * ntok * 2 * I;
-      mat_rows(&mg, r0, r1, &ax, ge, 2 * (size_t)I, &ws);
-      mat_rows(&mg, I + r0, I + r1, &ax, ge, 2 * (size_t)I, &ws);
+      mat_rows(&mg, r0, r1, &ax, ge, NULL, 2 * (size_t)I, &ws);
+      mat_rows(&mg, I + r0, I + r1, &ax, ge, NULL, 2 * (size_t)I, &ws);
       for (int t = 0; t < ntok; t++) { /* h = silu(gate) * up, then its int8 block r0 / QB */
         float *g = ge + (size_t)t * 2 * I, *u = g + I;
         for (int r = r0; r < r1; r++) g[r] = silu(g[r]) * u[r];
         const size_t row = (size_t)e * ntok + t;
-        hd[row * nbi + r0 / QB] = quantize_block(g + r0, r1 - r0, hq + row * I + r0);
+        hd[row * nbi + r0 / QB] = quantize_block(g + r0, r1 - r0, hq + row * I + r0, hs + row * nbi + r0 / QB);
       }
     }
-#pragma omp for schedule(static)
-    for (int row = 0; row < nrows; row++)
-      group_sums(hq + (size_t)row * I, hd + (size_t)row * nbi, I, L->gs_down, hg + (size_t)row * Gdn);
 #pragma omp for schedule(dynamic)
     for (int item = 0; item < nexp * ndn; item++) {
       const int e = item / ndn, r0 = (item % ndn) * DOWN_CHUNK, r1 = imin(r0 + DOWN_CHUNK, H);
       qmat mg, md;
       expert_mats(L, bases[e], &mg, &md);
       const size_t row = (size_t)e * ntok;
-      const qact ah = {ntok, I, nbi, Gdn, hq + row * I, hd + row * nbi, hg + row * Gdn};
+      const qact ah = {ntok, I, nbi, hq + row * I, hd + row * nbi, hs + row * nbi};
       float *ye = out + row * H;
-      mat_rows(&md, r0, r1, &ah, ye, (size_t)H, &ws);
+      mat_rows(&md, r0, r1, &ah, ye, NULL, (size_t)H, &ws);
       if (weights)
         for (int t = 0; t < ntok; t++)
           for (int r = r0; r < r1; r++) ye[(size_t)t * H + r] *= weights[e];
@@ -573,23 +563,22 @@ int moe_cpu_qlinear(const uint8_t *q, const uint8_t *scale_q, const uint8_t *zer
   make_mat(&m, q, scale_q, zero_q, meta, bits, rows, cols, group_size);
   const int nblk = (cols + QB - 1) / QB;
   const size_t per_thread = (scratch_bytes(m.G, cols, ntok) + 63) / 64 * 64;
-  const size_t act = (size_t)ntok * cols + sizeof(float) * (size_t)ntok * (nblk + m.G);
+  const size_t act = (size_t)ntok * cols + sizeof(float) * (size_t)ntok * 2 * nblk;
   uint8_t *mem = (uint8_t *)malloc((size_t)threads * per_thread + act + 128);
   if (!mem) return MOE_CPU_ENOMEM;
   uint8_t *scr = mem, *ap = mem + (size_t)threads * per_thread;
-  float *d = (float *)ap, *gsum = d + (size_t)ntok * nblk;
-  int8_t *xq = (int8_t *)(gsum + (size_t)ntok * m.G);
+  float *d = (float *)ap, *xs = d + (size_t)ntok * nblk;
+  int8_t *xq = (int8_t *)(xs + (size_t)ntok * nblk);
   for (int t = 0; t < ntok; t++)
-    quantize_act(x + (size_t)t * cols, cols, group_size, xq + (size_t)t * cols, d + (size_t)t * nblk,
-                 gsum + (size_t)t * m.G);
-  const qact a = {ntok, cols, nblk, m.G, xq, d, gsum};
+    quantize_act(x + (size_t)t * cols, cols, xq + (size_t)t * cols, d + (size_t)t * nblk, xs + (size_t)t * nblk);
+  const qact a = {ntok, cols, nblk, xq, d, xs};
   const int n = (rows + DOWN_CHUNK - 1) / DOWN_CHUNK;
 #pragma omp parallel num_threads(threads)
   {
     scratch ws = scratch_at(scr + (size_t)omp_get_thread_num() * per_thread, m.G, cols, ntok);
 #pragma omp for schedule(dynamic)
     for (int item = 0; item < n; item++)
-      mat_rows(&m, item * DOWN_CHUNK, imin((item + 1) * DOWN_CHUNK, rows), &a, y, (size_t)rows, &ws);
+      mat_rows(&m, item * DOWN_CHUNK, imin((item + 1) * DOWN_CHUNK, rows), &a, y, NULL, (size_t)rows, &ws);
   }
   free(mem);
   return MOE_CPU_OK;

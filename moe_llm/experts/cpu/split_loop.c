@@ -2,13 +2,16 @@
  *
  * One thread polls the mailbox rows in layer order. For row r, once the GPU's publish has
  * raised flags[r], it reads the routed ids and cuts, computes each missed expert's CPU share
- * from the expert's pinned host buffer, writes fp32 rows y[j][H], and raises dones[r]; the
+ * from the expert's pinned host buffer, writes float64 rows y[j][H] (exact sums, see moe_cpu.c),
+ * and raises dones[r]; the
  * GPU waits on that word (a captured stream wait) before its combine.
  *
  * The CPU share of an expert with cut c (0 <= c < PD, PD = bytes of the down plane) is the
  * intermediate neurons i with i % PD >= c: those rows of gate and up, and every down row
  * against h that is zero outside the share. The GPU computes the complement, so the two
- * sums add up to the whole expert. Built as one unit with moe_cpu.c (its static kernels).
+ * sums add up to the whole expert, to the bit: every row is an exact sum of per-block integers,
+ * which the GPU adds to its own share in float64. Built as one unit with moe_cpu.c (its static
+ * kernels).
  */
 #include "moe_cpu.c"
 
@@ -20,7 +23,7 @@
 #define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
 #endif
 
-#define SPLIT_ABI 1
+#define SPLIT_ABI 2
 #define WORD_STRIDE 16 /* uint32 words per flag: one cache line each */
 
 typedef struct {
@@ -39,7 +42,7 @@ int moe_split_abi_version(void) { return SPLIT_ABI; }
 
 typedef struct {
   int8_t *xq, *hq;
-  float *xd, *xg, *gu, *h, *hd, *hg;
+  float *xd, *xs, *gu, *h, *hd, *hs;
   uint8_t *scr;
   size_t per_thread;
 } share_ws;
@@ -50,7 +53,7 @@ static int share_ws_alloc(const moe_cpu_expert_layout *L, int threads, share_ws 
   const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
   w->per_thread = (scratch_bytes(maxG, maxcols, 1) + 63) / 64 * 64;
   const size_t fl = sizeof(float);
-  size_t total = (size_t)H + (size_t)I + fl * ((size_t)nbh + Ggu + 3 * (size_t)I + nbi + Gdn) +
+  size_t total = (size_t)H + (size_t)I + fl * (2 * (size_t)nbh + 3 * (size_t)I + 2 * (size_t)nbi) +
                  (size_t)threads * w->per_thread + 16 * 64;
   uint8_t *p = (uint8_t *)malloc(total);
   if (!p) return MOE_CPU_ENOMEM;
@@ -58,28 +61,29 @@ static int share_ws_alloc(const moe_cpu_expert_layout *L, int threads, share_ws 
 #define TAKE(T, N) ((T *)(p = (uint8_t *)(((uintptr_t)p + 63) & ~(uintptr_t)63), p += (N) * sizeof(T), p - (N) * sizeof(T)))
   w->xq = TAKE(int8_t, (size_t)H);
   w->xd = TAKE(float, (size_t)nbh);
-  w->xg = TAKE(float, (size_t)Ggu);
+  w->xs = TAKE(float, (size_t)nbh);
   w->gu = TAKE(float, 2 * (size_t)I);
   w->h = TAKE(float, (size_t)I);
   w->hq = TAKE(int8_t, (size_t)I);
   w->hd = TAKE(float, (size_t)nbi);
-  w->hg = TAKE(float, (size_t)Gdn);
+  w->hs = TAKE(float, (size_t)nbi);
   w->scr = TAKE(uint8_t, (size_t)threads * w->per_thread);
 #undef TAKE
   return MOE_CPU_OK;
 }
 
-/* y[H] = the CPU share (i % pd >= cut) of expert `base` applied to x[H]. Deterministic: every
-   output row is computed by one thread in a fixed order. */
+/* y[H] = the CPU share (i % pd >= cut) of expert `base` applied to x[H], as exact float64 sums
+   (multiples of 2^-32): the GPU adds its complement to them without rounding. */
 static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, const float *x, int cut, int pd,
-                         float *y, int threads, share_ws *w) {
+                         double *y, int threads, share_ws *w) {
   const int H = L->hidden, I = L->intermediate, Ggu = H / L->gs_gate_up, Gdn = I / L->gs_down;
   const int nbh = (H + QB - 1) / QB, nbi = (I + QB - 1) / QB;
   const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
   qmat mg, md;
   expert_mats(L, base, &mg, &md);
-  quantize_act(x, H, L->gs_gate_up, w->xq, w->xd, w->xg);
-  const qact ax = {1, H, nbh, Ggu, w->xq, w->xd, w->xg};
+  if (L->bits != 3) md.skip = cut / QB; /* h is zero outside the share: read down's bytes [cut, pd) only */
+  quantize_act(x, H, w->xq, w->xd, w->xs);
+  const qact ax = {1, H, nbh, w->xq, w->xd, w->xs};
   const int planes = I / pd, span = pd - cut; /* rows [j*pd + cut, (j+1)*pd) of each plane j */
   const int chunks = (span + GU_CHUNK - 1) / GU_CHUNK, items = planes * chunks;
   const int ndn = (H + DOWN_CHUNK - 1) / DOWN_CHUNK;
@@ -91,26 +95,26 @@ static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, co
     for (int item = 0; item < items; item++) {
       const int j = item / chunks, c0 = cut + (item % chunks) * GU_CHUNK;
       const int r0 = j * pd + c0, r1 = j * pd + imin(c0 + GU_CHUNK, pd);
-      mat_rows(&mg, r0, r1, &ax, w->gu, 2 * (size_t)I, &ws);
-      mat_rows(&mg, I + r0, I + r1, &ax, w->gu, 2 * (size_t)I, &ws);
+      mat_rows(&mg, r0, r1, &ax, w->gu, NULL, 2 * (size_t)I, &ws);
+      mat_rows(&mg, I + r0, I + r1, &ax, w->gu, NULL, 2 * (size_t)I, &ws);
       for (int r = r0; r < r1; r++) w->h[r] = silu(w->gu[r]) * w->gu[I + r];
     }
 #pragma omp single
     {
-      quantize_act(w->h, I, L->gs_down, w->hq, w->hd, w->hg);
+      quantize_act(w->h, I, w->hq, w->hd, w->hs);
     }
-    const qact ah = {1, I, nbi, Gdn, w->hq, w->hd, w->hg};
+    const qact ah = {1, I, nbi, w->hq, w->hd, w->hs};
 #pragma omp for schedule(static)
     for (int item = 0; item < ndn; item++) {
       const int r0 = item * DOWN_CHUNK, r1 = imin(r0 + DOWN_CHUNK, H);
-      mat_rows(&md, r0, r1, &ah, y, (size_t)H, &ws);
+      mat_rows(&md, r0, r1, &ah, NULL, y, (size_t)H, &ws);
     }
   }
 }
 
 /* One expert's CPU share outside the serving loop (tests, the load-time measurement). */
 int moe_split_expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, const float *x, int cut, int pd,
-                           float *y, int threads) {
+                           double *y, int threads) {
   int rc = check_layout(L);
   if (rc) return rc;
   if (!base || !x || !y || pd < 1 || cut < 0 || cut > pd || L->intermediate % pd) return MOE_CPU_EARG;
@@ -170,7 +174,7 @@ int moe_split_serve(const moe_split_ctx *c) {
     uint8_t *row = c->box + (size_t)r * c->row_bytes;
     const int32_t *head = (const int32_t *)row; /* ids [k], cuts [k] */
     const float *x = (const float *)(row + c->x_off);
-    float *y = (float *)(row + c->y_off);
+    double *y = (double *)(row + c->y_off);
     for (int j = 0; j < k; j++) {
       const int cut = head[k + j];
       if (cut >= c->pd) continue;
@@ -180,7 +184,9 @@ int moe_split_serve(const moe_split_ctx *c) {
       const uint8_t *base = (const uint8_t *)(uintptr_t)c->addr[(size_t)r * c->experts + e];
       expert_share(base, &c->layout, x, cut, c->pd, y + (size_t)j * H, threads, &w);
       c->stats[0] += 1;
-      c->stats[1] += gu_bytes * (c->pd - cut) / c->pd + (int64_t)(c->layout.off[7] - c->layout.off[4]);
+      const int64_t dn_bytes = c->layout.off[7] - c->layout.off[4];
+      c->stats[1] += (gu_bytes + (c->layout.bits != 3 ? dn_bytes : 0)) * (c->pd - cut) / c->pd +
+                     (c->layout.bits != 3 ? 0 : dn_bytes);
       c->stats[2] += (int64_t)((now_s() - t0) * 1e9);
     }
     __atomic_thread_fence(__ATOMIC_RELEASE);
