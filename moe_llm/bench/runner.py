@@ -46,7 +46,7 @@ def default_variants(
         Variant("full-lfu", bits, budget, options=o + (("cache_policy", "lfu"),)),
         Variant("no-prefetch", bits, budget, prefetch=False, options=o),
         Variant("no-cache-no-prefetch", bits, budget, prefetch=False, retain=False, options=o),
-        Variant("resident", bits, None, options=o),
+        Variant("resident", bits, None, profile=True, options=o),
         Variant("full-eager", bits, budget, options=o + (("cuda_graphs", False),)),  # what the graph buys
     ]
     vs += [Variant(f"full-{b / (1 << 30):g}GiB", bits, b, options=o) for b in extra_budgets]
