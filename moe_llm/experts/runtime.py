@@ -156,6 +156,12 @@ class ExpertsRuntime:
                     "cpu_experts='all' needs bias-free SiLU experts (the CPU kernel computes silu(gate) * up)"
                 )
             return
+        cache = self.cache
+        if self.mode == "device" and cache.num_slots >= len(cache.layers) * cache.num_experts:
+            # every expert has a GPU slot: nothing ever misses, and the split's per-layer hand-off
+            # (publish, flag, wait) would only cost time (about 0.5 ms a token on the H200)
+            log.info("CPU experts off: every expert fits the GPU cache")
+            return
         if self.mode == "device" and not self._dispatch.matches_cpu:
             # the GPU kernels quantize activations in blocks narrower than the CPU kernel's 32
             # columns (tiny shapes): a shared expert would not give the GPU's bits
