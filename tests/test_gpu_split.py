@@ -53,6 +53,25 @@ def test_narrow_shapes_refuse_the_split(tmp_path):
     assert engine.runtime.cpu_road == "off"
 
 
+def _missed_experts(bits: int, n: int):
+    """n random Mixtral-shaped experts of layer 0 in pinned host RAM, every table entry pointing
+    there (all misses): (format, generator, store, slot pool, table row)."""
+    import torch
+
+    from moe_llm.bench.synthetic import random_expert
+    from moe_llm.experts.format import ExpertFormat
+    from moe_llm.experts.store import ExpertStore
+
+    fmt = ExpertFormat.build(4096, 14336, bits, torch.bfloat16)
+    gen = torch.Generator("cuda").manual_seed(bits)
+    store = ExpertStore(fmt, [0], n, pin=True)
+    for e in range(n):
+        store.put_raw(0, e, random_expert(fmt, "cuda", gen))
+    pool = torch.empty(1, fmt.nbytes, dtype=torch.uint8, device="cuda")
+    host = torch.tensor([store.address(0, e) - pool.data_ptr() for e in range(n)], dtype=torch.int64, device="cuda")
+    return fmt, gen, store, pool, host
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gpu_expert_is_the_cpu_expert_to_the_bit(bits):
     """At Mixtral shapes: each routed expert's float64 down sums from the GPU kernels (K-partials
@@ -60,19 +79,10 @@ def test_gpu_expert_is_the_cpu_expert_to_the_bit(bits):
     roads (test_split_dispatch_equals_the_gpu_alone)."""
     import torch
 
-    from moe_llm.bench.synthetic import random_expert
-    from moe_llm.experts.format import ExpertFormat
     from moe_llm.experts.split import expert_share
-    from moe_llm.experts.store import ExpertStore
     from moe_llm.kernels.triton_moe import MoeDecode
 
-    fmt = ExpertFormat.build(4096, 14336, bits, torch.bfloat16)
-    gen = torch.Generator("cuda").manual_seed(bits)
-    store = ExpertStore(fmt, [0], 3, pin=True)
-    for e in range(3):
-        store.put_raw(0, e, random_expert(fmt, "cuda", gen))
-    pool = torch.empty(1, fmt.nbytes, dtype=torch.uint8, device="cuda")
-    host = torch.tensor([store.address(0, e) - pool.data_ptr() for e in range(3)], dtype=torch.int64, device="cuda")
+    fmt, gen, store, pool, host = _missed_experts(bits, 3)
     run = MoeDecode(fmt, 2, torch.device("cuda"))
     assert run.matches_cpu
     x = (torch.randn(4096, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
@@ -96,19 +106,10 @@ def test_split_dispatch_equals_the_gpu_alone(bits, take):
 
     import torch
 
-    from moe_llm.bench.synthetic import random_expert
-    from moe_llm.experts.format import ExpertFormat
     from moe_llm.experts.split import CpuSplit
-    from moe_llm.experts.store import ExpertStore
     from moe_llm.kernels.triton_moe import MoeDecode
 
-    fmt = ExpertFormat.build(4096, 14336, bits, torch.bfloat16)
-    gen = torch.Generator("cuda").manual_seed(bits)
-    store = ExpertStore(fmt, [0], 4, pin=True)
-    for e in range(4):
-        store.put_raw(0, e, random_expert(fmt, "cuda", gen))
-    pool = torch.empty(1, fmt.nbytes, dtype=torch.uint8, device="cuda")
-    host = torch.tensor([store.address(0, e) - pool.data_ptr() for e in range(4)], dtype=torch.int64, device="cuda")
+    fmt, gen, store, pool, host = _missed_experts(bits, 4)
     run = MoeDecode(fmt, 2, torch.device("cuda"))
     pd = run.plane_bytes
     cut = pd if take == "all" else (pd // 2) // run.cut_align * run.cut_align

@@ -111,8 +111,8 @@ def projection_table(roads: dict) -> Table:
 PROJECTION_NOTE = (
     "off: every miss read over PCIe; all: every miss computed by the CPU threads; auto: the cost model's "
     "split of each miss (experts.split.take_table), so that both roads finish together; its counts are "
-    "expert-equivalents, and the CPU reads all of a shared expert's down_proj. On CUDA today "
-    "cpu_experts=auto keeps misses on the GPU (as off) and all is experimental (docs/tuning.md). "
+    "expert-equivalents, and the CPU reads all of a shared expert's down_proj. The engine's auto uses "
+    "this split with the kernels' measured efficiencies (experts.split.road_rates). "
     "Not counted: KV reads, admission copies, kernel launches; HBM at its full bandwidth."
 )
 

@@ -97,11 +97,15 @@ def _silu_det(v):
 
 
 @triton.jit
-def _block_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NQ: tl.constexpr, QB: tl.constexpr,
+def _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NB: tl.constexpr, COLS: tl.constexpr,
                   GROUP: tl.constexpr, ROW_META: tl.constexpr):  # fmt: skip
-    """(scale, scale * zero) [BLOCK_N, NQ] of the group of each block of QB columns
-    col0 + [0, NQ * QB) of each row, with plain float32 multiplies and adds (as on the CPU)."""
-    gidx = gbase[:, None] + (col0 + tl.arange(0, NQ) * QB)[None, :] // GROUP
+    """(scale, zero) [BLOCK_N, NB] of the groups of the NB runs of COLS columns (COLS divides or
+    equals GROUP) from column col0 of each row (flat group index gbase + g): 8-bit codes
+    expanded with the float32 (min, step) of their run of 128 groups, with plain float32
+    multiplies and adds (as the CPU kernel computes them). The groups of a row are contiguous
+    bytes, so the loads vectorise; with ROW_META (groups per row a multiple of the tile's) they
+    never straddle two runs, so a row needs one meta entry."""
+    gidx = gbase[:, None] + (col0 + tl.arange(0, NB) * COLS)[None, :] // GROUP
     m2 = mask[:, None]
     if ROW_META:
         m = ((gbase + col0 // GROUP) // 128 * 4)[:, None]
@@ -113,27 +117,6 @@ def _block_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NQ: tl.constexpr,
     z_step = tl.load(meta_ptr + m + 3, mask=m2, other=0.0)
     scale = _add_rn(tl.load(sq_ptr + gidx, mask=m2, other=0).to(tl.float32) * s_step, s_min)
     zero = _add_rn(tl.load(zq_ptr + gidx, mask=m2, other=0).to(tl.float32) * z_step, z_min)
-    return scale, scale * zero
-
-
-@triton.jit
-def _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, g0, mask, NG: tl.constexpr, ROW_META: tl.constexpr):
-    """(scale, zero) [BLOCK_N, NG] of groups g0 + [0, NG) of each row (flat index gbase + g):
-    8-bit codes expanded with the float32 (min, step) of their run of 128 groups. The NG
-    groups of a row are contiguous bytes, so the loads vectorise; with ROW_META (groups per
-    row a multiple of NG) they never straddle two runs, so a row needs one meta entry."""
-    gidx = gbase[:, None] + g0 + tl.arange(0, NG)[None, :]
-    m2 = mask[:, None]
-    if ROW_META:
-        m = ((gbase + g0) // 128 * 4)[:, None]
-    else:
-        m = (gidx // 128) * 4
-    s_min = tl.load(meta_ptr + m, mask=m2, other=0.0)
-    s_step = tl.load(meta_ptr + m + 1, mask=m2, other=0.0)
-    z_min = tl.load(meta_ptr + m + 2, mask=m2, other=0.0)
-    z_step = tl.load(meta_ptr + m + 3, mask=m2, other=0.0)
-    scale = tl.load(sq_ptr + gidx, mask=m2, other=0).to(tl.float32) * s_step + s_min
-    zero = tl.load(zq_ptr + gidx, mask=m2, other=0).to(tl.float32) * z_step + z_min
     return scale, zero
 
 
@@ -179,7 +162,7 @@ def _tile_dot(
             if BITS == 3:
                 code = code | (((hi_byte >> (2 * j + hi_sel)) & 1) << 2)
             cx = tl.sum(tl.reshape(code.to(tl.float32) * xv[None, :], (BLOCK_N, NG, SUB)), axis=2)  # [BLOCK_N, NG]
-        scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0 // GROUP, mask, NG, ROW_META)
+        scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NG, SUB, GROUP, ROW_META)
         acc += scale * (cx - zero * sx[None, :])
     return tl.sum(acc, axis=1)
 
@@ -228,9 +211,9 @@ def _tile_dot_i8(
             codes = codes | (((hi_word >> (2 * j + hi_sel)) & 0x01010101) << 2)
         d = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, W)))  # [BLOCK_N, W]
         isum = tl.sum(tl.reshape(d, (BLOCK_N, NQ, QB // 4)), axis=2)  # [BLOCK_N, NQ] exact
-        scale, sz = _block_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NQ, QB, GROUP, ROW_META)
+        scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NQ, QB, GROUP, ROW_META)
         p = libdevice.rint(isum.to(tl.float32) * (scale * dx[None, :]))
-        q = libdevice.rint(sz * xs[None, :])
+        q = libdevice.rint((scale * zero) * xs[None, :])
         acc += p.to(tl.float64) - q.to(tl.float64)
     return tl.sum(acc, axis=1)
 
