@@ -324,6 +324,33 @@ static inline __m256i plane_codes(const uint8_t *at, int bits, int p) {
   return _mm256_and_si256(_mm256_srli_epi16(v, 4 * p), _mm256_set1_epi8(15));
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define MOE_ZMM 1
+/* The codes of plane `p` of the 64 packed bytes at `at` (two blocks; 2 or 4 bits per code). */
+static inline __m512i plane_codes64(const uint8_t *at, int bits, int p) {
+  const __m512i v = _mm512_loadu_si512((const void *)at);
+  if (bits == 2) return _mm512_and_si512(_mm512_srli_epi16(v, 2 * p), _mm512_set1_epi8(3));
+  return _mm512_and_si512(_mm512_srli_epi16(v, 4 * p), _mm512_set1_epi8(15));
+}
+
+/* z[i] holds blocks 2i (lanes 0-7) and 2i+1 (lanes 8-15): the 16 block sums, in block order. A
+   transposing tree: 32-bit then 64-bit unpacks add lanes within 128-bit chunks, a chunk shuffle
+   adds the two chunks of each block, a permute puts the blocks in order. */
+static inline __m512i hsum16x8(const __m512i *z) {
+  __m512i t[4], u[2];
+  for (int i = 0; i < 4; i++)
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(z[2 * i], z[2 * i + 1]), _mm512_unpackhi_epi32(z[2 * i], z[2 * i + 1]));
+  for (int i = 0; i < 2; i++)
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+  const __m512i w = _mm512_add_epi32(_mm512_shuffle_i64x2(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_i64x2(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+  return _mm512_permutexvar_epi32(order, w);
+}
+#else
+#define MOE_ZMM 0
+#endif
+
 /* isum[t][b]: the exact integer dot product of every block of one row with NT tokens. The
    codes of block b lie in plane b / (step / 32) at packed bytes 32 * (b % (step / 32)) (2 and 4
    bits; 3 bits: `rq` holds the codes unpacked, block b at 32 b); eight consecutive blocks of a
@@ -335,6 +362,22 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
   const int step = bits == 3 ? 0 : cols / per;                  /* packed bytes per plane */
   for (int p = 0; p < per; p++) {
     int c = m->skip; /* block of this plane; those before hold zero activations */
+#if MOE_ZMM /* sixteen blocks at a time, two per 64-byte vector */
+    for (; c + 16 <= bpp; c += 16) {
+      const int b0 = p * bpp + c;
+      if (bits != 3 && p == 0) PREFETCH(rq + 32 * c, bits == 2 ? PF2 : PF4);
+      for (int t = 0; t < NT; t++) {
+        const int8_t *xt = xq + (size_t)t * cols + QB * b0;
+        __m512i z[8];
+        for (int i = 0; i < 8; i++) {
+          const __m512i codes = bits == 3 ? _mm512_loadu_si512((const void *)(rq + QB * (b0 + 2 * i)))
+                                          : plane_codes64(rq + 32 * (c + 2 * i), bits, p);
+          z[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512((const void *)(xt + 64 * i)));
+        }
+        _mm512_storeu_si512((void *)(isum + (size_t)t * nblk + b0), hsum16x8(z));
+      }
+    }
+#endif
     for (; c + 8 <= bpp; c += 8) {
       const int b0 = p * bpp + c;
       if (bits == 2 && p == 0) PREFETCH(rq + 32 * c, PF2);
