@@ -11,7 +11,7 @@ import pytest
 from serve_helpers import interleaved as batch_streams
 
 import moe_llm
-from moe_llm.runtime.batching import QueueFullError
+from moe_llm.runtime.sequence import QueueFullError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,9 +18,9 @@ With int8 activations (`_tile_dot_i8`) the arithmetic is exact and the same as t
 kernel's (`experts/cpu/moe_cpu.c`, whose header gives the formula): per block of 32
 columns one rounded float32 product per term, rounded to an integer (block scales are
 kept times 2^32), the integers summed in float64, which no order of summation changes.
-Every add that follows a multiply goes through `_add_rn` (PTX with an explicit rounding
-mode, which the compiler never fuses into an FMA), so a GPU and a CPU computing one
-expert, or each computing a share of it, give the same bits.
+Every add that follows a multiply goes through `triton_exact._add_rn` (PTX with an explicit
+rounding mode, which the compiler never fuses into an FMA), so a GPU and a CPU computing
+one expert, or each computing a share of it, give the same bits.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from triton.language.extra import libdevice
 
 from ..quant.compact import META_GROUP, QuantSpec
 from ..quant.packing import packed_cols
+from .triton_exact import _add_rn, _silu_det
 
 NUM_WARPS = 4
 MAGIC_CODES = True  # codes turned into floats by bit placement, not int->float conversion (see _tile_dot)
@@ -58,42 +59,6 @@ def supported_spec(spec: QuantSpec) -> bool:
     b, g = block_p(spec), spec.group_size
     pow2 = (b & (b - 1)) == 0 and (g & (g - 1)) == 0
     return spec.bits in (2, 3, 4) and b >= 8 and pow2
-
-
-@triton.jit
-def _add_rn(a, b):
-    """a + b in float32 through PTX with an explicit rounding mode: LLVM cannot see into it and
-    ptxas never fuses an add.rn with the multiply before it, so every product stays rounded as
-    on the CPU (plain multiplies whose results reach only these adds are safe)."""
-    a, b = tl.broadcast(a, b)
-    return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _exp_det(x):
-    """e^x in the fixed sequence of float32 operations of the CPU kernel's `exp_det`
-    (experts/cpu/moe_cpu.c): the same bits on both."""
-    zero = tl.zeros_like(x)
-    c = tl.where(x < -87.0, zero - 87.0, x)
-    c = tl.where(c > 88.0, zero + 88.0, c)
-    n = libdevice.rint(c * 1.4426950216293335)
-    r = _add_rn(c, -(n * 0.693145751953125))
-    r = _add_rn(r, -(n * 1.428606765330187e-06))
-    p = _add_rn((zero + 0.0013888889225199819) * r, zero + 0.008333333767950535)
-    p = _add_rn(p * r, zero + 0.0416666679084301)
-    p = _add_rn(p * r, zero + 0.1666666716337204)
-    p = _add_rn(p * r, zero + 0.5)
-    p = _add_rn(p * r, zero + 1.0)
-    p = _add_rn(p * r, zero + 1.0)
-    s = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, p * s)
-
-
-@triton.jit
-def _silu_det(v):
-    """v / (1 + e^-v), as the CPU kernel computes it."""
-    e = _exp_det(-v)
-    return libdevice.div_rn(v, _add_rn(e, tl.zeros_like(e) + 1.0))
 
 
 @triton.jit

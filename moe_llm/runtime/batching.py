@@ -27,7 +27,6 @@ it is; whatever ends its request, changes the batch or resets the cache first fo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -38,46 +37,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import GenerationConfig
-from ..errors import MoeLLMError
 from .decode_graph import GraphCaptureError, take_back
 from .fused_decode import FusedDecode
 from .prefill import Prefill
 from .prefix_cache import PrefixCache
 from .sampling import sample
-from .sequence import DECODE, DONE, PREFILL, Sequence
+from .sequence import DECODE, DONE, PREFILL, QueueFullError, Sequence
 from .textstream import TextStream
 
 if TYPE_CHECKING:
     from .engine import Engine, StreamChunk
 
 log = logging.getLogger(__name__)
-
-
-class QueueFullError(MoeLLMError):
-    """The engine's request queue is full; retry later."""
-
-
-class RequestStream:
-    """The chunks of one queued request (an iterator). Closing it, or dropping it, even before the
-    first chunk, takes the request out of the batch."""
-
-    def __init__(self, batcher: Batcher, seq: Sequence):
-        self._batcher, self.seq = batcher, seq
-        self._chunks = batcher.drain(seq)
-
-    def __iter__(self) -> RequestStream:
-        return self
-
-    def __next__(self) -> StreamChunk:
-        return next(self._chunks)
-
-    def close(self) -> None:
-        self._chunks.close()
-        self._batcher.cancel(self.seq)
-
-    def __del__(self):
-        with contextlib.suppress(Exception):  # interpreter shutdown
-            self.close()
 
 
 class Batcher:

@@ -29,8 +29,9 @@ from ..errors import ConfigError, InputError
 from ..experts.runtime import ExpertsRuntime
 from ..planning import Plan, planned_context
 from ..serve.tools import GENERIC_CHAT_TEMPLATE, ChatPrompt, check_renders, ensure_utf8, render_chat
-from .batching import Batcher, RequestStream
+from .batching import Batcher
 from .prefix_cache import PrefixCache
+from .sequence import RequestStream
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,24 @@
-"""Sequence: the state of one request in the batch (`batching`), from its prompt to its last token."""
+"""Sequence: the state of one request in the batch (`batching`), from its prompt to its last token;
+RequestStream: the iterator of its chunks that the caller holds."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import GenerationConfig
+from ..errors import MoeLLMError
 from .stats import Stats
 from .textstream import TextStream
+
+if TYPE_CHECKING:
+    from .batching import Batcher
+    from .engine import StreamChunk
 
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
 
@@ -42,3 +49,30 @@ class Sequence:
     prefix_hit: int = 0
     error: BaseException | None = None
     cancelled: bool = False
+
+
+class QueueFullError(MoeLLMError):
+    """The engine's request queue is full; retry later."""
+
+
+class RequestStream:
+    """The chunks of one queued request (an iterator). Closing it, or dropping it, even before the
+    first chunk, takes the request out of the batch."""
+
+    def __init__(self, batcher: Batcher, seq: Sequence):
+        self._batcher, self.seq = batcher, seq
+        self._chunks = batcher.drain(seq)
+
+    def __iter__(self) -> RequestStream:
+        return self
+
+    def __next__(self) -> StreamChunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._batcher.cancel(self.seq)
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError, MoeLLMError
-from ..runtime.batching import QueueFullError
 from ..runtime.engine import Engine
+from ..runtime.sequence import QueueFullError
 from .expert_view import ExpertView
 from .metrics import prometheus_text
 from .protocol import ChatCompletionRequest, CompletionRequest, UnsupportedError

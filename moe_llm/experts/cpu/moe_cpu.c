@@ -359,7 +359,6 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
                                                              int nblk, int32_t *isum, const int NT) {
   const int cols = m->cols, bits = m->bits;
   const int per = bits == 3 ? 1 : 8 / bits, bpp = nblk / per; /* planes; blocks per plane */
-  const int step = bits == 3 ? 0 : cols / per;                  /* packed bytes per plane */
   for (int p = 0; p < per; p++) {
     int c = m->skip; /* block of this plane; those before hold zero activations */
 #if MOE_ZMM /* sixteen blocks at a time, two per 64-byte vector */
@@ -400,7 +399,6 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
         isum[(size_t)t * nblk + b] = hsum1(dot_u8s8(codes, _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * cols + QB * b))));
     }
   }
-  (void)step;
 }
 
 /* 3-bit row -> one code per byte in column order, one store per 32 codes. Hi plane p covers
@@ -474,14 +472,12 @@ static void mat_rows(const qmat *m, int r0, int r1, const qact *a, float *y, dou
   }
 }
 
-static size_t scratch_bytes(int maxG, int maxcols, int ntok) {
-  (void)ntok;
+static size_t scratch_bytes(int maxG, int maxcols) {
   const size_t nblk = (size_t)(maxcols + QB - 1) / QB;
   return sizeof(float) * 2 * (size_t)maxG + sizeof(int32_t) * TILE * nblk + (size_t)maxcols + 5 * 64;
 }
 
-static scratch scratch_at(uint8_t *base, int maxG, int maxcols, int ntok) {
-  (void)ntok;
+static scratch scratch_at(uint8_t *base, int maxG, int maxcols) {
   scratch s;
   const size_t nblk = (size_t)(maxcols + QB - 1) / QB;
   uint8_t *p = base;
@@ -529,7 +525,7 @@ static int run_experts(const uint8_t *const *bases, const float *weights, int ne
   const int nbh = (H + QB - 1) / QB, nbi = (I + QB - 1) / QB;
   const int nrows = nexp * ntok; /* activation rows of h: one per (expert, token) */
   const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
-  const size_t per_thread = (scratch_bytes(maxG, maxcols, ntok) + 63) / 64 * 64;
+  const size_t per_thread = (scratch_bytes(maxG, maxcols) + 63) / 64 * 64;
   const size_t fl = sizeof(float);
   size_t total = (size_t)ntok * H + 2 * (size_t)ntok * nbh * fl /* x */
                  + (size_t)nrows * 2 * I * fl                   /* gate, up */
@@ -551,7 +547,7 @@ static int run_experts(const uint8_t *const *bases, const float *weights, int ne
 
 #pragma omp parallel num_threads(threads)
   {
-    scratch ws = scratch_at(scr + (size_t)omp_get_thread_num() * per_thread, maxG, maxcols, ntok);
+    scratch ws = scratch_at(scr + (size_t)omp_get_thread_num() * per_thread, maxG, maxcols);
 #pragma omp for schedule(dynamic)
     for (int item = 0; item < nexp * ngu; item++) {
       const int e = item / ngu, r0 = (item % ngu) * GU_CHUNK, r1 = imin(r0 + GU_CHUNK, I);
@@ -605,7 +601,7 @@ int moe_cpu_qlinear(const uint8_t *q, const uint8_t *scale_q, const uint8_t *zer
   qmat m;
   make_mat(&m, q, scale_q, zero_q, meta, bits, rows, cols, group_size);
   const int nblk = (cols + QB - 1) / QB;
-  const size_t per_thread = (scratch_bytes(m.G, cols, ntok) + 63) / 64 * 64;
+  const size_t per_thread = (scratch_bytes(m.G, cols) + 63) / 64 * 64;
   const size_t act = (size_t)ntok * cols + sizeof(float) * (size_t)ntok * 2 * nblk;
   uint8_t *mem = (uint8_t *)malloc((size_t)threads * per_thread + act + 128);
   if (!mem) return MOE_CPU_ENOMEM;
@@ -618,7 +614,7 @@ int moe_cpu_qlinear(const uint8_t *q, const uint8_t *scale_q, const uint8_t *zer
   const int n = (rows + DOWN_CHUNK - 1) / DOWN_CHUNK;
 #pragma omp parallel num_threads(threads)
   {
-    scratch ws = scratch_at(scr + (size_t)omp_get_thread_num() * per_thread, m.G, cols, ntok);
+    scratch ws = scratch_at(scr + (size_t)omp_get_thread_num() * per_thread, m.G, cols);
 #pragma omp for schedule(dynamic)
     for (int item = 0; item < n; item++)
       mat_rows(&m, item * DOWN_CHUNK, imin((item + 1) * DOWN_CHUNK, rows), &a, y, NULL, (size_t)rows, &ws);

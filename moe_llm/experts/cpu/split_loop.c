@@ -51,7 +51,7 @@ static int share_ws_alloc(const moe_cpu_expert_layout *L, int threads, share_ws 
   const int H = L->hidden, I = L->intermediate, Ggu = H / L->gs_gate_up, Gdn = I / L->gs_down;
   const int nbh = (H + QB - 1) / QB, nbi = (I + QB - 1) / QB;
   const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
-  w->per_thread = (scratch_bytes(maxG, maxcols, 1) + 63) / 64 * 64;
+  w->per_thread = (scratch_bytes(maxG, maxcols) + 63) / 64 * 64;
   const size_t fl = sizeof(float);
   size_t total = (size_t)H + (size_t)I + fl * (2 * (size_t)nbh + 3 * (size_t)I + 2 * (size_t)nbi) +
                  (size_t)threads * w->per_thread + 16 * 64;
@@ -90,7 +90,7 @@ static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, co
   memset(w->h, 0, sizeof(float) * (size_t)I);
 #pragma omp parallel num_threads(threads)
   {
-    scratch ws = scratch_at(w->scr + (size_t)omp_get_thread_num() * w->per_thread, maxG, maxcols, 1);
+    scratch ws = scratch_at(w->scr + (size_t)omp_get_thread_num() * w->per_thread, maxG, maxcols);
 #pragma omp for schedule(static)
     for (int item = 0; item < items; item++) {
       const int j = item / chunks, c0 = cut + (item % chunks) * GU_CHUNK;
