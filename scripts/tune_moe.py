@@ -19,6 +19,7 @@ from triton.testing import do_bench
 from moe_llm.bench.synthetic import random_expert
 from moe_llm.experts.format import ExpertFormat
 from moe_llm.experts.store import ExpertStore
+from moe_llm.kernels.triton_gemv import combine
 from moe_llm.kernels.triton_moe import MoeDecode, Tuning
 
 
@@ -36,7 +37,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", action="store_true", help="sweep gate_up and down apart (slots only), then combine")
     args = ap.parse_args()
+    if args.parts:
+        return sweep_parts(args.out)
     hidden, inter, E, k = 4096, 14336, 8, 2
     results = []
     for bits in (2, 3):
@@ -84,6 +88,64 @@ def main() -> None:
         print("best", bits, best[bits])
     if args.out:  # `best` is what EngineConfig.kernel_tuning reads
         with open(args.out, "w") as f:
+            json.dump({"results": results, "best": {str(b): r for b, r in best.items()}}, f, indent=1)
+
+
+def sweep_parts(out_path: str | None) -> None:
+    """Each GEMV alone (gate_up with its activation quantization; down with its own and the
+    combine) over a wider grid than the joint sweep, every table entry at a GPU slot; then the
+    best pair per width, timed whole on slots and on pinned host RAM."""
+    hidden, inter, E, k = 4096, 14336, 8, 2
+    results, best = [], {}
+    for bits in (2, 3):
+        fmt = ExpertFormat.build(hidden, inter, bits, torch.bfloat16)
+        gen = torch.Generator("cuda").manual_seed(0)
+        store = ExpertStore(fmt, [0], E, pin=True)
+        for e in range(E):
+            store.put_raw(0, e, random_expert(fmt, "cuda", gen))
+        slots = torch.stack([store.buffer(0, e).cuda() for e in range(E)])
+        base = slots.data_ptr()
+        table = torch.tensor([slots[e].data_ptr() - base for e in range(E)], dtype=torch.int64, device="cuda")
+        host = torch.tensor([store.address(0, e) - base for e in range(E)], dtype=torch.int64, device="cuda")
+        x = torch.randn(hidden, device="cuda", generator=gen).to(torch.bfloat16)
+        idx = torch.tensor([2, 5], device="cuda")
+        w = torch.tensor([0.6, 0.4], device="cuda")
+        out = torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
+        parts = {"gate_up": [], "down": []}
+        for g, wp in itertools.product((4, 8, 16, 32), (2, 4, 8)):
+            run = MoeDecode(fmt, k, torch.device("cuda"), Tuning(gate_up_rows=g, gate_up_warps=wp))
+            ms = do_bench(lambda run=run: run._gemv(run._gate_up, x, run._xq, True, idx, table, slots, run.h, None),
+                          warmup=10, rep=60)  # fmt: skip
+            parts["gate_up"].append(dict(bits=bits, gate_up_rows=g, gate_up_warps=wp, us=ms * 1e3))
+            print(json.dumps(parts["gate_up"][-1]), flush=True)
+        for d, wp, sp in itertools.product((8, 16, 32, 64), (2, 4, 8), (1, 2, 4, 8)):
+            run = MoeDecode(fmt, k, torch.device("cuda"), Tuning(down_rows=d, down_warps=wp, down_split=sp))
+            run._gemv(run._gate_up, x, run._xq, True, idx, table, slots, run.h, None)
+
+            def down(run=run):
+                run._gemv(run._down, run.h, run._hq, False, idx, table, slots, run.part, None)
+                combine(run.part, w, out)
+
+            ms = do_bench(down, warmup=10, rep=60)
+            parts["down"].append(dict(bits=bits, down_rows=d, down_warps=wp, down_split=sp, us=ms * 1e3))
+            print(json.dumps(parts["down"][-1]), flush=True)
+        g = min(parts["gate_up"], key=lambda r: r["us"])
+        d = min(parts["down"], key=lambda r: r["us"])
+        t = Tuning(gate_up_rows=g["gate_up_rows"], gate_up_warps=g["gate_up_warps"], down_rows=d["down_rows"],
+                   down_warps=d["down_warps"], down_split=d["down_split"])  # fmt: skip
+        run = MoeDecode(fmt, k, torch.device("cuda"), t)
+        row = {"bits": bits, **t.__dict__, "expert_bytes": fmt.nbytes, "gate_up_us": g["us"], "down_us": d["us"]}
+        for name, tab in (("slots", table), ("host", host)):
+            ms = do_bench(lambda run=run, tab=tab: run(x, idx, w, tab, slots, out), warmup=10, rep=60)
+            row[f"{name}_us"], row[f"{name}_gb_s"] = ms * 1e3, k * fmt.nbytes / (ms * 1e-3) / 1e9
+        ref = _reference(fmt, [slots[e] for e in idx.tolist()], x, w)
+        run(x, idx, w, table, slots, out)
+        row["rel_err_vs_dequantized"] = float((out.float() - ref).norm() / ref.norm())
+        print("best", json.dumps(row), flush=True)
+        best[bits] = row
+        results += parts["gate_up"] + parts["down"]
+    if out_path:
+        with open(out_path, "w") as f:
             json.dump({"results": results, "best": {str(b): r for b, r in best.items()}}, f, indent=1)
 
 

@@ -76,6 +76,51 @@ def test_gemv_matches_reference(tk, bits, shape):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("rows", [(256, 64, 64), (4096, 1024, 1024), (40, 8)])
+def test_gemv_group_is_each_matrix_alone(tk, bits, rows):
+    """One launch over several matrices of one input (q, k, v) gives every row as the int8
+    GEMV of its matrix alone, to the bit, and close to the dequantized product."""
+    from moe_llm.kernels import triton_gemv as tg
+
+    k = 4096 if rows[0] >= 1024 else 128
+    mats = [_matrix(bits, (n, k), seed=i) for i, n in enumerate(rows)]
+    group = tk.GemvGroup([t for t, _ in mats], [s for _, s in mats])
+    x = torch.randn(k, device="cuda").to(torch.bfloat16)
+    outs = group(x, torch.bfloat16)
+    for (t, spec), y in zip(mats, outs, strict=True):
+        alone = torch.empty(spec.out_features, dtype=torch.bfloat16, device="cuda")
+        tk.gemv(x, t, spec, alone, split=1, quant=tg._quantized(x, spec), bn=tg.INT8_BLOCK_N)
+        assert torch.equal(y, alone)
+        assert _rel(y, compact.dequantize(t, spec, torch.float32) @ x.float()) < 2e-2
+
+
+def test_shared_input_projections_take_one_launch(tk):
+    """Linked q/k/v QuantLinears return the group's rows for one token, whatever the order of
+    the calls and inputs, and their own per-token math for many tokens."""
+    from moe_llm.runtime.quant_linear import QuantLinear, share_inputs
+
+    torch.manual_seed(0)
+    attn = torch.nn.Module()
+    for name, n in (("q_proj", 256), ("k_proj", 64), ("v_proj", 64)):
+        w = torch.randn(n, 128, device="cuda") * 0.02
+        setattr(attn, name, QuantLinear.from_linear(w, torch.randn(n, device="cuda"), 4, torch.bfloat16, "cuda"))
+    assert share_inputs(attn) == 1
+    group = attn.q_proj.shared[0]
+    x, x2 = (torch.randn(1, 1, 128, device="cuda").to(torch.bfloat16) for _ in range(2))
+    want = [o + m.bias for o, m in zip(group.gemv(x.view(-1), torch.bfloat16), group.members, strict=True)]
+    want2 = [o + m.bias for o, m in zip(group.gemv(x2.view(-1), torch.bfloat16), group.members, strict=True)]
+    assert torch.equal(attn.q_proj(x).view(-1), want[0])
+    assert torch.equal(attn.k_proj(x2).view(-1), want2[1])  # another input: the group runs again
+    assert torch.equal(attn.v_proj(x).view(-1), want[2])
+    assert torch.equal(attn.k_proj(x).view(-1), want[1])
+    assert group._x is None  # every member took its rows: nothing held between tokens
+    many = torch.randn(1, 5, 128, device="cuda").to(torch.bfloat16)
+    y = attn.k_proj(many)
+    ref = many.float() @ compact.dequantize(attn.k_proj.tensors(), attn.k_proj.spec, torch.float32).T
+    assert y.shape == (1, 5, 64) and _rel(y - attn.k_proj.bias, ref) < 2e-2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("shape", [(256, 64), (28672, 4096)])
 def test_fused_glu_gemv_matches_reference(tk, bits, shape):
     t, spec = _matrix(bits, shape)

@@ -36,7 +36,7 @@ from ..experts.store import ExpertStore
 from ..planning import plan_for
 from ..quant import QuantSpec, pick_group_size
 from ..runtime.engine import Engine
-from ..runtime.quant_linear import QuantLinear
+from ..runtime.quant_linear import QuantLinear, share_inputs
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class SyntheticModel:
         self._skeleton_experts = {i: arch.experts_of(layers[i]) for i in self.info.layers}
         _random_trunk(self.model, self.hf_config, arch, self.device, self.dtype, attn_bits, self.gen)
         self.head_bits = head_bits if quantize_head(self.model, head_bits, self.dtype, self.device) else None
+        share_inputs(self.model)
         self.store: ExpertStore | None = None
         self.fmt: ExpertFormat | None = None
         self.set_experts(experts_bits)

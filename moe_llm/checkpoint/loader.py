@@ -21,6 +21,7 @@ from ..experts import ExpertCache, ExpertFormat, ExpertsRuntime, OffloadedExpert
 from ..planning import Plan, plan_for, plan_load
 from ..retry import allocate_shrinking
 from ..runtime.engine import Engine
+from ..runtime.quant_linear import share_inputs
 from ..runtime.stats import Stats
 from ..settings import resolve_engine_config
 from .model import decoder_layers, fill_store, load_trunk, module_bytes, quantize_dense, quantize_head
@@ -94,6 +95,7 @@ def load(
         log.info("quantized %d dense projections to %d-bit", n, cfg.attn_bits)
     if quantize_head(model, cfg.head_bits, dtype, dev):
         log.info("quantized the LM head to %d-bit", cfg.head_bits)
+    share_inputs(model)
     if module_bytes(model) != plan.trunk_bytes:  # the meta count missed something: plan the trunk as it is
         log.warning("trunk holds %d bytes, %d planned; re-planning the slots", module_bytes(model), plan.trunk_bytes)
         plan = plan_for(model, hf_config, cfg, info, fmt, dtype)

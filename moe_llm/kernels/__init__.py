@@ -43,7 +43,7 @@ def triton_kernels() -> SimpleNamespace | None:
         log.info("Triton kernels unavailable (%s); using the torch reference path", exc)
         return None
     return SimpleNamespace(
-        gemv=tg.gemv, linear=tg.linear, combine=tg.combine, supported_spec=tg.supported_spec,
+        gemv=tg.gemv, linear=tg.linear, combine=tg.combine, supported_spec=tg.supported_spec, GemvGroup=tg.GemvGroup,
         dequantize=triton_dequant.dequantize,
         dequantize_rows=triton_dequant.dequantize_rows,
     )  # fmt: skip

@@ -275,14 +275,42 @@ def _gemv_rows(
 
 @triton.jit
 def _qgemv_kernel(
-    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
+    x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
-    UNROLL: tl.constexpr, MAGIC: tl.constexpr, ROW_META: tl.constexpr,
+    UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
-    """One matrix whose tensors are passed as pointers (attention, tests)."""
+    """One matrix whose tensors are passed as pointers (attention, the LM head, tests); with I8,
+    x_ptr holds int8 activations and dx_ptr/xs_ptr their block scales and sums."""
     _gemv_rows(
-        x_ptr, x_ptr, x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, tl.program_id(0), tl.program_id(1), N, P, P1,
-        G, stride_q, p_split, stride_split, P, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, False, ROW_META,
+        x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, tl.program_id(0), tl.program_id(1), N, P,
+        P1, G, stride_q, p_split, stride_split, P, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, I8, ROW_META,
+    )  # fmt: skip
+
+
+@triton.jit
+def _group_gemv_kernel(
+    x_ptr, dx_ptr, xs_ptr, base_ptr, table_ptr, start_ptr, rows_ptr, out_ptr, P, P1, G, stride_q, p_split,
+    stride_split, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr, MP: tl.constexpr,
+):  # fmt: skip
+    """Several matrices of one shape of row (the projections of one input: q, k and v) in one
+    launch: row block program_id(0) belongs to member m, the last whose first block start[m]
+    it reaches; the member's four tensors lie at the int64 byte offsets table[4m:4m+4] from
+    base_ptr (every tensor starts on a 16-byte boundary), its rows[m] output rows at row
+    offset out_row[m] (the rows of the members before it)."""
+    b = tl.program_id(0)
+    starts = tl.load(start_ptr + tl.arange(0, MP))  # [MP] first row block of each member, padded high
+    m = tl.sum((starts <= b).to(tl.int32), axis=0) - 1
+    first = tl.load(start_ptr + m)
+    n = tl.load(rows_ptr + m)
+    out_row = tl.load(rows_ptr + MP + m)
+    q_ptr = base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m), 16)
+    sq_ptr = base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m + 1), 16)
+    zq_ptr = base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m + 2), 16)
+    meta_ptr = (base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m + 3), 16)).to(tl.pointer_type(tl.float32), bitcast=True)
+    _gemv_rows(
+        x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr + out_row, b - first, tl.program_id(1), n, P,
+        P1, G, stride_q, p_split, stride_split, P, BITS, GROUP, BLOCK_N, BLOCK_P, False, UNROLL, MAGIC, I8, ROW_META,
     )  # fmt: skip
 
 
@@ -359,6 +387,14 @@ def block_n(spec: QuantSpec, glu: bool = False) -> int:
     return 16 if spec.in_features >= 8192 and not glu else 8
 
 
+# One-token dense GEMVs (scripts/tune_gemv.py on an H200, 4-bit Mixtral shapes): int8 activations
+# and 16 rows per program win for many rows (q+k+v as one launch: 10.3 us against 23.6 for three
+# float launches; the [32000, 4096] LM head: 34 against 55 us); float activations and 8 rows for a
+# lone [4096, 4096] (9.5 us against 10.1).
+INT8_MIN_ROWS = 6144
+INT8_BLOCK_N = 16
+
+
 def _unroll(iters: int, limit: int = _MAX_UNROLL) -> int:
     u = 1
     while u * 2 <= min(iters, limit):
@@ -367,12 +403,13 @@ def _unroll(iters: int, limit: int = _MAX_UNROLL) -> int:
 
 
 @lru_cache(maxsize=256)
-def _launch(spec: QuantSpec, glu: bool, split: int | None) -> tuple[tuple[int, int], tuple[int, ...], dict]:
-    """(grid, int args, constexprs) of one GEMV over `spec`; computed once per shape."""
+def _launch(spec: QuantSpec, glu: bool, split: int | None, bn: int | None = None) -> tuple[tuple[int, int], tuple[int, ...], dict]:
+    """(grid, int args, constexprs) of one GEMV over `spec` (bn: rows per program, default
+    `block_n`); computed once per shape."""
     P, P1, G, stride_q = _geometry(spec)
     n = spec.out_features // 2 if glu else spec.out_features
     split = split or split_for(spec, glu)
-    bp, bn = block_p(spec), block_n(spec, glu)
+    bp, bn = block_p(spec), bn or block_n(spec, glu)
     iters = triton.cdiv(P // bp, split)  # byte tiles per split
     p_split = iters * bp
     consts = dict(
@@ -384,13 +421,73 @@ def _launch(spec: QuantSpec, glu: bool, split: int | None) -> tuple[tuple[int, i
 
 def gemv(
     x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, out: torch.Tensor, glu: bool = False,
-    split: int | None = None,
+    split: int | None = None, quant: tuple | None = None, bn: int | None = None,
 ) -> None:  # fmt: skip
-    """x: [K] -> out: [split, N] (fp32 partials) or [N] when the split is 1 (default:
+    """x: [K] -> out: [split, N] (partials) or [N] when the split is 1 (default:
     `split_for(spec, glu)`). With ``glu`` the matrix is [2N, K] and ``out`` [N]
-    receives silu(gate) * up."""
-    grid, args, consts = _launch(spec, glu, split)
-    _qgemv_kernel[grid](x, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, *args, **consts)
+    receives silu(gate) * up. With `quant` = (xq, dx, xs) from `quantize_activations` (blocks of
+    `activation_block(spec, block_p(spec))` columns) the product is the exact int8 one and x is
+    not read."""
+    grid, args, consts = _launch(spec, glu, split, bn)
+    xq, dx, xs = quant if quant is not None else (x, x, x)
+    _qgemv_kernel[grid](
+        xq, dx, xs, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, *args, I8=quant is not None, **consts
+    )  # fmt: skip
+
+
+def _quantized(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [K] as int8 activations for a GEMV over `spec` (`quantize_activations`)."""
+    k, qb = spec.in_features, activation_block(spec, block_p(spec))
+    xq = torch.empty(1, k // 4, dtype=torch.int32, device=x.device)
+    dx = torch.empty(1, k // qb, dtype=torch.float32, device=x.device)
+    xs = torch.empty(1, k // qb, dtype=torch.float32, device=x.device)
+    quantize_activations(x.view(1, k), qb, xq, dx, xs)
+    return xq, dx, xs
+
+
+class GemvGroup:
+    """Matrices of one spec but their row counts, that read one input (q, k and v): one launch
+    computes them all for one token, with int8 activations. Built once; `__call__` per token."""
+
+    MAX = 4
+
+    def __init__(self, tensors: list[dict[str, torch.Tensor]], specs: list[QuantSpec]):
+        s0 = specs[0]
+        if not 1 <= len(specs) <= self.MAX or any(
+            (s.bits, s.group_size, s.in_features) != (s0.bits, s0.group_size, s0.in_features) for s in specs
+        ):  # fmt: skip
+            raise ValueError("a GEMV group needs 1-4 matrices of one bit width, group size and input width")
+        base = tensors[0]["q"]
+        names = ("q", "scale_q", "zero_q", "meta")
+        offs = [t[k].data_ptr() - base.data_ptr() for t in tensors for k in names]
+        if any(o % 16 for o in offs):
+            raise ValueError("every tensor of a GEMV group must start on a 16-byte boundary")
+        dev = base.device
+        self.tensors, self.specs, self.base = tensors, specs, base
+        self.rows = [s.out_features for s in specs]
+        self.bn = INT8_BLOCK_N
+        blocks = [triton.cdiv(n, self.bn) for n in self.rows]
+        starts = [sum(blocks[:i]) for i in range(len(blocks))]
+        pad = self.MAX - len(specs)
+        self.table = torch.tensor(offs + [0] * 4 * pad, dtype=torch.int64, device=dev)
+        self.starts = torch.tensor(starts + [2**30] * pad, dtype=torch.int32, device=dev)
+        out_rows = [sum(self.rows[:i]) for i in range(len(self.rows))]
+        self.meta = torch.tensor(self.rows + [0] * pad + out_rows + [0] * pad, dtype=torch.int32, device=dev)
+        self.grid = (sum(blocks), 1)
+        spec = QuantSpec(s0.bits, s0.group_size, self.bn, s0.in_features)  # the shape of one row block
+        _, args, consts = _launch(spec, False, 1, self.bn)
+        self.args = args[1:6]  # P, P1, G, stride_q, p_split
+        self.consts = consts
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """x [K] -> each matrix's rows [N_i] (views of one output)."""
+        xq, dx, xs = _quantized(x.to(dtype).reshape(-1), self.specs[0])
+        out = torch.empty(sum(self.rows), dtype=dtype, device=x.device)
+        _group_gemv_kernel[self.grid](
+            xq, dx, xs, self.base, self.table, self.starts, self.meta, out, *self.args, 0, I8=True, MP=self.MAX,
+            **self.consts,
+        )  # fmt: skip
+        return list(out.split(self.rows))
 
 
 def combine(
@@ -411,12 +508,16 @@ def combine(
 def linear(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
     """y = x @ W.T for one token (x: [..., K] with one row) through the fused GEMV.
 
-    One launch, no K-split: decode is bound by host-side launch overhead, and the
-    attention matrices are small enough that fewer programs cost little."""
+    One launch, no K-split (the attention matrices are small enough that fewer programs cost
+    little); int8 activations for many rows (`INT8_MIN_ROWS`)."""
     lead = x.shape[:-1]
     n = spec.out_features
     out = torch.empty(n, dtype=dtype, device=x.device)
-    gemv(x.reshape(-1).contiguous(), t, spec, out, split=1)
+    flat = x.reshape(-1).contiguous()
+    if n >= INT8_MIN_ROWS:
+        gemv(flat, t, spec, out, split=1, quant=_quantized(flat, spec), bn=INT8_BLOCK_N)
+    else:
+        gemv(flat, t, spec, out, split=1)
     return out.view(*lead, n)
 
 

@@ -50,11 +50,12 @@ class Tuning:
     gate_up_rows: int = 8
     down_rows: int = 16
     gate_up_warps: int = 4
-    down_warps: int = 4
+    down_warps: int = 2
     unroll: int = 1
     max_block_p: int = 256
     magic: bool = True  # see triton_gemv._tile_dot
     int8: bool = True  # int8 activations and dp4a (triton_gemv._tile_dot_i8)
+    down_split: int = 0  # K-splits of down_proj; 0: enough programs to fill the GPU (_down_split)
 
     @classmethod
     def from_file(cls, path: str, bits: int) -> Tuning:
@@ -164,7 +165,7 @@ def _launch(fmt: ExpertFormat, name: str, k: int, tuning: Tuning):
     n = spec.out_features // 2 if glu else spec.out_features
     bp = block_p(spec, tuning.max_block_p)
     rows = tuning.gate_up_rows if glu else tuning.down_rows
-    split = 1 if glu else _down_split(spec, rows, k, bp)
+    split = 1 if glu else tuning.down_split or _down_split(spec, rows, k, bp)
     iters = triton.cdiv(P // bp, split)
     consts = dict(
         BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=rows, BLOCK_P=bp, GLU=glu, UNROLL=_unroll(iters, tuning.unroll),

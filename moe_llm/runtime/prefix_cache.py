@@ -34,6 +34,14 @@ class _Node:
     children: dict[int, _Node] = field(default_factory=dict)  # by first token
     tick: int = 0  # last use
     nbytes: int = 0
+    copied: torch.cuda.Event | None = None  # the device-to-host copies of keys and values, until waited
+
+    def ready(self) -> _Node:
+        """This node, once its keys and values have reached host memory."""
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+        return self
 
 
 @dataclass
@@ -60,9 +68,13 @@ def _nbytes(tensors: list[torch.Tensor]) -> int:
 
 
 def _cut(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Positions [a, b) of a [1, heads, n, dim] tensor, as a compact host tensor of their own."""
+    """Positions [a, b) of a [1, heads, n, dim] tensor, as a compact host tensor of their own.
+    From CUDA the copy goes to pinned memory and is only queued on the current stream (the
+    caller records an event behind it): storing a prompt's KV does not hold up its first token."""
     view = t[:, :, a:b]
-    return torch.empty(view.shape, dtype=view.dtype, device="cpu").copy_(view)
+    if not view.is_cuda:
+        return view.clone()
+    return torch.empty(view.shape, dtype=view.dtype, pin_memory=True).copy_(view, non_blocking=True)
 
 
 class PrefixCache:
@@ -112,7 +124,7 @@ class PrefixCache:
             left -= k
         with self._lock:
             for i in range(len(pieces[0][0].keys)):
-                k = torch.cat([node.keys[i][:, :, :m] for node, m in pieces], dim=-2).to(device)
+                k = torch.cat([node.ready().keys[i][:, :, :m] for node, m in pieces], dim=-2).to(device)
                 v = torch.cat([node.values[i][:, :, :m] for node, m in pieces], dim=-2).to(device)
                 kv.update(k, v, i)
             self.hit_tokens += n
@@ -148,6 +160,9 @@ class PrefixCache:
             leaf = _Node(list(token_ids[pos:end]), [_cut(k, pos, end) for k, _ in layers],
                          [_cut(v, pos, end) for _, v in layers], node, tick=self._tick)  # fmt: skip
             leaf.nbytes = _nbytes(leaf.keys) + _nbytes(leaf.values)
+            if leaf.keys and leaf.keys[0].is_pinned():
+                leaf.copied = torch.cuda.Event()
+                leaf.copied.record()
             node.children[leaf.tokens[0]] = leaf
             self._nodes.add(leaf)
             self.nbytes += leaf.nbytes
@@ -157,6 +172,7 @@ class PrefixCache:
 
     def _split(self, node: _Node, k: int) -> None:
         """Cut `node` after its first `k` tokens: it keeps them, a new child takes the rest."""
+        node.ready()
         tail = _Node(node.tokens[k:], [t[:, :, k:].clone() for t in node.keys],
                      [t[:, :, k:].clone() for t in node.values], node, node.children, node.tick)  # fmt: skip
         for c in tail.children.values():
