@@ -477,7 +477,7 @@ class GemvGroup:
         spec = QuantSpec(s0.bits, s0.group_size, self.bn, s0.in_features)  # the shape of one row block
         _, args, consts = _launch(spec, False, 1, self.bn)
         self.args = args[1:6]  # P, P1, G, stride_q, p_split
-        self.consts = consts
+        self.consts = {k: v for k, v in consts.items() if k != "GLU"}
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         """x [K] -> each matrix's rows [N_i] (views of one output)."""
