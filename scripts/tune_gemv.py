@@ -9,6 +9,7 @@ matmul, and prints GB/s of packed bytes.
     python scripts/tune_gemv.py [--out tune.json]
 """
 
+# ruff: noqa: B023  (every closure below is timed within the iteration that made it)
 from __future__ import annotations
 
 import argparse

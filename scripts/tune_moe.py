@@ -7,6 +7,7 @@ combine) with every table entry pointing at GPU slots (hits) and at pinned host 
     python scripts/tune_moe.py --out tune.json [--quick]
 """
 
+# ruff: noqa: B023  (every closure below is timed within the iteration that made it)
 from __future__ import annotations
 
 import argparse

@@ -307,7 +307,9 @@ def _group_gemv_kernel(
     q_ptr = base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m), 16)
     sq_ptr = base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m + 1), 16)
     zq_ptr = base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m + 2), 16)
-    meta_ptr = (base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m + 3), 16)).to(tl.pointer_type(tl.float32), bitcast=True)
+    meta_ptr = (base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m + 3), 16)).to(
+        tl.pointer_type(tl.float32), bitcast=True
+    )
     _gemv_rows(
         x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr + out_row, b - first, tl.program_id(1), n, P,
         P1, G, stride_q, p_split, stride_split, P, BITS, GROUP, BLOCK_N, BLOCK_P, False, UNROLL, MAGIC, I8, ROW_META,
@@ -403,7 +405,9 @@ def _unroll(iters: int, limit: int = _MAX_UNROLL) -> int:
 
 
 @lru_cache(maxsize=256)
-def _launch(spec: QuantSpec, glu: bool, split: int | None, bn: int | None = None) -> tuple[tuple[int, int], tuple[int, ...], dict]:
+def _launch(
+    spec: QuantSpec, glu: bool, split: int | None, bn: int | None = None
+) -> tuple[tuple[int, int], tuple[int, ...], dict]:
     """(grid, int args, constexprs) of one GEMV over `spec` (bn: rows per program, default
     `block_n`); computed once per shape."""
     P, P1, G, stride_q = _geometry(spec)

@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import torch
 
+from ...errors import ConfigError
 from ...quant import QuantSpec
 from ..format import MATRICES, ExpertFormat
 from .build import library
@@ -68,8 +69,14 @@ def isa() -> str:
 
 @lru_cache(maxsize=1)
 def default_threads() -> int:
-    """Physical cores among the CPUs this process may run on (SMT siblings share one core's
-    load ports, so they add little to a memory-bound kernel)."""
+    """`MOE_LLM_CPU_THREADS` if set, else the physical cores among the CPUs this process may
+    run on (SMT siblings share one core's load ports, so they add little to a memory-bound
+    kernel)."""
+    env = os.environ.get("MOE_LLM_CPU_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ConfigError(f"MOE_LLM_CPU_THREADS must be a whole number >= 1, got {env!r}")
+        return int(env)
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = set()
     for cpu in cpus:
