@@ -60,7 +60,7 @@ static int omp_get_thread_num(void) { return 0; }
    hardware prefetchers ramp up late on rows of 1-6 KB. A 3-bit row is read as three
    interleaved streams, which they follow worse still (half speed from DRAM), so unpack3
    prefetches the next row in address order, 96 bytes per 32-column step. */
-#define PF2 2048
+#define PF2 4096
 #define PF4 4096
 #define PREFETCH(P, D) __builtin_prefetch((const char *)(P) + (D), 0, 3)
 
@@ -226,8 +226,33 @@ static double exact_sum(const int32_t *isum, const float *s, const float *sz, co
                         int nblk, int bpg) {
   int b = 0;
   double acc = 0.0;
+#if MOE_SIMD && defined(__AVX512F__)
+  if (bpg <= 2) { /* sixteen blocks at a time */
+    const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    for (; b + 16 <= nblk; b += 16) {
+      __m512 sg, szg;
+      if (bpg == 1) {
+        sg = _mm512_loadu_ps(s + b), szg = _mm512_loadu_ps(sz + b);
+      } else { /* each group's values for its two blocks */
+        sg = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(s + b / 2)));
+        szg = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(sz + b / 2)));
+      }
+      const __m512 fi = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(isum + b)));
+      const __m512 p = _mm512_roundscale_ps(_mm512_mul_ps(fi, _mm512_mul_ps(sg, _mm512_loadu_ps(d + b))), rm);
+      const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(szg, _mm512_loadu_ps(xs + b)), rm);
+      const __m256 phi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1));
+      const __m256 qhi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(q), 1));
+      a0 = _mm512_add_pd(a0, _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(p)),
+                                           _mm512_cvtps_pd(_mm512_castps512_ps256(q))));
+      a1 = _mm512_add_pd(a1, _mm512_sub_pd(_mm512_cvtps_pd(phi), _mm512_cvtps_pd(qhi)));
+    }
+    acc = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+  }
+#endif
 #if MOE_SIMD
-  if (bpg <= 2) {
+  if (bpg <= 2 && b + 8 <= nblk) {
     const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
     __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
@@ -249,7 +274,7 @@ static double exact_sum(const int32_t *isum, const float *s, const float *sz, co
     }
     double part[4];
     _mm256_storeu_pd(part, _mm256_add_pd(a0, a1));
-    acc = (part[0] + part[1]) + (part[2] + part[3]);
+    acc += (part[0] + part[1]) + (part[2] + part[3]);
   }
 #endif
   for (; b < nblk; b++) {
@@ -364,7 +389,8 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
 #if MOE_ZMM /* sixteen blocks at a time, two per 64-byte vector */
     for (; c + 16 <= bpp; c += 16) {
       const int b0 = p * bpp + c;
-      if (bits != 3 && p == 0) PREFETCH(rq + 32 * c, bits == 2 ? PF2 : PF4);
+      if (bits != 3 && p == 0) /* every line of the 512 bytes this step reads, PF bytes ahead */
+        for (int l = 0; l < 512; l += 64) PREFETCH(rq + 32 * c + l, bits == 2 ? PF2 : PF4);
       for (int t = 0; t < NT; t++) {
         const int8_t *xt = xq + (size_t)t * cols + QB * b0;
         __m512i z[8];
@@ -379,8 +405,8 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
 #endif
     for (; c + 8 <= bpp; c += 8) {
       const int b0 = p * bpp + c;
-      if (bits == 2 && p == 0) PREFETCH(rq + 32 * c, PF2);
-      if (bits == 4 && p == 0) PREFETCH(rq + 32 * c, PF4);
+      if (bits != 3 && p == 0)
+        for (int l = 0; l < 256; l += 64) PREFETCH(rq + 32 * c + l, bits == 2 ? PF2 : PF4);
       for (int t = 0; t < NT; t++) {
         const int8_t *xt = xq + (size_t)t * cols + QB * b0;
         __m256i v[8];
