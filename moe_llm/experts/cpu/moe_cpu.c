@@ -56,13 +56,16 @@ static int omp_get_thread_num(void) { return 0; }
 #endif
 #define GU_CHUNK 32   /* gate/up rows per work item: one int8 block of h */
 #define DOWN_CHUNK 16 /* down rows per work item */
-/* Software prefetch, bytes ahead of the code stream (about 150 ns of decode work): the
-   hardware prefetchers ramp up late on rows of 1-6 KB. A 3-bit row is read as three
-   interleaved streams, which they follow worse still (half speed from DRAM), so unpack3
-   prefetches the next row in address order, 96 bytes per 32-column step. */
-#define PF2 4096
-#define PF4 4096
-#define PREFETCH(P, D) __builtin_prefetch((const char *)(P) + (D), 0, 3)
+/* Software prefetch into L2 (prefetcht2), every line of the code stream 8 KB ahead (about 1 us
+   of decode work): the hardware prefetchers ramp up late on rows of 1-6 KB. Prefetching one
+   line in eight, 2 KB ahead, left one thread of a Xeon at 5.7 GB/s on a 2-bit expert; every
+   line 4-8 KB ahead gives 8.2-8.5 (benchmarks/results/devbox-cpu-kernel-prefetch.log). A 3-bit
+   row is read as three interleaved streams, which they follow worse still (half speed from
+   DRAM), so unpack3 prefetches the next row in address order, 96 bytes per 32-column step. */
+#define PF2 8192
+#define PF4 8192
+#define SCALE_AHEAD 8 /* rows */
+#define PREFETCH(P, D) __builtin_prefetch((const char *)(P) + (D), 0, 1)
 
 enum {
   MOE_CPU_OK = 0,
@@ -471,6 +474,9 @@ static void mat_rows(const qmat *m, int r0, int r1, const qact *a, float *y, dou
     memset(ws->isum, 0, sizeof(int32_t) * TILE * (size_t)a->nblk);
   for (int r = r0; r < r1; r++) {
     const uint8_t *rq = m->q + (size_t)r * m->rowbytes;
+    /* the scale and zero bytes of a row a few rows on: a thin stream the hardware misses */
+    for (int l = 0; l < m->G; l += 64)
+      PREFETCH(m->sq + (size_t)(r + SCALE_AHEAD) * m->G + l, 0), PREFETCH(m->zq + (size_t)(r + SCALE_AHEAD) * m->G + l, 0);
     row_scales(m, r, ws->s, ws->sz);
     if (!m->fast) unpack_row(rq, m->bits, m->cols, ws->codes);
     for (int t0 = 0; t0 < a->ntok; t0 += TILE) {
