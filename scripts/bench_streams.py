@@ -1,0 +1,78 @@
+"""Aggregate decode speed of N concurrent requests on the synthetic Mixtral (continuous batching).
+
+    python scripts/bench_streams.py [--budget-gib 12] [--streams 1 2 4 8] [--new-tokens 64] [--out s.json]
+
+For each N, N threads call `engine.generate` at once with different 64-token prompts and
+`--new-tokens` greedy tokens (the batcher decodes them in one step each); prints the
+aggregate tok/s (all generated tokens / the wall time from the first request's start to the
+last one's end, prefills included, so it is a lower bound of the decode rate), per-stream tok/s
+and the ratio to one stream. Each N runs twice; the faster run counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import torch
+
+from moe_llm.bench.synthetic import Geometry, SyntheticModel
+
+
+def run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[int]]:
+    out: list[int] = [0] * len(prompts)
+    barrier = threading.Barrier(len(prompts) + 1)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        out[i] = len(engine.generate(prompts[i], max_new_tokens=new_tokens, temperature=0.0).token_ids)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-gib", type=float, default=12)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    model = SyntheticModel(Geometry(), "cuda", experts_bits=2, attn_bits=4, head_bits=4)
+    engine = model.engine(int(args.budget_gib * 2**30), max_context=1152, max_batch=max(args.streams))
+    engine.generate(model.random_prompt(64, 999), max_new_tokens=8)  # warm-up: captures, compiles
+    rows, base = [], None
+    for n in args.streams:
+        prompts = [model.random_prompt(64, 100 * n + i) for i in range(n)]
+        best = None
+        for _ in range(2):
+            wall, counts = run(engine, prompts, args.new_tokens)
+            if best is None or wall < best[0]:
+                best = (wall, counts)
+        wall, counts = best
+        agg = sum(counts) / wall
+        base = base or agg
+        row = dict(streams=n, tokens=sum(counts), wall_s=wall, aggregate_tok_s=agg, per_stream_tok_s=agg / n,
+                   ratio_to_one=agg / base, batch_mode=engine.batcher.stats()["batch_mode"])  # fmt: skip
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": "python scripts/bench_streams.py " + " ".join(
+                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in vars(args).items() if k != "out"), "budget_gib": args.budget_gib,
+                "rows": rows}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
