@@ -90,33 +90,3 @@ def topk_router_row(x: torch.Tensor, weight: torch.Tensor, top_k: int):
         BLOCK_H=block_h, num_warps=8,
     )  # fmt: skip
     return logits, scores, idx
-
-
-@triton.jit
-def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, HQ, q_stride, k_stride, D: tl.constexpr):
-    """Head program_id(0) of q (then of k): x * cos + rotate_half(x) * sin, each product and
-    the sum rounded to the input dtype as torch's three elementwise ops round them."""
-    h = tl.program_id(0)
-    is_q = h < HQ
-    src = tl.where(is_q, q_ptr + h * q_stride, k_ptr + (h - HQ) * k_stride)
-    dst = tl.where(is_q, qo_ptr + h * D, ko_ptr + (h - HQ) * D)
-    offs = tl.arange(0, D)
-    half: tl.constexpr = D // 2
-    x = tl.load(src + offs)
-    partner = tl.load(src + (offs + half) % D)
-    rot = tl.where(offs < half, -partner, partner)  # torch.cat((-x2, x1)): exact
-    c = tl.load(cos_ptr + offs)
-    s = tl.load(sin_ptr + offs)
-    a = (x.to(tl.float32) * c.to(tl.float32)).to(x.dtype)
-    b = (rot.to(tl.float32) * s.to(tl.float32)).to(x.dtype)
-    tl.store(dst + offs, (a.to(tl.float32) + b.to(tl.float32)).to(x.dtype))
-
-
-def rotary_row(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """transformers' apply_rotary_pos_emb for one token: q [1, HQ, 1, D], k [1, HK, 1, D] (heads
-    at any stride, head dims contiguous), cos and sin of D values, all of one dtype; returns
-    contiguous (q_embed, k_embed) in one launch."""
-    hq, hk, d = q.shape[1], k.shape[1], q.shape[-1]
-    qo, ko = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    _rotary_kernel[(hq + hk,)](q, k, cos, sin, qo, ko, hq, q.stride(1), k.stride(1), D=d, num_warps=1)
-    return qo, ko
