@@ -7,13 +7,13 @@
 #   benchmarks/protocol.sh measure    moe-llm bench, then llama-bench right after it
 #
 # Environment: OUT (results folder) [out], ROWS (moe-llm bench --rows) [the headline rows],
-# NCMOE (the -ncmoe sweep) [0 7 26 32], TUNING [benchmarks/results/h200-kernel-tuning-int8.json]
+# NCMOE (the -ncmoe sweep) [0 7 26 32], TUNING [benchmarks/results/h200-kernel-tuning-exact.json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 ROWS=${ROWS:-full,full-cpu-all,full-lfu,no-prefetch,resident,full-16GiB,full-4GiB,full-cpu-all-4GiB,full-3bit,resident-3bit}
-TUNING=${TUNING:-benchmarks/results/h200-kernel-tuning-int8.json}
+TUNING=${TUNING:-benchmarks/results/h200-kernel-tuning-exact.json}
 GPU_TESTS=${GPU_TESTS:-tests/test_gpu_kernels.py tests/test_gpu_split.py tests/test_gpu_engine.py tests/test_batching_gpu.py}
 case "${1:-}" in
   prepare)
