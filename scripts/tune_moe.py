@@ -34,6 +34,24 @@ def _reference(fmt: ExpertFormat, bufs: list[torch.Tensor], x: torch.Tensor, w: 
     return out
 
 
+def _layer(hidden: int, inter: int, bits: int, E: int):
+    """One layer of E random experts pinned in host RAM and copied to GPU slots: (fmt, store,
+    slots, {"slots": table, "host": table}, generator); table entries are byte offsets from the
+    slot pool (as in ExpertCache) to a slot or to the pinned host copy."""
+    fmt = ExpertFormat.build(hidden, inter, bits, torch.bfloat16)
+    gen = torch.Generator("cuda").manual_seed(0)
+    store = ExpertStore(fmt, [0], E, pin=True)
+    for e in range(E):
+        store.put_raw(0, e, random_expert(fmt, "cuda", gen))
+    slots = torch.stack([store.buffer(0, e).cuda() for e in range(E)])
+    base = slots.data_ptr()
+    tables = {
+        "slots": torch.tensor([slots[e].data_ptr() - base for e in range(E)], dtype=torch.int64, device="cuda"),
+        "host": torch.tensor([store.address(0, e) - base for e in range(E)], dtype=torch.int64, device="cuda"),
+    }
+    return fmt, store, slots, tables, gen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -45,17 +63,7 @@ def main() -> None:
     hidden, inter, E, k = 4096, 14336, 8, 2
     results = []
     for bits in (2, 3):
-        fmt = ExpertFormat.build(hidden, inter, bits, torch.bfloat16)
-        gen = torch.Generator("cuda").manual_seed(0)
-        store = ExpertStore(fmt, [0], E, pin=True)
-        for e in range(E):
-            store.put_raw(0, e, random_expert(fmt, "cuda", gen))
-        slots = torch.stack([store.buffer(0, e).cuda() for e in range(E)])
-        base = slots.data_ptr()  # table entries: byte offsets from the slot pool (as in ExpertCache)
-        tables = {
-            "slots": torch.tensor([slots[e].data_ptr() - base for e in range(E)], dtype=torch.int64, device="cuda"),
-            "host": torch.tensor([store.address(0, e) - base for e in range(E)], dtype=torch.int64, device="cuda"),
-        }
+        fmt, store, slots, tables, gen = _layer(hidden, inter, bits, E)
         x = torch.randn(hidden, device="cuda", generator=gen).to(torch.bfloat16)
         idx = torch.tensor([2, 5], device="cuda")
         w = torch.tensor([0.6, 0.4], device="cuda")
@@ -99,15 +107,8 @@ def sweep_parts(out_path: str | None) -> None:
     hidden, inter, E, k = 4096, 14336, 8, 2
     results, best = [], {}
     for bits in (2, 3):
-        fmt = ExpertFormat.build(hidden, inter, bits, torch.bfloat16)
-        gen = torch.Generator("cuda").manual_seed(0)
-        store = ExpertStore(fmt, [0], E, pin=True)
-        for e in range(E):
-            store.put_raw(0, e, random_expert(fmt, "cuda", gen))
-        slots = torch.stack([store.buffer(0, e).cuda() for e in range(E)])
-        base = slots.data_ptr()
-        table = torch.tensor([slots[e].data_ptr() - base for e in range(E)], dtype=torch.int64, device="cuda")
-        host = torch.tensor([store.address(0, e) - base for e in range(E)], dtype=torch.int64, device="cuda")
+        fmt, store, slots, tables, gen = _layer(hidden, inter, bits, E)
+        table, host = tables["slots"], tables["host"]
         x = torch.randn(hidden, device="cuda", generator=gen).to(torch.bfloat16)
         idx = torch.tensor([2, 5], device="cuda")
         w = torch.tensor([0.6, 0.4], device="cuda")
