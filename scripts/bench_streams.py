@@ -6,7 +6,7 @@ For each N, N threads call `engine.generate` at once with different 64-token pro
 `--new-tokens` greedy tokens (the batcher decodes them in one step each); prints the
 aggregate tok/s (all generated tokens / the wall time from the first request's start to the
 last one's end, prefills included, so it is a lower bound of the decode rate), per-stream tok/s
-and the ratio to one stream. Each N runs twice; the faster run counts.
+and the ratio to one stream. Each N runs twice; the faster run counts. The JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -66,12 +66,9 @@ def main() -> None:
                    ratio_to_one=agg / base, batch_mode=engine.batcher.stats()["batch_mode"])  # fmt: skip
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"command": "python scripts/bench_streams.py " + " ".join(
-                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in vars(args).items() if k != "out"), "budget_gib": args.budget_gib,
-                "rows": rows}, f, indent=1)  # fmt: skip
+        if args.out:  # after every row: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"budget_gib": args.budget_gib, "new_tokens": args.new_tokens, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
