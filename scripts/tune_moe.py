@@ -20,8 +20,7 @@ from triton.testing import do_bench
 from moe_llm.bench.synthetic import random_expert
 from moe_llm.experts.format import ExpertFormat
 from moe_llm.experts.store import ExpertStore
-from moe_llm.kernels.triton_gemv import combine
-from moe_llm.kernels.triton_moe import MoeDecode, Tuning
+from moe_llm.kernels.triton_moe import MoeDecode, Tuning, combine
 
 
 def _reference(fmt: ExpertFormat, bufs: list[torch.Tensor], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

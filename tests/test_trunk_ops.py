@@ -46,7 +46,7 @@ def test_mixtral_norms_and_routers_are_patched_once_and_compute_the_same_off_cud
 
 def test_modules_with_other_formulas_keep_their_forward():
     model = _model("gpt_oss", num_local_experts=4, layer_types=["full_attention", "full_attention"])
-    assert trunk_ops.install(model) == {"norm": 0, "router": 0}  # GPT-OSS: other norm, router, rotary
+    assert trunk_ops.install(model) == {"norm": 0, "router": 0}  # GPT-OSS: other norm, biased router
     qwen = _model("qwen3_moe", num_experts=4, moe_intermediate_size=32)
     counts = trunk_ops.install(qwen)
     assert counts["router"] == 0  # norm_topk_prob: another router formula

@@ -37,13 +37,14 @@ def triton_kernels() -> SimpleNamespace | None:
     """The Triton kernels (gemv, linear, combine, dequantize, dequantize_rows,
     supported_spec), or None when Triton cannot be imported."""
     try:
-        from . import triton_dequant
+        from . import triton_dequant, triton_moe
         from . import triton_gemv as tg
+        from .triton_group import GemvGroup
     except Exception as exc:  # ImportError, or a Triton that fails to initialise
         log.info("Triton kernels unavailable (%s); using the torch reference path", exc)
         return None
     return SimpleNamespace(
-        gemv=tg.gemv, linear=tg.linear, combine=tg.combine, supported_spec=tg.supported_spec, GemvGroup=tg.GemvGroup,
+        gemv=tg.gemv, linear=tg.linear, combine=triton_moe.combine, supported_spec=tg.supported_spec, GemvGroup=GemvGroup,
         dequantize=triton_dequant.dequantize,
         dequantize_rows=triton_dequant.dequantize_rows,
     )  # fmt: skip

@@ -11,8 +11,8 @@ with the float32 (min, step) of its run of 128 groups and accumulates
 contiguous tiles, and never written back dequantized.
 
 The routed experts of a decode step go through `triton_moe`, which runs the same
-row loop (`_gemv_rows`) on experts found through the cache's table; `combine` sums
-their K-partials and applies the routing weights in a fixed order.
+row loop (`_gemv_rows`) on experts found through the cache's table and sums their
+K-partials (`combine`); q, k and v of a token share one launch (`triton_group`).
 
 With int8 activations (`_tile_dot_i8`) the arithmetic is exact and the same as the CPU
 kernel's (`experts/cpu/moe_cpu.c`, whose header gives the formula): per block of 32
@@ -287,61 +287,6 @@ def _qgemv_kernel(
     )  # fmt: skip
 
 
-@triton.jit
-def _group_gemv_kernel(
-    x_ptr, dx_ptr, xs_ptr, base_ptr, table_ptr, start_ptr, rows_ptr, out_ptr, P, P1, G, stride_q, p_split,
-    stride_split, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr, MP: tl.constexpr,
-):  # fmt: skip
-    """Several matrices of one shape of row (the projections of one input: q, k and v) in one
-    launch: row block program_id(0) belongs to member m, the last whose first block start[m]
-    it reaches; the member's four tensors lie at the int64 byte offsets table[4m:4m+4] from
-    base_ptr (every tensor starts on a 16-byte boundary), its rows[m] output rows at row
-    offset out_row[m] (the rows of the members before it)."""
-    b = tl.program_id(0)
-    starts = tl.load(start_ptr + tl.arange(0, MP))  # [MP] first row block of each member, padded high
-    m = tl.sum((starts <= b).to(tl.int32), axis=0) - 1
-    first = tl.load(start_ptr + m)
-    n = tl.load(rows_ptr + m)
-    out_row = tl.load(rows_ptr + MP + m)
-    q_ptr = base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m), 16)
-    sq_ptr = base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m + 1), 16)
-    zq_ptr = base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m + 2), 16)
-    meta_ptr = (base_ptr + tl.multiple_of(tl.load(table_ptr + 4 * m + 3), 16)).to(
-        tl.pointer_type(tl.float32), bitcast=True
-    )
-    _gemv_rows(
-        x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr + out_row, b - first, tl.program_id(1), n, P,
-        P1, G, stride_q, p_split, stride_split, P, BITS, GROUP, BLOCK_N, BLOCK_P, False, UNROLL, MAGIC, I8, ROW_META,
-    )  # fmt: skip
-
-
-@triton.jit
-def _combine_kernel(
-    part_ptr, w_ptr, out_ptr, N, KSEL, SPLIT, cpu_ptr, pcut_ptr, PD, HAS_W: tl.constexpr, CPU: tl.constexpr,
-    BLOCK: tl.constexpr,
-):  # fmt: skip
-    """out[n] = sum_j w[j] * (sum_s part[j, s, n] + cpu[j, n]), in a fixed order. With CPU,
-    position j has a CPU share (rows cpu[j], float64 in host memory) when pcut[j] < PD. The
-    partials (float64 exact sums with int8 activations) are added in float64, so where a share
-    was computed does not change the result; then rounded once to float32."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(KSEL):
-        s_acc = tl.zeros([BLOCK], dtype=tl.float64)
-        for s in range(SPLIT):
-            s_acc += tl.load(part_ptr + (j * SPLIT + s) * N + offs, mask=mask, other=0.0).to(tl.float64)
-        if CPU:
-            shared = tl.load(pcut_ptr + j) < PD
-            s_acc += tl.load(cpu_ptr + j * N + offs, mask=mask & shared, other=0.0, volatile=True).to(tl.float64)
-        y = s_acc.to(tl.float32)
-        if HAS_W:
-            y = y * tl.load(w_ptr + j).to(tl.float32)
-        acc = _add_rn(acc, y)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def row_meta(spec: QuantSpec, bp: int) -> bool:
     """Whether a tile's groups of one row always share one meta run (see _group_scales)."""
     ng = max(1, bp // spec.group_size)
@@ -447,66 +392,6 @@ def _quantized(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Te
     xs = torch.empty(1, k // qb, dtype=torch.float32, device=x.device)
     quantize_activations(x.view(1, k), qb, xq, dx, xs)
     return xq, dx, xs
-
-
-class GemvGroup:
-    """Matrices of one spec but their row counts, that read one input (q, k and v): one launch
-    computes them all for one token, with int8 activations. Built once; `__call__` per token."""
-
-    MAX = 4
-
-    def __init__(self, tensors: list[dict[str, torch.Tensor]], specs: list[QuantSpec]):
-        s0 = specs[0]
-        if not 1 <= len(specs) <= self.MAX or any(
-            (s.bits, s.group_size, s.in_features) != (s0.bits, s0.group_size, s0.in_features) for s in specs
-        ):  # fmt: skip
-            raise ValueError("a GEMV group needs 1-4 matrices of one bit width, group size and input width")
-        base = tensors[0]["q"]
-        names = ("q", "scale_q", "zero_q", "meta")
-        offs = [t[k].data_ptr() - base.data_ptr() for t in tensors for k in names]
-        if any(o % 16 for o in offs):
-            raise ValueError("every tensor of a GEMV group must start on a 16-byte boundary")
-        dev = base.device
-        self.tensors, self.specs, self.base = tensors, specs, base
-        self.rows = [s.out_features for s in specs]
-        self.bn = INT8_BLOCK_N
-        blocks = [triton.cdiv(n, self.bn) for n in self.rows]
-        starts = [sum(blocks[:i]) for i in range(len(blocks))]
-        pad = self.MAX - len(specs)
-        self.table = torch.tensor(offs + [0] * 4 * pad, dtype=torch.int64, device=dev)
-        self.starts = torch.tensor(starts + [2**30] * pad, dtype=torch.int32, device=dev)
-        out_rows = [sum(self.rows[:i]) for i in range(len(self.rows))]
-        self.meta = torch.tensor(self.rows + [0] * pad + out_rows + [0] * pad, dtype=torch.int32, device=dev)
-        self.grid = (sum(blocks), 1)
-        spec = QuantSpec(s0.bits, s0.group_size, self.bn, s0.in_features)  # the shape of one row block
-        _, args, consts = _launch(spec, False, 1, self.bn)
-        self.args = args[1:6]  # P, P1, G, stride_q, p_split
-        self.consts = {k: v for k, v in consts.items() if k != "GLU"}
-
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-        """x [K] -> each matrix's rows [N_i] (views of one output)."""
-        xq, dx, xs = _quantized(x.to(dtype).reshape(-1), self.specs[0])
-        out = torch.empty(sum(self.rows), dtype=dtype, device=x.device)
-        _group_gemv_kernel[self.grid](
-            xq, dx, xs, self.base, self.table, self.starts, self.meta, out, *self.args, 0, I8=True, MP=self.MAX,
-            **self.consts,
-        )  # fmt: skip
-        return list(out.split(self.rows))
-
-
-def combine(
-    part: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, cpu: tuple | None = None
-) -> None:  # fmt: skip
-    """part: [k, split, N] (float64 exact sums, or fp32) -> out [N] = sum_j weights[j] *
-    sum_s part[j, s]. With `cpu` = (float64 rows pointer, pcut [k], PD), the CPU's share of
-    position j is added before the weight."""
-    k, split, n = part.shape
-    block = 1024
-    w = weights if weights is not None else part
-    cpu_ptr, pcut, pd = cpu if cpu is not None else (part, part, 0)
-    _combine_kernel[(triton.cdiv(n, block),)](
-        part, w, out, n, k, split, cpu_ptr, pcut, pd, HAS_W=weights is not None, CPU=cpu is not None, BLOCK=block
-    )
 
 
 def linear(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:

@@ -28,13 +28,13 @@ import triton.language as tl
 
 from ..experts.format import ExpertFormat
 from ..quant.compact import QuantSpec
+from .triton_exact import _add_rn
 from .triton_gemv import (
     _gemv_rows,
     _geometry,
     _unroll,
     activation_block,
     block_p,
-    combine,
     quantize_activations,
     row_meta,
     supported_spec,
@@ -112,6 +112,32 @@ def _moe_gemv_kernel(
 
 
 @triton.jit
+def _combine_kernel(
+    part_ptr, w_ptr, out_ptr, N, KSEL, SPLIT, cpu_ptr, pcut_ptr, PD, HAS_W: tl.constexpr, CPU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """out[n] = sum_j w[j] * (sum_s part[j, s, n] + cpu[j, n]), in a fixed order. With CPU,
+    position j has a CPU share (rows cpu[j], float64 in host memory) when pcut[j] < PD. The
+    partials (float64 exact sums with int8 activations) are added in float64, so where a share
+    was computed does not change the result; then rounded once to float32."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(KSEL):
+        s_acc = tl.zeros([BLOCK], dtype=tl.float64)
+        for s in range(SPLIT):
+            s_acc += tl.load(part_ptr + (j * SPLIT + s) * N + offs, mask=mask, other=0.0).to(tl.float64)
+        if CPU:
+            shared = tl.load(pcut_ptr + j) < PD
+            s_acc += tl.load(cpu_ptr + j * N + offs, mask=mask & shared, other=0.0, volatile=True).to(tl.float64)
+        y = s_acc.to(tl.float32)
+        if HAS_W:
+            y = y * tl.load(w_ptr + j).to(tl.float32)
+        acc = _add_rn(acc, y)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _publish_kernel(
     idx_ptr, table_ptr, pool_bytes, take_ptr, pcut_ptr, x_ptr, head_ptr, xbox_ptr, H, PD,
     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
@@ -133,6 +159,21 @@ def _publish_kernel(
     for h0 in range(0, H, BLOCK):
         offs = h0 + tl.arange(0, BLOCK)
         tl.store(xbox_ptr + offs, tl.load(x_ptr + offs, mask=offs < H).to(tl.float32), mask=offs < H)
+
+
+def combine(
+    part: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, cpu: tuple | None = None
+) -> None:  # fmt: skip
+    """part: [k, split, N] (float64 exact sums, or fp32) -> out [N] = sum_j weights[j] *
+    sum_s part[j, s]. With `cpu` = (float64 rows pointer, pcut [k], PD), the CPU's share of
+    position j is added before the weight."""
+    k, split, n = part.shape
+    block = 1024
+    w = weights if weights is not None else part
+    cpu_ptr, pcut, pd = cpu if cpu is not None else (part, part, 0)
+    _combine_kernel[(triton.cdiv(n, block),)](
+        part, w, out, n, k, split, cpu_ptr, pcut, pd, HAS_W=weights is not None, CPU=cpu is not None, BLOCK=block
+    )
 
 
 def supported(fmt: ExpertFormat) -> bool:

@@ -5,7 +5,7 @@ Same HQQ math and byte format as the experts, so one set of kernels serves both.
 
 Projections that read one input (q, k and v; gate and up of a dense MLP) are linked into a
 `SharedInput` (`share_inputs`): for one token on CUDA the first of them called computes
-them all in one launch (`triton_gemv.GemvGroup`, int8 activations), and the others return
+them all in one launch (`triton_group.GemvGroup`, int8 activations), and the others return
 their rows of that result when they are called with the same tensor. A linked member called
 with another input runs the group again, so every one-token output of a member comes from
 the same kernel and arithmetic, whatever order or inputs the calls come in.
