@@ -6,7 +6,8 @@ For each N, N threads call `engine.generate` at once with different 64-token pro
 `--new-tokens` greedy tokens (the batcher decodes them in one step each); prints the
 aggregate tok/s (all generated tokens / the wall time from the first request's start to the
 last one's end, prefills included, so it is a lower bound of the decode rate), per-stream tok/s
-and the ratio to one stream. Each N runs twice; the faster run counts. The JSON is rewritten after every row.
+and the ratio to one stream, and whether every stream's tokens equal its prompt's lone run
+(`equal_to_alone`). Each N runs twice; the faster run counts. The JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import torch
 from moe_llm.bench.synthetic import Geometry, SyntheticModel
 
 
-def run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[int]]:
-    out: list[int] = [0] * len(prompts)
+def run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    out: list[list[int]] = [[] for _ in prompts]
     barrier = threading.Barrier(len(prompts) + 1)
 
     def one(i: int) -> None:
         barrier.wait()
-        out[i] = len(engine.generate(prompts[i], max_new_tokens=new_tokens, temperature=0.0).token_ids)
+        out[i] = engine.generate(prompts[i], max_new_tokens=new_tokens, temperature=0.0).token_ids
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -47,28 +48,62 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", type=int, default=0, help="then trace one run of this many streams (torch.profiler)")
+    ap.add_argument("--cprofile", type=int, default=0, help="then profile the host side of this many streams (cProfile)")
     args = ap.parse_args()
     model = SyntheticModel(Geometry(), "cuda", experts_bits=2, attn_bits=4, head_bits=4)
     engine = model.engine(int(args.budget_gib * 2**30), max_context=1152, max_batch=max(args.streams))
     engine.generate(model.random_prompt(64, 999), max_new_tokens=8)  # warm-up: captures, compiles
     rows, base = [], None
+    lone: dict[int, list[int]] = {}  # prompt seed -> its tokens decoded alone
     for n in args.streams:
-        prompts = [model.random_prompt(64, 100 * n + i) for i in range(n)]
+        seeds = [100 * n + i for i in range(n)]
+        prompts = [model.random_prompt(64, s) for s in seeds]
         best = None
         for _ in range(2):
             wall, counts = run(engine, prompts, args.new_tokens)
             if best is None or wall < best[0]:
                 best = (wall, counts)
-        wall, counts = best
-        agg = sum(counts) / wall
+        wall, toks = best
+        for s, p in zip(seeds, prompts, strict=True):
+            if s not in lone:
+                lone[s] = engine.generate(p, max_new_tokens=args.new_tokens, temperature=0.0).token_ids
+        total = sum(len(t) for t in toks)
+        agg = total / wall
         base = base or agg
-        row = dict(streams=n, tokens=sum(counts), wall_s=wall, aggregate_tok_s=agg, per_stream_tok_s=agg / n,
-                   ratio_to_one=agg / base, batch_mode=engine.batcher.stats()["batch_mode"])  # fmt: skip
+        row = dict(streams=n, tokens=total, wall_s=wall, aggregate_tok_s=agg, per_stream_tok_s=agg / n,
+                   ratio_to_one=agg / base, batch_mode=engine.batcher.stats()["batch_mode"],
+                   equal_to_alone=all(t == lone[s] for t, s in zip(toks, seeds, strict=True)))  # fmt: skip
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         if args.out:  # after every row: a run cut short keeps what it measured
             with open(args.out, "w") as f:
                 json.dump({"budget_gib": args.budget_gib, "new_tokens": args.new_tokens, "rows": rows}, f, indent=1)
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        prompts = [model.random_prompt(64, 7000 + i) for i in range(args.profile)]
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            wall, toks = run(engine, prompts, 16)
+        print(f"profiled: {args.profile} streams, {sum(len(t) for t in toks)} tokens in {wall:.3f} s", flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22), flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22), flush=True)
+
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        prompts = [model.random_prompt(64, 8000 + i) for i in range(args.cprofile)]
+        streams = [engine.stream(p, max_new_tokens=24, temperature=0.0) for p in prompts]
+        prof = cProfile.Profile()
+        prof.enable()
+        while streams:  # one thread drives every stream: each next() runs a step when none is running
+            streams = [s for s in streams if next(s, None) is not None]
+        torch.cuda.synchronize()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":

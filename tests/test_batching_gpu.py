@@ -1,5 +1,6 @@
-"""Batching on CUDA (skipped without a device): 'exact' gives each request's lone tokens; 'fused'
-hands a lone request to the CUDA-graph decoder and moves it to eager decode when others join."""
+"""Batching on CUDA (skipped without a device): 'exact' and 'fused' give each request's lone
+tokens; 'fused' hands a lone request to the CUDA-graph decoder and moves it to the fused step
+when others join."""
 
 from __future__ import annotations
 
@@ -26,17 +27,37 @@ def test_exact_batching_on_cuda_gives_the_lone_tokens(tiny_mixtral):
     assert engine.batcher.max_rows >= 2 and engine.cache.consistent()
 
 
-def test_fused_batching_on_cuda_leaves_the_graph_decoder_and_comes_back(tiny_mixtral):
-    engine = moe_llm.load(tiny_mixtral, batch_mode="fused", **OPTS)
-    eager = moe_llm.load(tiny_mixtral, batch_mode="fused", cuda_graphs=False, **OPTS)
+VARIANTS = {
+    "fp32, 2-bit experts": dict(dtype="float32", experts_bits=2),
+    "bf16, 2-bit experts, 4-bit attention and head": dict(dtype="bfloat16", experts_bits=2, attn_bits=4, head_bits=4),
+    "bf16, 3-bit experts": dict(dtype="bfloat16", experts_bits=3),
+    "bf16, unquantized": dict(dtype="bfloat16"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_batching_on_cuda_gives_the_lone_graph_tokens(tiny_mixtral, variant):
+    """Rows decoded in one fused step leave the CUDA-graph decoder and come back to it, and
+    every request's greedy tokens are those of its lone run on the graphs, to the token."""
+    opts = {**OPTS, **VARIANTS[variant]}
+    engine = moe_llm.load(tiny_mixtral, batch_mode="fused", **opts)
     assert engine.graphs is not None
+    alone = [engine.generate(p, max_new_tokens=16).token_ids for p in PROMPTS]
     got = interleaved(engine, PROMPTS)
-    assert all(got) and engine.batcher.batched_rows > 0 and engine.cache.consistent()
+    assert got == alone
+    assert engine.batcher.batched_rows > 0 and engine.cache.consistent()
     assert engine.batcher.active_requests == 0
-    # a lone request afterwards decodes through the graphs again, with the eager engine's tokens
-    lone = engine.generate(PROMPTS[0], max_new_tokens=16).token_ids
-    assert engine.graphs is not None and engine.graphs._windows
-    assert lone == eager.generate(PROMPTS[0], max_new_tokens=16).token_ids
+    lone = engine.generate(PROMPTS[0], max_new_tokens=16).token_ids  # back on the graphs
+    assert engine.graphs is not None and engine.graphs._windows and lone == alone[0]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_fused_batching_on_cuda_other_families(tiny_dirs, family):
+    opts = {**OPTS, "dtype": "bfloat16", "attn_bits": 4}
+    engine = moe_llm.load(tiny_dirs[family], batch_mode="fused", **opts)
+    alone = [engine.generate(p, max_new_tokens=16).token_ids for p in PROMPTS]
+    assert interleaved(engine, PROMPTS) == alone
+    assert engine.batcher.batched_rows > 0
 
 
 def test_a_lone_request_on_cuda_prefills_into_the_static_kv(tiny_mixtral):

@@ -57,6 +57,37 @@ def test_dispatch_reads_slots_and_host_ram_alike(bits, shape):
     assert torch.equal(outs["host"], outs["device"]) and torch.equal(outs["host"], outs["mixed"])
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_routed_experts_of_decode_rows_are_each_rows_lone_result(bits):
+    """`MoeDecode.rows`: B tokens' k routed positions in one launch per GEMV (hits and misses
+    mixed) give each token the bits of its lone `MoeDecode` call."""
+    from moe_llm.bench.synthetic import random_expert
+    from moe_llm.kernels.triton_moe import MoeDecode
+
+    hidden, inter, E, k, B = 1024, 2048, 6, 2, 5
+    fmt = ExpertFormat.build(hidden, inter, bits, torch.bfloat16)
+    gen = torch.Generator("cuda").manual_seed(bits)
+    store = ExpertStore(fmt, [0], E, pin=True)
+    for e in range(E):
+        store.put_raw(0, e, random_expert(fmt, "cuda", gen))
+    slots = torch.stack([store.buffer(0, e).cuda() for e in range(E)])
+    base = slots.data_ptr()
+    table = torch.tensor(
+        [slots[e].data_ptr() - base if e % 2 else store.address(0, e) - base for e in range(E)],
+        dtype=torch.int64, device="cuda",
+    )  # odd experts resident, even ones read from host RAM
+    x = (torch.randn(B, hidden, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(E, generator=gen, device="cuda")[:k] for _ in range(B)])
+    idx[1] = idx[0]  # two rows with the same experts
+    w = torch.softmax(torch.randn(B, k, device="cuda", generator=gen), dim=-1)
+    run = MoeDecode(fmt, k, torch.device("cuda"))
+    batch = run.rows(x, idx, w, table, slots)
+    for b in range(B):
+        alone = torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
+        run(x[b], idx[b], w[b], table, slots, alone)
+        assert torch.equal(batch[b], alone)
+
+
 def test_engine_tokens_do_not_depend_on_residency(tmp_path):
     import moe_llm
     from moe_llm.tiny import make_tiny

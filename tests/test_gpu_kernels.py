@@ -90,7 +90,7 @@ def test_gemv_group_is_each_matrix_alone(tk, bits, rows):
     for (t, spec), y in zip(mats, outs, strict=True):
         alone = torch.empty(spec.out_features, dtype=torch.bfloat16, device="cuda")
         tk.gemv(x, t, spec, alone, split=1, quant=tg._quantized(x, spec), bn=tg.INT8_BLOCK_N)
-        assert torch.equal(y, alone)
+        assert torch.equal(y.view(-1), alone)
         assert _rel(y, compact.dequantize(t, spec, torch.float32) @ x.float()) < 2e-2
 
 
@@ -109,6 +109,7 @@ def test_shared_input_projections_take_one_launch(tk):
     x, x2 = (torch.randn(1, 1, 128, device="cuda").to(torch.bfloat16) for _ in range(2))
     want = [o + m.bias for o, m in zip(group.gemv(x.view(-1), torch.bfloat16), group.members, strict=True)]
     want2 = [o + m.bias for o, m in zip(group.gemv(x2.view(-1), torch.bfloat16), group.members, strict=True)]
+    want, want2 = [w.view(-1) for w in want], [w.view(-1) for w in want2]
     assert torch.equal(attn.q_proj(x).view(-1), want[0])
     assert torch.equal(attn.k_proj(x2).view(-1), want2[1])  # another input: the group runs again
     assert torch.equal(attn.v_proj(x).view(-1), want[2])
@@ -229,3 +230,34 @@ def test_one_launch_router_matches_transformers(dtype, experts, top_k, hidden):
             assert abs(got_w[e] - w) <= 1e-4 + 1e-3 * w
         checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decode_row_kernels_compute_each_row_as_alone(tk, bits):
+    """Batched decode rows (`kernels.rows`): the GEMVs (float and int8), the q/k/v group, the
+    norm and the router give each of B rows the bits of that row's lone launch."""
+    from moe_llm.kernels import triton_trunk as tt
+
+    B = 5
+    t, spec = _matrix(bits, (4096, 1024))  # float activations (fewer rows than INT8_MIN_ROWS)
+    head, hspec = _matrix(bits, (8192, 1024), seed=1)  # int8 activations
+    x = torch.randn(B, 1, 1024, device="cuda").to(torch.bfloat16)
+    for tensors, sp in ((t, spec), (head, hspec)):
+        batch = tk.linear(x, tensors, sp, torch.bfloat16)
+        assert batch.shape == (B, 1, sp.out_features)
+        for b in range(B):
+            assert torch.equal(batch[b], tk.linear(x[b : b + 1], tensors, sp, torch.bfloat16)[0])
+    mats = [_matrix(bits, (n, 1024), seed=i) for i, n in enumerate((1024, 256, 256))]
+    group = tk.GemvGroup([m for m, _ in mats], [s_ for _, s_ in mats])
+    outs = group(x.view(B, -1), torch.bfloat16)
+    for b in range(B):
+        for got, want in zip(outs, group(x[b].view(-1), torch.bfloat16), strict=True):
+            assert torch.equal(got[b], want.view(-1))
+    w = torch.randn(1024, device="cuda").to(torch.bfloat16)
+    normed = tt.rmsnorm_rows(x, w, 1e-5)
+    router_w = torch.randn(8, 1024, device="cuda").to(torch.bfloat16)
+    routed = tt.topk_router_rows(x.view(B, -1), router_w, 2)
+    for b in range(B):
+        assert torch.equal(normed[b], tt.rmsnorm_rows(x[b : b + 1], w, 1e-5)[0])
+        alone = tt.topk_router_rows(x[b].view(1, -1), router_w, 2)
+        assert all(torch.equal(r[b], a[0]) for r, a in zip(routed, alone, strict=True))

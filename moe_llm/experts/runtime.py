@@ -28,7 +28,6 @@ order, so the result does not depend on where an expert was read from or when.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import weakref
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ActFn, fast_path
+from ..kernels import ActFn, fast_path, rows
 from .cache import ExpertCache
 from .compute import expert_forward
 from .format import ExpertFormat
@@ -111,9 +110,9 @@ class ExpertsRuntime:
         if self.mode != "copy":
             self._routing = torch.zeros(len(cache.layers), top_k, dtype=torch.long, device=cache.device)
         self._stepped = False  # a step has begun and not ended
+        self._rows_routing: torch.Tensor | None = None  # [moe layers, B * k] of a decode-rows step
         self._dequant_ws: torch.Tensor | None = None  # prefill: one expert's matrices, dequantized
         self.cpu_experts = cpu_experts
-        self._decode_rows = False  # inside `decode_rows`
         self._split = None  # experts.split.CpuSplit: misses shared with CPU threads (device mode)
         self._cpu = None  # experts.cpu: the CPU kernel for one-token experts (host mode)
         if self.mode == "device":
@@ -202,6 +201,7 @@ class ExpertsRuntime:
         """Called before each one-token forward is enqueued (or its graph replayed): a
         replayed graph runs no Python, so the step is flagged here, for `end_step`."""
         self._stepped = True
+        self._rows_routing = None
         self.cache.before_step()
 
     def snapshot(self, into: torch.Tensor) -> Routed:
@@ -224,7 +224,12 @@ class ExpertsRuntime:
         if self.mode == "copy":  # host-dispatched: the forward acquired its experts, counting hits and misses
             return
         cache = self.cache
-        rows = (self._routing if routed is None else routed.ids).tolist()  # the step is done: no wait
+        if routed is not None:
+            record = routed.ids
+        else:
+            record = self._routing if self._rows_routing is None else self._rows_routing
+        self._rows_routing = None
+        rows = record.tolist()  # the step is done: no wait
         routed_keys = [(layer, e) for layer, row in zip(cache.layers, rows, strict=True) for e in row]
         if self._split is not None:  # what the CPU thread has computed since the last step
             calls, nbytes, ns = self._split.new_counts()
@@ -238,16 +243,6 @@ class ExpertsRuntime:
             if not cache.is_resident(*key):
                 cache.admit(key, protect, evict=self.evict_on_admit)
 
-    @contextlib.contextmanager
-    def decode_rows(self):
-        """Around a forward of several one-token decode rows (the batcher's fused step): the
-        experts compute them as one-token steps do, whatever the batch."""
-        self._decode_rows = True
-        try:
-            yield
-        finally:
-            self._decode_rows = False
-
     def reset(self) -> None:
         self._stepped = False
         self.cache.reset()
@@ -258,7 +253,27 @@ class ExpertsRuntime:
             if self.mode == "device":
                 return self._device_step(layer, hidden, top_k_index, top_k_weights)
             return self._host_step(layer, hidden, top_k_index, top_k_weights)
+        if rows.batched(hidden):
+            return self._rows(layer, hidden, top_k_index, top_k_weights)
         return self._grouped(layer, hidden, top_k_index, top_k_weights)
+
+    def _rows(self, layer, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """B decoded rows (`kernels.rows`), each computed as alone: on the device in one launch
+        per GEMV (misses read in place, no CPU share), elsewhere one lone step per row. The
+        routing of every row is recorded for `end_step`."""
+        if self.mode == "device":
+            out = self._dispatch.rows(hidden, top_k_index, top_k_weights, self.cache.table_row(layer), self.cache.pool)
+        else:
+            out = torch.cat([
+                self.forward(layer, hidden[b : b + 1], top_k_index[b : b + 1], top_k_weights[b : b + 1]).clone()
+                for b in range(hidden.shape[0])
+            ])  # fmt: skip
+        if self._routing is not None:
+            n = top_k_index.numel()
+            if self._rows_routing is None or self._rows_routing.shape[1] != n:
+                self._rows_routing = torch.zeros(len(self.cache.layers), n, dtype=torch.long, device=hidden.device)
+            self._rows_routing[self.cache.row[layer]].copy_(top_k_index.reshape(-1))
+        return out
 
     def _out(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The persistent [1, H] output buffer of `layer` for one-token steps (static for graphs)."""
@@ -338,12 +353,7 @@ class ExpertsRuntime:
             slot = slots[e]
             cache.wait(slot)
             a, b = offsets[e]
-            if self._cpu is not None and self._decode_rows:
-                # a batch of decode rows: the CPU kernel, as for one token (a token's row does not
-                # depend on the others in the call), so batching does not change the tokens
-                y = self._cpu_expert(hidden[tokens[a:b]], cache.pool[slot])
-            else:
-                y = expert_forward(hidden[tokens[a:b]], cache.views(slot), self.fmt, self.act_fn, workspace)  # [n, H]
+            y = expert_forward(hidden[tokens[a:b]], cache.views(slot), self.fmt, self.act_fn, workspace)  # [n, H]
             rows.index_copy_(0, perm[a:b], y.float() * weights[a:b, None])
             cache.release(slot)
         if guessed:
@@ -363,6 +373,8 @@ class ExpertsRuntime:
 
 class OffloadedExperts(nn.Module):
     """Drop-in replacement for a transformers experts module (no parameters)."""
+
+    handles_rows = True  # decoded rows (`kernels.rows`): `ExpertsRuntime._rows`
 
     def __init__(self, layer_idx: int, runtime: ExpertsRuntime, num_experts: int):
         super().__init__()

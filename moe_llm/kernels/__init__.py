@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts.format import ExpertFormat, matrix_views
+from . import rows
 from .chunking import (
     DEQUANT_WORKSPACE_BYTES,
     chunked_expert_mlp,
@@ -99,9 +100,11 @@ def quant_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], spec, dtype:
     if x.is_cuda:
         tk = triton_kernels()
         if tk is not None and tk.supported_spec(spec):
-            if x.numel() == spec.in_features:  # one token: fused dequant-GEMV
+            if x.numel() == spec.in_features or rows.batched(x):  # decoded positions: fused dequant-GEMV
                 return tk.linear(x.to(dtype), tensors, spec, dtype)
             return chunked_linear(x, tensors, spec, dtype, tk.dequantize_rows)
+    if rows.batched(x):  # decoded rows elsewhere: each as alone
+        return rows.per_row(quant_linear, x, tensors, spec, dtype)
     from ..quant import compact
 
     return F.linear(x, compact.dequantize(tensors, spec, dtype))

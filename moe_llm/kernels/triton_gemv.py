@@ -276,14 +276,18 @@ def _gemv_rows(
 @triton.jit
 def _qgemv_kernel(
     x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
+    x_stride, s_stride, out_stride,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
     UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
     """One matrix whose tensors are passed as pointers (attention, the LM head, tests); with I8,
-    x_ptr holds int8 activations and dx_ptr/xs_ptr their block scales and sums."""
+    x_ptr holds int8 activations and dx_ptr/xs_ptr their block scales and sums. Input row
+    program_id(2) (strides x_stride, s_stride; out_stride) runs the same code as a lone row."""
+    r = tl.program_id(2).to(tl.int64)
     _gemv_rows(
-        x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, tl.program_id(0), tl.program_id(1), N, P,
-        P1, G, stride_q, p_split, stride_split, P, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, I8, ROW_META,
+        x_ptr + r * x_stride, dx_ptr + r * s_stride, xs_ptr + r * s_stride, q_ptr, sq_ptr, zq_ptr, meta_ptr,
+        out_ptr + r * out_stride, tl.program_id(0), tl.program_id(1), N, P, P1, G, stride_q, p_split, stride_split, P,
+        BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, I8, ROW_META,
     )  # fmt: skip
 
 
@@ -372,37 +376,47 @@ def gemv(
     x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, out: torch.Tensor, glu: bool = False,
     split: int | None = None, quant: tuple | None = None, bn: int | None = None,
 ) -> None:  # fmt: skip
-    """x: [K] -> out: [split, N] (partials) or [N] when the split is 1 (default:
-    `split_for(spec, glu)`). With ``glu`` the matrix is [2N, K] and ``out`` [N]
-    receives silu(gate) * up. With `quant` = (xq, dx, xs) from `quantize_activations` (blocks of
-    `activation_block(spec, block_p(spec))` columns) the product is the exact int8 one and x is
-    not read."""
+    """x: [K] or [R, K] -> out: [R, split, N] (partials) or [R, N] when the split is 1 (default:
+    `split_for(spec, glu)`; R = 1 may be left out). With ``glu`` the matrix is [2N, K] and
+    ``out`` receives silu(gate) * up. With `quant` = (xq, dx, xs) from `quantize_activations`
+    (blocks of `activation_block(spec, block_p(spec))` columns) the product is the exact int8
+    one and x is not read. Each row is computed as it would be alone."""
     grid, args, consts = _launch(spec, glu, split, bn)
-    xq, dx, xs = quant if quant is not None else (x, x, x)
-    _qgemv_kernel[grid](
-        xq, dx, xs, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, *args, I8=quant is not None, **consts
+    rows = x.numel() // spec.in_features
+    if quant is not None:
+        xq, dx, xs = quant
+        strides = (xq.stride(0), dx.stride(0))
+    else:
+        xq = dx = xs = x
+        strides = (spec.in_features, 0)
+    _qgemv_kernel[(*grid, rows)](
+        xq, dx, xs, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, *args, *strides, out.numel() // rows,
+        I8=quant is not None, **consts,
     )  # fmt: skip
 
 
 def _quantized(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [K] as int8 activations for a GEMV over `spec` (`quantize_activations`)."""
+    """x [R, K] (or [K]) as int8 activations for a GEMV over `spec` (`quantize_activations`)."""
     k, qb = spec.in_features, activation_block(spec, block_p(spec))
-    xq = torch.empty(1, k // 4, dtype=torch.int32, device=x.device)
-    dx = torch.empty(1, k // qb, dtype=torch.float32, device=x.device)
-    xs = torch.empty(1, k // qb, dtype=torch.float32, device=x.device)
-    quantize_activations(x.view(1, k), qb, xq, dx, xs)
+    rows = x.numel() // k
+    xq = torch.empty(rows, k // 4, dtype=torch.int32, device=x.device)
+    dx = torch.empty(rows, k // qb, dtype=torch.float32, device=x.device)
+    xs = torch.empty(rows, k // qb, dtype=torch.float32, device=x.device)
+    quantize_activations(x.reshape(rows, k), qb, xq, dx, xs)
     return xq, dx, xs
 
 
 def linear(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
-    """y = x @ W.T for one token (x: [..., K] with one row) through the fused GEMV.
+    """y = x @ W.T for decoded positions (x: [..., K], each row computed as alone) through the
+    fused GEMV.
 
     One launch, no K-split (the attention matrices are small enough that fewer programs cost
     little); int8 activations for many rows (`INT8_MIN_ROWS`)."""
     lead = x.shape[:-1]
     n = spec.out_features
-    out = torch.empty(n, dtype=dtype, device=x.device)
-    flat = x.reshape(-1).contiguous()
+    rows = x.numel() // spec.in_features
+    out = torch.empty(rows, n, dtype=dtype, device=x.device)
+    flat = x.reshape(rows, spec.in_features).contiguous()
     if n >= INT8_MIN_ROWS:
         gemv(flat, t, spec, out, split=1, quant=_quantized(flat, spec), bn=INT8_BLOCK_N)
     else:

@@ -20,15 +20,17 @@ from .triton_gemv import INT8_BLOCK_N, _gemv_rows, _launch, _quantized
 @triton.jit
 def _group_gemv_kernel(
     x_ptr, dx_ptr, xs_ptr, base_ptr, table_ptr, start_ptr, rows_ptr, out_ptr, P, P1, G, stride_q, p_split,
-    stride_split, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    x_stride, s_stride, out_stride, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr, MP: tl.constexpr,
 ):  # fmt: skip
     """Several matrices of one shape of row (the projections of one input: q, k and v) in one
     launch: row block program_id(0) belongs to member m, the last whose first block start[m]
     it reaches; the member's four tensors lie at the int64 byte offsets table[4m:4m+4] from
     base_ptr (every tensor starts on a 16-byte boundary), its rows[m] output rows at row
-    offset out_row[m] (the rows of the members before it)."""
+    offset out_row[m] (the rows of the members before it). Input row program_id(1) (strides
+    x_stride, s_stride; out_stride) runs the same code as a lone row."""
     b = tl.program_id(0)
+    r = tl.program_id(1).to(tl.int64)
     starts = tl.load(start_ptr + tl.arange(0, MP))  # [MP] first row block of each member, padded high
     m = tl.sum((starts <= b).to(tl.int32), axis=0) - 1
     first = tl.load(start_ptr + m)
@@ -41,14 +43,15 @@ def _group_gemv_kernel(
         tl.pointer_type(tl.float32), bitcast=True
     )
     _gemv_rows(
-        x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr + out_row, b - first, tl.program_id(1), n, P,
-        P1, G, stride_q, p_split, stride_split, P, BITS, GROUP, BLOCK_N, BLOCK_P, False, UNROLL, MAGIC, I8, ROW_META,
+        x_ptr + r * x_stride, dx_ptr + r * s_stride, xs_ptr + r * s_stride, q_ptr, sq_ptr, zq_ptr, meta_ptr,
+        out_ptr + r * out_stride + out_row, b - first, 0, n, P, P1, G, stride_q, p_split, 0, P, BITS, GROUP, BLOCK_N,
+        BLOCK_P, False, UNROLL, MAGIC, I8, ROW_META,
     )  # fmt: skip
 
 
 class GemvGroup:
     """Matrices of one spec but their row counts, that read one input (q, k and v): one launch
-    computes them all for one token, with int8 activations. Built once; `__call__` per token."""
+    computes them all for decoded positions, with int8 activations. Built once; `__call__` per step."""
 
     MAX = 4
 
@@ -81,11 +84,15 @@ class GemvGroup:
         self.consts = {k: v for k, v in consts.items() if k != "GLU"}
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-        """x [K] -> each matrix's rows [N_i] (views of one output)."""
-        xq, dx, xs = _quantized(x.to(dtype).reshape(-1), self.specs[0])
-        out = torch.empty(sum(self.rows), dtype=dtype, device=x.device)
-        _group_gemv_kernel[self.grid](
-            xq, dx, xs, self.base, self.table, self.starts, self.meta, out, *self.args, 0, I8=True, MP=self.MAX,
-            **self.consts,
+        """x [R, K] (or [K]) -> each matrix's rows [R, N_i] (views of one output), each input row
+        computed as alone."""
+        k = self.specs[0].in_features
+        rows = x.numel() // k
+        xq, dx, xs = _quantized(x.to(dtype).reshape(rows, k), self.specs[0])
+        total = sum(self.rows)
+        out = torch.empty(rows, total, dtype=dtype, device=x.device)
+        _group_gemv_kernel[(self.grid[0], rows)](
+            xq, dx, xs, self.base, self.table, self.starts, self.meta, out, *self.args, xq.stride(0), dx.stride(0),
+            total, I8=True, MP=self.MAX, **self.consts,
         )  # fmt: skip
-        return list(out.split(self.rows))
+        return list(out.split(self.rows, dim=-1))

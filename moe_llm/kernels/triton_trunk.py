@@ -23,6 +23,11 @@ import triton.language as tl
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
+    """Row program_id(0) of x [R, N]: every row with the same code, so a row's result does not
+    depend on how many rows the launch has."""
+    row = tl.program_id(0).to(tl.int64) * N
+    x_ptr += row
+    out_ptr += row
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -33,12 +38,13 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rmsnorm_row(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm of one contiguous CUDA row x [..., N] (one row in all)."""
+def rmsnorm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm of each row of a contiguous CUDA x [..., N], one program per row."""
     n = x.shape[-1]
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     block = triton.next_power_of_2(n)
-    _rmsnorm_kernel[(1,)](x, weight, out, n, float(eps), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    rows = x.numel() // n
+    _rmsnorm_kernel[(rows,)](x, weight, out, n, float(eps), BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return out
 
 
@@ -47,6 +53,11 @@ def _router_kernel(
     x_ptr, w_ptr, logits_ptr, scores_ptr, idx_ptr, H, E,
     K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # row of x [R, H], as alone
+    x_ptr += row * H
+    logits_ptr += row * E
+    scores_ptr += row * K
+    idx_ptr += row * K
     e = tl.arange(0, EP)
     em = e < E
     acc = tl.zeros([EP, BLOCK_H], dtype=tl.float32)
@@ -76,16 +87,17 @@ def _router_kernel(
     tl.store(idx_ptr + kk, top_i, mask=kk < K)
 
 
-def topk_router_row(x: torch.Tensor, weight: torch.Tensor, top_k: int):
-    """Mixtral's router for one contiguous CUDA row x [1, H], weight [E, H]: (logits [1, E] in
-    the promoted dtype, scores float32 [1, k], indices int64 [1, k])."""
+def topk_router_rows(x: torch.Tensor, weight: torch.Tensor, top_k: int):
+    """Mixtral's router for the rows of a contiguous CUDA x [R, H], weight [E, H], one program
+    per row: (logits [R, E] in the promoted dtype, scores float32 [R, k], indices int64 [R, k])."""
     e, h = weight.shape
-    logits = torch.empty(1, e, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    scores = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
-    idx = torch.empty(1, top_k, dtype=torch.int64, device=x.device)
+    r = x.shape[0]
+    logits = torch.empty(r, e, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    scores = torch.empty(r, top_k, dtype=torch.float32, device=x.device)
+    idx = torch.empty(r, top_k, dtype=torch.int64, device=x.device)
     ep = max(2, triton.next_power_of_2(e))
     block_h = max(16, min(triton.next_power_of_2(h), 8192 // ep))  # 8192 fp32 partial sums
-    _router_kernel[(1,)](
+    _router_kernel[(r,)](
         x, weight, logits, scores, idx, h, e, K=top_k, KP=max(2, triton.next_power_of_2(top_k)), EP=ep,
         BLOCK_H=block_h, num_warps=8,
     )  # fmt: skip

@@ -10,12 +10,14 @@ thread: the consumer that needs the next token and finds no step running runs on
 everyone (leader/follower), so a lone request runs in its own thread exactly as before,
 and an exception inside a forward surfaces in the threads whose requests were in that step.
 
-Decoding B > 1 rows: "fused" runs one trunk forward for all rows (`fused_decode`), "exact"
-runs each row's one-token forward as a lone request would, so its tokens are bit-identical
-to running alone; fused ones are not (GEMM results depend on the number of rows, and the
-last digits can flip a greedy near-tie). "auto" is "exact" on CPU and "fused" on CUDA, where
-a single decoding row keeps the CUDA-graph decoder and moves to eager decode when a second
-row joins ("exact" on CUDA decodes everything eagerly).
+Decoding B > 1 rows: "fused" runs one trunk forward for all rows (`fused_decode`), in which
+each row is computed as it would be alone (`kernels.rows`), so the union of the rows' routed
+experts is read once per step and every row's tokens are bit-identical to running alone.
+"exact" runs each row's one-token forward separately. "auto" is "exact" on CPU (where a fused
+step saves nothing) and "fused" on CUDA, where a single decoding row keeps the CUDA-graph
+decoder and moves to the fused step when a second row joins ("exact" on CUDA decodes
+everything eagerly). A model whose trunk cannot be driven row by row (see
+`FusedDecode.unsupported`) decodes its rows one by one.
 
 A greedy request on the graph decoder runs ahead by one step (`_decode_ahead`): each step
 enqueues the request's next step, fed by this one's argmax on the device, before the host
@@ -317,10 +319,16 @@ class Batcher:
 
     def _decode_fused(self, rows: list[Sequence]) -> None:
         """One trunk forward for B one-token rows (`fused_decode`)."""
+        rt = self.engine.runtime
+        rt.begin_step()
         logits = self._fused(rows)  # [B, V]
+        greedy = torch.argmax(logits, dim=-1).tolist()  # one host read for every greedy row
+        picks = [greedy[b] if seq.gen.temperature <= 0 else
+                 sample(logits[b], seq.gen.temperature, seq.gen.top_k, seq.gen.top_p, seq.generator)
+                 for b, seq in enumerate(rows)]  # fmt: skip
+        rt.end_step()  # the step is done: the cache sees every row's routing, admits experts
         self.batched_rows += len(rows)
-        for seq, row in zip(rows, logits, strict=True):
-            new = sample(row, seq.gen.temperature, seq.gen.top_k, seq.gen.top_p, seq.generator)
+        for seq, new in zip(rows, picks, strict=True):
             seq.cached += 1
             self._emit(seq, new)
 

@@ -115,12 +115,12 @@ class Engine:
         # transformers >= 5.2x renamed past_key_values to cache
         self._kv_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         exact = config.batch_mode == "exact" or (config.batch_mode == "auto" and self.device.type != "cuda")
-        if self.device.type == "cuda" and self.fmt.bits is not None:
-            # quantized decode on CUDA: norms and router in one launch each per token (with
-            # quantization off the trunk runs transformers' modules verbatim: the oracle)
-            from ..kernels import trunk_ops
+        from ..kernels import trunk_ops
 
-            trunk_ops.install(model)
+        # quantized decode on CUDA: norms and router in one launch each per token (with
+        # quantization off the trunk runs transformers' modules verbatim: the oracle); batched
+        # decode rows (`kernels.rows`) everywhere
+        trunk_ops.install(model, kernels=self.device.type == "cuda" and self.fmt.bits is not None)
         self.graphs = self._graph_decoder(exact)
         self.prefix_cache = PrefixCache(config.prefix_cache) if config.prefix_cache else None
         self.batcher = Batcher(self, config.max_batch, config.max_queue, config.prefill_chunk, self.prefix_cache, exact)

@@ -1,6 +1,13 @@
 """One trunk forward for B one-token decode rows, each with its own position and KV cache
-(the batcher's "fused" mode, `batching`). Keys are right-padded to the longest row under a
-mask; the experts see T = B tokens and read each routed expert once for all rows."""
+(the batcher's "fused" mode, `batching`), in which every row comes out bit for bit as it would
+decoded alone (`kernels.rows`): norms, routers, the quantized GEMVs and the routed experts
+run their per-row kernels once for all rows (each routed expert is read in one launch for
+every row that routes to it); other weighted modules and attention run once per row.
+
+Keys are right-padded to the widest row; attention reads each row's own window of them, under
+the mask its lone decode uses: the CUDA-graph decoder's window when a lone request would
+decode on it (`GraphDecoder.window_for`), else the row's positions
+with no mask, as transformers' eager decode reads them."""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checkpoint.arch import resolve_arch
+from ..kernels import rows as decode_rows
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -18,7 +26,7 @@ if TYPE_CHECKING:
 class _BatchKV:
     """What the attention modules of a fused step see as their cache: each row's new key and
     value go into that row's own cache, and attention reads every row's keys right-padded to
-    `width` positions (the step's mask hides the padding)."""
+    `width` positions."""
 
     def __init__(self, rows: list[Sequence], width: int):
         self.rows, self.width = rows, width
@@ -42,28 +50,36 @@ class FusedDecode:
         self.engine = engine
         # why the trunk cannot be driven layer by layer like this (None: it can), as for graphs
         self.unsupported = unsupported_reason(engine.model, engine.hf_config)
+        if self.unsupported is None and engine.model.config._attn_implementation != "sdpa":
+            self.unsupported = f"attention implementation {engine.model.config._attn_implementation!r}"
         arch = resolve_arch(engine.model, engine.hf_config)
         self.layers = arch.decoder_layers(engine.model)
         self.kv_arg = arch.kv_arg_of(self.layers[0]) if self.layers else "past_key_values"
 
+    def _lone_window(self, seq: Sequence) -> tuple[int, bool]:
+        """(key positions, masked) that the lone decode of `seq`'s next position reads: the graph
+        decoder's window when a lone `seq` would decode on it (it fits the static KV), else its
+        positions."""
+        graphs, pos = self.engine.graphs, seq.cached
+        if graphs is not None and len(seq.prompt_ids) + seq.max_new - 1 <= graphs.max_len:
+            return graphs.window_for(pos), True
+        return pos + 1, False
+
     def __call__(self, rows: list[Sequence]) -> torch.Tensor:
-        """Logits [B, V] of the next token of every row; each row's KV grows by one."""
+        """Logits [B, V] of the next token of every row; each row's KV grows by one. The
+        runtime's `begin_step` precedes the call and its `end_step` follows it."""
         eng = self.engine
         model, inner, dev = eng.model, eng.model.model, eng.device
         toks = torch.tensor([[s.next_tok] for s in rows], device=dev)  # [B, 1]
         pos = torch.tensor([[s.cached] for s in rows], device=dev)  # [B, 1]
-        width = max(s.cached for s in rows) + 1
-        valid = torch.arange(width, device=dev)[None, :] <= pos  # [B, width]
-        h = inner.embed_tokens(toks)  # [B, 1, H]
-        if model.config._attn_implementation == "eager":
-            zero = torch.zeros((), dtype=h.dtype, device=dev)
-            mask = torch.where(valid, zero, torch.finfo(h.dtype).min)[:, None, None, :]
-        else:
-            mask = valid[:, None, None, :]  # [B, 1, 1, width]
-        pe = inner.rotary_emb(h, pos)
+        windows = [self._lone_window(s) for s in rows]
+        width = max(w for w, _ in windows)
+        mask = (torch.arange(width, device=dev)[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, width]
         kv = _BatchKV(rows, width)
-        with eng.runtime.decode_rows():
+        with decode_rows.decode_rows([w for w, _ in windows], [m for _, m in windows]):
+            h = inner.embed_tokens(toks)  # [B, 1, H]
+            pe = inner.rotary_emb(h, pos)
             for layer in self.layers:
                 h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=True,
                           **{self.kv_arg: kv})  # fmt: skip
-        return model.lm_head(inner.norm(h))[:, -1]
+            return model.lm_head(inner.norm(h))[:, -1]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import quant_linear, triton_kernels
+from ..kernels import quant_linear, rows, triton_kernels
 from ..quant import QuantSpec, compact, pick_group_size
 
 # sibling projections that transformers' modules call with one input tensor
@@ -47,8 +47,10 @@ class QuantLinear(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"q": self.q, "scale_q": self.scale_q, "zero_q": self.zero_q, "meta": self.meta}
 
+    handles_rows = True  # decoded rows (`kernels.rows`): each as alone, in one launch on CUDA
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shared is not None and x.is_cuda and x.numel() == self.in_features:
+        if self.shared is not None and x.is_cuda and (x.numel() == self.in_features or rows.batched(x)):
             group, i = self.shared
             return group.output(i, x)
         y = quant_linear(x, self.tensors(), self.spec, self.compute_dtype)
