@@ -135,8 +135,9 @@ class EngineConfig(BaseModel):
     )
     batch_mode: Literal["auto", "exact", "fused"] = Field(
         "auto",
-        description="How several requests decode together: 'fused' (one forward for all rows), 'exact' (each "
-        "row as if alone: bit-identical tokens), 'auto' (exact on CPU, fused on CUDA). docs/serving.md",
+        description="How several requests decode together: 'fused' (one forward for all rows, each computed as "
+        "alone), 'exact' (each row's own one-token forward); both give each request its lone tokens. 'auto': "
+        "exact on CPU, fused on CUDA. docs/serving.md",
     )
 
     @field_validator("device")

@@ -1,16 +1,22 @@
 """Whether attention over a row's keys gives the same bits when the keys are padded to a wider
-window under a mask (what a batched decode step would read), on this GPU:
+window under a mask, or batched with other rows (what a batched decode step reads), on this GPU:
 
     python scripts/probe_attention_padding.py
 
-For one decoded query (Mixtral's 32 heads, 8 KV heads, head dim 128, bf16), through
-transformers' sdpa attention, compares the graph decoder's window (256, 512, ...) with wider
-windows and with batches of rows, and prints one line per case: equal or the largest difference.
+For one decoded query (Mixtral's 32 heads, 8 KV heads, head dim 128, bf16) through
+transformers' sdpa attention, per SDPA backend (PyTorch's choice, and memory-efficient
+attention forced), compares the graph decoder's window (256, 512, ...) with wider windows,
+with its positions unmasked, and with row 0 of batches; prints one line per case (equal, or
+the largest difference) and the host time of one call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
@@ -24,38 +30,59 @@ def attend(q, k, v, mask):
     return sdpa_attention_forward(_Module(), q, k, v, mask, scaling=128**-0.5)[0]
 
 
-def main() -> None:
+def cases(dev: str) -> None:
     torch.manual_seed(0)
-    dev = "cuda"
-    for pos in (37, 300, 700):
+    for pos in (37, 300, 700, 1500):
         q = torch.randn(1, 32, 1, 128, device=dev).to(torch.bfloat16)
-        keys = torch.randn(1, 8, 2048, 128, device=dev).to(torch.bfloat16)
-        vals = torch.randn(1, 8, 2048, 128, device=dev).to(torch.bfloat16)
+        keys = torch.randn(1, 8, 4096, 128, device=dev).to(torch.bfloat16)
+        vals = torch.randn(1, 8, 4096, 128, device=dev).to(torch.bfloat16)
         w0 = 256
         while w0 < pos + 1:
             w0 *= 2
-        valid = torch.arange(2048, device=dev) <= pos
+        valid = torch.arange(4096, device=dev) <= pos
         ref = attend(q, keys[:, :, :w0], vals[:, :, :w0], valid[:w0].view(1, 1, 1, w0))
+        out = [f"pos {pos} (window {w0}):"]
         nomask = attend(q, keys[:, :, : pos + 1], vals[:, :, : pos + 1], None)
-        print(f"pos {pos}: window {w0} vs its positions unmasked: {_cmp(ref, nomask)}")
-        for w in (w0 * 2, w0 * 4, pos + 1 + 3):
-            if w > 2048 or w < pos + 1:
-                continue
-            got = attend(q, keys[:, :, :w], vals[:, :, :w], valid[:w].view(1, 1, 1, w))
-            print(f"pos {pos}: window {w0} vs {w}: {_cmp(ref, got)}")
+        out.append(f"unmasked {_cmp(ref, nomask)}")
+        for w in (w0 * 2, w0 * 4, pos + 1 + 7):
+            if w <= 4096 and w >= pos + 1:
+                got = attend(q, keys[:, :, :w], vals[:, :, :w], valid[:w].view(1, 1, 1, w))
+                out.append(f"width {w} {_cmp(ref, got)}")
         for B in (2, 4, 8):
+            W = 2 * w0  # the batch padded wider than this row's window
             qb = torch.cat([q] + [torch.randn_like(q) for _ in range(B - 1)])
-            kb = torch.cat([keys[:, :, :w0]] + [torch.randn_like(keys[:, :, :w0]) for _ in range(B - 1)])
-            vb = torch.cat([vals[:, :, :w0]] + [torch.randn_like(vals[:, :, :w0]) for _ in range(B - 1)])
-            mb = valid[:w0].view(1, 1, 1, w0).expand(B, 1, 1, w0).contiguous()
+            kb = torch.cat([keys[:, :, :W]] + [torch.randn_like(keys[:, :, :W]) for _ in range(B - 1)])
+            vb = torch.cat([vals[:, :, :W]] + [torch.randn_like(vals[:, :, :W]) for _ in range(B - 1)])
+            mb = torch.ones(B, 1, 1, W, dtype=torch.bool, device=dev)
+            mb[0] = valid[:W].view(1, 1, W)
             got = attend(qb, kb, vb, mb)[:1]
-            print(f"pos {pos}: window {w0}, row 0 of a batch of {B}: {_cmp(ref, got)}")
+            out.append(f"batch {B} {_cmp(ref, got)}")
+        print("  ".join(out), flush=True)
+    q = torch.randn(4, 32, 1, 128, device=dev).to(torch.bfloat16)
+    k = torch.randn(4, 8, 512, 128, device=dev).to(torch.bfloat16)
+    m = torch.ones(4, 1, 1, 512, dtype=torch.bool, device=dev)
+    for _ in range(3):
+        attend(q, k, k, m)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        attend(q, k, k, m)
+    host = (time.perf_counter() - t0) / 200
+    torch.cuda.synchronize()
+    print(f"host time of one call (4 rows, 512 keys): {host * 1e6:.0f} us", flush=True)
 
 
 def _cmp(a, b) -> str:
     if torch.equal(a, b):
         return "equal"
-    return f"differ (max {float((a.float() - b.float()).abs().max()):.3g})"
+    return f"DIFFER({float((a.float() - b.float()).abs().max()):.2g})"
+
+
+def main() -> None:
+    for name, ctx in (("default", contextlib.nullcontext()), ("efficient", sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION))):
+        print(f"== backend: {name}", flush=True)
+        with ctx:
+            cases("cuda")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,12 @@ def test_fused_batching_on_cuda_gives_the_lone_graph_tokens(tiny_mixtral, varian
     got = interleaved(engine, PROMPTS)
     assert got == alone
     assert engine.batcher.batched_rows > 0 and engine.cache.consistent()
+    graph = engine.batcher._fused.graph
+    if "bits" in str(opts):  # quantized: the fused step replays as a CUDA graph, recaptured as rows leave
+        assert graph is not None and graph.captures >= 2 and graph.replays > graph.captures
+        assert graph.batch is None  # every row is done: its graph and KV are gone
+    else:
+        assert graph is None
     assert engine.batcher.active_requests == 0
     lone = engine.generate(PROMPTS[0], max_new_tokens=16).token_ids  # back on the graphs
     assert engine.graphs is not None and engine.graphs._windows and lone == alone[0]

@@ -111,6 +111,7 @@ class ExpertsRuntime:
             self._routing = torch.zeros(len(cache.layers), top_k, dtype=torch.long, device=cache.device)
         self._stepped = False  # a step has begun and not ended
         self._rows_routing: torch.Tensor | None = None  # [moe layers, B * k] of a decode-rows step
+        self._rows_records: dict[int, torch.Tensor] = {}  # B * k -> that record, kept for graphs
         self._dequant_ws: torch.Tensor | None = None  # prefill: one expert's matrices, dequantized
         self.cpu_experts = cpu_experts
         self._split = None  # experts.split.CpuSplit: misses shared with CPU threads (device mode)
@@ -269,11 +270,23 @@ class ExpertsRuntime:
                 for b in range(hidden.shape[0])
             ])  # fmt: skip
         if self._routing is not None:
-            n = top_k_index.numel()
-            if self._rows_routing is None or self._rows_routing.shape[1] != n:
-                self._rows_routing = torch.zeros(len(self.cache.layers), n, dtype=torch.long, device=hidden.device)
-            self._rows_routing[self.cache.row[layer]].copy_(top_k_index.reshape(-1))
+            record = self._rows_record(top_k_index.numel())
+            record[self.cache.row[layer]].copy_(top_k_index.reshape(-1))
+            self._rows_routing = record
         return out
+
+    def _rows_record(self, n: int) -> torch.Tensor:
+        """The persistent [moe layers, n] record of a decode-rows step of n routed positions
+        (a captured graph of such a step writes it on every replay)."""
+        record = self._rows_records.get(n)
+        if record is None:
+            record = torch.zeros(len(self.cache.layers), n, dtype=torch.long, device=self.cache.device)
+            self._rows_records[n] = record
+        return record
+
+    def rows_replayed(self, n: int) -> None:
+        """A captured decode-rows step of n routed positions was replayed: `end_step` reads its record."""
+        self._rows_routing = self._rows_record(n)
 
     def _out(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The persistent [1, H] output buffer of `layer` for one-token steps (static for graphs)."""

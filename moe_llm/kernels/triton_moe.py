@@ -76,18 +76,17 @@ DEFAULT_TUNING = Tuning()
 
 @triton.jit
 def _moe_gemv_kernel(
-    x_ptr, x_stride, x_div, dx_ptr, xs_ptr, s_stride, idx_ptr, table_ptr, base_ptr, out_ptr, out_stride, N, P, P1, G,
+    x_ptr, x_stride, dx_ptr, xs_ptr, s_stride, idx_ptr, table_ptr, base_ptr, out_ptr, out_stride, N, P, P1, G,
     stride_q, p_split, stride_split, pcut_ptr, PD, CPU: tl.constexpr,
     OFF_Q: tl.constexpr, OFF_SQ: tl.constexpr, OFF_ZQ: tl.constexpr, OFF_META: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
     UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
     """Routed position j = program_id(1): out[j, split, n] for the expert top_k_index[j], read
-    through its table entry; the input row is x[j // x_div] (x_stride 0: the same x for every
-    j; x_div k: a token's row for each of its k positions). With I8, x holds int8 activations
+    through its table entry; the input row is x[j] (x_stride 0: the same x for every j). With
+    I8, x holds int8 activations
     (int32 words) and dx/xs their block scales and sums (row stride s_stride)."""
     pid_e = tl.program_id(1)
-    x_row = pid_e // x_div
     e = tl.load(idx_ptr + pid_e)
     # int64 byte offset from `base_ptr` (the slot pool) to a GPU slot or to pinned host memory
     # (UVA: any address is base + offset). Offsets from a pointer argument, rather than raw
@@ -106,7 +105,7 @@ def _moe_gemv_kernel(
         else:
             p_limit = tl.minimum(cut, P)
     _gemv_rows(
-        x_ptr + x_row * x_stride, dx_ptr + x_row * s_stride, xs_ptr + x_row * s_stride, q_ptr, sq_ptr, zq_ptr,
+        x_ptr + pid_e * x_stride, dx_ptr + pid_e * s_stride, xs_ptr + pid_e * s_stride, q_ptr, sq_ptr, zq_ptr,
         meta_ptr, out_ptr + pid_e * out_stride, tl.program_id(0), tl.program_id(2), N, P, P1, G, stride_q, p_split,
         stride_split, p_limit, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, I8, ROW_META,
     )  # fmt: skip
@@ -266,18 +265,17 @@ class MoeDecode:
         """Cuts are multiples of this: whole down tiles and whole gate_up row blocks."""
         return math.lcm(self._down[2]["BLOCK_P"], self._gate_up[2]["BLOCK_N"])
 
-    def _gemv(self, launch, x: torch.Tensor, quant, shared: bool, idx, table_row, base, out, pcut,
-              x_div: int = 1) -> None:  # fmt: skip
+    def _gemv(self, launch, x: torch.Tensor, quant, shared: bool, idx, table_row, base, out, pcut) -> None:
         """One routed-experts GEMV over the positions of `idx`: x holds one row per position, or
-        (`shared`) one row for all of them, or (x_div k) one row per token of k positions."""
+        (`shared`) one row for all of them."""
         grid, args, consts, _, _ = launch
         grid = (grid[0], idx.numel(), grid[2])
         if quant is None:
-            xs = (x, 0 if shared else x.stride(0), x_div, x, x, 0)
+            xs = (x, 0 if shared else x.stride(0), x, x, 0)
         else:
             xq, dx, sums, qb = quant
             quantize_activations(x.view(-1, x.shape[-1]), qb, xq, dx, sums)
-            xs = (xq, 0 if shared else xq.stride(0), x_div, dx, sums, 0 if shared else dx.stride(0))
+            xs = (xq, 0 if shared else xq.stride(0), dx, sums, 0 if shared else dx.stride(0))
         split = (idx, 0, False) if pcut is None else (pcut, self.plane_bytes, True)
         _moe_gemv_kernel[grid](
             *xs, idx, table_row, base, out, out.stride(0), *args, split[0], split[1], CPU=split[2], **consts
@@ -309,19 +307,23 @@ class MoeDecode:
              table_row: torch.Tensor, base: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """Decoded rows x [B, H] with their routing [B, k] -> [B, H], each row as `__call__`
         computes it alone (the exact int8 sums do not depend on the launch), all B * k routed
-        positions in one launch per GEMV. The GPU reads every position (no CPU share)."""
+        positions in one launch per GEMV. The positions run sorted by expert, so the programs
+        of rows that route to one expert run side by side and share its reads (L2, and the
+        link for a miss). The GPU reads every position (no CPU share)."""
         b, hidden = x.shape
         n = b * self.k
         dev = x.device
+        idx = top_k_index.reshape(-1)
+        order = torch.argsort(idx, stable=True)  # [n] positions grouped by expert
         h = torch.empty(n, self.fmt.intermediate, dtype=torch.float32, device=dev)
         part = torch.empty(n, self.split, hidden, dtype=self.part.dtype, device=dev)
         xq = hq = None
         if self.tuning.int8:
-            xq = self._quant_buffers(b, hidden, self._gate_up[4], dev)
+            xq = self._quant_buffers(n, hidden, self._gate_up[4], dev)
             hq = self._quant_buffers(n, self.fmt.intermediate, self._down[4], dev)
-        idx = top_k_index.reshape(-1)
-        self._gemv(self._gate_up, x, xq, False, idx, table_row, base, h, None, x_div=self.k)
-        self._gemv(self._down, h, hq, False, idx, table_row, base, part, None)
+        sorted_idx = idx[order]
+        self._gemv(self._gate_up, x[order // self.k], xq, False, sorted_idx, table_row, base, h, None)
+        self._gemv(self._down, h, hq, False, sorted_idx, table_row, base, part, None)
         out = torch.empty_like(x)
-        combine(part, top_k_weights.reshape(-1), out, tokens=b)
+        combine(part[torch.argsort(order)], top_k_weights.reshape(-1), out, tokens=b)
         return out

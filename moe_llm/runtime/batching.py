@@ -177,6 +177,7 @@ class Batcher:
                 # raised inside a forward (error, Ctrl-C): slot bookkeeping may be half updated, and
                 # these rows' KV too: return every slot to the free list and fail the step's requests
                 eng.runtime.reset()
+                self._fused.drop()
                 with self._cond:
                     for seq in work:
                         self._finish_failed(seq, exc)
@@ -240,7 +241,10 @@ class Batcher:
             seq.kv, seq.on_graph, self._graph_owner, self._graph_dec = None, True, seq, graphs
 
     def _kv_layers(self, seq: Sequence) -> list:
-        """Per layer (keys, values) of `seq`'s positions, wherever they are (the static KV on the graph)."""
+        """Per layer (keys, values) of `seq`'s positions, wherever they are (the static KV on the
+        graph, or the batch graph's)."""
+        if self._fused.holds(seq):
+            return self._fused.graph.layers_of(seq)
         if seq.on_graph:
             return list(zip(self._graph_dec.kv.keys, self._graph_dec.kv.values, strict=True))
         return [(layer.keys, layer.values) for layer in seq.kv.layers]
@@ -267,6 +271,7 @@ class Batcher:
                 self._leave_graph(seq)
         if len(rows) == 1 or self.exact or self._fused.unsupported is not None:
             for seq in rows:
+                self._fused.release(seq)  # out of a batch graph: its KV in a cache of its own again
                 self._decode_one(seq)
             return
         self._decode_fused(rows)
@@ -391,6 +396,7 @@ class Batcher:
         self._cond.notify_all()
 
     def _free(self, seq: Sequence) -> None:
+        self._fused.forget(seq)
         if seq.on_graph:
             self.drop_ahead()
         if self._graph_owner is seq:

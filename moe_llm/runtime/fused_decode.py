@@ -2,15 +2,18 @@
 (the batcher's "fused" mode, `batching`), in which every row comes out bit for bit as it would
 decoded alone (`kernels.rows`): norms, routers, the quantized GEMVs and the routed experts
 run their per-row kernels once for all rows (each routed expert is read in one launch for
-every row that routes to it); other weighted modules and attention run once per row.
+every row that routes to it); other weighted modules run once per row.
 
-Keys are right-padded to the widest row; attention reads each row's own window of them, under
-the mask its lone decode uses: the CUDA-graph decoder's window when a lone request would
-decode on it (`GraphDecoder.window_for`), else the row's positions
-with no mask, as transformers' eager decode reads them."""
+On quantized CUDA engines attention takes every row in one call, and the whole step is
+replayed as one CUDA graph while the rows stay the same (`batch_graph`). Elsewhere the step
+runs eagerly: keys are right-padded to the widest row and attention reads each row's own
+window of them, under the mask its lone decode uses: the CUDA-graph decoder's window when a
+lone request would decode on it (`GraphDecoder.window_for`), else the row's positions with no
+mask, as transformers' eager decode reads them."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .sequence import Sequence
 
+log = logging.getLogger(__name__)
 
 class _BatchKV:
     """What the attention modules of a fused step see as their cache: each row's new key and
@@ -55,6 +59,15 @@ class FusedDecode:
         arch = resolve_arch(engine.model, engine.hf_config)
         self.layers = arch.decoder_layers(engine.model)
         self.kv_arg = arch.kv_arg_of(self.layers[0]) if self.layers else "past_key_values"
+        # attention of every row in one call, whatever the padding (`trunk_ops._attention_rows`)
+        self.one_call = bool(self.layers) and all(
+            getattr(getattr(layer, "self_attn", None), "_moe_llm_decode", False) for layer in self.layers
+        )
+        self.graph = None  # batch_graph.BatchGraph: the fused step replayed as a CUDA graph
+        if self.unsupported is None and self.one_call and engine.graphs is not None:
+            from .batch_graph import BatchGraph
+
+            self.graph = BatchGraph(self)
 
     def _lone_window(self, seq: Sequence) -> tuple[int, bool]:
         """(key positions, masked) that the lone decode of `seq`'s next position reads: the graph
@@ -65,17 +78,52 @@ class FusedDecode:
             return graphs.window_for(pos), True
         return pos + 1, False
 
+    def holds(self, seq: Sequence) -> bool:
+        """Whether the batch graph holds `seq`'s KV (then `seq.kv` is None)."""
+        return self.graph is not None and self.graph.holds(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """`seq` decodes on outside the fused step: its KV back in a cache of its own."""
+        if self.graph is not None:
+            self.graph.release(seq)
+
+    def forget(self, seq: Sequence) -> None:
+        """`seq` is done (its KV may go)."""
+        if self.graph is not None:
+            self.graph.forget(seq)
+
+    def drop(self) -> None:
+        """The rows of the last step failed: forget what the batch graph holds."""
+        if self.graph is not None:
+            self.graph.drop()
+
     def __call__(self, rows: list[Sequence]) -> torch.Tensor:
         """Logits [B, V] of the next token of every row; each row's KV grows by one. The
         runtime's `begin_step` precedes the call and its `end_step` follows it."""
-        eng = self.engine
-        model, inner, dev = eng.model, eng.model.model, eng.device
+        if self.graph is not None and self.engine.graphs is not None and all(self._lone_window(s)[1] for s in rows):
+            from .decode_graph import GraphCaptureError
+
+            try:
+                return self.graph.step(rows)
+            except GraphCaptureError as exc:
+                log.warning("batched decode graphs are off (%s); batched rows decode eagerly", exc)
+                self.graph = None
+        for seq in rows:
+            self.release(seq)
+        dev = self.engine.device
         toks = torch.tensor([[s.next_tok] for s in rows], device=dev)  # [B, 1]
         pos = torch.tensor([[s.cached] for s in rows], device=dev)  # [B, 1]
         windows = [self._lone_window(s) for s in rows]
         width = max(w for w, _ in windows)
-        mask = (torch.arange(width, device=dev)[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, width]
-        kv = _BatchKV(rows, width)
+        return self.trunk(toks, pos, width, _BatchKV(rows, width), windows)
+
+    def trunk(self, toks: torch.Tensor, pos: torch.Tensor, width: int, kv, windows=None) -> torch.Tensor:
+        """The transformers trunk for rows of tokens `toks` [B, 1] at positions `pos` [B, 1] whose
+        keys `kv` gives right-padded to `width` (eagerly, or under capture). `windows`: each
+        row's (key positions, masked) where attention runs once per row (default: `width`, masked)."""
+        model, inner = self.engine.model, self.engine.model.model
+        windows = windows or [(width, True)] * toks.shape[0]
+        mask = (torch.arange(width, device=toks.device)[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, width]
         with decode_rows.decode_rows([w for w, _ in windows], [m for _, m in windows]):
             h = inner.embed_tokens(toks)  # [B, 1, H]
             pe = inner.rotary_emb(h, pos)
