@@ -271,7 +271,10 @@ class Batcher:
                 self._leave_graph(seq)
         if len(rows) == 1 or self.exact or self._fused.unsupported is not None:
             for seq in rows:
-                self._fused.release(seq)  # out of a batch graph: its KV in a cache of its own again
+                if self._fused.holds(seq):  # out of a batch graph: its KV in a cache of its own again
+                    self._fused.release(seq)
+                    if len(rows) == 1 and not self.exact:
+                        self._maybe_graph(seq)  # the last row of a batch returns to the graph decoder
                 self._decode_one(seq)
             return
         self._decode_fused(rows)
