@@ -98,8 +98,6 @@ def install(model: torch.nn.Module, kernels: bool = True) -> dict[str, int]:
     seen: dict[type, str | None] = {}
     counts = {kind: 0 for kind in refs} | {"rows": 0}
     for module in model.modules():
-        if kernels and hasattr(module, "o_proj") and hasattr(module, "layer_idx"):
-            module._moe_llm_decode = True  # decoded positions: the memory-efficient kernel (`_attention_rows`)
         if "forward" in vars(module) or getattr(module, "handles_rows", False):
             continue  # patched already, or computes rows itself
         if isinstance(module, torch.nn.Embedding) or next(module.children(), None) is not None:
@@ -115,14 +113,11 @@ def install(model: torch.nn.Module, kernels: bool = True) -> dict[str, int]:
 
 
 def _attention_rows() -> None:
-    """Wrap transformers' "sdpa" attention function (once per process). A decoded position
-    (one query per row) of an attention module that `install` marked with `kernels` runs on
-    PyTorch's memory-efficient kernel, alone or batched, in one call for every row: that
-    kernel gives a row the same bits whatever the other rows and however far its keys are
-    padded under the mask (measured on the H200 with scripts/probe_attention_padding.py; the
-    cuDNN kernel PyTorch picks by default does not). Other decode rows (`rows.decode_rows`)
-    run once per row, on the row's own window of keys and mask, as the row's lone decode
-    reads them. Everything else is transformers' function."""
+    """Wrap transformers' "sdpa" attention function (once per process): inside
+    `rows.decode_rows` it runs once per row, on the row's own window of keys and mask, as the
+    row's lone decode reads them (on the H200 the kernel PyTorch picks gives other bits for a
+    row batched with others, or padded wider: scripts/probe_attention_padding.py); outside, it
+    is transformers' function."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     orig = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -130,11 +125,6 @@ def _attention_rows() -> None:
         return
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        if getattr(module, "_moe_llm_decode", False) and query.shape[2] == 1 and query.is_cuda:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-                return orig(module, query, key, value, attention_mask, **kwargs)
         r = rows.current()
         if r is None or r.count <= 1 or query.shape[0] != r.count:
             return orig(module, query, key, value, attention_mask, **kwargs)

@@ -2,18 +2,14 @@
 graph, as `decode_graph` replays a lone request's step.
 
 While rows decode together their keys and values live in one static cache (`RowsKV`:
-[B, kv heads, W, head dim] per layer, row b at index b, W the graph decoder's window of the
-longest row), so the step has fixed addresses and is captured once per batch: per (rows,
-window), at the first step of a new set of rows or when the longest row crosses into a wider
-window. Then the rows' KV is moved in (from their own caches, or from the previous batch's),
-the step is warmed up eagerly and captured, and every later step is one replay: the host only
-writes the rows' tokens and positions and reads the logits. A row that leaves the batch and
-decodes on gets its KV back in a cache of its own (`release`).
-
-Used where the fused step computes every row in one attention call (quantized engines, whose
-attention kernel gives a row the same bits however far its keys are padded, see
-`kernels.trunk_ops`), so the window is one number for all rows; elsewhere the fused step runs
-eagerly. One batch graph is held at a time: a new one frees the last.
+[B, kv heads, W, head dim] per layer, row b at index b, W the widest row's window), so the
+step has fixed addresses and is captured once per batch: per (rows, windows), at the first
+step of a new set of rows or when a row crosses into a wider window of the graph decoder
+(each row's attention reads its own window, as alone). Then the rows' KV is moved in (from
+their own caches, or from the previous batch's), the step is warmed up eagerly and captured,
+and every later step is one replay: the host only writes the rows' tokens and positions and
+reads the logits. A row that leaves the batch and decodes on gets its KV back in a cache of
+its own (`release`). One batch graph is held at a time: a new one frees the last.
 """
 
 from __future__ import annotations
@@ -70,9 +66,11 @@ class RowsKV:
 
 
 class _Batch:
-    def __init__(self, rows: list[Sequence], width: int, device: torch.device):
+    def __init__(self, rows: list[Sequence], windows: list[tuple[int, bool]], device: torch.device):
         self.rows = list(rows)
-        self.width = width
+        self.windows = list(windows)
+        self.width = max(w for w, _ in windows)
+        width = self.width
         self.tok = torch.zeros(len(rows), 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(len(rows), 1, dtype=torch.long, device=device)
         self.kv = RowsKV(self.pos, width)
@@ -124,15 +122,13 @@ class BatchGraph:
         """Forget the batch (its rows failed) and free its graph and KV."""
         self.batch = None
 
-    def step(self, rows: list[Sequence]) -> torch.Tensor:
+    def step(self, rows: list[Sequence], windows: list[tuple[int, bool]]) -> torch.Tensor:
         """Logits [B, V] of the next token of every row: one replay (after a capture when the
         rows or the window changed). Raises GraphCaptureError if the step cannot be captured;
         the rows then hold their KV in their own caches again."""
-        graphs = self.engine.graphs
-        width = graphs.window_for(max(s.cached for s in rows))
         batch = self.batch
-        if batch is None or batch.width != width or not _same(batch.rows, rows):
-            batch = self._rebuild(rows, width)
+        if batch is None or batch.windows != windows or not _same(batch.rows, rows):
+            batch = self._rebuild(rows, windows)
         batch.tok.copy_(torch.tensor([[s.next_tok] for s in rows]), non_blocking=False)
         batch.pos.copy_(torch.tensor([[s.cached] for s in rows]), non_blocking=False)
         if batch.graph is None:
@@ -150,9 +146,9 @@ class BatchGraph:
         rt.rows_replayed(len(rows) * rt.top_k)
         return batch.logits
 
-    def _rebuild(self, rows: list[Sequence], width: int) -> _Batch:
+    def _rebuild(self, rows: list[Sequence], windows: list[tuple[int, bool]]) -> _Batch:
         old = self.batch
-        new = _Batch(rows, width, self.engine.device)
+        new = _Batch(rows, windows, self.engine.device)
         sources = []
         for seq in rows:
             if old is not None and old.slot(seq) is not None:
@@ -181,12 +177,12 @@ class BatchGraph:
         with _CAPTURE_LOCK:
             torch.cuda.synchronize(dev)
             with torch.cuda.stream(stream):
-                trunk(batch.tok, batch.pos, batch.width, batch.kv)
+                trunk(batch.tok, batch.pos, batch.width, batch.kv, batch.windows)
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    batch.logits = trunk(batch.tok, batch.pos, batch.width, batch.kv)
+                    batch.logits = trunk(batch.tok, batch.pos, batch.width, batch.kv, batch.windows)
                 finally:
                     graph.capture_end()
             torch.cuda.current_stream(dev).wait_stream(stream)

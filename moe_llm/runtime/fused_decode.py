@@ -4,12 +4,12 @@ decoded alone (`kernels.rows`): norms, routers, the quantized GEMVs and the rout
 run their per-row kernels once for all rows (each routed expert is read in one launch for
 every row that routes to it); other weighted modules run once per row.
 
-On quantized CUDA engines attention takes every row in one call, and the whole step is
-replayed as one CUDA graph while the rows stay the same (`batch_graph`). Elsewhere the step
-runs eagerly: keys are right-padded to the widest row and attention reads each row's own
-window of them, under the mask its lone decode uses: the CUDA-graph decoder's window when a
-lone request would decode on it (`GraphDecoder.window_for`), else the row's positions with no
-mask, as transformers' eager decode reads them."""
+Keys are right-padded to the widest row and attention reads each row's own window of them,
+under the mask its lone decode uses: the CUDA-graph decoder's window when a lone request would
+decode on it (`GraphDecoder.window_for`), else the row's positions with no mask, as
+transformers' eager decode reads them. With device-side expert dispatch and graph decode the
+whole step is replayed as one CUDA graph while the rows and their windows stay the same
+(`batch_graph`); elsewhere it runs eagerly."""
 
 from __future__ import annotations
 
@@ -59,12 +59,8 @@ class FusedDecode:
         arch = resolve_arch(engine.model, engine.hf_config)
         self.layers = arch.decoder_layers(engine.model)
         self.kv_arg = arch.kv_arg_of(self.layers[0]) if self.layers else "past_key_values"
-        # attention of every row in one call, whatever the padding (`trunk_ops._attention_rows`)
-        self.one_call = bool(self.layers) and all(
-            getattr(getattr(layer, "self_attn", None), "_moe_llm_decode", False) for layer in self.layers
-        )
         self.graph = None  # batch_graph.BatchGraph: the fused step replayed as a CUDA graph
-        if self.unsupported is None and self.one_call and engine.graphs is not None:
+        if self.unsupported is None and engine.graphs is not None and engine.runtime.device_dispatch:
             from .batch_graph import BatchGraph
 
             self.graph = BatchGraph(self)
@@ -100,11 +96,12 @@ class FusedDecode:
     def __call__(self, rows: list[Sequence]) -> torch.Tensor:
         """Logits [B, V] of the next token of every row; each row's KV grows by one. The
         runtime's `begin_step` precedes the call and its `end_step` follows it."""
-        if self.graph is not None and self.engine.graphs is not None and all(self._lone_window(s)[1] for s in rows):
+        windows = [self._lone_window(s) for s in rows]
+        if self.graph is not None and self.engine.graphs is not None and all(m for _, m in windows):
             from .decode_graph import GraphCaptureError
 
             try:
-                return self.graph.step(rows)
+                return self.graph.step(rows, windows)
             except GraphCaptureError as exc:
                 log.warning("batched decode graphs are off (%s); batched rows decode eagerly", exc)
                 self.graph = None
@@ -113,16 +110,14 @@ class FusedDecode:
         dev = self.engine.device
         toks = torch.tensor([[s.next_tok] for s in rows], device=dev)  # [B, 1]
         pos = torch.tensor([[s.cached] for s in rows], device=dev)  # [B, 1]
-        windows = [self._lone_window(s) for s in rows]
         width = max(w for w, _ in windows)
         return self.trunk(toks, pos, width, _BatchKV(rows, width), windows)
 
-    def trunk(self, toks: torch.Tensor, pos: torch.Tensor, width: int, kv, windows=None) -> torch.Tensor:
+    def trunk(self, toks: torch.Tensor, pos: torch.Tensor, width: int, kv, windows) -> torch.Tensor:
         """The transformers trunk for rows of tokens `toks` [B, 1] at positions `pos` [B, 1] whose
-        keys `kv` gives right-padded to `width` (eagerly, or under capture). `windows`: each
-        row's (key positions, masked) where attention runs once per row (default: `width`, masked)."""
+        keys `kv` gives right-padded to `width` (eagerly, or under capture); `windows`: each
+        row's (key positions, masked), which its attention reads."""
         model, inner = self.engine.model, self.engine.model.model
-        windows = windows or [(width, True)] * toks.shape[0]
         mask = (torch.arange(width, device=toks.device)[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, width]
         with decode_rows.decode_rows([w for w, _ in windows], [m for _, m in windows]):
             h = inner.embed_tokens(toks)  # [B, 1, H]
