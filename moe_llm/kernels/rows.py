@@ -61,5 +61,5 @@ def per_row(fn: Callable, x: torch.Tensor, *args, **kwargs):
     tensors are concatenated element by element."""
     outs = [fn(x[b : b + 1], *args, **kwargs) for b in range(x.shape[0])]
     if isinstance(outs[0], tuple):
-        return tuple(torch.cat(parts) if isinstance(parts[0], torch.Tensor) else parts[0] for parts in zip(*outs))
+        return tuple(torch.cat(parts) if isinstance(parts[0], torch.Tensor) else parts[0] for parts in zip(*outs, strict=True))
     return torch.cat(outs)
