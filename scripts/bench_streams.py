@@ -7,7 +7,7 @@ For each N, N threads call `engine.generate` at once with different 64-token pro
 aggregate tok/s (all generated tokens / the wall time from the first request's start to the
 last one's end, prefills included, so it is a lower bound of the decode rate), per-stream tok/s
 and the ratio to one stream, and whether every stream's tokens equal its prompt's lone run
-(`equal_to_alone`). Each N runs twice; the faster run counts. The JSON is rewritten after every row.
+(`equal_to_alone`; no prefix cache, so every prefill is a cold one). Each N runs twice; the faster run counts. The JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--cprofile", type=int, default=0, help="then profile the host side of this many streams (cProfile)")
     args = ap.parse_args()
     model = SyntheticModel(Geometry(), "cuda", experts_bits=2, attn_bits=4, head_bits=4)
-    engine = model.engine(int(args.budget_gib * 2**30), max_context=1152, max_batch=max(args.streams))
+    engine = model.engine(int(args.budget_gib * 2**30), max_context=1152, max_batch=max(args.streams), prefix_cache=0)
     engine.generate(model.random_prompt(64, 999), max_new_tokens=8)  # warm-up: captures, compiles
     rows, base = [], None
     lone: dict[int, list[int]] = {}  # prompt seed -> its tokens decoded alone

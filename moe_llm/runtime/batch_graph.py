@@ -90,7 +90,6 @@ class BatchGraph:
         self.fused = fused
         self.engine = fused.engine
         self.batch: _Batch | None = None
-        self._pool = None
         self.captures = 0  # batch graphs captured
         self.replays = 0  # steps replayed
 
@@ -171,8 +170,6 @@ class BatchGraph:
         log.info("capturing the batched decode graph for %d rows, a %d-position window", len(batch.rows), batch.width)
         dev = self.engine.device
         stream = _capture_stream(dev)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         trunk = self.fused.trunk
         with _CAPTURE_LOCK:
             torch.cuda.synchronize(dev)
@@ -180,7 +177,7 @@ class BatchGraph:
                 trunk(batch.tok, batch.pos, batch.width, batch.kv, batch.windows)
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                graph.capture_begin(capture_error_mode="thread_local")  # its own pool: it goes with the batch
                 try:
                     batch.logits = trunk(batch.tok, batch.pos, batch.width, batch.kv, batch.windows)
                 finally:
