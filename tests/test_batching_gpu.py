@@ -41,20 +41,21 @@ def test_fused_batching_on_cuda_gives_the_lone_graph_tokens(tiny_mixtral, varian
     every request's greedy tokens are those of its lone run on the graphs, to the token."""
     opts = {**OPTS, **VARIANTS[variant]}
     engine = moe_llm.load(tiny_mixtral, batch_mode="fused", **opts)
-    assert engine.graphs is not None
+    graphs = engine.runtime.device_dispatch  # quantized experts: lone requests decode on CUDA graphs
+    assert (engine.graphs is not None) == graphs
     alone = [engine.generate(p, max_new_tokens=16).token_ids for p in PROMPTS]
     got = interleaved(engine, PROMPTS)
     assert got == alone
     assert engine.batcher.batched_rows > 0 and engine.cache.consistent()
     graph = engine.batcher._fused.graph
-    if engine.runtime.device_dispatch:  # the fused step replays as a CUDA graph, recaptured as rows leave
+    if graphs:  # the fused step replays as a CUDA graph, recaptured as rows leave
         assert graph is not None and graph.captures >= 2 and graph.replays > graph.captures
         assert graph.batch is None  # every row is done: its graph and KV are gone
     else:
         assert graph is None
     assert engine.batcher.active_requests == 0
-    lone = engine.generate(PROMPTS[0], max_new_tokens=16).token_ids  # back on the graphs
-    assert engine.graphs is not None and engine.graphs._windows and lone == alone[0]
+    lone = engine.generate(PROMPTS[0], max_new_tokens=16).token_ids  # back on the graphs, if any
+    assert lone == alone[0] and (not graphs or engine.graphs._windows)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
