@@ -107,15 +107,18 @@ class BatchGraph:
         seq.kv = self.engine._new_kv()
         for i, (k, v) in enumerate(self.layers_of(seq)):
             seq.kv.update(k[:, :, : seq.cached].clone(), v[:, :, : seq.cached].clone(), i)
-        b = self.batch.slot(seq)
-        self.batch.rows[b] = None  # the slot is stale now
+        self._vacate(seq)
+
+    def _vacate(self, seq: Sequence) -> None:
+        """`seq`'s slot is stale now; a batch with no row left goes (graph and KV)."""
+        self.batch.rows[self.batch.slot(seq)] = None
+        if all(s is None for s in self.batch.rows):
+            self.batch = None
 
     def forget(self, seq: Sequence) -> None:
         """`seq` is done: its slot is stale, and a batch with no row left goes (graph and KV)."""
         if self.holds(seq):
-            self.batch.rows[self.batch.slot(seq)] = None
-            if all(s is None for s in self.batch.rows):
-                self.batch = None
+            self._vacate(seq)
 
     def drop(self) -> None:
         """Forget the batch (its rows failed) and free its graph and KV."""
