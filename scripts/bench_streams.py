@@ -49,7 +49,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", type=int, default=0, help="then trace one run of this many streams (torch.profiler)")
-    ap.add_argument("--cprofile", type=int, default=0, help="then profile the host side of this many streams (cProfile)")
+    ap.add_argument(
+        "--cprofile", type=int, default=0, help="then profile the host side of this many streams (cProfile)"
+    )
     args = ap.parse_args()
     model = SyntheticModel(Geometry(), "cuda", experts_bits=2, attn_bits=4, head_bits=4)
     engine = model.engine(int(args.budget_gib * 2**30), max_context=1152, max_batch=max(args.streams), prefix_cache=0)

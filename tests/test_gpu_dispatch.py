@@ -74,7 +74,8 @@ def test_routed_experts_of_decode_rows_are_each_rows_lone_result(bits):
     base = slots.data_ptr()
     table = torch.tensor(
         [slots[e].data_ptr() - base if e % 2 else store.address(0, e) - base for e in range(E)],
-        dtype=torch.int64, device="cuda",
+        dtype=torch.int64,
+        device="cuda",
     )  # odd experts resident, even ones read from host RAM
     x = (torch.randn(B, hidden, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(E, generator=gen, device="cuda")[:k] for _ in range(B)])

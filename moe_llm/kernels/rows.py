@@ -1,10 +1,12 @@
 """Decode rows: one forward of B one-position rows (the batcher's batched decode step, from
 `runtime.fused_decode`), in which every row must come out bit for bit as it would alone.
 
-Inside `decode_rows(widths)` each trunk op takes one of two ways:
-- a kernel whose programs compute each row as a lone row's launch does (the norm and router
-  kernels of `triton_trunk`, the int8 GEMVs of `triton_gemv`/`triton_group`, the routed-experts
-  kernels of `triton_moe`): one launch for all rows, weights read once per launch;
+Inside `decode_rows(widths, masked)` each trunk op takes one of two ways:
+- a kernel whose programs compute each row as a lone row's launch does, with the row as one
+  more grid dimension (the norm and router kernels of `triton_trunk`, the GEMVs of
+  `triton_gemv`/`triton_group`, the routed-experts kernels of `triton_moe`, whose int8 sums
+  are exact integers in any order): one launch for all rows, in which rows that read the same
+  weights share them through L2;
 - anything else (torch's norms, cuBLAS linears, other families' routers, attention itself) runs
   once per row on that row's slice (`per_row`), which is the lone row's own call.
 Outside it nothing changes. `trunk_ops.install` and the modules that handle rows
@@ -61,5 +63,7 @@ def per_row(fn: Callable, x: torch.Tensor, *args, **kwargs):
     tensors are concatenated element by element."""
     outs = [fn(x[b : b + 1], *args, **kwargs) for b in range(x.shape[0])]
     if isinstance(outs[0], tuple):
-        return tuple(torch.cat(parts) if isinstance(parts[0], torch.Tensor) else parts[0] for parts in zip(*outs, strict=True))
+        return tuple(
+            torch.cat(parts) if isinstance(parts[0], torch.Tensor) else parts[0] for parts in zip(*outs, strict=True)
+        )
     return torch.cat(outs)

@@ -140,7 +140,9 @@ class BatchGraph:
                 for seq in rows:
                     self.release(seq)
                 self.batch = None
-                raise GraphCaptureError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                raise GraphCaptureError(
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from exc
         batch.graph.replay()
         self.replays += 1
         rt = self.engine.runtime

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class _BatchKV:
     """What the attention modules of a fused step see as their cache: each row's new key and
     value go into that row's own cache, and attention reads every row's keys right-padded to
