@@ -161,9 +161,10 @@ def test_stats_report_batching_and_prefix_counters(tiny_engine):
     d = tiny_engine.stats_dict()
     for key in ("queue_depth", "active_requests", "prefix_cache_hit_tokens", "prefill_tokens",
                 "recent_tokens_per_second", "time_to_first_token_avg_s", "host_syncs_per_token", "bytes_to_device",
-                "batch_mode"):  # fmt: skip
+                "batch_mode", "batch_graph_captures", "batch_graph_replays"):  # fmt: skip
         assert key in d
     assert d["batch_mode"] == "exact"  # the CPU default
+    assert d["batch_graph_captures"] == d["batch_graph_replays"] == 0  # CUDA graphs only
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])

@@ -105,3 +105,26 @@ def test_graph_fallbacks_keep_the_tokens(tiny_mixtral, caplog):
     dec.max_len = 10**6  # (so the engine still tries the graphs for this request)
     assert engine.generate(PROMPT_TEXT, max_new_tokens=NEW).token_ids == want
     assert engine.graphs is None and "cannot take this model's KV cache" in caplog.text
+
+
+def test_a_batch_static_cache_writes_each_row_at_its_own_position():
+    """`batch_graph.RowsKV`: rows' caches moved in keep their positions; each step writes row b's
+    key and value at pos[b] only; a row's layers read back as alone."""
+    from moe_llm.runtime.batch_graph import RowsKV
+
+    torch.manual_seed(2)
+    lengths = [3, 5]
+    sources = [[(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4)) for _ in range(2)] for n in lengths]
+    pos = torch.tensor([[3], [5]])
+    kv = RowsKV(pos, 8)
+    kv.fill(sources, lengths)
+    new_k, new_v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    keys, values = kv.update(new_k, new_v, 1)
+    assert keys.shape == (2, 2, 8, 4)
+    for b, n in enumerate(lengths):
+        k, v = kv.layers_of(b)[1]
+        assert torch.equal(k[0, :, :n], sources[b][1][0][0]) and torch.equal(v[0, :, :n], sources[b][1][1][0])
+        assert torch.equal(k[0, :, n], new_k[b, :, 0]) and torch.equal(v[0, :, n], new_v[b, :, 0])
+        assert not k[0, :, n + 1 :].any()  # nothing written past the row's position
+        k0, _ = kv.layers_of(b)[0]
+        assert torch.equal(k0[0, :, :n], sources[b][0][0][0]) and not k0[0, :, n:].any()  # layer 0 untouched

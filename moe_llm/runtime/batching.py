@@ -455,6 +455,8 @@ class Batcher:
             "time_to_first_token_count": self.ttft_count,
             "time_to_first_token_avg_s": self.ttft_sum / self.ttft_count if self.ttft_count else 0.0,
             "batch_mode": "exact" if self.exact or self._fused.unsupported else "fused",
+            "batch_graph_captures": self._fused.graph.captures if self._fused.graph is not None else 0,
+            "batch_graph_replays": self._fused.graph.replays if self._fused.graph is not None else 0,
         }
         d.update(self.prefix.stats() if self.prefix is not None else PrefixCache(0).stats())
         return d

@@ -16,6 +16,8 @@ METRICS = (
     ("moe_llm_requests_rejected_total", "requests_rejected", "counter", "Requests refused with a full queue."),
     ("moe_llm_batch_steps_total", "batch_steps", "counter", "Engine steps (a prefill chunk and/or decode rows)."),
     ("moe_llm_max_batch_rows", "max_batch_rows", "gauge", "Most requests decoded in one step so far."),
+    ("moe_llm_batch_graph_captures_total", "batch_graph_captures", "counter", "Batched decode graphs captured."),
+    ("moe_llm_batch_graph_replays_total", "batch_graph_replays", "counter", "Batched decode steps replayed."),
     ("moe_llm_expert_cache_hits_total", "cache_hits", "counter", "Routed experts read from a device slot."),
     ("moe_llm_expert_cache_misses_total", "cache_misses", "counter", "Routed experts read from host RAM."),
     ("moe_llm_expert_cache_hit_rate", "hit_rate", "gauge", "Expert cache hits / (hits + misses)."),
