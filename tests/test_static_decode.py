@@ -117,7 +117,9 @@ def test_a_batch_static_cache_writes_each_row_at_its_own_position():
     sources = [[(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4)) for _ in range(2)] for n in lengths]
     pos = torch.tensor([[3], [5]])
     kv = RowsKV(pos, 8)
-    kv.fill(sources, lengths)
+    moved = []
+    kv.fill([lambda layer, src=src: src[layer] for src in sources], lengths, 2, moved.append)
+    assert moved == [0, 1]  # each layer handed on as soon as it is moved
     new_k, new_v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
     keys, values = kv.update(new_k, new_v, 1)
     assert keys.shape == (2, 2, 8, 4)
@@ -128,3 +130,46 @@ def test_a_batch_static_cache_writes_each_row_at_its_own_position():
         assert not k[0, :, n + 1 :].any()  # nothing written past the row's position
         k0, _ = kv.layers_of(b)[0]
         assert torch.equal(k0[0, :, :n], sources[b][0][0][0]) and not k0[0, :, n:].any()  # layer 0 untouched
+
+
+def test_rows_keep_their_keys_and_values_through_batch_changes():
+    """`batch_graph.BatchGraph` bookkeeping (no capture): rows' KV moves into a batch, into the
+    next batch when the rows change, and back into a cache of its own when a row decodes on
+    alone, to the bit; a batch whose rows are all done or gone holds nothing."""
+    from types import SimpleNamespace
+
+    from transformers import DynamicCache
+
+    from moe_llm.runtime.batch_graph import BatchGraph
+    from moe_llm.runtime.sequence import DECODE, DONE
+
+    torch.manual_seed(3)
+    engine = SimpleNamespace(_new_kv=DynamicCache, hf_config=SimpleNamespace(num_hidden_layers=2), device="cpu")
+    graph = BatchGraph(SimpleNamespace(engine=engine))
+
+    def row(n):
+        kv = DynamicCache()
+        layers = [(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4)) for _ in range(2)]
+        for i, (k, v) in enumerate(layers):
+            kv.update(k, v, i)
+        return SimpleNamespace(kv=kv, cached=n, state=DECODE), layers
+
+    (a, ka), (b, kb), (c, kc) = row(3), row(5), row(4)
+    graph._rebuild([a, b], [(256, True), (256, True)])
+    assert a.kv is None and b.kv is None and graph.holds(a) and graph.holds(b)
+    for seq, want in ((a, ka), (b, kb)):
+        for (k, v), (wk, wv) in zip(graph.layers_of(seq), want, strict=True):
+            assert torch.equal(k[:, :, : seq.cached], wk) and torch.equal(v[:, :, : seq.cached], wv)
+    a.state = DONE
+    graph.forget(a)
+    graph._rebuild([b, c], [(256, True), (512, True)])  # b moves from the last batch, c joins
+    assert graph.batch.width == 512 and not graph.holds(a)
+    for seq, want in ((b, kb), (c, kc)):
+        for (k, v), (wk, wv) in zip(graph.layers_of(seq), want, strict=True):
+            assert torch.equal(k[:, :, : seq.cached], wk) and torch.equal(v[:, :, : seq.cached], wv)
+    c.state = DONE
+    graph.forget(c)
+    graph.release(b)  # b decodes on alone: its own cache again, and the batch goes
+    assert graph.batch is None
+    for layer, (wk, wv) in zip(b.kv.layers, kb, strict=True):
+        assert torch.equal(layer.keys, wk) and torch.equal(layer.values, wv)

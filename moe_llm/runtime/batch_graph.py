@@ -15,6 +15,7 @@ its own (`release`). One batch graph is held at a time: a new one frees the last
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,20 +41,32 @@ class RowsKV:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
-    def fill(self, rows: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> None:
-        """Allocate every layer and copy row b's first lengths[b] positions from rows[b] (per
-        layer (keys, values) [1, heads, >= n, dim])."""
+    def fill(self, rows: list[Callable[[int], tuple[torch.Tensor, torch.Tensor]]], lengths: list[int], layers: int,
+             done: Callable[[int], None] | None = None) -> None:  # fmt: skip
+        """Allocate every layer and copy row b's first lengths[b] positions from rows[b](layer)
+        ((keys, values) [1, heads, >= n, dim]); `done(layer)` after each layer (the previous
+        batch frees its copy of it, so a move never holds two whole caches)."""
         B = len(rows)
-        for layer in range(len(rows[0])):
-            k0, v0 = rows[0][layer]
+        for layer in range(layers):
+            srcs = [src(layer) for src in rows]
+            k0, v0 = srcs[0]
             keys = k0.new_zeros(B, k0.shape[1], self.width, k0.shape[3])
             values = v0.new_zeros(B, v0.shape[1], self.width, v0.shape[3])
-            for b, (src, n) in enumerate(zip(rows, lengths, strict=True)):
-                k, v = src[layer]
+            for b, ((k, v), n) in enumerate(zip(srcs, lengths, strict=True)):
                 keys[b, :, :n].copy_(k[0, :, :n])
                 values[b, :, :n].copy_(v[0, :, :n])
             self.keys.append(keys)
             self.values.append(values)
+            del srcs, k0, v0, k, v
+            if done is not None:
+                done(layer)
+
+    def free(self, layer: int) -> None:
+        """Drop this cache's tensors of `layer` (the batch is being replaced)."""
+        self.keys[layer] = self.values[layer] = None
+
+    def layer_of(self, b: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer][b : b + 1], self.values[layer][b : b + 1]
 
     def layers_of(self, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(k[b : b + 1], v[b : b + 1]) for k, v in zip(self.keys, self.values, strict=True)]
@@ -152,21 +165,24 @@ class BatchGraph:
 
     def _rebuild(self, rows: list[Sequence], windows: list[tuple[int, bool]]) -> _Batch:
         old = self.batch
-        new = _Batch(rows, windows, self.engine.device)
-        sources = []
-        for seq in rows:
-            if old is not None and old.slot(seq) is not None:
-                sources.append(old.kv.layers_of(old.slot(seq)))
-            else:
-                sources.append([(layer.keys, layer.values) for layer in seq.kv.layers])
-        new.kv.fill(sources, [s.cached for s in rows])
         if old is not None:
             for seq in old.rows:  # rows of the last batch that decode on elsewhere get their KV back
                 if seq is not None and seq.state != DONE and not any(seq is s for s in rows):
                     self.release(seq)
+        self.batch = None  # the last batch's graph goes now, its KV layer by layer as it is moved
+        new = _Batch(rows, windows, self.engine.device)
+        sources = []
+        for seq in rows:
+            b = old.slot(seq) if old is not None else None
+            if b is not None:
+                sources.append(lambda layer, b=b: old.kv.layer_of(b, layer))
+            else:
+                sources.append(lambda layer, kv=seq.kv: (kv.layers[layer].keys, kv.layers[layer].values))
+        layers = self.engine.hf_config.num_hidden_layers
+        new.kv.fill(sources, [s.cached for s in rows], layers, old.kv.free if old is not None else None)
         for seq in rows:
             seq.kv = None
-        self.batch = new  # frees the last batch's graph and KV
+        self.batch = new
         return new
 
     def _capture(self, batch: _Batch) -> None:
