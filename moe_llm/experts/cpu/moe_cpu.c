@@ -354,11 +354,13 @@ static inline __m256i plane_codes(const uint8_t *at, int bits, int p) {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define MOE_ZMM 1
-/* The codes of plane `p` of the 64 packed bytes at `at` (two blocks; 2 or 4 bits per code). */
-static inline __m512i plane_codes64(const uint8_t *at, int bits, int p) {
+/* The codes of plane `p` of the 64 packed bytes at `at` (two blocks; 2 or 4 bits per code),
+   left where they lie: code * 2^(bits p), one AND and no shift. The dot products then come out
+   times 2^(bits p), exactly (at most 255 * 128 * 32, far inside int32), and one arithmetic shift
+   of the block sums (`hsum16x8`) takes the factor out again. */
+static inline __m512i plane_bits64(const uint8_t *at, int bits, int p) {
   const __m512i v = _mm512_loadu_si512((const void *)at);
-  if (bits == 2) return _mm512_and_si512(_mm512_srli_epi16(v, 2 * p), _mm512_set1_epi8(3));
-  return _mm512_and_si512(_mm512_srli_epi16(v, 4 * p), _mm512_set1_epi8(15));
+  return _mm512_and_si512(v, _mm512_set1_epi8((char)(((1 << bits) - 1) << (bits * p))));
 }
 
 /* z[i] holds blocks 2i (lanes 0-7) and 2i+1 (lanes 8-15): the 16 block sums, in block order. A
@@ -399,10 +401,11 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
         __m512i z[8];
         for (int i = 0; i < 8; i++) {
           const __m512i codes = bits == 3 ? _mm512_loadu_si512((const void *)(rq + QB * (b0 + 2 * i)))
-                                          : plane_codes64(rq + 32 * (c + 2 * i), bits, p);
+                                          : plane_bits64(rq + 32 * (c + 2 * i), bits, p);
           z[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512((const void *)(xt + 64 * i)));
         }
-        _mm512_storeu_si512((void *)(isum + (size_t)t * nblk + b0), hsum16x8(z));
+        const int shift = bits == 3 ? 0 : bits * p; /* plane_bits64's factor 2^(bits p) */
+        _mm512_storeu_si512((void *)(isum + (size_t)t * nblk + b0), _mm512_srai_epi32(hsum16x8(z), shift));
       }
     }
 #endif
