@@ -123,6 +123,23 @@ def test_expert_mlp_is_the_exact_model(experts, bits, shape, b):
         assert torch.equal(y[i], torch.from_numpy(exact_expert.expert(buf, fmt, x[i]).astype("float32"))), i
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("b", [1, 5])
+def test_rows_of_sixteen_block_runs_are_the_exact_model(bits, b):
+    """Planes of whole runs of 16 blocks (2048 columns at 2 bits, 1024 at 4) take the AVX-512 path
+    that transposes a run's codes once for every plane: the same bits, for one token and a tile."""
+    fmt = ExpertFormat.build(2048, 2048, bits, torch.float32)
+    buf = random_expert(fmt, seed=40 + bits)
+    x = torch.randn(b, 2048, generator=torch.Generator().manual_seed(b))
+    y = cpu.expert_mlp(x, buf, fmt, threads=2)
+    for i in range(b):
+        assert torch.equal(y[i], torch.from_numpy(exact_expert.expert(buf, fmt, x[i]).astype("float32"))), i
+    t, spec = matrix_views(fmt.layout.views(buf), "down_proj"), fmt.specs["down_proj"]
+    lin = cpu.qlinear(x, t, spec, threads=2)
+    for i in range(b):
+        assert torch.equal(lin[i], torch.from_numpy(exact_expert.linear(t, spec, x[i].numpy()).astype("float32")))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("b", [1, 5])

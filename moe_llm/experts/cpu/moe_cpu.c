@@ -94,6 +94,7 @@ typedef struct { /* ntok activation rows of `cols`, int8 per QB block */
   const int8_t *xq; /* [ntok][cols] */
   const float *d;   /* [ntok][nblk] block scales, times 2^32 */
   const float *xs;  /* [ntok][nblk] sum of the block's xq times its d */
+  const int8_t *xt; /* [ntok][cols] xq in runs of 16 blocks transposed (`transpose_act`), or NULL */
 } qact;
 
 typedef struct { /* per-thread scratch */
@@ -179,6 +180,15 @@ static float quantize_block(const float *x, int n, int8_t *xq, float *xs) {
 /* int8 per block of QB: codes, scales and block sums. */
 static void quantize_act(const float *x, int cols, int8_t *xq, float *d, float *xs) {
   for (int j0 = 0; j0 < cols; j0 += QB) d[j0 / QB] = quantize_block(x + j0, imin(QB, cols - j0), xq + j0, xs + j0 / QB);
+}
+
+/* xq [cols] -> xt: each run of 16 blocks (512 bytes) as 8 vectors of 16 dwords, vector i lane j
+   holding dword i of block j (what `block_dots` multiplies the transposed codes with); a tail of
+   fewer than 16 blocks is not written (that path reads it from xq). */
+static void transpose_act(const int8_t *xq, int cols, int8_t *xt) {
+  for (int q = 0; q + 512 <= cols; q += 512)
+    for (int i = 0; i < 8; i++)
+      for (int j = 0; j < 16; j++) memcpy(xt + q + 64 * i + 4 * j, xq + q + 32 * j + 4 * i, 4);
 }
 
 /* e^x in a fixed sequence of float32 operations (no libm: the GPU repeats them, see
@@ -381,18 +391,84 @@ static inline __m512i hsum16x8(const __m512i *z) {
 #define MOE_ZMM 0
 #endif
 
+#if MOE_ZMM
+/* The 512 packed bytes of 16 consecutive blocks of a plane (block j at 32 j) transposed: T[i]
+   lane j = dword i of block j, as `transpose_act` lays out x, so lane j of a dot product is
+   block j. Three rounds of two-source permutes (24 in all): z[k] holds blocks 2k and 2k+1;
+   round 1 pairs z[k] with z[k+4] into dwords 0-3 (a) and 4-7 (b) of blocks 2k, 2k+1, 2k+8,
+   2k+9, four lanes each; round 2 pairs a[k] with a[k+2] (and b alike) into two dwords of eight
+   blocks, two lanes each, in the block orders noted below; round 3 takes one dword of all 16
+   blocks from each pair, in block order. tests/test_cpu_kernel.py checks every lane. */
+static inline void transpose_codes(const uint8_t *at, __m512i *T) {
+  const __m512i s1a = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i s1b = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const __m512i s2a = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+  const __m512i s2b = _mm512_setr_epi32(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  const __m512i s3a = _mm512_setr_epi32(0, 2, 16, 18, 8, 10, 24, 26, 4, 6, 20, 22, 12, 14, 28, 30);
+  const __m512i s3b = _mm512_setr_epi32(1, 3, 17, 19, 9, 11, 25, 27, 5, 7, 21, 23, 13, 15, 29, 31);
+  __m512i z[8], a[4], b[4], c[8];
+  for (int k = 0; k < 8; k++) z[k] = _mm512_loadu_si512((const void *)(at + 64 * k)); /* blocks 2k, 2k+1 */
+  for (int k = 0; k < 4; k++) {
+    a[k] = _mm512_permutex2var_epi32(z[k], s1a, z[k + 4]); /* blocks 2k, 2k+1, 2k+8, 2k+9: dwords 0-3 */
+    b[k] = _mm512_permutex2var_epi32(z[k], s1b, z[k + 4]); /* ... dwords 4-7 */
+  }
+  for (int k = 0; k < 2; k++) { /* blocks {0,1,8,9,4,5,12,13} (k 0) or {2,3,10,11,6,7,14,15} (k 1) */
+    c[k] = _mm512_permutex2var_epi32(a[k], s2a, a[k + 2]);     /* dwords 0, 1 */
+    c[2 + k] = _mm512_permutex2var_epi32(a[k], s2b, a[k + 2]); /* dwords 2, 3 */
+    c[4 + k] = _mm512_permutex2var_epi32(b[k], s2a, b[k + 2]); /* dwords 4, 5 */
+    c[6 + k] = _mm512_permutex2var_epi32(b[k], s2b, b[k + 2]); /* dwords 6, 7 */
+  }
+  for (int i = 0; i < 4; i++) {
+    T[2 * i] = _mm512_permutex2var_epi32(c[2 * i], s3a, c[2 * i + 1]);
+    T[2 * i + 1] = _mm512_permutex2var_epi32(c[2 * i], s3b, c[2 * i + 1]);
+  }
+}
+
+/* Blocks [c0, bpp) of every plane of a 2- or 4-bit row (c0 and bpp multiples of 16), 16 at a
+   time: the packed bytes, shared by the PER planes, are transposed once (`transpose_codes`); each
+   plane's codes are then one AND away (times 2^(bits p)), and its dot products with x laid out
+   alike (`transpose_act`) accumulate block j in lane j: no horizontal sums. */
+static inline __attribute__((always_inline)) void block_dots_t(const uint8_t *rq, const int8_t *xt, int cols,
+                                                               int nblk, int bpp, int c0, int32_t *isum,
+                                                               const int NT, const int BITS) {
+  const int PER = 8 / BITS;
+  for (int c = c0; c + 16 <= bpp; c += 16) {
+    for (int l = 0; l < 512; l += 64) PREFETCH(rq + 32 * c + l, BITS == 2 ? PF2 : PF4);
+    __m512i T[8];
+    transpose_codes(rq + 32 * c, T);
+    for (int t = 0; t < NT; t++) {
+      __m512i acc[4];
+      for (int p = 0; p < PER; p++) acc[p] = _mm512_setzero_si512();
+      for (int i = 0; i < 8; i++)
+        for (int p = 0; p < PER; p++) {
+          const int8_t *xp = xt + (size_t)t * cols + 32 * (p * bpp + c) + 64 * i;
+          const __m512i codes = _mm512_and_si512(T[i], _mm512_set1_epi8((char)(((1 << BITS) - 1) << (BITS * p))));
+          acc[p] = _mm512_dpbusd_epi32(acc[p], codes, _mm512_loadu_si512((const void *)xp));
+        }
+      for (int p = 0; p < PER; p++)
+        _mm512_storeu_si512((void *)(isum + (size_t)t * nblk + p * bpp + c), _mm512_srai_epi32(acc[p], BITS * p));
+    }
+  }
+}
+#endif
+
 /* isum[t][b]: the exact integer dot product of every block of one row with NT tokens. The
    codes of block b lie in plane b / (step / 32) at packed bytes 32 * (b % (step / 32)) (2 and 4
    bits; 3 bits: `rq` holds the codes unpacked, block b at 32 b); eight consecutive blocks of a
    plane are reduced together (their packed bytes are re-read from L1 for each plane). */
 static inline __attribute__((always_inline)) void block_dots(const qmat *m, const uint8_t *rq, const int8_t *xq,
-                                                             int nblk, int32_t *isum, const int NT) {
+                                                             const int8_t *xt, int nblk, int32_t *isum,
+                                                             const int NT) {
   const int cols = m->cols, bits = m->bits;
   const int per = bits == 3 ? 1 : 8 / bits, bpp = nblk / per; /* planes; blocks per plane */
+  int end = bpp; /* blocks [end, bpp) of each plane go through block_dots_t */
+#if MOE_ZMM
+  if (xt && bits != 3 && bpp % 16 == 0) end = imin(bpp, (m->skip + 15) / 16 * 16);
+#endif
   for (int p = 0; p < per; p++) {
     int c = m->skip; /* block of this plane; those before hold zero activations */
 #if MOE_ZMM /* sixteen blocks at a time, two per 64-byte vector */
-    for (; c + 16 <= bpp; c += 16) {
+    for (; c + 16 <= end; c += 16) {
       const int b0 = p * bpp + c;
       if (bits != 3 && p == 0) /* every line of the 512 bytes this step reads, PF bytes ahead */
         for (int l = 0; l < 512; l += 64) PREFETCH(rq + 32 * c + l, bits == 2 ? PF2 : PF4);
@@ -409,7 +485,7 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
       }
     }
 #endif
-    for (; c + 8 <= bpp; c += 8) {
+    for (; c + 8 <= end; c += 8) {
       const int b0 = p * bpp + c;
       if (bits != 3 && p == 0)
         for (int l = 0; l < 256; l += 64) PREFETCH(rq + 32 * c + l, bits == 2 ? PF2 : PF4);
@@ -424,13 +500,21 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
         _mm256_storeu_si256((__m256i *)(isum + (size_t)t * nblk + b0), hsum8x8(v));
       }
     }
-    for (; c < bpp; c++) {
+    for (; c < end; c++) {
       const int b = p * bpp + c;
       const __m256i codes = bits == 3 ? _mm256_loadu_si256((const __m256i *)(rq + QB * b)) : plane_codes(rq + 32 * c, bits, p);
       for (int t = 0; t < NT; t++)
         isum[(size_t)t * nblk + b] = hsum1(dot_u8s8(codes, _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * cols + QB * b))));
     }
   }
+#if MOE_ZMM
+  if (end < bpp) {
+    if (bits == 2)
+      block_dots_t(rq, xt, cols, nblk, bpp, end, isum, NT, 2);
+    else
+      block_dots_t(rq, xt, cols, nblk, bpp, end, isum, NT, 4);
+  }
+#endif
 }
 
 /* 3-bit row -> one code per byte in column order, one store per 32 codes. Hi plane p covers
@@ -456,15 +540,16 @@ static void unpack3(const uint8_t *rq, int cols, uint8_t *codes) {
   }
 }
 
-static void fast_tile(const qmat *m, const uint8_t *rq, const int8_t *xq, int nblk, int32_t *isum, int nt) {
+static void fast_tile(const qmat *m, const uint8_t *rq, const int8_t *xq, const int8_t *xt, int nblk, int32_t *isum,
+                      int nt) {
   switch (nt) {
-    case 1: block_dots(m, rq, xq, nblk, isum, 1); break;
+    case 1: block_dots(m, rq, xq, xt, nblk, isum, 1); break;
 #if TILE > 2
-    case 2: block_dots(m, rq, xq, nblk, isum, 2); break;
-    case 3: block_dots(m, rq, xq, nblk, isum, 3); break;
-    default: block_dots(m, rq, xq, nblk, isum, 4); break;
+    case 2: block_dots(m, rq, xq, xt, nblk, isum, 2); break;
+    case 3: block_dots(m, rq, xq, xt, nblk, isum, 3); break;
+    default: block_dots(m, rq, xq, xt, nblk, isum, 4); break;
 #else
-    default: block_dots(m, rq, xq, nblk, isum, 2); break;
+    default: block_dots(m, rq, xq, xt, nblk, isum, 2); break;
 #endif
   }
 }
@@ -488,7 +573,8 @@ static void mat_rows(const qmat *m, int r0, int r1, const qact *a, float *y, dou
       if (m->fast) {
 #if MOE_SIMD
         if (m->bits == 3 && t0 == 0) unpack3(rq, m->cols, ws->codes);
-        fast_tile(m, m->bits == 3 ? ws->codes : rq, a->xq + (size_t)t0 * a->cols, a->nblk, ws->isum, nt);
+        fast_tile(m, m->bits == 3 ? ws->codes : rq, a->xq + (size_t)t0 * a->cols,
+                  a->xt ? a->xt + (size_t)t0 * a->cols : NULL, a->nblk, ws->isum, nt);
         for (int t = 0; t < nt; t++)
           sums[t] = exact_sum(ws->isum + (size_t)t * a->nblk, ws->s, ws->sz, a->d + (size_t)(t0 + t) * a->nblk,
                               a->xs + (size_t)(t0 + t) * a->nblk, a->nblk, m->gs / QB);
@@ -562,22 +648,24 @@ static int run_experts(const uint8_t *const *bases, const float *weights, int ne
   const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
   const size_t per_thread = (scratch_bytes(maxG, maxcols) + 63) / 64 * 64;
   const size_t fl = sizeof(float);
-  size_t total = (size_t)ntok * H + 2 * (size_t)ntok * nbh * fl /* x */
-                 + (size_t)nrows * 2 * I * fl                   /* gate, up */
-                 + (size_t)nrows * I + 2 * (size_t)nrows * nbi * fl /* h */
+  size_t total = 2 * (size_t)ntok * H + 2 * (size_t)ntok * nbh * fl /* x */
+                 + (size_t)nrows * 2 * I * fl                       /* gate, up */
+                 + 2 * (size_t)nrows * I + 2 * (size_t)nrows * nbi * fl /* h */
                  + (size_t)threads * per_thread + 8 * 64;
   uint8_t *mem = (uint8_t *)malloc(total);
   if (!mem) return MOE_CPU_ENOMEM;
   uint8_t *p = mem;
-  int8_t *xq = take(&p, (size_t)ntok * H);
+  int8_t *xq = take(&p, (size_t)ntok * H), *xt = take(&p, (size_t)ntok * H);
   float *xd = take(&p, (size_t)ntok * nbh * fl), *xs = take(&p, (size_t)ntok * nbh * fl);
   float *gu = take(&p, (size_t)nrows * 2 * I * fl); /* [nrows][2I]: gate then up; h over gate */
-  int8_t *hq = take(&p, (size_t)nrows * I);
+  int8_t *hq = take(&p, (size_t)nrows * I), *ht = take(&p, (size_t)nrows * I);
   float *hd = take(&p, (size_t)nrows * nbi * fl), *hs = take(&p, (size_t)nrows * nbi * fl);
   uint8_t *scr = take(&p, (size_t)threads * per_thread);
-  for (int t = 0; t < ntok; t++)
+  for (int t = 0; t < ntok; t++) {
     quantize_act(x + (size_t)t * H, H, xq + (size_t)t * H, xd + (size_t)t * nbh, xs + (size_t)t * nbh);
-  const qact ax = {ntok, H, nbh, xq, xd, xs};
+    transpose_act(xq + (size_t)t * H, H, xt + (size_t)t * H);
+  }
+  const qact ax = {ntok, H, nbh, xq, xd, xs, xt};
   const int ngu = (I + GU_CHUNK - 1) / GU_CHUNK, ndn = (H + DOWN_CHUNK - 1) / DOWN_CHUNK;
 
 #pragma omp parallel num_threads(threads)
@@ -598,13 +686,15 @@ static int run_experts(const uint8_t *const *bases, const float *weights, int ne
         hd[row * nbi + r0 / QB] = quantize_block(g + r0, r1 - r0, hq + row * I + r0, hs + row * nbi + r0 / QB);
       }
     }
+#pragma omp for
+    for (int row = 0; row < nrows; row++) transpose_act(hq + (size_t)row * I, I, ht + (size_t)row * I);
 #pragma omp for schedule(dynamic)
     for (int item = 0; item < nexp * ndn; item++) {
       const int e = item / ndn, r0 = (item % ndn) * DOWN_CHUNK, r1 = imin(r0 + DOWN_CHUNK, H);
       qmat mg, md;
       expert_mats(L, bases[e], &mg, &md);
       const size_t row = (size_t)e * ntok;
-      const qact ah = {ntok, I, nbi, hq + row * I, hd + row * nbi, hs + row * nbi};
+      const qact ah = {ntok, I, nbi, hq + row * I, hd + row * nbi, hs + row * nbi, ht + row * I};
       float *ye = out + row * H;
       mat_rows(&md, r0, r1, &ah, ye, NULL, (size_t)H, &ws);
       if (weights)
@@ -637,15 +727,17 @@ int moe_cpu_qlinear(const uint8_t *q, const uint8_t *scale_q, const uint8_t *zer
   make_mat(&m, q, scale_q, zero_q, meta, bits, rows, cols, group_size);
   const int nblk = (cols + QB - 1) / QB;
   const size_t per_thread = (scratch_bytes(m.G, cols) + 63) / 64 * 64;
-  const size_t act = (size_t)ntok * cols + sizeof(float) * (size_t)ntok * 2 * nblk;
+  const size_t act = 2 * (size_t)ntok * cols + sizeof(float) * (size_t)ntok * 2 * nblk;
   uint8_t *mem = (uint8_t *)malloc((size_t)threads * per_thread + act + 128);
   if (!mem) return MOE_CPU_ENOMEM;
   uint8_t *scr = mem, *ap = mem + (size_t)threads * per_thread;
   float *d = (float *)ap, *xs = d + (size_t)ntok * nblk;
-  int8_t *xq = (int8_t *)(xs + (size_t)ntok * nblk);
-  for (int t = 0; t < ntok; t++)
+  int8_t *xq = (int8_t *)(xs + (size_t)ntok * nblk), *xt = xq + (size_t)ntok * cols;
+  for (int t = 0; t < ntok; t++) {
     quantize_act(x + (size_t)t * cols, cols, xq + (size_t)t * cols, d + (size_t)t * nblk, xs + (size_t)t * nblk);
-  const qact a = {ntok, cols, nblk, xq, d, xs};
+    transpose_act(xq + (size_t)t * cols, cols, xt + (size_t)t * cols);
+  }
+  const qact a = {ntok, cols, nblk, xq, d, xs, xt};
   const int n = (rows + DOWN_CHUNK - 1) / DOWN_CHUNK;
 #pragma omp parallel num_threads(threads)
   {

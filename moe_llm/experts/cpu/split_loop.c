@@ -41,7 +41,7 @@ typedef struct {
 int moe_split_abi_version(void) { return SPLIT_ABI; }
 
 typedef struct {
-  int8_t *xq, *hq;
+  int8_t *xq, *hq, *xt, *ht; /* int8 activations, and transposed (`transpose_act`) */
   float *xd, *xs, *gu, *h, *hd, *hs;
   uint8_t *scr;
   size_t per_thread;
@@ -53,18 +53,20 @@ static int share_ws_alloc(const moe_cpu_expert_layout *L, int threads, share_ws 
   const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
   w->per_thread = (scratch_bytes(maxG, maxcols) + 63) / 64 * 64;
   const size_t fl = sizeof(float);
-  size_t total = (size_t)H + (size_t)I + fl * (2 * (size_t)nbh + 3 * (size_t)I + 2 * (size_t)nbi) +
+  size_t total = 2 * ((size_t)H + (size_t)I) + fl * (2 * (size_t)nbh + 3 * (size_t)I + 2 * (size_t)nbi) +
                  (size_t)threads * w->per_thread + 16 * 64;
   uint8_t *p = (uint8_t *)malloc(total);
   if (!p) return MOE_CPU_ENOMEM;
   *mem = p;
 #define TAKE(T, N) ((T *)(p = (uint8_t *)(((uintptr_t)p + 63) & ~(uintptr_t)63), p += (N) * sizeof(T), p - (N) * sizeof(T)))
   w->xq = TAKE(int8_t, (size_t)H);
+  w->xt = TAKE(int8_t, (size_t)H);
   w->xd = TAKE(float, (size_t)nbh);
   w->xs = TAKE(float, (size_t)nbh);
   w->gu = TAKE(float, 2 * (size_t)I);
   w->h = TAKE(float, (size_t)I);
   w->hq = TAKE(int8_t, (size_t)I);
+  w->ht = TAKE(int8_t, (size_t)I);
   w->hd = TAKE(float, (size_t)nbi);
   w->hs = TAKE(float, (size_t)nbi);
   w->scr = TAKE(uint8_t, (size_t)threads * w->per_thread);
@@ -83,7 +85,8 @@ static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, co
   expert_mats(L, base, &mg, &md);
   if (L->bits != 3) md.skip = cut / QB; /* h is zero outside the share: read down's bytes [cut, pd) only */
   quantize_act(x, H, w->xq, w->xd, w->xs);
-  const qact ax = {1, H, nbh, w->xq, w->xd, w->xs};
+  transpose_act(w->xq, H, w->xt);
+  const qact ax = {1, H, nbh, w->xq, w->xd, w->xs, w->xt};
   const int planes = I / pd, span = pd - cut; /* rows [j*pd + cut, (j+1)*pd) of each plane j */
   const int chunks = (span + GU_CHUNK - 1) / GU_CHUNK, items = planes * chunks;
   const int ndn = (H + DOWN_CHUNK - 1) / DOWN_CHUNK;
@@ -102,8 +105,9 @@ static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, co
 #pragma omp single
     {
       quantize_act(w->h, I, w->hq, w->hd, w->hs);
+      transpose_act(w->hq, I, w->ht);
     }
-    const qact ah = {1, I, nbi, w->hq, w->hd, w->hs};
+    const qact ah = {1, I, nbi, w->hq, w->hd, w->hs, w->ht};
 #pragma omp for schedule(static)
     for (int item = 0; item < ndn; item++) {
       const int r0 = item * DOWN_CHUNK, r1 = imin(r0 + DOWN_CHUNK, H);
