@@ -6,7 +6,8 @@ For each N, N threads call `engine.generate` at once with different 64-token pro
 `--new-tokens` greedy tokens (the batcher decodes them in one step each); prints the
 aggregate tok/s (all generated tokens / the wall time from the first request's start to the
 last one's end, prefills included, so it is a lower bound of the decode rate), per-stream tok/s
-and the ratio to one stream, and whether every stream's tokens equal its prompt's lone run
+the sum of the streams' own decode rates (`decode_tok_s`: each from its first token to its
+last, so without its prefill), the ratio to one stream, and whether every stream's tokens equal its prompt's lone run
 (`equal_to_alone`; no prefix cache, so every prefill is a cold one). Each N runs twice; the faster run counts. The JSON is rewritten after every row.
 """
 
@@ -22,13 +23,14 @@ import torch
 from moe_llm.bench.synthetic import Geometry, SyntheticModel
 
 
-def run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    out: list[list[int]] = [[] for _ in prompts]
+def run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list]:
+    """(wall seconds, each prompt's GenerationResult), all prompts started at once."""
+    out: list = [None] * len(prompts)
     barrier = threading.Barrier(len(prompts) + 1)
 
     def one(i: int) -> None:
         barrier.wait()
-        out[i] = engine.generate(prompts[i], max_new_tokens=new_tokens, temperature=0.0).token_ids
+        out[i] = engine.generate(prompts[i], max_new_tokens=new_tokens, temperature=0.0)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -63,17 +65,21 @@ def main() -> None:
         prompts = [model.random_prompt(64, s) for s in seeds]
         best = None
         for _ in range(2):
-            wall, counts = run(engine, prompts, args.new_tokens)
+            wall, results = run(engine, prompts, args.new_tokens)
             if best is None or wall < best[0]:
-                best = (wall, counts)
-        wall, toks = best
+                best = (wall, results)
+        wall, results = best
+        toks = [r.token_ids for r in results]
         for s, p in zip(seeds, prompts, strict=True):
             if s not in lone:
                 lone[s] = engine.generate(p, max_new_tokens=args.new_tokens, temperature=0.0).token_ids
         total = sum(len(t) for t in toks)
         agg = total / wall
         base = base or agg
+        # each stream's own decode rate (first token to last; other streams' prefills interleave)
+        decode = sum(r.stats["tokens_per_second"] for r in results)
         row = dict(streams=n, tokens=total, wall_s=wall, aggregate_tok_s=agg, per_stream_tok_s=agg / n,
+                   decode_tok_s=decode,
                    ratio_to_one=agg / base, batch_mode=engine.batcher.stats()["batch_mode"],
                    equal_to_alone=all(t == lone[s] for t, s in zip(toks, seeds, strict=True)))  # fmt: skip
         rows.append(row)
@@ -87,8 +93,8 @@ def main() -> None:
 
         prompts = [model.random_prompt(64, 7000 + i) for i in range(args.profile)]
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            wall, toks = run(engine, prompts, 16)
-        print(f"profiled: {args.profile} streams, {sum(len(t) for t in toks)} tokens in {wall:.3f} s", flush=True)
+            wall, results = run(engine, prompts, 16)
+        print(f"profiled: {args.profile} streams, {sum(len(r.token_ids) for r in results)} tokens in {wall:.3f} s")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22), flush=True)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22), flush=True)
 
