@@ -5,10 +5,12 @@
 For each N, N threads call `engine.generate` at once with different 64-token prompts and
 `--new-tokens` greedy tokens (the batcher decodes them in one step each); prints the
 aggregate tok/s (all generated tokens / the wall time from the first request's start to the
-last one's end, prefills included, so it is a lower bound of the decode rate), per-stream tok/s
-the sum of the streams' own decode rates (`decode_tok_s`: each from its first token to its
-last, so without its prefill), the ratio to one stream, and whether every stream's tokens equal its prompt's lone run
-(`equal_to_alone`; no prefix cache, so every prefill is a cold one). Each N runs twice; the faster run counts. The JSON is rewritten after every row.
+last one's end, prefills and graph captures included, so it is a lower bound of the decode
+rate), per-stream tok/s, the sum of the streams' own decode rates (`decode_tok_s`: each from
+its first token to its last, so without its prefill), the ratio to one stream, and whether
+every stream's tokens equal its prompt's lone run (`equal_to_alone`; no prefix cache, so
+every prefill is a cold one). Each N runs twice; the faster run counts. The JSON is rewritten
+after every row.
 """
 
 from __future__ import annotations
