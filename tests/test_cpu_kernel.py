@@ -123,14 +123,16 @@ def test_expert_mlp_is_the_exact_model(experts, bits, shape, b):
         assert torch.equal(y[i], torch.from_numpy(exact_expert.expert(buf, fmt, x[i]).astype("float32"))), i
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("b", [1, 5])
 def test_rows_of_sixteen_block_runs_are_the_exact_model(bits, b):
-    """Planes of whole runs of 16 blocks (2048 columns at 2 bits, 1024 at 4) take the AVX-512 path
-    that transposes a run's codes once for every plane: the same bits, for one token and a tile."""
-    fmt = ExpertFormat.build(2048, 2048, bits, torch.float32)
+    """Planes of whole runs of 16 blocks (2048 columns at 2 bits, 1024 at 4; 3 bits: 4096, its
+    2-bit and 1-bit planes read packed) take the AVX-512 path that transposes a run's codes once
+    for every plane: the same bits, for one token and a tile."""
+    n = 4096 if bits == 3 else 2048
+    fmt = ExpertFormat.build(n, n, bits, torch.float32)
     buf = random_expert(fmt, seed=40 + bits)
-    x = torch.randn(b, 2048, generator=torch.Generator().manual_seed(b))
+    x = torch.randn(b, n, generator=torch.Generator().manual_seed(b))
     y = cpu.expert_mlp(x, buf, fmt, threads=2)
     for i in range(b):
         assert torch.equal(y[i], torch.from_numpy(exact_expert.expert(buf, fmt, x[i]).astype("float32"))), i

@@ -424,20 +424,21 @@ static inline void transpose_codes(const uint8_t *at, __m512i *T) {
   }
 }
 
-/* Blocks [c0, bpp) of every plane of a 2- or 4-bit row (c0 and bpp multiples of 16), 16 at a
-   time: the packed bytes, shared by the PER planes, are transposed once (`transpose_codes`); each
-   plane's codes are then one AND away (times 2^(bits p)), and its dot products with x laid out
-   alike (`transpose_act`) accumulate block j in lane j: no horizontal sums. */
+/* Blocks [c0, bpp) of every plane of a row's 1-, 2- or 4-bit codes (c0 and bpp multiples of
+   16), 16 at a time: the packed bytes, shared by the PER planes, are transposed once
+   (`transpose_codes`); each plane's codes are then one AND away (times 2^(bits p)), and its dot
+   products with x laid out alike (`transpose_act`) accumulate block j in lane j: no horizontal
+   sums. ADD: add four times the sums to isum (a 3-bit row's high bits) instead of storing them. */
 static inline __attribute__((always_inline)) void block_dots_t(const uint8_t *rq, const int8_t *xt, int cols,
                                                                int nblk, int bpp, int c0, int32_t *isum,
-                                                               const int NT, const int BITS) {
+                                                               const int NT, const int BITS, const int ADD) {
   const int PER = 8 / BITS;
   for (int c = c0; c + 16 <= bpp; c += 16) {
-    for (int l = 0; l < 512; l += 64) PREFETCH(rq + 32 * c + l, BITS == 2 ? PF2 : PF4);
+    for (int l = 0; l < 512; l += 64) PREFETCH(rq + 32 * c + l, BITS == 4 ? PF4 : PF2);
     __m512i T[8];
     transpose_codes(rq + 32 * c, T);
     for (int t = 0; t < NT; t++) {
-      __m512i acc[4];
+      __m512i acc[8];
       for (int p = 0; p < PER; p++) acc[p] = _mm512_setzero_si512();
       for (int i = 0; i < 8; i++)
         for (int p = 0; p < PER; p++) {
@@ -445,12 +446,23 @@ static inline __attribute__((always_inline)) void block_dots_t(const uint8_t *rq
           const __m512i codes = _mm512_and_si512(T[i], _mm512_set1_epi8((char)(((1 << BITS) - 1) << (BITS * p))));
           acc[p] = _mm512_dpbusd_epi32(acc[p], codes, _mm512_loadu_si512((const void *)xp));
         }
-      for (int p = 0; p < PER; p++)
-        _mm512_storeu_si512((void *)(isum + (size_t)t * nblk + p * bpp + c), _mm512_srai_epi32(acc[p], BITS * p));
+      for (int p = 0; p < PER; p++) {
+        int32_t *dst = isum + (size_t)t * nblk + p * bpp + c;
+        const __m512i v = _mm512_srai_epi32(acc[p], BITS * p);
+        _mm512_storeu_si512((void *)dst, ADD ? _mm512_add_epi32(_mm512_loadu_si512((const void *)dst),
+                                                                _mm512_slli_epi32(v, 2))
+                                             : v);
+      }
     }
   }
 }
 #endif
+
+/* Whether a 3-bit row is read packed (its 2-bit and 1-bit planes of whole 16-block runs through
+   block_dots_t, with x transposed) rather than unpacked to a byte per code first. */
+static inline int packed3(const qmat *m, const int8_t *xt) {
+  return MOE_ZMM && m->bits == 3 && xt && m->cols % 4096 == 0 && !m->skip;
+}
 
 /* isum[t][b]: the exact integer dot product of every block of one row with NT tokens. The
    codes of block b lie in plane b / (step / 32) at packed bytes 32 * (b % (step / 32)) (2 and 4
@@ -460,6 +472,13 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
                                                              const int8_t *xt, int nblk, int32_t *isum,
                                                              const int NT) {
   const int cols = m->cols, bits = m->bits;
+#if MOE_ZMM
+  if (packed3(m, xt)) { /* codes = low 2 bits + 4 x high bit: the 2-bit plane, then the 1-bit one */
+    block_dots_t(rq, xt, cols, nblk, nblk / 4, 0, isum, NT, 2, 0);
+    block_dots_t(rq + cols / 4, xt, cols, nblk, nblk / 8, 0, isum, NT, 1, 1);
+    return;
+  }
+#endif
   const int per = bits == 3 ? 1 : 8 / bits, bpp = nblk / per; /* planes; blocks per plane */
   int end = bpp; /* blocks [end, bpp) of each plane go through block_dots_t */
 #if MOE_ZMM
@@ -510,9 +529,9 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
 #if MOE_ZMM
   if (end < bpp) {
     if (bits == 2)
-      block_dots_t(rq, xt, cols, nblk, bpp, end, isum, NT, 2);
+      block_dots_t(rq, xt, cols, nblk, bpp, end, isum, NT, 2, 0);
     else
-      block_dots_t(rq, xt, cols, nblk, bpp, end, isum, NT, 4);
+      block_dots_t(rq, xt, cols, nblk, bpp, end, isum, NT, 4, 0);
   }
 #endif
 }
@@ -572,9 +591,10 @@ static void mat_rows(const qmat *m, int r0, int r1, const qact *a, float *y, dou
       double sums[TILE];
       if (m->fast) {
 #if MOE_SIMD
-        if (m->bits == 3 && t0 == 0) unpack3(rq, m->cols, ws->codes);
-        fast_tile(m, m->bits == 3 ? ws->codes : rq, a->xq + (size_t)t0 * a->cols,
-                  a->xt ? a->xt + (size_t)t0 * a->cols : NULL, a->nblk, ws->isum, nt);
+        const int8_t *xt = a->xt ? a->xt + (size_t)t0 * a->cols : NULL;
+        const int unpacked = m->bits == 3 && !packed3(m, xt);
+        if (unpacked && t0 == 0) unpack3(rq, m->cols, ws->codes);
+        fast_tile(m, unpacked ? ws->codes : rq, a->xq + (size_t)t0 * a->cols, xt, a->nblk, ws->isum, nt);
         for (int t = 0; t < nt; t++)
           sums[t] = exact_sum(ws->isum + (size_t)t * a->nblk, ws->s, ws->sz, a->d + (size_t)(t0 + t) * a->nblk,
                               a->xs + (size_t)(t0 + t) * a->nblk, a->nblk, m->gs / QB);
