@@ -458,11 +458,57 @@ static inline __attribute__((always_inline)) void block_dots_t(const uint8_t *rq
 }
 #endif
 
-/* Whether a 3-bit row is read packed (its 2-bit and 1-bit planes of whole 16-block runs through
-   block_dots_t, with x transposed) rather than unpacked to a byte per code first. */
+/* Whether a 3-bit row is read packed (its 2-bit plane of whole 16-block runs through
+   block_dots_t with x transposed, its 1-bit plane likewise or through `high_bits`) rather than
+   unpacked to a byte per code first. */
 static inline int packed3(const qmat *m, const int8_t *xt) {
-  return MOE_ZMM && m->bits == 3 && xt && m->cols % 4096 == 0 && !m->skip;
+  return MOE_ZMM && m->bits == 3 && xt && m->cols % 2048 == 0 && !m->skip;
 }
+
+#if MOE_ZMM
+/* isum[t][b] += 4 x the dot products of the high bits of a 3-bit row (`hi`: its 1-bit plane,
+   bpp blocks of 32 columns per bit plane, block c of plane p at bytes 32 c, bit p) with x in
+   its plain layout, for planes that do not start on whole runs of 16 blocks: 16 blocks at a
+   time with horizontal sums (`hsum16x8`), then 8 (`hsum8x8`); `packed3` makes bpp a multiple
+   of 8. */
+static inline __attribute__((always_inline)) void high_bits(const uint8_t *hi, const int8_t *xq, int cols, int nblk,
+                                                            int bpp, int32_t *isum, const int NT) {
+  for (int p = 0; p < 8; p++) {
+    const __m512i m512 = _mm512_set1_epi8((char)(1 << p));
+    const __m256i m256 = _mm256_set1_epi8((char)(1 << p));
+    int c = 0;
+    for (; c + 16 <= bpp; c += 16) {
+      const int b0 = p * bpp + c;
+      if (p == 0)
+        for (int l = 0; l < 512; l += 64) PREFETCH(hi + 32 * c + l, PF2);
+      for (int t = 0; t < NT; t++) {
+        const int8_t *xt = xq + (size_t)t * cols + QB * b0;
+        __m512i z[8];
+        for (int i = 0; i < 8; i++)
+          z[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                     _mm512_and_si512(_mm512_loadu_si512((const void *)(hi + 32 * (c + 2 * i))), m512),
+                                     _mm512_loadu_si512((const void *)(xt + 64 * i)));
+        int32_t *dst = isum + (size_t)t * nblk + b0;
+        const __m512i v = _mm512_srai_epi32(hsum16x8(z), p);
+        _mm512_storeu_si512((void *)dst, _mm512_add_epi32(_mm512_loadu_si512((const void *)dst), _mm512_slli_epi32(v, 2)));
+      }
+    }
+    for (; c + 8 <= bpp; c += 8) {
+      const int b0 = p * bpp + c;
+      for (int t = 0; t < NT; t++) {
+        const int8_t *xt = xq + (size_t)t * cols + QB * b0;
+        __m256i v[8];
+        for (int i = 0; i < 8; i++)
+          v[i] = dot_u8s8(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)(hi + 32 * (c + i))), m256),
+                          _mm256_loadu_si256((const __m256i *)(xt + QB * i)));
+        int32_t *dst = isum + (size_t)t * nblk + b0;
+        const __m256i w = _mm256_srai_epi32(hsum8x8(v), p);
+        _mm256_storeu_si256((__m256i *)dst, _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)dst), _mm256_slli_epi32(w, 2)));
+      }
+    }
+  }
+}
+#endif
 
 /* isum[t][b]: the exact integer dot product of every block of one row with NT tokens. The
    codes of block b lie in plane b / (step / 32) at packed bytes 32 * (b % (step / 32)) (2 and 4
@@ -475,7 +521,10 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
 #if MOE_ZMM
   if (packed3(m, xt)) { /* codes = low 2 bits + 4 x high bit: the 2-bit plane, then the 1-bit one */
     block_dots_t(rq, xt, cols, nblk, nblk / 4, 0, isum, NT, 2, 0);
-    block_dots_t(rq + cols / 4, xt, cols, nblk, nblk / 8, 0, isum, NT, 1, 1);
+    if ((nblk / 8) % 16 == 0)
+      block_dots_t(rq + cols / 4, xt, cols, nblk, nblk / 8, 0, isum, NT, 1, 1);
+    else
+      high_bits(rq + cols / 4, xq, cols, nblk, nblk / 8, isum, NT);
     return;
   }
 #endif
