@@ -182,13 +182,20 @@ static void quantize_act(const float *x, int cols, int8_t *xq, float *d, float *
   for (int j0 = 0; j0 < cols; j0 += QB) d[j0 / QB] = quantize_block(x + j0, imin(QB, cols - j0), xq + j0, xs + j0 / QB);
 }
 
-/* xq [cols] -> xt: each run of 16 blocks (512 bytes) as 8 vectors of 16 dwords, vector i lane j
-   holding dword i of block j (what `block_dots` multiplies the transposed codes with); a tail of
-   fewer than 16 blocks is not written (that path reads it from xq). */
+/* Blocks per transposed run: one 32-bit lane per block of a 512-bit (16) or 256-bit (8) vector. */
+#if MOE_SIMD && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define RUN 16
+#else
+#define RUN 8
+#endif
+
+/* xq [cols] -> xt: each run of RUN blocks (32 RUN bytes) as 8 vectors of RUN dwords, vector i
+   lane j holding dword i of block j (what `block_dots` multiplies the transposed codes with); a
+   tail of fewer than RUN blocks is not written (that path reads it from xq). */
 static void transpose_act(const int8_t *xq, int cols, int8_t *xt) {
-  for (int q = 0; q + 512 <= cols; q += 512)
+  for (int q = 0; q + 32 * RUN <= cols; q += 32 * RUN)
     for (int i = 0; i < 8; i++)
-      for (int j = 0; j < 16; j++) memcpy(xt + q + 64 * i + 4 * j, xq + q + 32 * j + 4 * i, 4);
+      for (int j = 0; j < RUN; j++) memcpy(xt + q + 4 * RUN * i + 4 * j, xq + q + 32 * j + 4 * i, 4);
 }
 
 /* e^x in a fixed sequence of float32 operations (no libm: the GPU repeats them, see
@@ -458,11 +465,82 @@ static inline __attribute__((always_inline)) void block_dots_t(const uint8_t *rq
 }
 #endif
 
+#if MOE_SIMD && !MOE_ZMM
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define MOE_DPBUSD 1 /* u8 x s8 dot products into int32 lanes, no saturation */
+#else
+#define MOE_DPBUSD 0 /* maddubs: pairs saturate in int16, so codes must stay small (shifted down) */
+#endif
+
+/* The 256 packed bytes of 8 consecutive blocks of a plane (block j at 32 j) transposed: T[i]
+   lane j = dword i of block j (an 8 x 8 dword transpose: unpacks of 32 and 64 bits, then 128-bit
+   lane swaps), as `transpose_act` lays out x. */
+static inline void transpose_codes8(const uint8_t *at, __m256i *T) {
+  __m256i r[8], t[8], u[8];
+  for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_si256((const __m256i *)(at + 32 * j));
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+    t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 8; j += 4) {
+    u[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
+    u[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+    u[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
+    u[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+  }
+  for (int i = 0; i < 4; i++) {
+    T[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    T[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+/* `block_dots_t` with 256-bit vectors and runs of 8 blocks. Without VNNI the codes are shifted
+   down before the (saturating) maddubs, so no factor is taken out afterwards. */
+static inline __attribute__((always_inline)) void block_dots_t(const uint8_t *rq, const int8_t *xt, int cols,
+                                                               int nblk, int bpp, int c0, int32_t *isum,
+                                                               const int NT, const int BITS, const int ADD) {
+  const int PER = 8 / BITS;
+  const __m256i ones = _mm256_set1_epi16(1);
+  (void)ones;
+  for (int c = c0; c + 8 <= bpp; c += 8) {
+    for (int l = 0; l < 256; l += 64) PREFETCH(rq + 32 * c + l, BITS == 4 ? PF4 : PF2);
+    __m256i T[8];
+    transpose_codes8(rq + 32 * c, T);
+    for (int t = 0; t < NT; t++) {
+      __m256i acc[8];
+      for (int p = 0; p < PER; p++) acc[p] = _mm256_setzero_si256();
+      for (int i = 0; i < 8; i++)
+        for (int p = 0; p < PER; p++) {
+          const __m256i x = _mm256_loadu_si256((const __m256i *)(xt + (size_t)t * cols + 32 * (p * bpp + c) + 32 * i));
+#if MOE_DPBUSD
+          const __m256i codes = _mm256_and_si256(T[i], _mm256_set1_epi8((char)(((1 << BITS) - 1) << (BITS * p))));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+          acc[p] = _mm256_dpbusd_epi32(acc[p], codes, x);
+#else
+          acc[p] = _mm256_dpbusd_avx_epi32(acc[p], codes, x);
+#endif
+#else
+          const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(T[i], BITS * p), _mm256_set1_epi8((char)((1 << BITS) - 1)));
+          acc[p] = _mm256_add_epi32(acc[p], _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), ones));
+#endif
+        }
+      for (int p = 0; p < PER; p++) {
+        int32_t *dst = isum + (size_t)t * nblk + p * bpp + c;
+        const __m256i v = _mm256_srai_epi32(acc[p], MOE_DPBUSD ? BITS * p : 0);
+        _mm256_storeu_si256((__m256i *)dst, ADD ? _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)dst),
+                                                                   _mm256_slli_epi32(v, 2))
+                                                : v);
+      }
+    }
+  }
+}
+#endif
+
 /* Whether a 3-bit row is read packed (its 2-bit plane of whole 16-block runs through
    block_dots_t with x transposed, its 1-bit plane likewise or through `high_bits`) rather than
    unpacked to a byte per code first. */
 static inline int packed3(const qmat *m, const int8_t *xt) {
-  return MOE_ZMM && m->bits == 3 && xt && m->cols % 2048 == 0 && !m->skip;
+  return MOE_SIMD && m->bits == 3 && xt && m->cols % 2048 == 0 && !m->skip;
 }
 
 #if MOE_ZMM
@@ -518,20 +596,23 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
                                                              const int8_t *xt, int nblk, int32_t *isum,
                                                              const int NT) {
   const int cols = m->cols, bits = m->bits;
-#if MOE_ZMM
+#if MOE_SIMD
   if (packed3(m, xt)) { /* codes = low 2 bits + 4 x high bit: the 2-bit plane, then the 1-bit one */
     block_dots_t(rq, xt, cols, nblk, nblk / 4, 0, isum, NT, 2, 0);
-    if ((nblk / 8) % 16 == 0)
-      block_dots_t(rq + cols / 4, xt, cols, nblk, nblk / 8, 0, isum, NT, 1, 1);
-    else
+#if MOE_ZMM
+    if ((nblk / 8) % RUN) { /* 1-bit planes that do not start on whole runs */
       high_bits(rq + cols / 4, xq, cols, nblk, nblk / 8, isum, NT);
+      return;
+    }
+#endif
+    block_dots_t(rq + cols / 4, xt, cols, nblk, nblk / 8, 0, isum, NT, 1, 1);
     return;
   }
 #endif
   const int per = bits == 3 ? 1 : 8 / bits, bpp = nblk / per; /* planes; blocks per plane */
   int end = bpp; /* blocks [end, bpp) of each plane go through block_dots_t */
-#if MOE_ZMM
-  if (xt && bits != 3 && bpp % 16 == 0) end = imin(bpp, (m->skip + 15) / 16 * 16);
+#if MOE_SIMD
+  if (xt && bits != 3 && bpp % RUN == 0) end = imin(bpp, (m->skip + RUN - 1) / RUN * RUN);
 #endif
   for (int p = 0; p < per; p++) {
     int c = m->skip; /* block of this plane; those before hold zero activations */
@@ -575,7 +656,7 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
         isum[(size_t)t * nblk + b] = hsum1(dot_u8s8(codes, _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * cols + QB * b))));
     }
   }
-#if MOE_ZMM
+#if MOE_SIMD
   if (end < bpp) {
     if (bits == 2)
       block_dots_t(rq, xt, cols, nblk, bpp, end, isum, NT, 2, 0);
