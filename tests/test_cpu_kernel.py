@@ -10,7 +10,9 @@ Gaussian inputs (block amax ~ 2.1 sigma), and the MLP stacks two projections plu
 measured at 1.0-1.6%; the bound is 3e-2.
 
 Shapes cover the SIMD path (bit planes 32-column aligned) and the portable one: H=256 with
-I=352 (down's planes are 88, 44 columns) and H=264, I=200 (group size 8).
+I=352 (down's planes are 88, 44 columns) and H=264, I=200 (group size 8); larger ones cover
+the transposed runs of 16 (AVX-512) or 8 blocks and the packed 3-bit rows, and the kernel is
+also rebuilt as for machines without AVX-512 and without VNNI.
 """
 
 from __future__ import annotations
@@ -278,3 +280,45 @@ def test_non_finite_activations_propagate(experts):
     x[0, 17] = float("nan")
     y = cpu.expert_mlp(x, buf, fmt)
     assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+
+
+@pytest.mark.skipif(
+    __import__("platform").machine() not in ("x86_64", "AMD64") or not build.BuildSettings.from_env().cc,
+    reason="x86 instruction-set flags",
+)
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avxvnni"])
+def test_narrower_instruction_sets_give_the_same_bits(tmp_path, flags):
+    """The kernel built as for a machine without AVX-512 (256-bit vectors, AVX-VNNI) and without
+    VNNI too (AVX2's saturating maddubs): every path, transposed runs and packed 3-bit rows
+    included, still equals the exact model. Built and run in a subprocess (one kernel per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import exact_expert
+from test_cpu_kernel import random_expert
+from moe_llm.experts import cpu
+from moe_llm.experts.format import ExpertFormat
+print(cpu.isa())
+for bits, h, i in ((2, 2048, 2048), (3, 4096, 4096), (4, 2048, 2048), (3, 512, 14336), (2, 256, 352)):
+    fmt = ExpertFormat.build(h, i, bits, torch.float32)
+    buf = random_expert(fmt, seed=bits)
+    x = torch.randn(3, h, generator=torch.Generator().manual_seed(1))
+    y = cpu.expert_mlp(x, buf, fmt, threads=2)
+    for t in range(3):
+        want = torch.from_numpy(exact_expert.expert(buf, fmt, x[t]).astype("float32"))
+        assert torch.equal(y[t], want), (bits, h, i, t)
+print("ok")
+"""
+    cc = " ".join(build.BuildSettings.from_env().cc)
+    env = {**os.environ, "CC": f"{cc} {flags}", "MOE_LLM_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    isa, ok = out.stdout.split()[-2:]
+    assert ok == "ok" and isa in ({"avx-vnni", "avx2"} if "avxvnni" not in flags else {"avx2"})
