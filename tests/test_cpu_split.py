@@ -78,17 +78,18 @@ def test_share_is_the_exact_model_and_shares_add_up_to_the_bit(bits):
     assert torch.equal(expert_share(buf, fmt, x, pd, pd), torch.zeros(256, dtype=torch.float64))  # cut = PD
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_shares_over_runs_of_sixteen_blocks_are_the_exact_model(bits):
-    """down_proj planes of whole runs of 16 blocks take the transposing AVX-512 path; a cut inside
-    a run leaves its head to the per-plane path: every share is still the exact model's."""
-    inter = {2: 4096, 4: 2048}[bits]  # 32 blocks per plane of down_proj
+@pytest.mark.parametrize(("bits", "inter"), [(2, 4096), (4, 2048), (3, 4096), (3, 2048)])
+def test_shares_over_runs_of_blocks_are_the_exact_model(bits, inter):
+    """down_proj planes of whole runs of blocks take the transposing path, 3-bit rows read packed
+    (their 1-bit planes halves of the 2-bit ones: a cut skips each differently); a cut inside a
+    run leaves its head to the per-plane path or to zero activations: every share is still the
+    exact model's, and reads only from the run it starts in."""
     fmt = ExpertFormat.build(512, inter, bits, torch.float32)
     buf = _expert(fmt, 20 + bits)
     x = torch.randn(512, generator=torch.Generator().manual_seed(9))
-    pd = inter // 4 if bits == 2 else inter // 2
+    pd = inter // 2 if bits == 4 else inter // 4  # bytes of down_proj's main plane
     neuron = np.arange(fmt.intermediate) % pd
-    for cut in (0, 96, 512 + 32):
+    for cut in (0, 96, pd // 2 + 96, pd - 32):
         got = expert_share(buf, fmt, x, cut, pd, threads=2)
         assert np.array_equal(got.numpy(), exact_expert.expert(buf, fmt, x, keep=neuron >= cut)), cut
 

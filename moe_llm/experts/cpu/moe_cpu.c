@@ -86,7 +86,8 @@ typedef struct { /* one quantized matrix [rows, cols] */
   const uint8_t *q, *sq, *zq;
   const float *meta;
   int bits, rows, cols, gs, G, rowbytes, fast;
-  int skip; /* leading blocks of each bit plane whose activations are zero (a share), 2/4 bits */
+  int skip; /* leading blocks of each 2/4-bit plane whose activations are zero (a share); 3 bits: of
+               each 2-bit plane, rows read packed only (`packed3_layout`) */
 } qmat;
 
 typedef struct { /* ntok activation rows of `cols`, int8 per QB block */
@@ -539,8 +540,15 @@ static inline __attribute__((always_inline)) void block_dots_t(const uint8_t *rq
 /* Whether a 3-bit row is read packed (its 2-bit plane of whole 16-block runs through
    block_dots_t with x transposed, its 1-bit plane likewise or through `high_bits`) rather than
    unpacked to a byte per code first. */
-static inline int packed3(const qmat *m, const int8_t *xt) {
-  return MOE_SIMD && m->bits == 3 && xt && m->cols % 2048 == 0 && !m->skip;
+static inline int packed3_layout(const qmat *m) { return MOE_SIMD && m->bits == 3 && m->cols % 2048 == 0; }
+
+static inline int packed3(const qmat *m, const int8_t *xt) { return xt && packed3_layout(m); }
+
+/* The first block of bit plane p of a 3-bit row's 1-bit plane (bpp blocks per plane) whose
+   columns are in a share that skips `skip` blocks of each 2-bit plane: 1-bit planes 2q and 2q+1
+   cover the first and second half of 2-bit plane q's columns. */
+static inline int high_start(int skip, int bpp, int p) {
+  return p % 2 ? (skip > bpp ? skip - bpp : 0) : (skip < bpp ? skip : bpp);
 }
 
 #if MOE_ZMM
@@ -550,11 +558,11 @@ static inline int packed3(const qmat *m, const int8_t *xt) {
    time with horizontal sums (`hsum16x8`), then 8 (`hsum8x8`); `packed3` makes bpp a multiple
    of 8. */
 static inline __attribute__((always_inline)) void high_bits(const uint8_t *hi, const int8_t *xq, int cols, int nblk,
-                                                            int bpp, int32_t *isum, const int NT) {
+                                                            int bpp, int skip, int32_t *isum, const int NT) {
   for (int p = 0; p < 8; p++) {
     const __m512i m512 = _mm512_set1_epi8((char)(1 << p));
     const __m256i m256 = _mm256_set1_epi8((char)(1 << p));
-    int c = 0;
+    int c = high_start(skip, bpp, p) / 8 * 8;
     for (; c + 16 <= bpp; c += 16) {
       const int b0 = p * bpp + c;
       if (p == 0)
@@ -598,14 +606,18 @@ static inline __attribute__((always_inline)) void block_dots(const qmat *m, cons
   const int cols = m->cols, bits = m->bits;
 #if MOE_SIMD
   if (packed3(m, xt)) { /* codes = low 2 bits + 4 x high bit: the 2-bit plane, then the 1-bit one */
-    block_dots_t(rq, xt, cols, nblk, nblk / 4, 0, isum, NT, 2, 0);
+    /* a share (skip) starts at its run: the blocks before it in the run hold zero activations */
+    const int sk = m->skip, bhi = nblk / 8;
+    block_dots_t(rq, xt, cols, nblk, nblk / 4, sk / RUN * RUN, isum, NT, 2, 0);
 #if MOE_ZMM
-    if ((nblk / 8) % RUN) { /* 1-bit planes that do not start on whole runs */
-      high_bits(rq + cols / 4, xq, cols, nblk, nblk / 8, isum, NT);
+    if (bhi % RUN) { /* 1-bit planes that do not start on whole runs */
+      high_bits(rq + cols / 4, xq, cols, nblk, bhi, sk, isum, NT);
       return;
     }
 #endif
-    block_dots_t(rq + cols / 4, xt, cols, nblk, nblk / 8, 0, isum, NT, 1, 1);
+    /* every 1-bit plane from the odd planes' start (the earlier one; an even plane's blocks
+       before its own start add zeros) */
+    block_dots_t(rq + cols / 4, xt, cols, nblk, bhi, high_start(sk, bhi, 1) / RUN * RUN, isum, NT, 1, 1);
     return;
   }
 #endif

@@ -83,7 +83,7 @@ static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, co
   const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
   qmat mg, md;
   expert_mats(L, base, &mg, &md);
-  if (L->bits != 3) md.skip = cut / QB; /* h is zero outside the share: read down's bytes [cut, pd) only */
+  if (L->bits != 3 || packed3_layout(&md)) md.skip = cut / QB; /* h is zero outside the share: read down's bytes [cut, pd) only */
   quantize_act(x, H, w->xq, w->xd, w->xs);
   transpose_act(w->xq, H, w->xt);
   const qact ax = {1, H, nbh, w->xq, w->xd, w->xs, w->xt};
