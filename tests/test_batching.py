@@ -54,9 +54,9 @@ def test_batched_greedy_tokens_equal_each_request_alone(tiny_mixtral, solo, vari
     got = interleaved(engine, PROMPTS)
     assert got == solo[variant]
     assert all(len(t) > 0 for t in got)
-    assert engine.batcher.max_rows >= 3  # requests decoded in the same steps (one stops after a token)
+    assert engine.batcher.counters.max_rows >= 3  # requests decoded in the same steps (one stops after a token)
     if mode == "fused":
-        assert engine.batcher.batched_rows > 0  # ...through one forward of several rows
+        assert engine.batcher.counters.batched_rows > 0  # ...through one forward of several rows
     assert engine.batcher.active_requests == 0 and engine.cache.consistent()
 
 
@@ -84,14 +84,14 @@ def test_generate_from_several_threads_shares_the_batch(tiny_mixtral, solo):
     for t in threads:
         t.join(timeout=120)
     assert got == solo["unquantized"]
-    assert engine.batcher.max_rows >= 2  # not serialised behind a lock
+    assert engine.batcher.counters.max_rows >= 2  # not serialised behind a lock
     assert not engine._lock._held
 
 
 def test_max_batch_admits_waiting_requests_between_steps(tiny_mixtral, solo):
     engine = load(tiny_mixtral, max_batch=2)
     assert interleaved(engine, PROMPTS) == solo["unquantized"]
-    assert engine.batcher.max_rows == 2
+    assert engine.batcher.counters.max_rows == 2
 
 
 def test_queue_limit_raises_queue_full(tiny_mixtral):
@@ -113,11 +113,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(tiny_mixtral):
     n_chunks = -(-len(engine.encode(long_prompt)) // 16)
     assert n_chunks >= 5
     long = engine.stream(long_prompt, max_new_tokens=4)
-    steps0 = engine.batcher.steps
+    steps0 = engine.batcher.counters.steps
     got_short = list(first.token_ids)
     for chunk in short:  # every step decodes "hi" and runs at most one chunk of the long prompt
         got_short.extend(chunk.token_ids)
-    short_steps = engine.batcher.steps - steps0
+    short_steps = engine.batcher.counters.steps - steps0
     assert len([t for c in long for t in c.token_ids]) > 0
     assert short_steps < NEW + 2  # "hi" was never held up for the whole long prefill
     assert got_short == load(tiny_mixtral).generate("hi", max_new_tokens=NEW).token_ids
@@ -173,4 +173,4 @@ def test_fused_batching_on_other_families(tiny_dirs, family):
     want = [alone.generate(p, max_new_tokens=NEW).token_ids for p in PROMPTS[:3]]
     engine = load(tiny_dirs[family], batch_mode="fused")
     assert interleaved(engine, PROMPTS[:3]) == want
-    assert engine.batcher.batched_rows > 0
+    assert engine.batcher.counters.batched_rows > 0

@@ -24,7 +24,7 @@ def test_exact_batching_on_cuda_gives_the_lone_tokens(tiny_mixtral):
     assert engine.graphs is None  # exact: no graph decoder, every row decodes eagerly
     alone = [engine.generate(p, max_new_tokens=16).token_ids for p in PROMPTS]
     assert interleaved(engine, PROMPTS) == alone
-    assert engine.batcher.max_rows >= 2 and engine.cache.consistent()
+    assert engine.batcher.counters.max_rows >= 2 and engine.cache.consistent()
 
 
 VARIANTS = {
@@ -46,7 +46,7 @@ def test_fused_batching_on_cuda_gives_the_lone_graph_tokens(tiny_mixtral, varian
     alone = [engine.generate(p, max_new_tokens=16).token_ids for p in PROMPTS]
     got = interleaved(engine, PROMPTS)
     assert got == alone
-    assert engine.batcher.batched_rows > 0 and engine.cache.consistent()
+    assert engine.batcher.counters.batched_rows > 0 and engine.cache.consistent()
     graph = engine.batcher._fused.graph
     if graphs:  # the fused step replays as a CUDA graph, recaptured as rows leave
         assert graph is not None and graph.captures >= 2 and graph.replays > graph.captures
@@ -64,7 +64,7 @@ def test_fused_batching_on_cuda_other_families(tiny_dirs, family):
     engine = moe_llm.load(tiny_dirs[family], batch_mode="fused", **opts)
     alone = [engine.generate(p, max_new_tokens=16).token_ids for p in PROMPTS]
     assert interleaved(engine, PROMPTS) == alone
-    assert engine.batcher.batched_rows > 0
+    assert engine.batcher.counters.batched_rows > 0
 
 
 def test_a_lone_request_on_cuda_prefills_into_the_static_kv(tiny_mixtral):

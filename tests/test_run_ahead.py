@@ -156,7 +156,7 @@ def test_a_second_request_arriving_mid_stream_gets_its_solo_tokens(tiny_mixtral,
     rest = interleaved(engine, PROMPTS[1:], NEW)  # they queue now, and decode with the first
     got.extend(t for c in first for t in c.token_ids)
     assert [got, *rest] == [plain[p] for p in PROMPTS]
-    assert engine.batcher.max_rows >= 2 and engine.batcher.active_requests == 0
+    assert engine.batcher.counters.max_rows >= 2 and engine.batcher.active_requests == 0
     assert dec.in_flight == 0 and engine.cache.consistent()
     assert engine.generate(PROMPTS[0], max_new_tokens=NEW).token_ids == plain[PROMPTS[0]]  # back on the graph
 

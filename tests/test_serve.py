@@ -328,8 +328,8 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_mixtral):
 def test_concurrent_requests_are_batched_and_match_solo_runs(base, engine):
     prompts = [[{"role": "user", "content": f"Question number {i}: " + "why? " * i}] for i in range(4)]
     want = [engine.generate(p, max_new_tokens=16).text for p in prompts]
-    rows_before = engine.batcher.max_rows
-    engine.batcher.max_rows = 0
+    rows_before = engine.batcher.counters.max_rows
+    engine.batcher.counters.max_rows = 0
     got = [None] * 4
     barrier = threading.Barrier(4)
 
@@ -344,8 +344,8 @@ def test_concurrent_requests_are_batched_and_match_solo_runs(base, engine):
     for t in threads:
         t.join(timeout=120)
     assert [g.choices[0].message.content for g in got] == want
-    assert engine.batcher.max_rows >= 2  # at least two requests decoded in one step
-    engine.batcher.max_rows = max(rows_before, engine.batcher.max_rows)
+    assert engine.batcher.counters.max_rows >= 2  # at least two requests decoded in one step
+    engine.batcher.counters.max_rows = max(rows_before, engine.batcher.counters.max_rows)
 
 
 def test_langchain_chat_openai_against_the_server(base):

@@ -110,8 +110,7 @@ class ExpertsRuntime:
         if self.mode != "copy":
             self._routing = torch.zeros(len(cache.layers), top_k, dtype=torch.long, device=cache.device)
         self._stepped = False  # a step has begun and not ended
-        self._rows_routing: torch.Tensor | None = None  # [moe layers, B * k] of a decode-rows step
-        self._rows_records: dict[int, torch.Tensor] = {}  # B * k -> that record, kept for graphs
+        self._rows_records: dict[int, torch.Tensor] = {}  # B rows -> [moe layers, B * k] record (kept for graphs)
         self._dequant_ws: torch.Tensor | None = None  # prefill: one expert's matrices, dequantized
         self.cpu_experts = cpu_experts
         self._split = None  # experts.split.CpuSplit: misses shared with CPU threads (device mode)
@@ -202,7 +201,6 @@ class ExpertsRuntime:
         """Called before each one-token forward is enqueued (or its graph replayed): a
         replayed graph runs no Python, so the step is flagged here, for `end_step`."""
         self._stepped = True
-        self._rows_routing = None
         self.cache.before_step()
 
     def snapshot(self, into: torch.Tensor) -> Routed:
@@ -212,12 +210,13 @@ class ExpertsRuntime:
         into.copy_(self._routing, non_blocking=True)
         return Routed(into, self.cache.steps)
 
-    def end_step(self, routed: Routed | None = None) -> None:
+    def end_step(self, routed: Routed | None = None, rows: int = 1) -> None:
         """Called once a one-token step has finished: count it, show its routing to the cache
         (hits and misses) and admit missed experts for the steps that follow. `routed`: the
         step's routing as `snapshot` took it (steps enqueued after it may be in flight);
-        by default the last step's, read now. A step never ended (run ahead, then discarded)
-        is not counted."""
+        by default the last step's, read now. `rows` > 1: the step decoded that many rows
+        (`kernels.rows`), whose routing `_rows` recorded. A step never ended (run ahead, then
+        discarded) is not counted."""
         if routed is None and not self._stepped:
             return
         self._stepped = False
@@ -228,10 +227,8 @@ class ExpertsRuntime:
         if routed is not None:
             record = routed.ids
         else:
-            record = self._routing if self._rows_routing is None else self._rows_routing
-        self._rows_routing = None
-        rows = record.tolist()  # the step is done: no wait
-        routed_keys = [(layer, e) for layer, row in zip(cache.layers, rows, strict=True) for e in row]
+            record = self._routing if rows == 1 else self._rows_record(rows)
+        routed_keys = [(layer, e) for layer, row in zip(cache.layers, record.tolist(), strict=True) for e in row]
         if self._split is not None:  # what the CPU thread has computed since the last step
             calls, nbytes, ns = self._split.new_counts()
             self.stats.cpu_expert_calls += calls
@@ -270,23 +267,17 @@ class ExpertsRuntime:
                 for b in range(hidden.shape[0])
             ])  # fmt: skip
         if self._routing is not None:
-            record = self._rows_record(top_k_index.numel())
-            record[self.cache.row[layer]].copy_(top_k_index.reshape(-1))
-            self._rows_routing = record
+            self._rows_record(hidden.shape[0])[self.cache.row[layer]].copy_(top_k_index.reshape(-1))
         return out
 
-    def _rows_record(self, n: int) -> torch.Tensor:
-        """The persistent [moe layers, n] record of a decode-rows step of n routed positions
-        (a captured graph of such a step writes it on every replay)."""
-        record = self._rows_records.get(n)
+    def _rows_record(self, rows: int) -> torch.Tensor:
+        """The persistent [moe layers, rows * k] routing record of a step of `rows` decoded rows
+        (a captured graph of such a step writes it on every replay; `end_step` reads it)."""
+        record = self._rows_records.get(rows)
         if record is None:
-            record = torch.zeros(len(self.cache.layers), n, dtype=torch.long, device=self.cache.device)
-            self._rows_records[n] = record
+            record = torch.zeros(len(self.cache.layers), rows * self.top_k, dtype=torch.long, device=self.cache.device)
+            self._rows_records[rows] = record
         return record
-
-    def rows_replayed(self, n: int) -> None:
-        """A captured decode-rows step of n routed positions was replayed: `end_step` reads its record."""
-        self._rows_routing = self._rows_record(n)
 
     def _out(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The persistent [1, H] output buffer of `layer` for one-token steps (static for graphs)."""

@@ -158,9 +158,7 @@ class BatchGraph:
                 ) from exc
         batch.graph.replay()
         self.replays += 1
-        rt = self.engine.runtime
-        rt.cache.step_enqueued()
-        rt.rows_replayed(len(rows) * rt.top_k)
+        self.engine.runtime.cache.step_enqueued()
         return batch.logits
 
     def _rebuild(self, rows: list[Sequence], windows: list[tuple[int, bool]]) -> _Batch:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import GenerationConfig
+from .batch_counters import BatchCounters
 from .decode_graph import GraphCaptureError, take_back
 from .fused_decode import FusedDecode
 from .prefill import Prefill
@@ -76,14 +77,7 @@ class Batcher:
         self._graph_owner: Sequence | None = None  # the sequence whose KV the graph decoder holds
         self._graph_dec = None  # that decoder
         self._fused = FusedDecode(engine)
-        # counters for /metrics (the engine's Stats hold the per-token ones)
-        self.steps = 0
-        self.batched_rows = 0  # rows decoded by fused forwards
-        self.max_rows = 0  # most rows decoded in one step
-        self.ttft_sum = 0.0
-        self.ttft_count = 0
-        self.rejected = 0
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self.counters = BatchCounters()  # for /metrics (the engine's Stats hold the per-token ones)
 
     # -- the consumer side ----------------------------------------------------------------
     @property
@@ -101,7 +95,7 @@ class Batcher:
         seq = Sequence(prompt_ids, gen, max_new, TextStream(eng.tokenizer, gen.stop), generator, eng.stats.copy())
         with self._cond:
             if len(self.waiting) >= self.max_queue:
-                self.rejected += 1
+                self.counters.rejected += 1
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting)")
             self.waiting.append(seq)
         return seq
@@ -186,23 +180,11 @@ class Batcher:
                 if not isinstance(exc, Exception):
                     raise
                 return
-            self.steps += 1
-            now = time.perf_counter()
-            self._recent.append((now, len(decoding) + (1 if prefilling and prefilling[0].generated else 0)))
-            while self._recent and now - self._recent[0][0] > 10.0:
-                self._recent.popleft()
+            self.counters.step(len(decoding) + (1 if prefilling and prefilling[0].generated else 0))
             with self._cond:
                 left += self._drop_cancelled() + self._release_done()
             if left:  # requests left the batch: fence in-flight copies (as at the end of every request)
                 eng.cache.synchronize()
-
-    def tokens_per_second(self) -> float:
-        """Tokens of every request over the last 10 seconds of steps."""
-        recent = list(self._recent)
-        if len(recent) < 2:
-            return 0.0
-        span = recent[-1][0] - recent[0][0]
-        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         if seq.kv is None:
@@ -265,7 +247,7 @@ class Batcher:
             self._graph_dec.discard()
 
     def _decode(self, rows: list[Sequence]) -> None:
-        self.max_rows = max(self.max_rows, len(rows))
+        self.counters.max_rows = max(self.counters.max_rows, len(rows))
         if len(rows) > 1:
             for seq in rows:
                 self._leave_graph(seq)
@@ -334,8 +316,8 @@ class Batcher:
         picks = [greedy[b] if seq.gen.temperature <= 0 else
                  sample(logits[b], seq.gen.temperature, seq.gen.top_k, seq.gen.top_p, seq.generator)
                  for b, seq in enumerate(rows)]  # fmt: skip
-        rt.end_step()  # the step is done: the cache sees every row's routing, admits experts
-        self.batched_rows += len(rows)
+        rt.end_step(rows=len(rows))  # the step is done: the cache sees every row's routing, admits experts
+        self.counters.batched_rows += len(rows)
         for seq, new in zip(rows, picks, strict=True):
             seq.cached += 1
             self._emit(seq, new)
@@ -349,8 +331,7 @@ class Batcher:
             seq.t_first = time.perf_counter()
             seq.ttft = seq.t_first - seq.t0
             stats.prefill_seconds += seq.ttft
-            self.ttft_sum += seq.ttft
-            self.ttft_count += 1
+            self.counters.first_token(seq.ttft)
         stats.tokens_generated += 1
         seq.generated += 1
         seq.out_ids.append(tok)
@@ -446,14 +427,7 @@ class Batcher:
             "queue_depth": self.queue_depth,
             "active_requests": self.active_requests,
             "max_batch": self.max_batch,
-            "batch_steps": self.steps,
-            "batched_rows": self.batched_rows,
-            "max_batch_rows": self.max_rows,
-            "requests_rejected": self.rejected,
-            "recent_tokens_per_second": self.tokens_per_second(),
-            "time_to_first_token_sum_s": self.ttft_sum,
-            "time_to_first_token_count": self.ttft_count,
-            "time_to_first_token_avg_s": self.ttft_sum / self.ttft_count if self.ttft_count else 0.0,
+            **self.counters.to_dict(),
             "batch_mode": "exact" if self.exact or self._fused.unsupported else "fused",
             "batch_graph_captures": self._fused.graph.captures if self._fused.graph is not None else 0,
             "batch_graph_replays": self._fused.graph.replays if self._fused.graph is not None else 0,
