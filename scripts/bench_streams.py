@@ -52,13 +52,18 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--policy", default="lru", help="the expert cache's policy (lru, lfu)")
+    ap.add_argument("--cpu-experts", default="auto", help="the CPU road for misses (auto, off, all)")
     ap.add_argument("--profile", type=int, default=0, help="then trace one run of this many streams (torch.profiler)")
     ap.add_argument(
         "--cprofile", type=int, default=0, help="then profile the host side of this many streams (cProfile)"
     )
     args = ap.parse_args()
     model = SyntheticModel(Geometry(), "cuda", experts_bits=2, attn_bits=4, head_bits=4)
-    engine = model.engine(int(args.budget_gib * 2**30), max_context=1152, max_batch=max(args.streams), prefix_cache=0)
+    engine = model.engine(
+        int(args.budget_gib * 2**30), max_context=1152, max_batch=max(args.streams), prefix_cache=0,
+        cache_policy=args.policy, cpu_experts=args.cpu_experts,
+    )  # fmt: skip
     engine.generate(model.random_prompt(64, 999), max_new_tokens=8)  # warm-up: captures, compiles
     rows, base = [], None
     lone: dict[int, list[int]] = {}  # prompt seed -> its tokens decoded alone
@@ -67,10 +72,11 @@ def main() -> None:
         prompts = [model.random_prompt(64, s) for s in seeds]
         best = None
         for _ in range(2):
+            before = engine.stats.copy()
             wall, results = run(engine, prompts, args.new_tokens)
             if best is None or wall < best[0]:
-                best = (wall, results)
-        wall, results = best
+                best = (wall, results, engine.stats - before)
+        wall, results, used = best
         toks = [r.token_ids for r in results]
         for s, p in zip(seeds, prompts, strict=True):
             if s not in lone:
@@ -82,7 +88,10 @@ def main() -> None:
         decode = sum(r.stats["tokens_per_second"] for r in results)
         row = dict(streams=n, tokens=total, wall_s=wall, aggregate_tok_s=agg, per_stream_tok_s=agg / n,
                    decode_tok_s=decode,
-                   ratio_to_one=agg / base, batch_mode=engine.batcher.stats()["batch_mode"],
+                   ratio_to_one=agg / base, steps=used.decode_steps, hit_rate=used.hit_rate,
+                   misses_per_step=used.cache_misses / max(used.decode_steps, 1),
+                   copied_mb_per_step=used.bytes_to_device / max(used.decode_steps, 1) / 1e6,
+                   cpu_expert_calls=used.cpu_expert_calls, batch_mode=engine.batcher.stats()["batch_mode"],
                    equal_to_alone=all(t == lone[s] for t, s in zip(toks, seeds, strict=True)))  # fmt: skip
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

@@ -57,14 +57,16 @@ def test_dispatch_reads_slots_and_host_ram_alike(bits, shape):
     assert torch.equal(outs["host"], outs["device"]) and torch.equal(outs["host"], outs["mixed"])
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_routed_experts_of_decode_rows_are_each_rows_lone_result(bits):
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("B", [2, 5, 9])
+def test_routed_experts_of_decode_rows_are_each_rows_lone_result(bits, B):
     """`MoeDecode.rows`: B tokens' k routed positions in one launch per GEMV (hits and misses
-    mixed) give each token the bits of its lone `MoeDecode` call."""
+    mixed; the rows of one expert computed by one program, six rows on one expert by two) give
+    each token the bits of its lone `MoeDecode` call."""
     from moe_llm.bench.synthetic import random_expert
     from moe_llm.kernels.triton_moe import MoeDecode
 
-    hidden, inter, E, k, B = 1024, 2048, 6, 2, 5
+    hidden, inter, E, k = 1024, 2048, 8, 2
     fmt = ExpertFormat.build(hidden, inter, bits, torch.bfloat16)
     gen = torch.Generator("cuda").manual_seed(bits)
     store = ExpertStore(fmt, [0], E, pin=True)
@@ -80,6 +82,8 @@ def test_routed_experts_of_decode_rows_are_each_rows_lone_result(bits):
     x = (torch.randn(B, hidden, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(E, generator=gen, device="cuda")[:k] for _ in range(B)])
     idx[1] = idx[0]  # two rows with the same experts
+    if B > 6:  # six rows on expert 2: more than one program's rows (triton_moe_rows.MAX_GROUP)
+        idx[:6] = torch.tensor([[2, 3 + b % 5] for b in range(6)], device="cuda")
     w = torch.softmax(torch.randn(B, k, device="cuda", generator=gen), dim=-1)
     run = MoeDecode(fmt, k, torch.device("cuda"))
     batch = run.rows(x, idx, w, table, slots)

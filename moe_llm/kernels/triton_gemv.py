@@ -142,28 +142,64 @@ def _dp4a(a, b):
 
 
 @triton.jit
-def _tile_dot_i8(
-    xq_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ROW_META: tl.constexpr,
-):  # fmt: skip
-    """`_tile_dot` with int8 activations (`quantize_activations`), exactly: the packed bytes are
-    read as int32 words; thanks to the strided packing one shift and one mask give four codes of
-    four consecutive columns in byte lanes, and `dp4a` multiplies them with four int8
-    activations. Per block of QB columns: rint(isum * (s * dx)) - rint((s * z) * xs), dx and xs
-    kept times 2^32, summed in float64 (exact integers). Returns the float64 sums [BLOCK_N]."""
-    MB: tl.constexpr = 4 if BITS == 4 else 2
-    PER: tl.constexpr = 8 // MB
-    LANE_MASK: tl.constexpr = 0x0F0F0F0F if MB == 4 else 0x03030303
-    SUB: tl.constexpr = GROUP if GROUP < BLOCK_P else BLOCK_P
-    QB: tl.constexpr = SUB if SUB < 32 else 32  # activation quantization block (columns)
-    NQ: tl.constexpr = BLOCK_P // QB
-    W: tl.constexpr = BLOCK_P // 4  # int32 words per row of the tile
-    offs_w = tl.arange(0, W)
+def _tile_words(q_ptr, row_off, mask, p0, P, P1, BITS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The packed bytes [p0, p0 + BLOCK_P) of each row as int32 words [BLOCK_N, BLOCK_P / 4], and
+    with 3 bits the words of the 1-bit plane and which of its two bits is this tile's
+    (`_plane_codes`); other widths return the words again and 0."""
+    offs_w = tl.arange(0, BLOCK_P // 4)
     q32 = q_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     word = tl.load(q32 + (row_off[:, None] + p0) // 4 + offs_w[None, :], mask=mask[:, None], other=0)
     if BITS == 3:
         hi_word = tl.load(q32 + (row_off[:, None] + P + (p0 % P1)) // 4 + offs_w[None, :], mask=mask[:, None], other=0)
         hi_sel = (p0 >= P1).to(tl.int32)
+    else:
+        hi_word = word
+        hi_sel = 0
+    return word, hi_word, hi_sel
+
+
+@triton.jit
+def _plane_codes(word, hi_word, hi_sel, j: tl.constexpr, BITS: tl.constexpr):
+    """The codes of columns j * P + 4w .. 4w + 3 of each word w, one per byte lane: thanks to the
+    strided packing one shift and one mask (and with 3 bits the high bit from the 1-bit plane)."""
+    MB: tl.constexpr = 4 if BITS == 4 else 2
+    LANE_MASK: tl.constexpr = 0x0F0F0F0F if MB == 4 else 0x03030303
+    codes = (word >> (MB * j)) & LANE_MASK
+    if BITS == 3:
+        codes = codes | (((hi_word >> (2 * j + hi_sel)) & 0x01010101) << 2)
+    return codes
+
+
+@triton.jit
+def _block_sums_i8(codes, xw, dx, xs, scale, zero, BLOCK_N: tl.constexpr, NQ: tl.constexpr, QB: tl.constexpr):
+    """codes [BLOCK_N, W] times one row's int8 activations xw [W] (four per word), per block of
+    QB columns: rint(isum * (s * dx)) - rint((s * z) * xs) in float64 [BLOCK_N, NQ] (exact
+    integers, so they add up in any order without rounding)."""
+    W: tl.constexpr = NQ * QB // 4
+    d = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, W)))  # [BLOCK_N, W]
+    isum = tl.sum(tl.reshape(d, (BLOCK_N, NQ, QB // 4)), axis=2)  # [BLOCK_N, NQ] exact
+    p = libdevice.rint(isum.to(tl.float32) * (scale * dx[None, :]))
+    q = libdevice.rint((scale * zero) * xs[None, :])
+    return p.to(tl.float64) - q.to(tl.float64)
+
+
+@triton.jit
+def _tile_dot_i8(
+    xq_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ROW_META: tl.constexpr,
+):  # fmt: skip
+    """`_tile_dot` with int8 activations (`quantize_activations`), exactly: the packed bytes are
+    read as int32 words (`_tile_words`), and `dp4a` multiplies four codes of four consecutive
+    columns (`_plane_codes`) with four int8 activations. Per block of QB columns:
+    rint(isum * (s * dx)) - rint((s * z) * xs), dx and xs kept times 2^32, summed in float64
+    (exact integers). Returns the float64 sums [BLOCK_N]."""
+    MB: tl.constexpr = 4 if BITS == 4 else 2
+    PER: tl.constexpr = 8 // MB
+    SUB: tl.constexpr = GROUP if GROUP < BLOCK_P else BLOCK_P
+    QB: tl.constexpr = SUB if SUB < 32 else 32  # activation quantization block (columns)
+    NQ: tl.constexpr = BLOCK_P // QB
+    offs_w = tl.arange(0, BLOCK_P // 4)
+    word, hi_word, hi_sel = _tile_words(q_ptr, row_off, mask, p0, P, P1, BITS, BLOCK_P)
     acc = tl.zeros([BLOCK_N, NQ], dtype=tl.float64)
     for j in tl.static_range(PER):
         col0 = j * P + p0
@@ -171,15 +207,9 @@ def _tile_dot_i8(
         blk = col0 // QB + tl.arange(0, NQ)
         dx = tl.load(dx_ptr + blk)  # [NQ]
         xs = tl.load(xs_ptr + blk)  # [NQ]
-        codes = (word >> (MB * j)) & LANE_MASK
-        if BITS == 3:
-            codes = codes | (((hi_word >> (2 * j + hi_sel)) & 0x01010101) << 2)
-        d = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, W)))  # [BLOCK_N, W]
-        isum = tl.sum(tl.reshape(d, (BLOCK_N, NQ, QB // 4)), axis=2)  # [BLOCK_N, NQ] exact
+        codes = _plane_codes(word, hi_word, hi_sel, j, BITS)
         scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NQ, QB, GROUP, ROW_META)
-        p = libdevice.rint(isum.to(tl.float32) * (scale * dx[None, :]))
-        q = libdevice.rint((scale * zero) * xs[None, :])
-        acc += p.to(tl.float64) - q.to(tl.float64)
+        acc += _block_sums_i8(codes, xw, dx, xs, scale, zero, BLOCK_N, NQ, QB)
     return tl.sum(acc, axis=1)
 
 

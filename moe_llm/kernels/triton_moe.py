@@ -39,6 +39,7 @@ from .triton_gemv import (
     row_meta,
     supported_spec,
 )
+from .triton_moe_rows import group_counts, rows_gemv
 
 _TARGET_PROGRAMS = 8 * 132
 
@@ -306,10 +307,10 @@ class MoeDecode:
     def rows(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
              table_row: torch.Tensor, base: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """Decoded rows x [B, H] with their routing [B, k] -> [B, H], each row as `__call__`
-        computes it alone (the exact int8 sums do not depend on the launch), all B * k routed
-        positions in one launch per GEMV. The positions run sorted by expert, so the programs
-        of rows that route to one expert run side by side and share its reads (L2, and the
-        link for a miss). The GPU reads every position (no CPU share)."""
+        computes it alone, all B * k routed positions in one launch per GEMV. The positions run
+        sorted by expert; with int8 activations the rows of one expert share one program, which
+        reads the expert once for all of them (`triton_moe_rows`: the exact int8 sums do not
+        depend on the grouping). The GPU reads every position (no CPU share)."""
         b, hidden = x.shape
         n = b * self.k
         dev = x.device
@@ -317,13 +318,17 @@ class MoeDecode:
         order = torch.argsort(idx, stable=True)  # [n] positions grouped by expert
         h = torch.empty(n, self.fmt.intermediate, dtype=torch.float32, device=dev)
         part = torch.empty(n, self.split, hidden, dtype=self.part.dtype, device=dev)
-        xq = hq = None
-        if self.tuning.int8:
-            xq = self._quant_buffers(n, hidden, self._gate_up[4], dev)
-            hq = self._quant_buffers(n, self.fmt.intermediate, self._down[4], dev)
         sorted_idx = idx[order]
-        self._gemv(self._gate_up, x[order // self.k], xq, False, sorted_idx, table_row, base, h, None)
-        self._gemv(self._down, h, hq, False, sorted_idx, table_row, base, part, None)
+        xs = x[order // self.k]
+        if self.tuning.int8:
+            cnt, rb = group_counts(sorted_idx, b)
+            for launch, src, dst in ((self._gate_up, xs, h), (self._down, h, part)):
+                quant = self._quant_buffers(n, src.shape[-1], launch[4], dev)
+                quantize_activations(src, quant[3], *quant[:3])
+                rows_gemv(launch, quant, sorted_idx, cnt, rb, table_row, base, dst)
+        else:
+            self._gemv(self._gate_up, xs, None, False, sorted_idx, table_row, base, h, None)
+            self._gemv(self._down, h, None, False, sorted_idx, table_row, base, part, None)
         out = torch.empty_like(x)
         combine(part[torch.argsort(order)], top_k_weights.reshape(-1), out, tokens=b)
         return out
