@@ -229,6 +229,8 @@ OUR_ROWS = [
     _row("full-lookahead2", 2, 12, 28.331732072915084, 0.2618415110000001),  # faster than full: still not picked
     _row("full-16GiB", 2, 16, 66.60685252431637, 0.26087366600000905),
     _row("full-4GiB", 2, 4, 9.1, 0.331),
+    _row("full-cpu-all", 2, 12, 14.0, 0.35),
+    _row("full-cpu-all-4GiB", 2, 4, 12.5, 0.34),
     _row("resident-3bit", 3, None, 60.56425829081673, 0.33473960199995645),
     _row("full-3bit", 3, 12, 17.963227457552605, 0.3372824979999791),
 ]
@@ -382,6 +384,19 @@ def test_speedups_set_each_engine_row_beside_its_best_fitting_peer(peer_dir):
     assert by_budget[None]["speedup_prefill"] == pytest.approx((1024 / 0.264337182999995) / 4118.0)
     assert by_budget[12 * GIB]["ours_kv_bytes"] == 512 * MIB and by_budget[12 * GIB]["llamacpp_kv_bytes"] == 128 * MIB
     assert peer.speedups(OUR_ROWS[::-1], block) == s  # the ablations, now ahead of `full`, are still skipped
+
+
+def test_every_miss_on_the_cpu_is_set_beside_every_moe_layer_on_the_cpu(peer_dir):
+    """speedup_vs_llamacpp_cpu_all: our cpu_experts="all" row at its smallest budget against the
+    largest -ncmoe (all 32 layers' experts on the CPU), whatever that configuration's size."""
+    s = peer.speedups(OUR_ROWS, peer.parse_peer_dir(peer_dir), bits=2)
+    assert s["speedup_vs_llamacpp_cpu_all"] == pytest.approx(12.5 / 14.5)
+    entry = s["vs_llamacpp_cpu_all"]
+    assert entry["ours"] == "full-cpu-all-4GiB" and entry["budget_bytes"] == 4 * GIB
+    assert entry["llamacpp_ncmoe"] == 32 and entry["llamacpp_cuda_total_bytes"] == total_bytes(32)
+    assert "full-cpu-all" not in [e["ours"] for e in s["vs_llamacpp"]]  # not an engine row of its budget
+    no_cpu_rows = peer.speedups([r for r in OUR_ROWS if "cpu" not in r["name"]], peer.parse_peer_dir(peer_dir))
+    assert no_cpu_rows["speedup_vs_llamacpp_cpu_all"] is None and no_cpu_rows["vs_llamacpp_cpu_all"] is None
 
 
 def test_speedups_of_the_3bit_rows(peer_dir):

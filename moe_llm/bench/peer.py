@@ -40,6 +40,7 @@ _CONFIG_FILE = re.compile(r"ncmoe(\d+)\.json")
 # Our rows compared with the peer: the engine as shipped, at each budget, and the resident row.
 # Ablations (no-prefetch, no-cache-no-prefetch, full-eager, full-lookahead2) are left out.
 ENGINE_ROW = re.compile(r"(full|resident)(-[\d.]+GiB)?(-\d+bit)?")
+CPU_ALL_ROW = re.compile(r"full-cpu-all(-[\d.]+GiB)?(-\d+bit)?")  # cpu_experts="all": the --cpu-moe analogue
 
 
 # ---------------------------------------------------------------- llama-bench output
@@ -302,12 +303,26 @@ def speedups(rows: Iterable[dict], block: dict, bits: int = 2, headline_budget: 
         entries.append(compare(resident, all_gpu, all_gpu, prompt))
     headline = next((e for e in entries if e["budget_bytes"] == headline_budget), {})
     resident_entry = next((e for e in entries if e["budget_bytes"] is None), {})
+    cpu_all = cpu_all_entry(rows, configs, bits, prompt)
     return {
         "speedup_vs_llamacpp_decode": headline.get("speedup_decode"),
         "speedup_vs_llamacpp_prefill": headline.get("speedup_prefill"),
         "speedup_vs_llamacpp_resident": resident_entry.get("speedup_decode"),
+        "speedup_vs_llamacpp_cpu_all": cpu_all.get("speedup_decode"),
         "vs_llamacpp": entries,
+        "vs_llamacpp_cpu_all": cpu_all or None,
     }
+
+
+def cpu_all_entry(rows: Iterable[dict], configs: list[dict], bits: int, prompt: int = PROMPT) -> dict:
+    """Every miss on the CPU against every MoE layer's experts on the CPU: our `full-cpu-all` row
+    at the smallest budget it ran at, beside llama.cpp's largest -ncmoe (`--cpu-moe`); {} when
+    either is missing."""
+    _, by_budget = engine_rows(rows, bits, CPU_ALL_ROW)
+    peer = max((c for c in configs if "error" not in c), key=lambda c: c["ncmoe"], default=None)
+    if not by_budget or peer is None:
+        return {}
+    return compare(next(iter(by_budget.values())), peer, peer, prompt)
 
 
 # ---------------------------------------------------------------- tables
