@@ -15,6 +15,7 @@ from moe_llm.errors import ConfigError
 from moe_llm.experts.split import predicted_layer_s
 from moe_llm.planning import Machine, machine, plan_model, project_decode
 from moe_llm.planning import speed as speed_mod
+from moe_llm.planning.speed import EXPERT_KERNEL_GBPS, HBM_EFFICIENCY, ZERO_COPY_EFFICIENCY
 
 GIB = 2**30
 DESKTOP = ["--pcie-gbps", "25", "--ram-gbps", "70", "--cores", "8"]
@@ -84,10 +85,21 @@ def test_off_is_the_link_bound_of_the_plan(plans):
         off = project_decode(mp, mach)["off"]
         misses = mp.bytes_per_token / mp.plan.expert_bytes
         eb, routed = mp.plan.expert_bytes, mp.top_k * mp.moe_layers
-        want = mp.token_trunk_bytes / 500e9 + (routed - misses) * eb / 500e9 + misses * eb / 25e9
+        hbm, link = 500e9 * HBM_EFFICIENCY, 25e9 * ZERO_COPY_EFFICIENCY  # what the kernels reach (500 GB/s: no cap)
+        want = mp.token_trunk_bytes / hbm + (routed - misses) * eb / hbm + misses * eb / link
         assert off.s_per_token == pytest.approx(want, rel=1e-9)
         assert off.misses_per_token == pytest.approx(misses, rel=1e-9)
     assert plans[6].plan.slots < plans[8].plan.slots < plans[12].plan.slots
+
+
+def test_hits_are_read_at_the_expert_kernels_rate():
+    """HBM counts at HBM_EFFICIENCY of its bandwidth, but never past the expert kernel's own
+    limit (arithmetic-bound on the H200: the engine's measured split rates come out of this)."""
+    slow = Machine(pcie_gbps=25, ram_gbps=70, cores=8, hbm_gbps=500).roads()
+    h200 = Machine(pcie_gbps=55, ram_gbps=82, cores=16, hbm_gbps=4800).roads()
+    assert slow.gpu_hbm == pytest.approx(500e9 * HBM_EFFICIENCY)
+    assert h200.gpu_hbm == pytest.approx(EXPERT_KERNEL_GBPS * 1e9) and h200.gpu_hbm < 4800e9 * HBM_EFFICIENCY
+    assert h200.zero_copy == pytest.approx(55e9 * ZERO_COPY_EFFICIENCY)
 
 
 def test_every_expert_resident_has_no_misses_and_one_speed(plans):

@@ -111,9 +111,9 @@ def projection_table(roads: dict) -> Table:
 PROJECTION_NOTE = (
     "off: every miss read over PCIe; all: every miss computed by the CPU threads; auto: the cost model's "
     "split of each miss (experts.split.take_table), so that both roads finish together; its counts are "
-    "expert-equivalents, and the CPU reads all of a shared expert's down_proj. The engine's auto uses "
-    "this split with the kernels' measured efficiencies (experts.split.road_rates). "
-    "Not counted: KV reads, admission copies, kernel launches; HBM at its full bandwidth."
+    "expert-equivalents, and the CPU reads all of a shared expert's down_proj. HBM and the link at what "
+    "the decode kernels reach of them (25% and 65% on the H200), as the engine's own split counts them. "
+    "Not counted: KV reads, admission copies, kernel launches."
 )
 
 

@@ -345,22 +345,14 @@ def start_split(cache, fmt, dispatch, top_k: int, mode: str = "all", threads: in
     return CpuSplit(cache, fmt, top_k, pd, take, threads=n)
 
 
-# What the decode kernels reach of the raw bandwidths the planner counts with (measured on the
-# H200, docs/benchmarks.md): the expert GEMV reads HBM at about 1,170 GB/s of 4,800 peak, and
-# pinned host RAM in place at about 36 GB/s where the copy engine moves 55.
-HBM_EFFICIENCY = 0.25
-ZERO_COPY_EFFICIENCY = 0.65
-
-
 def road_rates() -> Roads:
     """The two roads' rates on this machine: the planner's (`planning.speed.machine`: RAM read
-    and pinned host-to-device bandwidths measured once and cached, the GPU's peak, the CPU
-    road's share of RAM bandwidth), the GPU's two times what the decode kernels reach of them."""
+    and pinned host-to-device bandwidths measured once and cached, the GPU's peak), as the
+    decode kernels and the CPU kernel reach them (`Machine.roads`)."""
     from ..planning import speed
 
     mach = speed.machine()
     if not all(mach.source(name).startswith("measured") for name in ("pcie_gbps", "ram_gbps")):
         speed.measure_machine()  # once per machine: kept in machine.json
         mach = speed.machine()
-    r = mach.roads()
-    return Roads(r.gpu_hbm * HBM_EFFICIENCY, r.zero_copy * ZERO_COPY_EFFICIENCY, r.cpu, r.handoff_s)
+    return mach.roads()

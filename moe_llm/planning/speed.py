@@ -7,18 +7,21 @@ A projection, not a measurement. For one decoded token at batch 1:
   experts are k distinct of its E, so its miss count m is hypergeometric. Trained routers
   are skewed and repeat across tokens, so real hit rates are higher.
 - **Resident time**: the trunk bytes a token reads (`ModelPlan.token_trunk_bytes`) and every
-  hit at the GPU's HBM bandwidth, taken at its full value (a lower bound on the time).
+  hit, at HBM_EFFICIENCY of the HBM bandwidth, at most EXPERT_KERNEL_GBPS (what the decode
+  kernels reach).
 - **Two roads to a missed expert**: over PCIe (zero-copy: the GPU kernel reads it in place
-  at the link's rate), or on the CPU threads, which read it at
-  ``min(ram_gbps * CPU_EFFICIENCY, CPU_GBPS_PER_THREAD * threads)``, ``threads = cores - 1``
-  (one core drives the GPU, as the split's serving thread leaves it).
+  at ZERO_COPY_EFFICIENCY of the link's copy bandwidth), or on the CPU threads, which read it
+  at ``min(ram_gbps * CPU_EFFICIENCY, CPU_GBPS_PER_THREAD * threads)``, ``threads = cores - 1``
+  (one core drives the GPU, as the split's serving thread leaves it). The engine's own
+  split (`experts.split.road_rates`) uses these same rates.
 - **Per layer the roads overlap**: `predicted_layer_s` is the larger of the GPU's time (hits,
   and its share of each miss) and the CPU's (its share, plus HANDOFF_S to hand the layer over
   and back). `take_table` gives the CPU's share: `off` none, `all` every miss, `auto` the
   share at which both roads finish together (at SHARE_STEPS granularity; none or all of the
   miss where either is faster still), so `auto` is never slower than `off` or `all`.
 - **Not counted**: KV reads (a short context), admission copies sharing the link, kernel
-  launches and syncs. On the H200 benchmark the engine ran at about half of such bounds.
+  launches and syncs. On the H200 benchmark (tree 57dce63) the engine measured 0.78-0.98 of
+  these projections (docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ from ..experts.split import MODES, Roads, predicted_layer_s, take_table
 CPU_EFFICIENCY = 0.55
 # ...and at most this many GB/s per thread (the same run: 10.0 GB/s on one thread, 14.4 on two).
 CPU_GBPS_PER_THREAD = 7.0
+# What the decode kernels reach of the raw bandwidths (measured on the H200, docs/benchmarks.md):
+# a memory-bound GEMV reads HBM at about 70% of its peak (torch's bf16 GEMV: 3.4 of 4.8 TB/s),
+# but the compact experts' GEMV is bound by its arithmetic at about 1,200 GB/s there (a GPU with
+# fewer or slower SMs than the H200 would have a lower such limit; it is not modelled); a kernel
+# reads pinned host RAM in place at about 36 GB/s where the copy engine moves 55.
+HBM_EFFICIENCY = 0.7
+EXPERT_KERNEL_GBPS = 1200.0
+ZERO_COPY_EFFICIENCY = 0.65
 # Raising a layer's flag to the CPU thread and waiting for its rows: with a take of 0 the split
 # cost 31.03 -> 29.50 tok/s at 12 GiB on the H200, about 50 us per layer.
 HANDOFF_S = 50e-6
@@ -84,9 +95,13 @@ class Machine:
         return min(self.ram_gbps * CPU_EFFICIENCY, CPU_GBPS_PER_THREAD * self.cpu_threads)
 
     def roads(self) -> Roads:
+        """The rates the engine's kernels reach on this machine: HBM and the zero-copy link at
+        their efficiencies (HBM at most the expert kernel's limit), the CPU road at `cpu_gbps`."""
         return Roads(
-            gpu_hbm=self.hbm_gbps * 1e9, zero_copy=self.pcie_gbps * 1e9, cpu=self.cpu_gbps * 1e9, handoff_s=HANDOFF_S
-        )
+            gpu_hbm=min(self.hbm_gbps * HBM_EFFICIENCY, EXPERT_KERNEL_GBPS) * 1e9,
+            zero_copy=self.pcie_gbps * 1e9 * ZERO_COPY_EFFICIENCY,
+            cpu=self.cpu_gbps * 1e9, handoff_s=HANDOFF_S,
+        )  # fmt: skip
 
     def source(self, name: str) -> str:
         return dict(self.sources).get(name, "given")
