@@ -31,6 +31,24 @@ def test_2bit_tokens_identical_for_every_cache_size_and_prefetch(quantized_outpu
         assert tokens == reference, key
 
 
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("cpu_experts", ["off", "all"])
+def test_a_budget_of_one_slot_for_every_layer_gives_the_same_tokens(quantized_outputs, tiny_dirs, family, cpu_experts):
+    """A budget with room for one expert slot in all (fewer slots than MoE layers, floor 0):
+    the prompt recycles the slot, decode reads every other expert where it lies; the tokens
+    are those of a slot for every expert."""
+    full = moe_llm.load(tiny_dirs[family], experts_bits=2, cache_per_layer=8)
+    p = full.plan
+    budget = p.trunk_bytes + p.kv_bytes + p.workspace_bytes + p.expert_bytes
+    engine = moe_llm.load(tiny_dirs[family], experts_bits=2, gpu_budget=budget, cpu_experts=cpu_experts)
+    assert engine.plan.slots == 1 < engine.plan.moe_layers and engine.plan.floor == 0
+    res = engine.generate(PROMPT, max_new_tokens=16)
+    assert res.token_ids == quantized_outputs[family, 8, False][0]
+    assert engine.stats.cache_misses > engine.stats.cache_hits
+    with pytest.raises(moe_llm.BudgetError, match="one expert slot"):
+        moe_llm.load(tiny_dirs[family], experts_bits=2, gpu_budget=budget - 1)
+
+
 def test_smaller_caches_move_more_bytes(quantized_outputs):
     def moved(c):
         stats = quantized_outputs["mixtral", c, False][1]

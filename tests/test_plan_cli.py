@@ -103,8 +103,9 @@ def test_mixtral_8x7b_on_12gib_holds_200_experts_at_1024_context(mixtral_8x7b, c
 @pytest.mark.parametrize(
     "args,fragment",
     [
-        (["--gpu-budget", "2GiB", "--experts-bits", "2"], "GPU budget 2.0 GiB is too small"),
-        (["--gpu-budget", "3GiB", "--experts-bits", "2"], "32 expert slots (1 per MoE layer x 32)"),
+        (["--gpu-budget", "1GiB", "--experts-bits", "2"], "GPU budget 1.0 GiB is too small"),
+        (["--gpu-budget", "1.5GiB", "--experts-bits", "2", "--attn-bits", "4"], "+ one expert slot of"),
+        (["--gpu-budget", "12GiB"], "32 expert slots (1 per MoE layer x 32)"),  # 16-bit experts keep the floor
         (["--gpu-budget", "24GiB", "--experts-bits", "4", "--ram", "16GiB"], "host RAM 16.0 GiB cannot hold"),
         (["--cache-per-layer", "9"], r"between 1 and num_experts (8)"),
     ],

@@ -65,6 +65,20 @@ def test_the_floor_is_the_least_a_budget_must_buy():
         plan(FIXED - 1)  # not even the fixed costs fit
 
 
+def test_experts_read_in_place_run_below_the_floor_down_to_one_slot():
+    """Compact experts (decode reads a miss where it lies): a pool below one slot per layer runs
+    with the floor lowered to what it allows; only a budget without room for one slot fails."""
+    p = plan(FIXED + 3 * 10 * MIB, in_place=True)
+    assert p.slots == 3 and p.floor == 0 and p.device_bytes == FIXED + 30 * MIB
+    assert plan(FIXED + 10 * 10 * MIB, in_place=True).floor == 1  # one per layer fits again
+    assert plan(FIXED + 20 * 10 * MIB, floor=2, in_place=True).floor == 2
+    assert plan(FIXED + 12 * 10 * MIB, floor=2, in_place=True).floor == 1  # lowered to what the pool allows
+    assert plan(FIXED + 10 * MIB, in_place=True).slots == 1
+    with pytest.raises(BudgetError) as exc:
+        plan(FIXED + 10 * MIB - 1, in_place=True)
+    assert "+ one expert slot of 10.0 MiB needs 510.0 MiB" in str(exc.value)
+
+
 def test_a_floor_must_fit_the_layer_and_a_fixed_count():
     with pytest.raises(ConfigError, match="floor must be between 1 and num_experts"):
         plan(floor=0)

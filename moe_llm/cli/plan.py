@@ -45,7 +45,7 @@ def plan_table(mp, model_name: str, pcie_gbps: float) -> Table:
     t.add_row("GPU", "activations and kernel workspace", format_size(p.workspace_bytes))
     t.add_row(
         "GPU",
-        f"expert slots (one pool for all layers, >= {p.floor} per layer): {p.slots} of {p.total_experts} "
+        f"expert slots (one pool for all layers, {_floor_words(p)}): {p.slots} of {p.total_experts} "
         f"experts ({p.slots / p.total_experts:.0%}) x {format_size(p.expert_bytes)}",
         format_size(p.slot_pool_bytes),
     )
@@ -71,6 +71,12 @@ def plan_table(mp, model_name: str, pcie_gbps: float) -> Table:
         format_size(per_token),
     )
     return t
+
+
+def _floor_words(p) -> str:
+    if p.floor:
+        return f">= {p.floor} per layer"
+    return "fewer than one per layer: a prompt recycles them, decode reads misses in place or on the CPU"
 
 
 def machine_line(m) -> str:
@@ -112,7 +118,8 @@ PROJECTION_NOTE = (
     "off: every miss read over PCIe; all: every miss computed by the CPU threads; auto: the cost model's "
     "split of each miss (experts.split.take_table), so that both roads finish together; its counts are "
     "expert-equivalents, and the CPU reads all of a shared expert's down_proj. HBM and the link at what "
-    "the decode kernels reach of them (25% and 65% on the H200), as the engine's own split counts them. "
+    "the decode kernels reach of them (70% of HBM, at most 1.2 TB/s; 65% of the link), as the engine's own "
+    "split counts them. "
     "Not counted: KV reads, admission copies, kernel launches."
 )
 

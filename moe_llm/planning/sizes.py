@@ -189,6 +189,7 @@ def plan_for(
         expert_bytes=fmt.nbytes,
         moe_layers=len(info.layers),
         num_experts=info.num_experts,
+        in_place=fmt.specs is not None,  # compact experts: decode reads a miss where it lies (or recycles slots)
     )
 
 
@@ -235,9 +236,11 @@ class _Sizer:
             return None
 
     def least_budget(self, cfg: EngineConfig) -> int:
-        """The smallest budget `cfg` fits: the fixed terms plus `floor` slots per MoE layer."""
-        p = self.plan(cfg.model_copy(update={"gpu_budget": None, "cache_per_layer": None}))[1]
-        return p.trunk_bytes + p.kv_bytes + p.workspace_bytes + p.floor * p.moe_layers * p.expert_bytes
+        """The smallest budget `cfg` fits: the fixed terms plus one expert slot for compact
+        experts (`plan_slots`' in_place), else `floor` slots per MoE layer."""
+        fmt, p, _ = self.plan(cfg.model_copy(update={"gpu_budget": None, "cache_per_layer": None}))
+        slots = 1 if fmt.specs is not None else p.floor * p.moe_layers
+        return p.trunk_bytes + p.kv_bytes + p.workspace_bytes + slots * p.expert_bytes
 
     def leaner(self, cfg: EngineConfig, quantized: bool) -> Iterator[dict[str, Any]]:
         """Ever leaner settings, one step at a time, each as every change so far: fewer expert
@@ -284,6 +287,8 @@ class _Sizer:
         if leanest is None:
             return f"try {need}"
         least = _round_up(self.least_budget(cfg.model_copy(update=leanest)))
+        if f"--gpu-budget {least}" == need:  # the leanest settings need no less, once rounded
+            return f"try {need}"
         return f"try {need}, or --gpu-budget {least} with {_flags(leanest)}"
 
 

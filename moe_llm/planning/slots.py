@@ -6,6 +6,12 @@ The budget covers everything the engine allocates on the device: the trunk
 activations and kernel workspace, and then the expert slot pool. The pool is
 global across MoE layers: any layer may hold any number of slots, but never
 fewer than `floor`, so every byte left after the fixed costs holds an expert.
+
+With compact (quantized) experts, whose decode reads a missed expert in place from host RAM
+or computes it on the CPU, a budget whose pool holds fewer than `floor` slots per MoE layer
+still runs, with the floor lowered to what the pool allows (0 below one slot per layer, the
+`--cpu-moe` regime; a prompt recycles the few slots), and only a budget without room for one
+slot is refused. 16-bit experts are copied into a slot for every use, so they keep the floor.
 """
 
 from __future__ import annotations
@@ -110,11 +116,13 @@ def plan_slots(
     moe_layers: int,
     num_experts: int,
     floor: int = 1,
+    in_place: bool = False,
 ) -> Plan:
     """The global slot count: `cache_per_layer` K gives K * moe_layers slots; a budget gives
     what is left after trunk, KV and workspace, in whole experts, capped at every expert;
     neither gives every expert a slot. A budget below `floor` slots per MoE layer raises
-    `BudgetError`."""
+    `BudgetError`, unless `in_place` (decode reads misses where they lie): then it lowers the
+    plan's floor, and only a budget without room for one slot raises."""
     if not 1 <= floor <= num_experts:
         raise ConfigError(f"the per-layer slot floor must be between 1 and num_experts ({num_experts}), got {floor}")
     total = moe_layers * num_experts
@@ -133,12 +141,13 @@ def plan_slots(
     fixed = trunk_bytes + kv_bytes + workspace
     left = budget - fixed
     slots = left // expert_bytes if left > 0 else 0
-    least = moe_layers * floor
+    least = 1 if in_place else moe_layers * floor
     if slots < least:
+        what = "one expert slot" if in_place else f"{least} expert slots ({floor} per MoE layer x {moe_layers})"
         raise BudgetError(
             f"GPU budget {format_size(budget)} is too small: trunk {format_size(trunk_bytes)} + KV "
-            f"{format_size(kv_bytes)} + workspace {format_size(workspace)} + {least} expert slots "
-            f"({floor} per MoE layer x {moe_layers}) of {format_size(expert_bytes)} needs "
-            f"{format_size(fixed + least * expert_bytes)}"
+            f"{format_size(kv_bytes)} + workspace {format_size(workspace)} + {what} of "
+            f"{format_size(expert_bytes)} needs {format_size(fixed + least * expert_bytes)}"
         )
+    common["floor"] = min(floor, slots // moe_layers)  # in place: a pool below the floor lowers it
     return Plan(slots=int(min(slots, total)), **common)
