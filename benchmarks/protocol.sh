@@ -7,12 +7,16 @@
 #   benchmarks/protocol.sh measure    moe-llm bench, then llama-bench right after it
 #
 # Environment: OUT (results folder) [out], ROWS (moe-llm bench --rows) [the headline rows],
-# NCMOE (the -ncmoe sweep) [0 7 26 32], TUNING [benchmarks/results/h200-kernel-tuning-exact.json]
+# BUDGETS (the budgets besides 12 GiB) [16GiB 4GiB 2GiB], NCMOE (the -ncmoe sweep) [0 7 26 32],
+# TUNING [benchmarks/results/h200-kernel-tuning-exact.json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-ROWS=${ROWS:-full,full-cpu-all,full-lfu,no-prefetch,resident,full-16GiB,full-4GiB,full-cpu-all-4GiB,full-3bit,resident-3bit}
+ROWS=${ROWS:-full,full-cpu-off,full-cpu-all,resident,full-16GiB,full-4GiB,full-cpu-all-4GiB,full-cpu-off-4GiB,full-cpu-all-2GiB,full-3bit,resident-3bit}
+BUDGETS=${BUDGETS:-16GiB 4GiB 2GiB}
+extra=()
+for b in $BUDGETS; do extra+=(--extra-budget "$b"); done
 TUNING=${TUNING:-benchmarks/results/h200-kernel-tuning-exact.json}
 GPU_TESTS=${GPU_TESTS:-tests/test_gpu_kernels.py tests/test_gpu_split.py tests/test_gpu_engine.py tests/test_batching_gpu.py}
 case "${1:-}" in
@@ -27,7 +31,7 @@ case "${1:-}" in
     tail -n 3 "$OUT/peer-build.log"
     ;;
   measure)
-    python -m moe_llm bench -v --repeats 2 --accelerate-layers 0 --kernel-tuning "$TUNING" --rows "$ROWS" \
+    python -m moe_llm bench -v --repeats 2 --accelerate-layers 0 --kernel-tuning "$TUNING" --rows "$ROWS" "${extra[@]}" \
       --out "$OUT/h200-mixtral8x7b-2bit.json" > "$OUT/h200-mixtral8x7b-2bit.log" 2>&1 \
       || { tail -n 30 "$OUT/h200-mixtral8x7b-2bit.log"; exit 1; }
     grep -v "^20..-..-.. " "$OUT/h200-mixtral8x7b-2bit.log" | tail -n 40
