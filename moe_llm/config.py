@@ -209,7 +209,7 @@ class GenerationConfig(BaseModel):
     top_p: float = Field(1.0, description="Nucleus sampling mass.")
     top_k: int = Field(0, description="Keep the k most likely tokens; 0 disables.")
     stop: list[str] = Field(default_factory=list, description="Stop strings (not included).")
-    seed: int | None = Field(None, description="Sampling seed.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="Sampling seed (what torch.Generator takes).")
 
     @field_validator("max_new_tokens")
     @classmethod

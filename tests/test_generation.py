@@ -14,6 +14,16 @@ def test_temperature_zero_is_argmax():
     assert sample(logits, 0.0) == 1
 
 
+def test_a_vanishing_temperature_samples_the_argmax():
+    """A positive temperature so small that logits / t overflows (the fuzzer sent 5e-324) is
+    greedy, not an error."""
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    g = torch.Generator().manual_seed(0)
+    assert all(sample(logits, t, generator=g) == 1 for t in (5e-324, 1e-40, 1e-12))
+    assert sample(logits, 5e-324, top_p=0.5, generator=g) == 1
+    assert all(sample(logits, 1.0, top_p=p, generator=g) == 1 for p in (3.2e-172, 1e-45, 0.0))  # top_p ~ 0: greedy
+
+
 def test_top_k_one_is_greedy_even_when_sampling():
     logits = torch.randn(50)
     g = torch.Generator().manual_seed(0)

@@ -87,6 +87,33 @@ def _first_error(exc: ValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param and not msg.startswith(("unrecognized", param)) else msg), param
 
 
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+
+
+def _openapi(app: FastAPI):
+    """app.openapi with the request bodies that the handlers parse themselves (`_parse`, for
+    OpenAI-style errors), taken from their pydantic models."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            for path, model in BODIES.items():
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+                ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+                spec["paths"][path]["post"]["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": ref}},
+                }
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    return openapi
+
+
 async def _parse(request: Request, model: type[BaseModel]):
     raw = await request.body()
     try:
@@ -234,7 +261,8 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name` (default: the checkpoint directory's name)."""
     server = Server(engine, model_name, api_key, default_max_tokens)
-    app = FastAPI(title="moe-llm", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json describes the request bodies (parsed by `_parse`, so declared by hand); no docs pages
+    app = FastAPI(title="moe-llm", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
 
     @app.exception_handler(ApiError)
@@ -302,5 +330,6 @@ def create_app(
     async def index():
         return HTMLResponse(_static("index.html"))
 
+    app.openapi = _openapi(app)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     return app
