@@ -137,7 +137,7 @@ class EngineConfig(BaseModel):
         "auto",
         description="How several requests decode together: 'fused' (one forward for all rows, each computed as "
         "alone), 'exact' (each row's own one-token forward); both give each request its lone tokens. 'auto': "
-        "exact on CPU, fused on CUDA. docs/serving.md",
+        "exact on CPU, fused on CUDA. docs/serve.md",
     )
 
     @field_validator("device")

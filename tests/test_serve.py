@@ -223,15 +223,25 @@ def test_body_over_the_limit_is_413_and_unknown_routes_404(base, client):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(base, client, engine):
+    """...and its KV: the request's cache object is gone once it leaves the batch."""
+    import gc
+    import weakref
+
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 3000, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(g.startswith("data: ") for g in got)
         assert engine.batcher.active_requests == 1
+        seq = engine.batcher.active[0]
+        kv = weakref.ref(seq.kv)  # on CPU each request decodes from its own transformers cache
+        layers = [weakref.ref(layer.keys) for layer in seq.kv.layers]
     # the connection is closed: the request leaves the batch within a step or two
     assert wait_for(lambda: engine.batcher.active_requests == 0 and engine.batcher.queue_depth == 0)
     assert engine.cache.consistent()
+    del seq
+    gc.collect()
+    assert kv() is None and all(k() is None for k in layers)  # its keys and values are freed
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices
 
 
