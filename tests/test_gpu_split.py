@@ -128,3 +128,24 @@ def test_split_dispatch_equals_the_gpu_alone(bits, take):
         assert torch.equal(shared, alone)
     finally:
         split.close()
+
+
+@pytest.mark.parametrize("mode", ["off", "all"])
+def test_one_slot_for_every_layer_gives_the_tokens_of_every_slot(tmp_path, mode):
+    """A budget with room for one expert slot in all (floor 0, the --cpu-moe regime): the prompt
+    recycles the slot, decode reads every other expert in place or on the CPU; the tokens are
+    those of a slot for every expert."""
+    import moe_llm
+    from moe_llm.tiny import make_tiny
+
+    path = make_tiny(tmp_path / "m", "mixtral", seed=4, layers=4, overrides=WIDE)
+    full = moe_llm.load(path, device="cuda", experts_bits=2, attn_bits=4, cache_per_layer=8)
+    want = full.generate(PROMPT, max_new_tokens=24).token_ids
+    p = full.plan
+    budget = p.trunk_bytes + p.kv_bytes + p.workspace_bytes + p.expert_bytes
+    del full
+    engine = moe_llm.load(path, device="cuda", experts_bits=2, attn_bits=4, gpu_budget=budget, cpu_experts=mode)
+    assert engine.plan.slots == 1 and engine.plan.floor == 0 and engine.runtime.device_dispatch
+    assert engine.generate(PROMPT, max_new_tokens=24).token_ids == want
+    assert engine.stats.host_syncs_per_token == 0
+    engine.runtime.close()

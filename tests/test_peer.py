@@ -395,6 +395,9 @@ def test_every_miss_on_the_cpu_is_set_beside_every_moe_layer_on_the_cpu(peer_dir
     assert entry["ours"] == "full-cpu-all-4GiB" and entry["budget_bytes"] == 4 * GIB
     assert entry["llamacpp_ncmoe"] == 32 and entry["llamacpp_cuda_total_bytes"] == total_bytes(32)
     assert "full-cpu-all" not in [e["ours"] for e in s["vs_llamacpp"]]  # not an engine row of its budget
+    run = peer.merge({"variants": [dict(r) for r in OUR_ROWS]}, peer.parse_peer_dir(peer_dir))
+    target = next(t for t in run["targets"] if t["key"] == "speedup_vs_llamacpp_cpu_all")
+    assert target["met"] is False and target["note"] == "measured at 4 GiB; issue 12 asks 2 GiB"
     no_cpu_rows = peer.speedups([r for r in OUR_ROWS if "cpu" not in r["name"]], peer.parse_peer_dir(peer_dir))
     assert no_cpu_rows["speedup_vs_llamacpp_cpu_all"] is None and no_cpu_rows["vs_llamacpp_cpu_all"] is None
 
@@ -473,3 +476,4 @@ def test_peer_targets_say_what_was_met_and_by_how_much_the_rest_fell_short():
     assert abs(got["speedup_vs_llamacpp_decode"]["missed_by"] - 0.5) < 1e-9
     assert got["speedup_vs_llamacpp_prefill"]["met"] is True and "missed_by" not in got["speedup_vs_llamacpp_prefill"]
     assert got["speedup_vs_llamacpp_resident"]["value"] is None and got["speedup_vs_llamacpp_resident"]["met"] is None
+    assert got["speedup_vs_llamacpp_cpu_all"]["target"] == 1.0
