@@ -174,3 +174,22 @@ def test_fused_batching_on_other_families(tiny_dirs, family):
     engine = load(tiny_dirs[family], batch_mode="fused")
     assert interleaved(engine, PROMPTS[:3]) == want
     assert engine.batcher.counters.batched_rows > 0
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fused_rows_on_cpu_read_each_routed_expert_once(tiny_mixtral, bits):
+    """With the CPU kernel, a fused step computes each distinct routed expert once for all the
+    rows routed to it (the union of the batch's experts, not one read per row), and every
+    request still gets its lone tokens."""
+    want = [load(tiny_mixtral, experts_bits=bits, prefix_cache=0).generate(p, max_new_tokens=NEW).token_ids
+            for p in PROMPTS]  # fmt: skip
+    runs = {}
+    for mode in ("exact", "fused"):
+        engine = load(tiny_mixtral, experts_bits=bits, batch_mode=mode, prefix_cache=0)
+        assert engine.runtime.cpu_road == "cpu"
+        before = engine.stats.copy()
+        runs[mode] = (interleaved(engine, PROMPTS), engine.stats - before)
+    assert runs["exact"][0] == runs["fused"][0] == want
+    exact, fused = runs["exact"][1], runs["fused"][1]
+    assert fused.cpu_expert_calls < exact.cpu_expert_calls  # rows that share an expert share its read
+    assert fused.cpu_expert_bytes < exact.cpu_expert_bytes

@@ -257,10 +257,13 @@ class ExpertsRuntime:
 
     def _rows(self, layer, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         """B decoded rows (`kernels.rows`), each computed as alone: on the device in one launch
-        per GEMV (misses read in place, no CPU share), elsewhere one lone step per row. The
+        per GEMV (misses read in place, no CPU share); on CPU with the CPU kernel each routed
+        expert once for all its rows (`_host_rows`); elsewhere one lone step per row. The
         routing of every row is recorded for `end_step`."""
         if self.mode == "device":
             out = self._dispatch.rows(hidden, top_k_index, top_k_weights, self.cache.table_row(layer), self.cache.pool)
+        elif self.mode == "host" and self._cpu is not None:
+            out = self._host_rows(layer, hidden, top_k_index, top_k_weights)
         else:
             out = torch.cat([
                 self.forward(layer, hidden[b : b + 1], top_k_index[b : b + 1], top_k_weights[b : b + 1]).clone()
@@ -309,6 +312,28 @@ class ExpertsRuntime:
                 y = expert_forward(hidden, views, self.fmt, self.act_fn)  # [1, H]
             rows.append(y.float() * top_k_weights.reshape(-1)[j].float())
         return torch.stack(rows).sum(dim=0).to(hidden.dtype)  # [1, H], summed in k order
+
+    def _host_rows(self, layer, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """`_host_step` for B rows, each distinct routed expert read once: the CPU kernel takes
+        all the rows routed to it in one call (a row's result does not depend on the others in
+        the call), and each row's outputs are weighted and summed in k order as alone."""
+        cache = self.cache
+        ids = top_k_index.tolist()
+        users: dict[int, list[tuple[int, int]]] = {}  # expert -> its (row, k) positions
+        for b, row in enumerate(ids):
+            for j, e in enumerate(row):
+                users.setdefault(e, []).append((b, j))
+        ys = {}
+        for e, pos in users.items():
+            slot = cache.slot_of(layer, e)
+            buf = cache.pool[slot] if slot is not None else cache.store.buffer(layer, e)
+            y = self._cpu_expert(hidden[[b for b, _ in pos]], buf)  # fp32 [len(pos), H]
+            for i, key in enumerate(pos):
+                ys[key] = y[i : i + 1]
+        return torch.cat([
+            torch.stack([ys[b, j].float() * top_k_weights[b, j].float() for j in range(len(row))]).sum(dim=0)
+            for b, row in enumerate(ids)
+        ]).to(hidden.dtype)  # fmt: skip
 
     def _cpu_expert(self, x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
