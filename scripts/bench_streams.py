@@ -1,6 +1,7 @@
 """Aggregate decode speed of N concurrent requests on the synthetic Mixtral (continuous batching).
 
     python scripts/bench_streams.py [--budget-gib 12] [--streams 1 2 4 8] [--new-tokens 64] [--out s.json]
+    python scripts/bench_streams.py --device cpu --batch-mode fused --streams 1 4 8 --new-tokens 24
 
 For each N, N threads call `engine.generate` at once with different 64-token prompts and
 `--new-tokens` greedy tokens (the batcher decodes them in one step each); prints the
@@ -23,6 +24,9 @@ import time
 import torch
 
 from moe_llm.bench.synthetic import Geometry, SyntheticModel
+
+# --device cpu: 8 layers of a 1024-wide Mixtral (2-bit experts of 3584), small enough for a laptop
+CPU_GEOMETRY = Geometry(layers=8, hidden=1024, intermediate=3584, heads=16, kv_heads=4, vocab=8000, max_positions=4096)
 
 
 def run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list]:
@@ -54,15 +58,22 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--policy", default="lru", help="the expert cache's policy (lru, lfu)")
     ap.add_argument("--cpu-experts", default="auto", help="the CPU road for misses (auto, off, all)")
+    ap.add_argument("--batch-mode", default="auto", help="auto, exact or fused")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu: a smaller synthetic Mixtral (CPU_GEOMETRY), fp32")
     ap.add_argument("--profile", type=int, default=0, help="then trace one run of this many streams (torch.profiler)")
     ap.add_argument(
         "--cprofile", type=int, default=0, help="then profile the host side of this many streams (cProfile)"
     )
     args = ap.parse_args()
-    model = SyntheticModel(Geometry(), "cuda", experts_bits=2, attn_bits=4, head_bits=4)
+    if args.device == "cpu":
+        model = SyntheticModel(CPU_GEOMETRY, "cpu", experts_bits=2, attn_bits=None, dtype=torch.float32)
+        budget = None  # every expert in the "device" cache: the CPU kernel reads them in place either way
+    else:
+        model = SyntheticModel(Geometry(), "cuda", experts_bits=2, attn_bits=4, head_bits=4)
+        budget = int(args.budget_gib * 2**30)
     engine = model.engine(
-        int(args.budget_gib * 2**30), max_context=1152, max_batch=max(args.streams), prefix_cache=0,
-        cache_policy=args.policy, cpu_experts=args.cpu_experts,
+        budget, max_context=1152, max_batch=max(args.streams), prefix_cache=0,
+        cache_policy=args.policy, cpu_experts=args.cpu_experts, batch_mode=args.batch_mode,
     )  # fmt: skip
     engine.generate(model.random_prompt(64, 999), max_new_tokens=8)  # warm-up: captures, compiles
     rows, base = [], None
@@ -119,7 +130,8 @@ def main() -> None:
         prof.enable()
         while streams:  # one thread drives every stream: each next() runs a step when none is running
             streams = [s for s in streams if next(s, None) is not None]
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
