@@ -119,3 +119,14 @@ def test_refuses_clearly_when_it_cannot_fit(mixtral_8x7b, capsys, args, fragment
 def test_a_budget_is_validated_on_cpu_too(tiny_mixtral):
     with pytest.raises(BudgetError, match="too small"):
         moe_llm.load(tiny_mixtral, device="cpu", gpu_budget="8MiB")
+
+
+def test_a_hint_names_a_budget_once(mixtral_8x7b, capsys):
+    """Where the leanest settings need the same whole-GiB budget as the current ones, the hint
+    names that budget alone, not twice."""
+    args = ["plan", str(mixtral_8x7b), "--gpu-budget", "1GiB", "--experts-bits", "2", "--attn-bits", "4",
+            "--head-bits", "4", "--context", "1152"]  # fmt: skip
+    code, out = run_cli(args, capsys)
+    assert code == 2 and out.err.count("\n") == 1
+    assert out.err.rstrip().endswith("; try --gpu-budget 2GiB"), out.err
+    assert run_cli([*args[:3], "2GiB", *args[4:]], capsys)[0] == 0  # and it fits
