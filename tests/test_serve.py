@@ -449,3 +449,61 @@ def test_a_barrage_of_mutated_requests_leaves_the_server_healthy(base, client, e
     assert engine.cache.consistent()
     r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == engine.generate(HELLO, max_new_tokens=12).text
+
+
+@pytest.mark.parametrize("drain", ["30", "1"])
+def test_sigterm_drains_what_is_in_flight_and_exits_0(tiny_mixtral, drain):
+    """SIGTERM stops the server taking requests; a stream in flight runs to its [DONE] (or, past
+    --drain-timeout, is cut), and the command exits 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from serve_helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moe_llm", "serve", str(tiny_mixtral), "--port", str(port), "--cache-per-layer", "2",
+         "--drain-timeout", drain],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        assert wait_for(up, timeout=60), "server did not start"
+        got = {"events": 0, "done": False}
+        tokens = 120 if drain == "30" else 3000  # the second one cannot finish within a second
+
+        def stream():
+            body = {"model": "x", "messages": HELLO, "max_tokens": tokens, "stream": True, "temperature": 0}
+            body["model"] = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+            try:
+                with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+                    for line in r.iter_lines():
+                        got["events"] += line.startswith("data: {")
+                        got["done"] |= line == "data: [DONE]"
+            except httpx.HTTPError:
+                pass  # cut at the drain timeout
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert wait_for(lambda: got["events"] > 0, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        t.join(timeout=30)
+        if drain == "30":
+            assert got["done"]  # the request in flight finished
+        else:
+            assert not got["done"] and time.monotonic() - t0 < 20  # cut after about a second
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
 
 import typer
@@ -37,6 +39,9 @@ def serve(
     max_queue: int = typer.Option(None, "--max-queue", help="Waiting requests before 429 (default 64)."),
     max_tokens: int = typer.Option(512, "--default-max-tokens", help="max_tokens of a request that gives none."),
     max_body: int = typer.Option(4 * 2**20, "--max-body-bytes", help="Largest request body (413 past it)."),
+    drain: float = typer.Option(
+        30.0, "--drain-timeout", help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish before exiting."
+    ),
     experts_bits: str = ExpertsBitsOpt,
     attn_bits: str = AttnBitsOpt,
     cache_per_layer: int = CacheOpt,
@@ -53,6 +58,8 @@ def serve(
                         ("--max-body-bytes", max_body)):  # fmt: skip
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be positive, got {value}")
+    if not drain >= 0:
+        raise ConfigError(f"--drain-timeout must be 0 or more seconds, got {drain}")
     if api_key is not None and not api_key.strip():
         raise ConfigError("--api-key / MOE_LLM_API_KEY must not be empty")
     check_engine_options(device, experts_bits, attn_bits, cache_per_layer, gpu_budget, cpu_experts=cpu_experts)
@@ -76,4 +83,20 @@ def serve(
     err_console.print(f"serving [bold]{web.state.server.model}[/] on http://{shown}:{port} (chat page at /)")
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         err_console.print("[yellow]warning:[/] listening beyond localhost without --api-key")
-    uvicorn.run(web, host=host, port=port, log_level="warning")
+    config = uvicorn.Config(web, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain)
+    _serve_until_stopped(uvicorn.Server(config))
+    err_console.print("stopped")
+
+
+def _serve_until_stopped(server) -> None:
+    """Run a uvicorn server until Ctrl-C or SIGTERM: it stops accepting, lets what is in flight
+    finish (up to its timeout_graceful_shutdown, then cancels it) and returns, so the command
+    exits 0. uvicorn's own handlers would re-raise the signal once shut down, killing the
+    process; a second Ctrl-C still forces the exit."""
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server.capture_signals = contextlib.nullcontext  # keep these handlers; re-raise nothing
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
