@@ -172,6 +172,13 @@ BAD = [
     ("bad stop", {"model": MODEL, "messages": HELLO, "stop": [""]}, 422, "invalid_value"),
     ("bad response_format", {"model": MODEL, "messages": HELLO, "response_format": {"type": "xml"}}, 422,
      "invalid_value"),
+    ("malformed json_schema", {"model": MODEL, "messages": HELLO, "response_format": {"type": "json_schema",
+        "json_schema": {"name": "r", "schema": {"type": "object", "properties": {"a": {"type": "wat"}}}}}}, 422,
+     "invalid_value"),
+    ("malformed nested tool schema", {"model": MODEL, "messages": HELLO, "tools": [{"type": "function", "function": {
+        "name": "x", "parameters": {"type": "object", "properties": {"a": {"type": "array", "items": 3}}}}}]}, 422,
+     "invalid_value"),
+    ("seed out of range", {"model": MODEL, "messages": HELLO, "seed": -(2**70)}, 422, "invalid_value"),
 ]  # fmt: skip
 
 
@@ -503,7 +510,8 @@ def test_sigterm_drains_what_is_in_flight_and_exits_0(tiny_mixtral, drain):
             assert got["done"]  # the request in flight finished
         else:
             assert not got["done"] and time.monotonic() - t0 < 20  # cut after about a second
-        assert "stopped" in proc.stderr.read()
+        err = proc.stderr.read()
+        assert "stopped" in err and "Traceback" not in err, err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import signal
 from pathlib import Path
 
@@ -85,7 +87,20 @@ def serve(
         err_console.print("[yellow]warning:[/] listening beyond localhost without --api-key")
     config = uvicorn.Config(web, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain)
     _serve_until_stopped(uvicorn.Server(config))
+    from ..serve.aio import join_workers
+
+    if not join_workers(timeout=30.0):  # requests cut at the drain timeout leave the batch at their next token
+        err_console.print("[yellow]warning:[/] a request was still running at exit")
     err_console.print("stopped")
+
+
+class _NoCancelTracebacks(logging.Filter):
+    """Drop uvicorn's traceback of a request task cancelled at the drain timeout (uvicorn says
+    so in its own line just before)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError)
 
 
 def _serve_until_stopped(server) -> None:
@@ -93,6 +108,7 @@ def _serve_until_stopped(server) -> None:
     finish (up to its timeout_graceful_shutdown, then cancels it) and returns, so the command
     exits 0. uvicorn's own handlers would re-raise the signal once shut down, killing the
     process; a second Ctrl-C still forces the exit."""
+    logging.getLogger("uvicorn.error").addFilter(_NoCancelTracebacks())
     previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
     server.capture_signals = contextlib.nullcontext  # keep these handlers; re-raise nothing
     try:

@@ -13,17 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from ..runtime.engine import Engine, StreamChunk
 
 _DONE = object()
+_workers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # the running `aiterate` threads
 
 
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
+
+
+def join_workers(timeout: float) -> bool:
+    """Wait up to `timeout` seconds for every worker thread to end (after the server stopped:
+    a cancelled request's worker leaves the batch at its next token, and a process must not exit
+    while one is inside a forward). True if none is left."""
+    deadline = time.monotonic() + timeout
+    for worker in list(_workers):
+        worker.join(max(0.0, deadline - time.monotonic()))
+    return not any(w.is_alive() for w in list(_workers))
 
 
 async def astream(engine: Engine, prompt: Any, **kwargs: Any) -> AsyncIterator[StreamChunk]:
@@ -60,7 +73,9 @@ async def aiterate(make: Callable[[], Iterator[StreamChunk]] | Iterator[StreamCh
                 chunks.close()
             put(_DONE)
 
-    threading.Thread(target=work, name="moe-llm-astream", daemon=True).start()
+    worker = threading.Thread(target=work, name="moe-llm-astream", daemon=True)
+    _workers.add(worker)
+    worker.start()
     try:
         while True:
             item = await queue.get()

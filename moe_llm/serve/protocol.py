@@ -29,6 +29,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+JSON_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def check_schema(schema: Any, where: str, depth: int = 0) -> None:
+    """Raise ValueError naming `where` unless `schema` is shaped as a JSON schema: an object (or
+    a boolean) whose `type` is a JSON type name or a list of them, whose `required` is a list of
+    names, and whose subschemas are shaped the same. (The schema is shown to the model, not
+    enforced; a malformed one is a client error.)"""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where} must be a JSON schema object")
+    if depth > 32:
+        raise ValueError(f"{where} nests deeper than 32 levels")
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not kinds or not all(isinstance(k, str) and k in JSON_TYPES for k in kinds):
+            raise ValueError(f"{where}: 'type' must be one of {', '.join(sorted(JSON_TYPES))} (or a list of them)")
+    req = schema.get("required", [])
+    if not isinstance(req, list) or not all(isinstance(r, str) for r in req):
+        raise ValueError(f"{where}: 'required' must be a list of names")
+    for key in _SUBSCHEMA_MAPS:
+        sub = schema.get(key, {})
+        if not isinstance(sub, dict):
+            raise ValueError(f"{where}: '{key}' must map names to JSON schemas")
+        for name, s in sub.items():
+            check_schema(s, f"{where}.{key}.{name}", depth + 1)
+    for key in _SUBSCHEMA_LISTS:
+        sub = schema.get(key, [])
+        if not isinstance(sub, list):
+            raise ValueError(f"{where}: '{key}' must be a list of JSON schemas")
+        for i, s in enumerate(sub):
+            check_schema(s, f"{where}.{key}.{i}", depth + 1)
+    for key in _SUBSCHEMAS:
+        if key in schema:
+            sub = schema[key]
+            for i, s in enumerate(sub) if isinstance(sub, list) and key == "items" else [(None, sub)]:
+                check_schema(s, f"{where}.{key}" + ("" if i is None else f".{i}"), depth + 1)
+
+
 class FunctionDef(_Strict):
     name: str
     description: str | None = None
@@ -55,6 +99,7 @@ class FunctionDef(_Strict):
         req = v.get("required", [])
         if not isinstance(req, list) or not all(isinstance(r, str) for r in req):
             raise ValueError("function parameters 'required' must be a list of names")
+        check_schema(v, "function parameters")
         return v
 
 
@@ -131,6 +176,7 @@ class ResponseFormat(BaseModel):
             schema = (self.json_schema or {}).get("schema")
             if not isinstance(schema, dict):
                 raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
+            check_schema(schema, "response_format json_schema.schema")
         return self
 
 
