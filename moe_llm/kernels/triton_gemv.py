@@ -14,13 +14,14 @@ The routed experts of a decode step go through `triton_moe`, which runs the same
 row loop (`_gemv_rows`) on experts found through the cache's table and sums their
 K-partials (`combine`); q, k and v of a token share one launch (`triton_group`).
 
-With int8 activations (`_tile_dot_i8`) the arithmetic is exact and the same as the CPU
-kernel's (`experts/cpu/moe_cpu.c`, whose header gives the formula): per block of 32
-columns one rounded float32 product per term, rounded to an integer (block scales are
-kept times 2^32), the integers summed in float64, which no order of summation changes.
-Every add that follows a multiply goes through `triton_exact._add_rn` (PTX with an explicit
-rounding mode, which the compiler never fuses into an FMA), so a GPU and a CPU computing
-one expert, or each computing a share of it, give the same bits.
+The tile dot products live in `triton_tiles`. With int8 activations (`_tile_dot_i8`) the
+arithmetic is exact and the same as the CPU kernel's (`experts/cpu/moe_cpu.c`, whose header
+gives the formula): per block of 32 columns one rounded float32 product per term, rounded to
+an integer (block scales are kept times 2^32), the integers summed in float64, which no
+order of summation changes. Every add that follows a multiply goes through
+`triton_exact._add_rn` (PTX with an explicit rounding mode, which the compiler never fuses
+into an FMA), so a GPU and a CPU computing one expert, or each computing a share of it, give
+the same bits.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from triton.language.extra import libdevice
 
 from ..quant.compact import META_GROUP, QuantSpec
 from ..quant.packing import packed_cols
-from .triton_exact import _add_rn, _silu_det
+from .triton_exact import _silu_det
+from .triton_tiles import _tile_dot, _tile_dot_i8
 
 NUM_WARPS = 4
-MAGIC_CODES = True  # codes turned into floats by bit placement, not int->float conversion (see _tile_dot)
+MAGIC_CODES = True  # codes turned into floats by bit placement, not int->float conversion (see triton_tiles._tile_dot)
 MAX_BLOCK_P = 256  # tiles swept on an H200 with scripts/tune_gemv.py
 _TARGET_PROGRAMS = 8 * 132  # about eight programs per SM of an H100/H200; fine elsewhere too
 _MAX_UNROLL = 1
@@ -59,158 +61,6 @@ def supported_spec(spec: QuantSpec) -> bool:
     b, g = block_p(spec), spec.group_size
     pow2 = (b & (b - 1)) == 0 and (g & (g - 1)) == 0
     return spec.bits in (2, 3, 4) and b >= 8 and pow2
-
-
-@triton.jit
-def _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NB: tl.constexpr, COLS: tl.constexpr,
-                  GROUP: tl.constexpr, ROW_META: tl.constexpr):  # fmt: skip
-    """(scale, zero) [BLOCK_N, NB] of the groups of the NB runs of COLS columns (COLS divides or
-    equals GROUP) from column col0 of each row (flat group index gbase + g): 8-bit codes
-    expanded with the float32 (min, step) of their run of 128 groups, with plain float32
-    multiplies and adds (as the CPU kernel computes them). The groups of a row are contiguous
-    bytes, so the loads vectorise; with ROW_META (groups per row a multiple of the tile's) they
-    never straddle two runs, so a row needs one meta entry."""
-    gidx = gbase[:, None] + (col0 + tl.arange(0, NB) * COLS)[None, :] // GROUP
-    m2 = mask[:, None]
-    if ROW_META:
-        m = ((gbase + col0 // GROUP) // 128 * 4)[:, None]
-    else:
-        m = (gidx // 128) * 4
-    s_min = tl.load(meta_ptr + m, mask=m2, other=0.0)
-    s_step = tl.load(meta_ptr + m + 1, mask=m2, other=0.0)
-    z_min = tl.load(meta_ptr + m + 2, mask=m2, other=0.0)
-    z_step = tl.load(meta_ptr + m + 3, mask=m2, other=0.0)
-    scale = _add_rn(tl.load(sq_ptr + gidx, mask=m2, other=0).to(tl.float32) * s_step, s_min)
-    zero = _add_rn(tl.load(zq_ptr + gidx, mask=m2, other=0).to(tl.float32) * z_step, z_min)
-    return scale, zero
-
-
-@triton.jit
-def _tile_dot(
-    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, MAGIC: tl.constexpr,
-    ROW_META: tl.constexpr,
-):  # fmt: skip
-    """sum over the columns encoded by packed bytes [p0, p0 + BLOCK_P) of W[rows] * x -> [BLOCK_N].
-    Each column tile splits into NG runs of SUB columns, each inside one group, so
-    code * x is reduced per (row, run) and scaled once per run. Rows outside `mask`
-    contribute 0 (their scale loads as 0)."""
-    MB: tl.constexpr = 4 if BITS == 4 else 2  # bits per code in the main plane
-    PER: tl.constexpr = 8 // MB  # codes per byte of the main plane
-    CODE_MASK: tl.constexpr = (1 << MB) - 1
-    SUB: tl.constexpr = GROUP if GROUP < BLOCK_P else BLOCK_P
-    NG: tl.constexpr = BLOCK_P // SUB
-    offs = tl.arange(0, BLOCK_P)
-    byte = tl.load(q_ptr + row_off[:, None] + p0 + offs[None, :], mask=mask[:, None], other=0).to(tl.int32)
-    if BITS == 3:
-        # high bit of column c sits in byte c % P1 of the 1-bit plane, bit c // P1
-        hi_byte = tl.load(q_ptr + row_off[:, None] + P + (p0 % P1) + offs[None, :], mask=mask[:, None], other=0)
-        hi_byte = hi_byte.to(tl.int32)
-        hi_sel = (p0 >= P1).to(tl.int32)
-    CB: tl.constexpr = 3 if BITS == 3 else MB  # bits of one code
-    acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-    for j in tl.static_range(PER):
-        col0 = j * P + p0
-        xv = tl.load(x_ptr + col0 + offs).to(tl.float32)  # [BLOCK_P]
-        sx = tl.sum(tl.reshape(xv, (NG, SUB)), axis=1)  # [NG]
-        if MAGIC:
-            # int->float conversion runs at a quarter of the FMA rate: instead, place the code in
-            # the top mantissa bits of 1.0, f = 1 + code / 2**CB exactly, and take sum(f*x) - sum(x)
-            bits = ((byte >> (MB * j)) & CODE_MASK) << (23 - CB)
-            if BITS == 3:
-                bits = bits | (((hi_byte >> (2 * j + hi_sel)) & 1) << 22)
-            f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
-            fx = tl.sum(tl.reshape(f * xv[None, :], (BLOCK_N, NG, SUB)), axis=2)  # [BLOCK_N, NG]
-            cx = (fx - sx[None, :]) * (1 << CB)
-        else:
-            code = (byte >> (MB * j)) & CODE_MASK
-            if BITS == 3:
-                code = code | (((hi_byte >> (2 * j + hi_sel)) & 1) << 2)
-            cx = tl.sum(tl.reshape(code.to(tl.float32) * xv[None, :], (BLOCK_N, NG, SUB)), axis=2)  # [BLOCK_N, NG]
-        scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NG, SUB, GROUP, ROW_META)
-        acc += scale * (cx - zero * sx[None, :])
-    return tl.sum(acc, axis=1)
-
-
-@triton.jit
-def _dp4a(a, b):
-    """Per int32 lane: the dot product of four unsigned bytes of `a` (codes) with four signed
-    bytes of `b` (int8 activations), one `dp4a` instruction."""
-    return tl.inline_asm_elementwise(
-        "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, tl.zeros_like(a)], dtype=tl.int32, is_pure=True, pack=1
-    )
-
-
-@triton.jit
-def _tile_words(q_ptr, row_off, mask, p0, P, P1, BITS: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The packed bytes [p0, p0 + BLOCK_P) of each row as int32 words [BLOCK_N, BLOCK_P / 4], and
-    with 3 bits the words of the 1-bit plane and which of its two bits is this tile's
-    (`_plane_codes`); other widths return the words again and 0."""
-    offs_w = tl.arange(0, BLOCK_P // 4)
-    q32 = q_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    word = tl.load(q32 + (row_off[:, None] + p0) // 4 + offs_w[None, :], mask=mask[:, None], other=0)
-    if BITS == 3:
-        hi_word = tl.load(q32 + (row_off[:, None] + P + (p0 % P1)) // 4 + offs_w[None, :], mask=mask[:, None], other=0)
-        hi_sel = (p0 >= P1).to(tl.int32)
-    else:
-        hi_word = word
-        hi_sel = 0
-    return word, hi_word, hi_sel
-
-
-@triton.jit
-def _plane_codes(word, hi_word, hi_sel, j: tl.constexpr, BITS: tl.constexpr):
-    """The codes of columns j * P + 4w .. 4w + 3 of each word w, one per byte lane: thanks to the
-    strided packing one shift and one mask (and with 3 bits the high bit from the 1-bit plane)."""
-    MB: tl.constexpr = 4 if BITS == 4 else 2
-    LANE_MASK: tl.constexpr = 0x0F0F0F0F if MB == 4 else 0x03030303
-    codes = (word >> (MB * j)) & LANE_MASK
-    if BITS == 3:
-        codes = codes | (((hi_word >> (2 * j + hi_sel)) & 0x01010101) << 2)
-    return codes
-
-
-@triton.jit
-def _block_sums_i8(codes, xw, dx, xs, scale, zero, BLOCK_N: tl.constexpr, NQ: tl.constexpr, QB: tl.constexpr):
-    """codes [BLOCK_N, W] times one row's int8 activations xw [W] (four per word), per block of
-    QB columns: rint(isum * (s * dx)) - rint((s * z) * xs) in float64 [BLOCK_N, NQ] (exact
-    integers, so they add up in any order without rounding)."""
-    W: tl.constexpr = NQ * QB // 4
-    d = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, W)))  # [BLOCK_N, W]
-    isum = tl.sum(tl.reshape(d, (BLOCK_N, NQ, QB // 4)), axis=2)  # [BLOCK_N, NQ] exact
-    p = libdevice.rint(isum.to(tl.float32) * (scale * dx[None, :]))
-    q = libdevice.rint((scale * zero) * xs[None, :])
-    return p.to(tl.float64) - q.to(tl.float64)
-
-
-@triton.jit
-def _tile_dot_i8(
-    xq_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ROW_META: tl.constexpr,
-):  # fmt: skip
-    """`_tile_dot` with int8 activations (`quantize_activations`), exactly: the packed bytes are
-    read as int32 words (`_tile_words`), and `dp4a` multiplies four codes of four consecutive
-    columns (`_plane_codes`) with four int8 activations. Per block of QB columns:
-    rint(isum * (s * dx)) - rint((s * z) * xs), dx and xs kept times 2^32, summed in float64
-    (exact integers). Returns the float64 sums [BLOCK_N]."""
-    MB: tl.constexpr = 4 if BITS == 4 else 2
-    PER: tl.constexpr = 8 // MB
-    SUB: tl.constexpr = GROUP if GROUP < BLOCK_P else BLOCK_P
-    QB: tl.constexpr = SUB if SUB < 32 else 32  # activation quantization block (columns)
-    NQ: tl.constexpr = BLOCK_P // QB
-    offs_w = tl.arange(0, BLOCK_P // 4)
-    word, hi_word, hi_sel = _tile_words(q_ptr, row_off, mask, p0, P, P1, BITS, BLOCK_P)
-    acc = tl.zeros([BLOCK_N, NQ], dtype=tl.float64)
-    for j in tl.static_range(PER):
-        col0 = j * P + p0
-        xw = tl.load(xq_ptr + col0 // 4 + offs_w)  # [W] four int8 activations per word
-        blk = col0 // QB + tl.arange(0, NQ)
-        dx = tl.load(dx_ptr + blk)  # [NQ]
-        xs = tl.load(xs_ptr + blk)  # [NQ]
-        codes = _plane_codes(word, hi_word, hi_sel, j, BITS)
-        scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NQ, QB, GROUP, ROW_META)
-        acc += _block_sums_i8(codes, xw, dx, xs, scale, zero, BLOCK_N, NQ, QB)
-    return tl.sum(acc, axis=1)
 
 
 @triton.jit
@@ -322,7 +172,7 @@ def _qgemv_kernel(
 
 
 def row_meta(spec: QuantSpec, bp: int) -> bool:
-    """Whether a tile's groups of one row always share one meta run (see _group_scales)."""
+    """Whether a tile's groups of one row always share one meta run (see triton_tiles._group_scales)."""
     ng = max(1, bp // spec.group_size)
     return (spec.in_features // spec.group_size) % ng == 0
 

@@ -13,7 +13,7 @@ down split along K into partials (row blocks x k x splits), and `combine`,
 which applies the routing weights and sums in k order, so the result does not
 depend on where each expert was read from. With int8 activations (the default) the
 partials are exact float64 sums, computed as the CPU kernel computes them
-(`triton_gemv._tile_dot_i8`): an expert whose share the CPU computes
+(`triton_tiles._tile_dot_i8`): an expert whose share the CPU computes
 (`experts.split`) gives the same bits as one the GPU computes alone.
 """
 
@@ -54,8 +54,8 @@ class Tuning:
     down_warps: int = 2
     unroll: int = 1
     max_block_p: int = 256
-    magic: bool = True  # see triton_gemv._tile_dot
-    int8: bool = True  # int8 activations and dp4a (triton_gemv._tile_dot_i8)
+    magic: bool = True  # see triton_tiles._tile_dot
+    int8: bool = True  # int8 activations and dp4a (triton_tiles._tile_dot_i8)
     down_split: int = 0  # K-splits of down_proj; 0: enough programs to fill the GPU (_down_split)
 
     @classmethod

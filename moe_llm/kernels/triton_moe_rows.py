@@ -6,7 +6,7 @@ one expert form a group; the first position of each run of up to RB in a group l
 (`_groups_kernel` writes each position's count: the rows it leads, or 0). A leader's
 program reads each weight tile once, from its slot or over the link for a miss, and
 computes it against each of its rows' int8 activations. The int8 sums are exact integers
-(`triton_gemv._block_sums_i8`), so a row gets the bits of its lone `MoeDecode` call however
+(`triton_tiles._block_sums_i8`), so a row gets the bits of its lone `MoeDecode` call however
 the rows are grouped; the batch reads each expert once, not once per row.
 """
 
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .triton_exact import _silu_det
-from .triton_gemv import _block_sums_i8, _group_scales, _plane_codes, _tile_words
+from .triton_tiles import _block_sums_i8, _group_scales, _plane_codes, _tile_words
 
 MAX_GROUP = 4  # rows one program computes (a larger group takes more programs, each reading the expert)
 
@@ -42,7 +42,7 @@ def _tile_rows_i8(
     P, P1, RB: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
-    """`triton_gemv._tile_dot_i8` for the `cnt` (<= RB) consecutive input rows of one expert:
+    """`triton_tiles._tile_dot_i8` for the `cnt` (<= RB) consecutive input rows of one expert:
     the weight tile and its scales are loaded once. Returns [RB, BLOCK_N] float64 sums (0 for
     rows past cnt)."""
     MB: tl.constexpr = 4 if BITS == 4 else 2
