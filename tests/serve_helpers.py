@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -33,6 +35,33 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def serve_process(model, *args: str, env: dict | None = None):
+    """Yield (process, base URL) of `moe-llm serve MODEL --port P ARGS` once its /health answers;
+    the process is killed at the end if it is still running."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "moe_llm", "serve", str(model), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        if not wait_for(up, timeout=60):
+            raise AssertionError(proc.stderr.read() if proc.poll() is not None else "server did not start")
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def wait_for(predicate, timeout: float = 20.0) -> bool:

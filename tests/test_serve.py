@@ -390,34 +390,19 @@ def test_serve_command_starts_and_refuses_bad_options(tiny_mixtral):
     import subprocess
     import sys
 
-    from serve_helpers import free_port
+    from serve_helpers import serve_process
 
     bad = subprocess.run([sys.executable, "-m", "moe_llm", "serve", str(tiny_mixtral), "--port", "0"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("error: --port")
-    port = free_port()
     env = {**os.environ, "MOE_LLM_API_KEY": "from-env"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moe_llm", "serve", str(tiny_mixtral), "--port", str(port), "--max-batch", "2",
-         "--model-name", "cli-tiny", "--cache-per-layer", "2"],
-        stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up():
-            try:
-                return httpx.get(f"{url}/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        assert wait_for(up, timeout=60), proc.stderr.read() if proc.poll() is not None else "server did not start"
+    args = ("--max-batch", "2", "--model-name", "cli-tiny", "--cache-per-layer", "2")
+    with serve_process(tiny_mixtral, *args, env=env) as (proc, url):
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key came from MOE_LLM_API_KEY
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"}).json()
         assert models["data"][0]["id"] == "cli-tiny"
-    finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == 0  # Ctrl-C: drained, a clean exit
 
 
 def test_a_barrage_of_mutated_requests_leaves_the_server_healthy(base, client, engine):
@@ -463,28 +448,11 @@ def test_sigterm_drains_what_is_in_flight_and_exits_0(tiny_mixtral, drain):
     """SIGTERM stops the server taking requests; a stream in flight runs to its [DONE] (or, past
     --drain-timeout, is cut), and the command exits 0."""
     import signal
-    import subprocess
-    import sys
     import time
 
-    from serve_helpers import free_port
+    from serve_helpers import serve_process
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moe_llm", "serve", str(tiny_mixtral), "--port", str(port), "--cache-per-layer", "2",
-         "--drain-timeout", drain],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        assert wait_for(up, timeout=60), "server did not start"
+    with serve_process(tiny_mixtral, "--cache-per-layer", "2", "--drain-timeout", drain) as (proc, url):
         got = {"events": 0, "done": False}
         tokens = 120 if drain == "30" else 3000  # the second one cannot finish within a second
 
@@ -512,6 +480,3 @@ def test_sigterm_drains_what_is_in_flight_and_exits_0(tiny_mixtral, drain):
             assert not got["done"] and time.monotonic() - t0 < 20  # cut after about a second
         err = proc.stderr.read()
         assert "stopped" in err and "Traceback" not in err, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
