@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checkpoint.arch import resolve_arch
-from ..kernels import rows as decode_rows
+from ..kernels.rows import decode_rows
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -120,7 +120,7 @@ class FusedDecode:
         row's (key positions, masked), which its attention reads."""
         model, inner = self.engine.model, self.engine.model.model
         mask = (torch.arange(width, device=toks.device)[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, width]
-        with decode_rows.decode_rows([w for w, _ in windows], [m for _, m in windows]):
+        with decode_rows([w for w, _ in windows], [m for _, m in windows]):
             h = inner.embed_tokens(toks)  # [B, 1, H]
             pe = inner.rotary_emb(h, pos)
             for layer in self.layers:
