@@ -60,9 +60,8 @@ def main() -> None:
     ap.add_argument("--cpu-experts", default="auto", help="the CPU road for misses (auto, off, all)")
     ap.add_argument("--batch-mode", default="auto", help="auto, exact or fused")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu: a smaller synthetic Mixtral (CPU_GEOMETRY), fp32")
-    ap.add_argument("--profile", type=int, default=0, help="then trace one run of this many streams (torch.profiler)")
     ap.add_argument(
-        "--cprofile", type=int, default=0, help="then profile the host side of this many streams (cProfile)"
+        "--profile", type=int, default=0, help="then profile steady steps of this many rows (profile_steady)"
     )
     args = ap.parse_args()
     if args.device == "cpu":
@@ -111,30 +110,52 @@ def main() -> None:
                 json.dump({"budget_gib": args.budget_gib, "new_tokens": args.new_tokens, "rows": rows}, f, indent=1)
 
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
+        profile_steady(engine, model, args.profile)
 
-        prompts = [model.random_prompt(64, 7000 + i) for i in range(args.profile)]
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            wall, results = run(engine, prompts, 16)
-        print(f"profiled: {args.profile} streams, {sum(len(r.token_ids) for r in results)} tokens in {wall:.3f} s")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22), flush=True)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22), flush=True)
 
-    if args.cprofile:
-        import cProfile
-        import pstats
+def profile_steady(engine, model, n: int, steps: int = 16) -> None:
+    """Where a step of `n` rows goes once they all decode (prefills and captures excluded): one
+    thread drives every stream, so each round of next() is one batched step. Prints the wall
+    ms per step, a torch.profiler table over `steps` steps (GPU time per kernel) and a cProfile
+    of the host over as many."""
+    import cProfile
+    import pstats
 
-        prompts = [model.random_prompt(64, 8000 + i) for i in range(args.cprofile)]
-        streams = [engine.stream(p, max_new_tokens=24, temperature=0.0) for p in prompts]
-        prof = cProfile.Profile()
-        prof.enable()
-        while streams:  # one thread drives every stream: each next() runs a step when none is running
-            streams = [s for s in streams if next(s, None) is not None]
+    from torch.profiler import ProfilerActivity, profile
+
+    def rounds(streams, k: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            for s in streams:
+                next(s)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    prompts = [model.random_prompt(64, 7000 + i) for i in range(n)]
+    streams = [engine.stream(p, max_new_tokens=24 + 4 * steps, temperature=0.0) for p in prompts]
+    rounds(streams, 6)  # every row prefilled and decoding, the batch graph captured
+    captures = engine.batcher.stats()["batch_graph_captures"]
+    wall = rounds(streams, steps)
+    print(f"steady: {n} rows, {1e3 * wall / steps:.2f} ms per step, {n * steps / wall:.1f} tok/s", flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        rounds(streams, steps)
+    print(f"torch.profiler over {steps} steps (per step: divide by {steps})")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    cp = cProfile.Profile()
+    cp.enable()
+    rounds(streams, steps)
+    cp.disable()
+    pstats.Stats(cp).sort_stats("tottime").print_stats(25)
+    print(
+        f"graph captures before/after the measured steps: {captures} / {engine.batcher.stats()['batch_graph_captures']}"
+    )
+    for s in streams:
+        for _ in s:
+            pass
 
 
 if __name__ == "__main__":

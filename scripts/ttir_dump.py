@@ -43,6 +43,9 @@ PTR = {
     "part_ptr": "*fp64",
     "w_ptr": "*fp32",
     "cpu_ptr": "*fp64",
+    "take_ptr": "*i32",
+    "head_ptr": "*i32",
+    "xbox_ptr": "*fp32",
 }
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
@@ -69,8 +72,9 @@ for bits, glu, i8, magic in itertools.product((2, 3, 4), (False, True), (False, 
     for cpu in (False, True):
         cm = dict(c, CPU=cpu, OFF_Q=0, OFF_SQ=1024, OFF_ZQ=2048, OFF_META=4096)
         out.append((f"moe {cm}", ttir(tm._moe_gemv_kernel, cm, fp_x=not i8)))
-for bits, glu, rb in itertools.product((2, 3, 4), (False, True), (2, 4)):
+for bits, glu, rb, cpu in itertools.product((2, 3, 4), (False, True), (2, 4), (False, True)):
     c = dict(
+        CPU=cpu,
         BITS=bits,
         GROUP=64,
         BLOCK_N=8,
@@ -88,6 +92,12 @@ for bits, glu, rb in itertools.product((2, 3, 4), (False, True), (2, 4)):
 for bits, i8 in itertools.product((2, 3, 4), (False, True)):
     c = dict(BITS=bits, GROUP=64, BLOCK_N=16, BLOCK_P=256, UNROLL=1, MAGIC=True, I8=i8, ROW_META=True, MP=4)
     out.append((f"group {c}", ttir(tgr._group_gemv_kernel, c, fp_x=not i8)))
+for kt, n in ((2, None), (1, 1), (8, None)):  # N = 1 is specialised to a constant
+    c = dict(KT=kt, NP=max(2, kt), BLOCK=1024) | ({"N": n} if n else {})
+    out.append((f"publish {c}", ttir(tm._publish_kernel, c)))
+for cpu in (False, True):
+    c = dict(HAS_W=True, CPU=cpu, BLOCK=1024)
+    out.append((f"combine {c}", ttir(tm._combine_kernel, c)))
 with open(sys.argv[1], "w") as f:
     for name, text in out:
         f.write(f"=== {name}\n{text}\n")

@@ -142,38 +142,54 @@ def test_cpu_experts_option_is_checked(tiny_dirs):
         moe_llm.load(tiny_dirs["mixtral"], experts_bits=2, cpu_experts="sometimes")
 
 
-def test_serving_thread_answers_the_mailbox_in_any_row_order():
-    """The C serving loop of the split, driven from Python as the GPU would drive it: routed
-    ids, cuts and x into a row, its flag raised; the thread writes the CPU shares and `done`."""
+def _serve(split, r: int, ids: list[int], cuts: list[int], toks: list[int], xs: torch.Tensor) -> torch.Tensor:
+    """Publish positions (ids, cuts, the hidden state each reads) and hidden states xs [T, H]
+    into mailbox row r as the GPU would, raise its flag, wait for `done`: the y rows [n, H]."""
     import time
+
+    box = split.box
+    head, x, y = box.views(r)
+    P = box.positions
+    n = len(ids)
+    head[0] = n
+    head[1 : 1 + n] = torch.tensor(ids, dtype=torch.int32)
+    head[1 + P : 1 + P + n] = torch.tensor(cuts, dtype=torch.int32)
+    head[1 + 2 * P : 1 + 2 * P + n] = torch.tensor(toks, dtype=torch.int32)
+    x[: xs.shape[0]] = xs
+    done = box.buf[box.done(r) - box.base :][:4].view(torch.int32)
+    flag = box.buf[box.flag(r) - box.base :][:4].view(torch.int32)
+    flag[0] = 1
+    deadline = time.monotonic() + 10
+    while int(done[0]) != 1:
+        assert time.monotonic() < deadline, "the serving thread did not answer"
+        time.sleep(1e-4)
+    done[0] = 0
+    return y[:n]
+
+
+def _split_over(fmt, layers: int, experts: int, takes, **kw):
     from types import SimpleNamespace
 
     from moe_llm.experts import ExpertStore
     from moe_llm.experts.split import CpuSplit
 
+    store = ExpertStore(fmt, list(range(layers)), experts)
+    for layer in range(layers):
+        for e in range(experts):
+            store.put_raw(layer, e, _expert(fmt, 100 + experts * layer + e))
+    cache = SimpleNamespace(layers=list(range(layers)), device=torch.device("cpu"), num_experts=experts, store=store)
+    return store, CpuSplit(cache, fmt, 2, 128, takes, threads=2, ops=object(), **kw)
+
+
+def test_serving_thread_answers_the_mailbox_in_any_row_order():
+    """The C serving loop of the split, driven from Python as the GPU would drive it: routed
+    ids, cuts and x into a row, its flag raised; the thread writes the CPU shares and `done`."""
     fmt = ExpertFormat.build(256, 512, 2, torch.float32)
-    store = ExpertStore(fmt, [0, 1, 2], 4)
-    for layer in range(3):
-        for e in range(4):
-            store.put_raw(layer, e, _expert(fmt, 100 + 4 * layer + e))
-    cache = SimpleNamespace(layers=[0, 1, 2], device=torch.device("cpu"), num_experts=4, store=store)
-    split = CpuSplit(cache, fmt, 2, 128, [0, 64, 128], threads=2, ops=object())
+    store, split = _split_over(fmt, 3, 4, [[0, 64, 128]])
     try:
-        box = split.box
         for r, (ids, cuts) in ((1, ([2, 3], [64, 128])), (0, ([1, 0], [0, 32])), (2, ([3, 3], [128, 128]))):
             x = torch.randn(256, generator=torch.Generator().manual_seed(r))
-            row = box.buf[box.row(r) - box.base :]
-            row[:16].view(torch.int32)[:] = torch.tensor(ids + cuts, dtype=torch.int32)
-            row[box.x(r) - box.row(r) :][: 4 * 256].view(torch.float32)[:] = x
-            done = box.buf[box.done(r) - box.base :][:4].view(torch.int32)
-            flag = box.buf[box.flag(r) - box.base :][:4].view(torch.int32)
-            flag[0] = 1
-            deadline = time.monotonic() + 10
-            while int(done[0]) != 1:
-                assert time.monotonic() < deadline, "the serving thread did not answer"
-                time.sleep(1e-4)
-            done[0] = 0
-            y = row[box.y(r) - box.row(r) :][: 8 * 2 * 256].view(torch.float64).view(2, 256)
+            y = _serve(split, r, ids, cuts, [0, 0], x[None])
             for j, (e, cut) in enumerate(zip(ids, cuts, strict=True)):
                 if cut < 128:
                     assert torch.equal(y[j], expert_share(store.buffer(r, e), fmt, x, cut, 128, threads=1))
@@ -182,3 +198,25 @@ def test_serving_thread_answers_the_mailbox_in_any_row_order():
     finally:
         split.close()
     assert not split._thread.is_alive()
+
+
+def test_serving_thread_computes_each_batched_position_on_its_own_row():
+    """A step of three batched rows publishes six positions and three hidden states: each missed
+    position's share is computed against its own row's x, as that row's lone step would; a
+    position past the published count, or with a hit's cut, is left alone."""
+    fmt = ExpertFormat.build(256, 512, 2, torch.float32)
+    store, split = _split_over(fmt, 2, 4, [[0, 64, 128], [0] * 5, [0] * 7])
+    try:
+        assert split.box.positions == 6 and split.box.tokens == 3
+        assert split.row(0).fits(3) and not split.row(0).fits(4)
+        xs = torch.randn(3, 256, generator=torch.Generator().manual_seed(5))
+        ids, cuts, toks = [1, 2, 1, 3, 0, 2], [0, 128, 64, 32, 128, 0], [0, 0, 1, 1, 2, 2]
+        y = _serve(split, 1, ids, cuts, toks, xs).clone()
+        for j, (e, cut, t) in enumerate(zip(ids, cuts, toks, strict=True)):
+            if cut < 128:
+                assert torch.equal(y[j], expert_share(store.buffer(1, e), fmt, xs[t], cut, 128, threads=1)), j
+        assert split.stats()["cpu_expert_calls"] == 4
+        _serve(split, 1, ids[:2], cuts[:2], toks[:2], xs)  # n = 2: only the first two positions
+        assert split.stats()["cpu_expert_calls"] == 5
+    finally:
+        split.close()

@@ -114,7 +114,7 @@ def test_split_dispatch_equals_the_gpu_alone(bits, take):
     pd = run.plane_bytes
     cut = pd if take == "all" else (pd // 2) // run.cut_align * run.cut_align
     cache = SimpleNamespace(layers=[0], device=torch.device("cuda"), num_experts=4, store=store)
-    split = CpuSplit(cache, fmt, 2, pd, [0, cut, cut])
+    split = CpuSplit(cache, fmt, 2, pd, [[0, cut, cut]])
     try:
         x = (torch.randn(4096, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
         idx = torch.tensor([3, 1], device="cuda")
@@ -148,4 +148,69 @@ def test_one_slot_for_every_layer_gives_the_tokens_of_every_slot(tmp_path, mode)
     assert engine.plan.slots == 1 and engine.plan.floor == 0 and engine.runtime.device_dispatch
     assert engine.generate(PROMPT, max_new_tokens=24).token_ids == want
     assert engine.stats.host_syncs_per_token == 0
+    engine.runtime.close()
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("take", ["half", "all"])
+def test_batched_rows_share_misses_with_the_cpu_to_the_bit(bits, take):
+    """Three decoded rows, every expert missed, two rows on one expert: through the mailbox
+    (the CPU computes its share of each missed position against its own row) the rows equal
+    the GPU reading every miss, and each row equals its lone call, bit for bit."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moe_llm.experts.split import CpuSplit
+    from moe_llm.kernels.triton_moe import MoeDecode
+
+    fmt, gen, store, pool, host = _missed_experts(bits, 4)
+    run = MoeDecode(fmt, 2, torch.device("cuda"))
+    pd = run.plane_bytes
+    cut = pd if take == "all" else (pd // 2) // run.cut_align * run.cut_align
+    cache = SimpleNamespace(layers=[0], device=torch.device("cuda"), num_experts=4, store=store)
+    split = CpuSplit(cache, fmt, 2, pd, [[0] + [cut] * (2 * b) for b in range(1, 5)])  # the CPU takes `cut`
+    try:
+        x = (torch.randn(3, 4096, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
+        idx = torch.tensor([[3, 1], [1, 0], [2, 3]], device="cuda")
+        w = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1]], device="cuda")
+        gpu = run.rows(x, idx, w, host, pool)
+        shared = run.rows(x, idx, w, host, pool, split.row(0))
+        torch.cuda.synchronize()
+        assert split.stats()["cpu_expert_calls"] == 6  # each missed position, once
+        assert torch.equal(shared, gpu)
+        for b in range(3):
+            alone = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
+            run(x[b], idx[b], w[b], host, pool, alone)
+            torch.cuda.synchronize()
+            assert torch.equal(shared[b], alone), b
+    finally:
+        split.close()
+
+
+@pytest.mark.parametrize("mode", ["auto", "all"])
+def test_batched_requests_with_the_cpu_road_give_their_lone_tokens(tmp_path, mode):
+    """Three concurrent requests decoded in one fused step (a CUDA graph) with two slots per
+    layer: the CPU road computes shares of the batch's misses, and every request's greedy tokens
+    are those it gets alone with the CPU road off."""
+    from serve_helpers import interleaved
+
+    import moe_llm
+    from moe_llm.tiny import make_tiny
+
+    path = make_tiny(tmp_path / "m", "mixtral", seed=4, layers=4, overrides=WIDE)
+    prompts = [PROMPT, "def parse_args(argv):" * 3, "Experts live in host memory"]
+    opts = dict(device="cuda", experts_bits=2, attn_bits=4, cache_per_layer=2, prefill_chunk=16, batch_mode="fused")
+    off = moe_llm.load(path, cpu_experts="off", **opts)
+    alone = [off.generate(p, max_new_tokens=16).token_ids for p in prompts]
+    off.runtime.close()
+    engine = moe_llm.load(path, cpu_experts=mode, **opts)
+    assert engine.runtime.cpu_road == "split"
+    before = engine.stats.cpu_expert_calls
+    assert interleaved(engine, prompts, 16) == alone
+    assert engine.batcher.counters.batched_rows > 0
+    graph = engine.batcher._fused.graph
+    assert graph is not None and graph.replays > 0
+    if mode == "all":
+        assert engine.stats.cpu_expert_calls > before
     engine.runtime.close()

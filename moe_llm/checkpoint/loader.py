@@ -152,7 +152,7 @@ def build_runtime(model, cfg, info, fmt: ExpertFormat, store, plan: Plan, dev, r
         prefetcher = PromptPrefetcher(cache, routers, _norm_ratios(arch, layers, info.layers), nxt, guesses)
     runtime = ExpertsRuntime(
         cache, fmt, act_fn, info.top_k, prefetcher, evict_on_admit=cfg.prefetch, kernel_tuning=cfg.kernel_tuning,
-        cpu_experts=cfg.cpu_experts,
+        cpu_experts=cfg.cpu_experts, max_rows=cfg.max_batch,
     )  # fmt: skip
     return runtime, plan
 

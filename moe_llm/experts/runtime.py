@@ -89,6 +89,7 @@ class ExpertsRuntime:
         evict_on_admit: bool = True,
         kernel_tuning: str | None = None,
         cpu_experts: str = "off",
+        max_rows: int = 1,
     ):
         self.cache = cache
         self.stats = cache.stats
@@ -113,6 +114,7 @@ class ExpertsRuntime:
         self._rows_records: dict[int, torch.Tensor] = {}  # B rows -> [moe layers, B * k] record (kept for graphs)
         self._dequant_ws: torch.Tensor | None = None  # prefill: one expert's matrices, dequantized
         self.cpu_experts = cpu_experts
+        self.max_rows = max_rows  # the most decode rows a batched step holds (the CPU road's mailbox room)
         self._split = None  # experts.split.CpuSplit: misses shared with CPU threads (device mode)
         self._cpu = None  # experts.cpu: the CPU kernel for one-token experts (host mode)
         if self.mode == "device":
@@ -126,7 +128,7 @@ class ExpertsRuntime:
 
     @property
     def cpu_road(self) -> str:
-        """Where missed experts of one-token steps are computed besides the GPU: "split" (a
+        """Where missed experts of decode steps are computed besides the GPU: "split" (a
         share of each on CPU threads, inside the graph), "cpu" (the CPU kernel, no GPU), or "off"."""
         return "split" if self._split is not None else ("cpu" if self._cpu is not None else "off")
 
@@ -136,7 +138,7 @@ class ExpertsRuntime:
         by the number of misses in a layer, and the plane's size (None without a split)."""
         if self._split is None:
             return None
-        return {"take": self._split.take.tolist(), "plane_bytes": self._split.plane_bytes}
+        return {"take": self._split.take, "plane_bytes": self._split.plane_bytes}
 
     def _make_dispatch(self) -> None:
         k = self._kernels
@@ -175,7 +177,9 @@ class ExpertsRuntime:
             if self.mode == "device":
                 from .split import start_split
 
-                self._split = start_split(self.cache, self.fmt, self._dispatch, self.top_k, mode)
+                self._split = start_split(
+                    self.cache, self.fmt, self._dispatch, self.top_k, mode, max_rows=self.max_rows
+                )
                 weakref.finalize(self, self._split.close)  # stops the serving thread with the runtime
             else:
                 cpu.kernel.lib()  # builds the kernel now, not inside the first step
@@ -257,11 +261,16 @@ class ExpertsRuntime:
 
     def _rows(self, layer, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         """B decoded rows (`kernels.rows`), each computed as alone: on the device in one launch
-        per GEMV (misses read in place, no CPU share); on CPU with the CPU kernel each routed
+        per GEMV (misses read in place, or shared with the CPU road as a lone token's); on CPU with the CPU kernel each routed
         expert once for all its rows (`_host_rows`); elsewhere one lone step per row. The
         routing of every row is recorded for `end_step`."""
         if self.mode == "device":
-            out = self._dispatch.rows(hidden, top_k_index, top_k_weights, self.cache.table_row(layer), self.cache.pool)
+            split = self._split.row(self.cache.row[layer]) if self._split is not None else None
+            if split is not None and not split.fits(hidden.shape[0]):
+                split = None  # more rows than the mailbox has room for: the GPU reads every miss
+            out = self._dispatch.rows(
+                hidden, top_k_index, top_k_weights, self.cache.table_row(layer), self.cache.pool, split
+            )
         elif self.mode == "host" and self._cpu is not None:
             out = self._host_rows(layer, hidden, top_k_index, top_k_weights)
         else:

@@ -6,9 +6,12 @@ lies, over the memory bus. This module runs both at once inside one captured dec
 
 - per MoE layer the GPU `publish` kernel (`kernels.triton_moe`) decides, from the routing
   and the cache table, how much of each missed expert the CPU takes (a `take` table by miss
-  count), and writes the routing, that cut and the hidden state into a pinned mailbox row;
-  a stream memory operation then raises the row's flag;
-- a C thread (`cpu/split_loop.c`) polls the flags, computes its share of each missed expert
+  count), and writes the routed positions (expert, cut, and which row's hidden state each
+  reads) and the hidden states into a pinned mailbox row; a stream memory operation then
+  raises the row's flag. A lone token's step publishes its k positions and one hidden state;
+  a step of B batched rows (`kernels.rows`) publishes B * k positions and B hidden states,
+  with take tables for B * k positions (`CpuSplit.takes`);
+- a C thread (`cpu/split_loop.c`) polls the flags, computes its share of each missed position
   (intermediate neurons ``i % PD >= cut``: those rows of gate_up, and every down row against
   h that is zero outside the share, reading only the share's bytes of each down row but at
   3 bits), writes float64 rows back, and raises ``done``;
@@ -105,26 +108,29 @@ def _align(n: int, a: int = _LINE) -> int:
 class Mailbox:
     """Pinned, mapped host memory shared by the GPU step and the CPU thread.
 
-    Per MoE row r: a flag and a done word (one cache line each), and a row of
-    ``header`` (int32 routed ids [k], int32 cuts [k]), ``x`` (fp32 [H]) and ``y``
-    (float64 [k, H], the CPU's share of each position as exact sums: see cpu/moe_cpu.c)."""
+    Per MoE row r: a flag and a done word (one cache line each), and a row of ``header``
+    (int32: the step's position count n, then routed ids [P], cuts [P] and the hidden state
+    each position reads, tokens [P]; P = `positions`), ``x`` (fp32 [`tokens`, H]: the step's
+    hidden states) and ``y`` (float64 [P, H], the CPU's share of each position as exact sums:
+    see cpu/moe_cpu.c)."""
 
     rows: int
-    k: int
+    positions: int  # routed positions a step may publish: k times the most batched rows
+    tokens: int  # hidden states a step may publish: the most batched rows
     hidden: int
     buf: torch.Tensor  # uint8, pinned
 
     @classmethod
-    def allocate(cls, rows: int, k: int, hidden: int) -> Mailbox:
-        row = cls._row_bytes(k, hidden)
+    def allocate(cls, rows: int, positions: int, tokens: int, hidden: int) -> Mailbox:
+        row = cls._row_bytes(positions, tokens, hidden)
         nbytes = 2 * rows * _LINE + rows * row + 4 * _LINE  # + stats line
         # pinned (device-visible under UVA) where there is a GPU; plain RAM for CPU-only tests
         buf = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        return cls(rows, k, hidden, buf)
+        return cls(rows, positions, tokens, hidden, buf)
 
     @staticmethod
-    def _row_bytes(k: int, hidden: int) -> int:
-        return _align(8 * k) + _align(4 * hidden) + _align(8 * k * hidden)
+    def _row_bytes(positions: int, tokens: int, hidden: int) -> int:
+        return _align(4 * (1 + 3 * positions)) + _align(4 * tokens * hidden) + _align(8 * positions * hidden)
 
     @property
     def base(self) -> int:
@@ -132,7 +138,7 @@ class Mailbox:
 
     @property
     def row_bytes(self) -> int:
-        return self._row_bytes(self.k, self.hidden)
+        return self._row_bytes(self.positions, self.tokens, self.hidden)
 
     def flag(self, r: int) -> int:
         return self.base + r * _LINE
@@ -144,10 +150,24 @@ class Mailbox:
         return self.base + 2 * self.rows * _LINE + r * self.row_bytes
 
     def x(self, r: int) -> int:
-        return self.row(r) + _align(8 * self.k)
+        return self.row(r) + _align(4 * (1 + 3 * self.positions))
 
     def y(self, r: int) -> int:
-        return self.x(r) + _align(4 * self.hidden)
+        return self.x(r) + _align(4 * self.tokens * self.hidden)
+
+    def _view(self, addr: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        off = addr - self.base
+        return self.buf[off : off + nbytes].view(dtype)
+
+    def views(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row r as tensors over the mailbox: (header int32 [1 + 3P], x fp32 [tokens, H], y
+        float64 [P, H]), as the publish kernel and the C thread read and write them."""
+        P, T, H = self.positions, self.tokens, self.hidden
+        return (
+            self._view(self.row(r), 4 * (1 + 3 * P), torch.int32),
+            self._view(self.x(r), 4 * T * H, torch.float32).view(T, H),
+            self._view(self.y(r), 8 * P * H, torch.float64).view(P, H),
+        )
 
     @property
     def stats_addr(self) -> int:
@@ -206,14 +226,23 @@ def predicted_layer_s(
 class SplitRow:
     """What the decode kernels of one MoE row need (see `kernels.triton_moe.MoeDecode`)."""
 
-    pcut: torch.Tensor  # int32 [k] on the device: the cut of each routed position
-    take: torch.Tensor  # int32 [k + 1] on the device: the cost model's take by miss count
+    pcut: torch.Tensor  # int32 [P] on the device: the cut of each routed position
+    takes: torch.Tensor  # int32 [B + 1, P + 1] on the device: the cost model's take by miss count, per rows
+    positions: int  # P
     head: HostPtr
     xbox: HostPtr
     ybox: HostPtr
     _flag: int
     _done: int
     _ops: StreamMemOps
+
+    def take(self, rows: int) -> torch.Tensor:
+        """The take table (by miss count) of a step of `rows` decoded rows."""
+        return self.takes[rows]
+
+    def fits(self, rows: int) -> bool:
+        """Whether the mailbox has room for a step of `rows` rows."""
+        return rows < self.takes.shape[0]
 
     def raise_flag(self) -> None:
         self._ops.write(self._flag, 1)
@@ -227,8 +256,8 @@ class _Ctx(ctypes.Structure):
     """`moe_split_ctx` of cpu/split_loop.c."""
 
     _fields_ = [
-        ("rows", ctypes.c_int32), ("k", ctypes.c_int32), ("experts", ctypes.c_int32), ("pd", ctypes.c_int32),
-        ("threads", ctypes.c_int32), ("reserved", ctypes.c_int32),
+        ("rows", ctypes.c_int32), ("positions", ctypes.c_int32), ("experts", ctypes.c_int32), ("pd", ctypes.c_int32),
+        ("threads", ctypes.c_int32), ("tokens", ctypes.c_int32),
         ("row_bytes", ctypes.c_int64), ("x_off", ctypes.c_int64), ("y_off", ctypes.c_int64),
         ("flags", ctypes.c_void_p), ("dones", ctypes.c_void_p), ("box", ctypes.c_void_p), ("addr", ctypes.c_void_p),
         ("stop", ctypes.c_void_p), ("stats", ctypes.c_void_p), ("layout", ExpertLayoutC),
@@ -265,29 +294,40 @@ def expert_share(buffer: torch.Tensor, fmt, x: torch.Tensor, cut: int, pd: int, 
 
 
 class CpuSplit:
-    """The mailbox, the serving C thread and the device tables of the split, for one runtime."""
+    """The mailbox, the serving C thread and the device tables of the split, for one runtime.
+
+    `takes[b]`: the take table (CPU bytes of each missed position's down plane, by the number
+    of missed positions) of a step of b decoded rows, b = 1 .. len(takes) - 1 (a lone token's is
+    takes[1], of k + 1 entries)."""
 
     def __init__(
-        self, cache, fmt, top_k: int, plane_bytes: int, take: list[int], threads: int | None = None, ops=None
+        self, cache, fmt, top_k: int, plane_bytes: int, takes: list[list[int]], threads: int | None = None, ops=None
     ):  # fmt: skip
         self.ops = ops if ops is not None else StreamMemOps()
         rows = len(cache.layers)
+        max_rows = len(takes)
+        positions = max_rows * top_k
+        self.top_k = top_k
         self.plane_bytes = plane_bytes
         store = cache.store
         # the serving loop makes the same checks (layout, shape) before it starts; make them here,
         # where they raise, and not in a thread the GPU would then wait on
         expert_share(store.buffer(cache.layers[0], 0), fmt, torch.zeros(fmt.hidden), plane_bytes, plane_bytes, 1)
-        self.box = box = Mailbox.allocate(rows, top_k, fmt.hidden)
+        self.box = box = Mailbox.allocate(rows, positions, max_rows, fmt.hidden)
         dev = cache.device
-        self.take = torch.tensor(take, dtype=torch.int32, device=dev)
-        self.pcut = torch.full((rows, top_k), plane_bytes, dtype=torch.int32, device=dev)
+        table = torch.zeros(max_rows + 1, positions + 1, dtype=torch.int32)
+        for b, take in enumerate(takes, start=1):
+            table[b, : len(take)] = torch.tensor(take, dtype=torch.int32)
+        self.takes = table.to(dev)
+        self.pcut = torch.full((rows, positions), plane_bytes, dtype=torch.int32, device=dev)
         self._addr = torch.tensor(
             [store.address(layer, e) for layer in cache.layers for e in range(cache.num_experts)], dtype=torch.int64
         )  # [rows * E] host addresses (uint64 in C)
         self._stop = ctypes.c_int32(0)
         self._seen = (0, 0, 0)  # counts already reported by new_counts
         self._ctx = _Ctx(
-            rows=rows, k=top_k, experts=cache.num_experts, pd=plane_bytes, threads=ck._threads(threads),
+            rows=rows, positions=positions, experts=cache.num_experts, pd=plane_bytes, threads=ck._threads(threads),
+            tokens=max_rows,
             row_bytes=box.row_bytes, x_off=box.x(0) - box.row(0), y_off=box.y(0) - box.row(0),
             flags=box.flag(0), dones=box.done(0), box=box.row(0), addr=self._addr.data_ptr(),
             stop=ctypes.addressof(self._stop), stats=box.stats_addr, layout=ck.layout_struct(fmt),
@@ -295,7 +335,8 @@ class CpuSplit:
         self._rows = [
             SplitRow(
                 self.pcut[r],
-                self.take,
+                self.takes,
+                positions,
                 HostPtr(box.row(r), torch.int32),
                 HostPtr(box.x(r), torch.float32),
                 HostPtr(box.y(r), torch.float64),
@@ -313,6 +354,11 @@ class CpuSplit:
     def row(self, r: int) -> SplitRow:
         return self._rows[r]
 
+    @property
+    def take(self) -> list[int]:
+        """A lone token's take table (by miss count 0..k)."""
+        return self.takes[1, : self.top_k + 1].tolist()
+
     def stats(self) -> dict[str, int]:
         return self.box.stats()
 
@@ -328,10 +374,15 @@ class CpuSplit:
         self._thread.join(timeout=5)
 
 
-def start_split(cache, fmt, dispatch, top_k: int, mode: str = "all", threads: int | None = None) -> CpuSplit:
-    """The split for a device-dispatch runtime: the take table ('all': every miss on the CPU;
+def start_split(
+    cache, fmt, dispatch, top_k: int, mode: str = "all", threads: int | None = None, max_rows: int = 1
+) -> CpuSplit:  # fmt: skip
+    """The split for a device-dispatch runtime: the take tables ('all': every miss on the CPU;
     'auto': the share of each miss that makes both roads finish together, from this machine's
-    measured bandwidths, `road_rates`), the mailbox and the serving thread."""
+    measured bandwidths, `road_rates`), for steps of 1 .. `max_rows` decoded rows, the
+    mailbox and the serving thread. For b rows the model counts the b * k routed positions as
+    k would be counted; it ignores that rows on one expert read it once on the GPU (once per
+    position on the CPU)."""
     if not torch.cuda.is_available():
         raise SplitUnavailable("the GPU/CPU split needs CUDA")
     n = threads or max(1, ck.default_threads() - 1)  # one core stays with the thread that drives the GPU
@@ -339,10 +390,13 @@ def start_split(cache, fmt, dispatch, top_k: int, mode: str = "all", threads: in
     roads = road_rates() if mode == "auto" else Roads(1.0, 1.0, 1.0)
     # the CPU reads its share of gate_up and, but for 3 bits (rows unpacked whole), only its share of down
     g = 2 / 3 if fmt.bits == 3 else 1.0
-    take = take_table(mode, top_k, pd, dispatch.cut_align, roads, fmt.nbytes, gate_up_fraction=g)
+    takes = [
+        take_table(mode, b * top_k, pd, dispatch.cut_align, roads, fmt.nbytes, gate_up_fraction=g)
+        for b in range(1, max(1, max_rows) + 1)
+    ]
     log.info("CPU experts %s: of each missed expert the CPU takes %s of %d down-plane bytes by miss count (%s)",
-             mode, take, pd, roads)  # fmt: skip
-    return CpuSplit(cache, fmt, top_k, pd, take, threads=n)
+             mode, takes[0], pd, roads)  # fmt: skip
+    return CpuSplit(cache, fmt, top_k, pd, takes, threads=n)
 
 
 def road_rates() -> Roads:

@@ -118,14 +118,16 @@ def _combine_kernel(
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     """out[n] = sum_j w[j] * (sum_s part[j, s, n] + cpu[j, n]), in a fixed order, for token
-    program_id(1) (its KSEL positions, as a lone token's). With CPU (one token),
-    position j has a CPU share (rows cpu[j], float64 in host memory) when pcut[j] < PD. The
+    program_id(1) (its KSEL positions, as a lone token's). With CPU, position j of token t
+    has a CPU share (row cpu[t * KSEL + j], float64 in host memory) when pcut[t * KSEL + j] < PD. The
     partials (float64 exact sums with int8 activations) are added in float64, so where a share
     was computed does not change the result; then rounded once to float32."""
     t = tl.program_id(1).to(tl.int64)
     part_ptr += t * KSEL * SPLIT * N
     w_ptr += t * KSEL
     out_ptr += t * N
+    pcut_ptr += t * KSEL
+    cpu_ptr += t * KSEL * N
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -145,26 +147,33 @@ def _combine_kernel(
 
 @triton.jit
 def _publish_kernel(
-    idx_ptr, table_ptr, pool_bytes, take_ptr, pcut_ptr, x_ptr, head_ptr, xbox_ptr, H, PD,
-    K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+    idx_ptr, table_ptr, pool_bytes, take_ptr, pcut_ptr, x_ptr, x_stride, head_ptr, xbox_ptr, H, PD, N, P,
+    KT: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """The GPU/CPU split of one layer (`experts.split`): a routed expert whose table entry
-    points outside the slot pool is a miss; with m misses the CPU takes take[m] bytes of the
-    down plane of each (cut = PD - take[m]; PD: all on the GPU). Writes the cuts to the
-    device (for the kernels) and, with the routed ids and x, into the mailbox row."""
-    j = tl.arange(0, KP)
-    jm = j < K
-    e = tl.load(idx_ptr + j, mask=jm, other=0)
-    off = tl.load(table_ptr + e, mask=jm, other=0)
-    miss = jm & ((off < 0) | (off >= pool_bytes))
-    take = tl.load(take_ptr + tl.sum(miss.to(tl.int32), axis=0))
-    cut = tl.where(miss, PD - take, PD)
-    tl.store(pcut_ptr + j, cut, mask=jm)
-    tl.store(head_ptr + j, e.to(tl.int32), mask=jm)
-    tl.store(head_ptr + K + j, cut, mask=jm)
+    """The GPU/CPU split of one layer (`experts.split`) for the N routed positions of a step (KT
+    per token; position j belongs to token j // KT): a routed expert whose table entry points
+    outside the slot pool is a miss; with m missed positions the CPU takes take[m] bytes of the
+    down plane of each (cut = PD - take[m]; PD: all on the GPU). Program 0 writes the cuts to
+    the device (for the kernels) and, with the routed ids and tokens, into the mailbox header
+    (room for P positions); program t copies token t's hidden state x[t] into the mailbox."""
+    t = tl.program_id(0)
+    if t == 0:
+        j = tl.arange(0, NP)
+        jm = j < N
+        e = tl.load(idx_ptr + j, mask=jm, other=0)
+        off = tl.load(table_ptr + e, mask=jm, other=0)
+        miss = jm & ((off < 0) | (off >= pool_bytes))
+        take = tl.load(take_ptr + tl.sum(miss.to(tl.int32), axis=0))
+        cut = tl.where(miss, PD - take, PD)
+        tl.store(pcut_ptr + j, cut, mask=jm)
+        tl.store(head_ptr, N)
+        tl.store(head_ptr + 1 + j, e.to(tl.int32), mask=jm)
+        tl.store(head_ptr + 1 + P + j, cut, mask=jm)
+        tl.store(head_ptr + 1 + 2 * P + j, (j // KT).to(tl.int32), mask=jm)
     for h0 in range(0, H, BLOCK):
         offs = h0 + tl.arange(0, BLOCK)
-        tl.store(xbox_ptr + offs, tl.load(x_ptr + offs, mask=offs < H).to(tl.float32), mask=offs < H)
+        v = tl.load(x_ptr + t * x_stride + offs, mask=offs < H)
+        tl.store(xbox_ptr + t * H + offs, v.to(tl.float32), mask=offs < H)
 
 
 def combine(
@@ -172,7 +181,7 @@ def combine(
 ) -> None:  # fmt: skip
     """part: [tokens * k, split, N] (float64 exact sums, or fp32) -> out [tokens, N]: per token
     t, sum_j weights[t, j] * sum_s part[t * k + j, s]. With `cpu` = (float64 rows pointer,
-    pcut [k], PD) (one token), the CPU's share of position j is added before the weight."""
+    pcut [tokens * k], PD), the CPU's share of position t * k + j is added before the weight."""
     positions, split, n = part.shape
     k = positions // tokens
     block = 1024
@@ -282,6 +291,18 @@ class MoeDecode:
             *xs, idx, table_row, base, out, out.stride(0), *args, split[0], split[1], CPU=split[2], **consts
         )
 
+    def _publish(self, split, x: torch.Tensor, idx: torch.Tensor, table_row, base) -> torch.Tensor:
+        """Publish the step's routed positions `idx` (k per row of x [B, H]) to the CPU road and
+        raise the layer's flag; returns the cut of each position (on the device)."""
+        b, n = x.shape[0], idx.numel()
+        pcut = split.pcut
+        _publish_kernel[(b,)](
+            idx, table_row, base.numel(), split.take(b), pcut, x, x.stride(0), split.head, split.xbox,
+            self.fmt.hidden, self.plane_bytes, n, split.positions, KT=self.k, NP=triton.next_power_of_2(n), BLOCK=1024,
+        )  # fmt: skip
+        split.raise_flag()
+        return pcut
+
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  table_row: torch.Tensor, base: torch.Tensor, out: torch.Tensor, split=None) -> torch.Tensor:  # fmt: skip
         """x [H] -> out [H] = sum_j w[j] * expert_{idx[j]}(x); table_row: int64 [E] byte offsets of
@@ -290,12 +311,7 @@ class MoeDecode:
         idx = top_k_index.reshape(-1)
         pcut = None
         if split is not None:
-            pcut = split.pcut
-            _publish_kernel[(1,)](
-                idx, table_row, base.numel(), split.take, pcut, x, split.head, split.xbox, self.fmt.hidden,
-                self.plane_bytes, K=self.k, KP=triton.next_power_of_2(self.k), BLOCK=1024,
-            )  # fmt: skip
-            split.raise_flag()
+            pcut = self._publish(split, x.view(1, -1), idx, table_row, base)
         self._gemv(self._gate_up, x, self._xq, True, idx, table_row, base, self.h, pcut)
         self._gemv(self._down, self.h, self._hq, False, idx, table_row, base, self.part, pcut)
         if split is not None:
@@ -305,16 +321,21 @@ class MoeDecode:
         return out
 
     def rows(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-             table_row: torch.Tensor, base: torch.Tensor) -> torch.Tensor:  # fmt: skip
+             table_row: torch.Tensor, base: torch.Tensor, split=None) -> torch.Tensor:  # fmt: skip
         """Decoded rows x [B, H] with their routing [B, k] -> [B, H], each row as `__call__`
         computes it alone, all B * k routed positions in one launch per GEMV. The positions run
         sorted by expert; with int8 activations the rows of one expert share one program, which
         reads the expert once for all of them (`triton_moe_rows`: the exact int8 sums do not
-        depend on the grouping). The GPU reads every position (no CPU share)."""
+        depend on the grouping). With `split` (int8 only) the CPU computes its share of each
+        missed position, as for a lone token: the sums are exact, so the cut does not change
+        any row's bits."""
         b, hidden = x.shape
         n = b * self.k
         dev = x.device
         idx = top_k_index.reshape(-1)
+        pcut = None
+        if split is not None:
+            pcut = self._publish(split, x, idx, table_row, base)
         order = torch.argsort(idx, stable=True)  # [n] positions grouped by expert
         h = torch.empty(n, self.fmt.intermediate, dtype=torch.float32, device=dev)
         part = torch.empty(n, self.split, hidden, dtype=self.part.dtype, device=dev)
@@ -322,13 +343,17 @@ class MoeDecode:
         xs = x[order // self.k]
         if self.tuning.int8:
             cnt, rb = group_counts(sorted_idx, b)
+            cuts = None if pcut is None else (pcut[:n][order], self.plane_bytes)
             for launch, src, dst in ((self._gate_up, xs, h), (self._down, h, part)):
                 quant = self._quant_buffers(n, src.shape[-1], launch[4], dev)
                 quantize_activations(src, quant[3], *quant[:3])
-                rows_gemv(launch, quant, sorted_idx, cnt, rb, table_row, base, dst)
+                rows_gemv(launch, quant, sorted_idx, cnt, rb, table_row, base, dst, cuts)
         else:
             self._gemv(self._gate_up, xs, None, False, sorted_idx, table_row, base, h, None)
             self._gemv(self._down, h, None, False, sorted_idx, table_row, base, part, None)
+        if split is not None:
+            split.wait_done()
         out = torch.empty_like(x)
-        combine(part[torch.argsort(order)], top_k_weights.reshape(-1), out, tokens=b)
+        cpu = None if split is None else (split.ybox, pcut, self.plane_bytes)
+        combine(part[torch.argsort(order)], top_k_weights.reshape(-1), out, cpu, tokens=b)
         return out

@@ -7,7 +7,9 @@ one expert form a group; the first position of each run of up to RB in a group l
 program reads each weight tile once, from its slot or over the link for a miss, and
 computes it against each of its rows' int8 activations. The int8 sums are exact integers
 (`triton_tiles._block_sums_i8`), so a row gets the bits of its lone `MoeDecode` call however
-the rows are grouped; the batch reads each expert once, not once per row.
+the rows are grouped; the batch reads each expert once, not once per row. With a CPU share
+(`experts.split`) a leader reads only the GPU's part of a missed expert (its cut, which every
+position of one expert shares: the cut depends on the layer's miss count only).
 """
 
 from __future__ import annotations
@@ -72,14 +74,15 @@ def _tile_rows_i8(
 @triton.jit
 def _moe_rows_kernel(
     xq_ptr, x_stride, dx_ptr, xs_ptr, s_stride, idx_ptr, cnt_ptr, table_ptr, base_ptr, out_ptr, out_stride,
-    N, P, P1, G, stride_q, p_split, stride_split,
+    N, P, P1, G, stride_q, p_split, stride_split, pcut_ptr, PD, CPU: tl.constexpr,
     OFF_Q: tl.constexpr, OFF_SQ: tl.constexpr, OFF_ZQ: tl.constexpr, OFF_META: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
     UNROLL: tl.constexpr, ROW_META: tl.constexpr, RB: tl.constexpr,
 ):  # fmt: skip
     """Sorted position j = program_id(1) leads cnt[j] rows (positions j .. j + cnt - 1, all
     routed to expert idx[j]): out[j + r, split, n] as `triton_gemv._gemv_rows` computes each
-    alone with int8 activations (row j + r of xq, dx, xs)."""
+    alone with int8 activations (row j + r of xq, dx, xs). With CPU, pcut[j] < PD: the CPU
+    computes intermediate neurons i % PD >= pcut[j] (as `triton_moe._moe_gemv_kernel`)."""
     pid_e = tl.program_id(1)
     cnt = tl.load(cnt_ptr + pid_e)
     if cnt > 0:
@@ -97,7 +100,14 @@ def _moe_rows_kernel(
         row_off = rows.to(tl.int64) * stride_q
         up_off = (rows + N).to(tl.int64) * stride_q
         p_start = tl.program_id(2) * p_split
-        p_end = tl.minimum(p_start + p_split, P)
+        p_limit = P
+        if CPU:
+            cut = tl.load(pcut_ptr + pid_e)
+            if GLU:
+                p_limit = tl.where((tl.program_id(0) * BLOCK_N) % PD < cut, P, 0)
+            else:
+                p_limit = tl.minimum(cut, P)
+        p_end = tl.minimum(p_start + p_split, p_limit)
         acc = tl.zeros([RB, BLOCK_N], dtype=tl.float64)
         acc_up = tl.zeros([RB, BLOCK_N], dtype=tl.float64)
         for p0 in range(p_start, p_end, BLOCK_P * UNROLL):
@@ -134,13 +144,15 @@ def group_counts(sorted_idx: torch.Tensor, rows: int) -> tuple[torch.Tensor, int
     return cnt, rb
 
 
-def rows_gemv(launch, quant, sorted_idx, cnt, rb, table_row, base, out) -> None:
+def rows_gemv(launch, quant, sorted_idx, cnt, rb, table_row, base, out, cuts=None) -> None:
     """One routed-experts GEMV (`triton_moe._launch`) over sorted positions with int8 activations
-    `quant` (xq, dx, sums, qb; one row per position, already quantized), grouped by `cnt`."""
+    `quant` (xq, dx, sums, qb; one row per position, already quantized), grouped by `cnt`.
+    `cuts`: (int32 cut of each sorted position, PD) when the CPU computes a share of misses."""
     grid, args, consts, _, _ = launch
     xq, dx, sums, _ = quant
     consts = {k: v for k, v in consts.items() if k not in ("MAGIC", "I8")}
+    pcut, pd = cuts if cuts is not None else (cnt, 0)
     _moe_rows_kernel[(grid[0], sorted_idx.numel(), grid[2])](
         xq, xq.stride(0), dx, sums, dx.stride(0), sorted_idx, cnt, table_row, base, out, out.stride(0), *args,
-        RB=rb, **consts,
+        pcut, pd, CPU=cuts is not None, RB=rb, **consts,
     )  # fmt: skip

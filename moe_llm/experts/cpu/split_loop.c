@@ -1,9 +1,10 @@
 /* The CPU side of the GPU/CPU split of a decode step (moe_llm/experts/split.py).
  *
  * One thread polls the mailbox rows in layer order. For row r, once the GPU's publish has
- * raised flags[r], it reads the routed ids and cuts, computes each missed expert's CPU share
- * from the expert's pinned host buffer, writes float64 rows y[j][H] (exact sums, see moe_cpu.c),
- * and raises dones[r]; the
+ * raised flags[r], it reads the step's routed positions (n, then ids, cuts and the hidden
+ * state each reads: a lone token's k positions share one, B batched rows' B * k positions read
+ * their row's), computes each missed position's CPU share from the expert's pinned host
+ * buffer, writes float64 rows y[j][H] (exact sums, see moe_cpu.c), and raises dones[r]; the
  * GPU waits on that word (a captured stream wait) before its combine.
  *
  * The CPU share of an expert with cut c (0 <= c < PD, PD = bytes of the down plane) is the
@@ -23,11 +24,11 @@
 #define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
 #endif
 
-#define SPLIT_ABI 2
+#define SPLIT_ABI 3
 #define WORD_STRIDE 16 /* uint32 words per flag: one cache line each */
 
 typedef struct {
-  int32_t rows, k, experts, pd, threads, reserved;
+  int32_t rows, positions, experts, pd, threads, tokens; /* positions, tokens: a row's room (P, T) */
   int64_t row_bytes, x_off, y_off;
   volatile uint32_t *flags;
   volatile uint32_t *dones;
@@ -145,8 +146,9 @@ static void idle_wait(unsigned *spins) {
 int moe_split_serve(const moe_split_ctx *c) {
   int rc = check_layout(&c->layout);
   if (rc) return rc;
-  if (c->rows < 1 || c->k < 1 || c->pd < 1 || c->layout.intermediate % c->pd) return MOE_CPU_EARG;
-  const int threads = c->threads < 1 ? 1 : c->threads, H = c->layout.hidden, k = c->k;
+  if (c->rows < 1 || c->positions < 1 || c->tokens < 1 || c->pd < 1 || c->layout.intermediate % c->pd)
+    return MOE_CPU_EARG;
+  const int threads = c->threads < 1 ? 1 : c->threads, H = c->layout.hidden, P = c->positions;
   share_ws w;
   void *mem = NULL;
   rc = share_ws_alloc(&c->layout, threads, &w, &mem);
@@ -176,14 +178,18 @@ int moe_split_serve(const moe_split_ctx *c) {
     c->flags[(size_t)r * WORD_STRIDE] = 0;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     uint8_t *row = c->box + (size_t)r * c->row_bytes;
-    const int32_t *head = (const int32_t *)row; /* ids [k], cuts [k] */
-    const float *x = (const float *)(row + c->x_off);
+    const int32_t *head = (const int32_t *)row; /* n, ids [P], cuts [P], tokens [P] */
+    const int n = head[0] < 0 ? 0 : (head[0] > P ? P : head[0]);
+    const int32_t *ids = head + 1, *cuts = head + 1 + P, *toks = head + 1 + 2 * P;
+    const float *xs = (const float *)(row + c->x_off);
     double *y = (double *)(row + c->y_off);
-    for (int j = 0; j < k; j++) {
-      const int cut = head[k + j];
+    for (int j = 0; j < n; j++) {
+      const int cut = cuts[j];
       if (cut >= c->pd) continue;
-      const int e = head[j];
-      if (e < 0 || e >= c->experts || cut < 0) continue; /* cannot happen: the GPU wrote them */
+      const int e = ids[j], t = toks[j];
+      /* cannot happen: the GPU wrote them */
+      if (e < 0 || e >= c->experts || cut < 0 || t < 0 || t >= c->tokens) continue;
+      const float *x = xs + (size_t)t * H;
       const double t0 = now_s();
       const uint8_t *base = (const uint8_t *)(uintptr_t)c->addr[(size_t)r * c->experts + e];
       expert_share(base, &c->layout, x, cut, c->pd, y + (size_t)j * H, threads, &w);
