@@ -295,6 +295,7 @@ class MoeDecode:
         """Publish the step's routed positions `idx` (k per row of x [B, H]) to the CPU road and
         raise the layer's flag; returns the cut of each position (on the device)."""
         b, n = x.shape[0], idx.numel()
+        x = x.contiguous()
         pcut = split.pcut
         _publish_kernel[(b,)](
             idx, table_row, base.numel(), split.take(b), pcut, x, x.stride(0), split.head, split.xbox,
