@@ -8,7 +8,9 @@ For each N, N threads call `engine.generate` at once with different 64-token pro
 aggregate tok/s (all generated tokens / the wall time from the first request's start to the
 last one's end, prefills and graph captures included, so it is a lower bound of the decode
 rate), per-stream tok/s, the sum of the streams' own decode rates (`decode_tok_s`: each from
-its first token to its last, so without its prefill), the ratio to one stream, and whether
+its first token to its last, so without its prefill), the ratio to one stream, the steady
+rate (`steady_tok_s`: 16 batched steps timed once all N rows decode, with no prefill or
+capture among them; `steady_ratio_to_one` against one row's), and whether
 every stream's tokens equal its prompt's lone run (`equal_to_alone`; no prefix cache, so
 every prefill is a cold one). Each N runs twice; the faster run counts. The JSON is rewritten
 after every row.
@@ -75,7 +77,7 @@ def main() -> None:
         cache_policy=args.policy, cpu_experts=args.cpu_experts, batch_mode=args.batch_mode,
     )  # fmt: skip
     engine.generate(model.random_prompt(64, 999), max_new_tokens=8)  # warm-up: captures, compiles
-    rows, base = [], None
+    rows, base, steady_base = [], None, None
     lone: dict[int, list[int]] = {}  # prompt seed -> its tokens decoded alone
     for n in args.streams:
         seeds = [100 * n + i for i in range(n)]
@@ -94,11 +96,13 @@ def main() -> None:
         total = sum(len(t) for t in toks)
         agg = total / wall
         base = base or agg
+        steady = steady_tok_s(engine, model, n)
+        steady_base = steady_base or steady
         # each stream's own decode rate (first token to last; other streams' prefills interleave)
         decode = sum(r.stats["tokens_per_second"] for r in results)
         row = dict(streams=n, tokens=total, wall_s=wall, aggregate_tok_s=agg, per_stream_tok_s=agg / n,
                    decode_tok_s=decode,
-                   ratio_to_one=agg / base, steps=used.decode_steps, hit_rate=used.hit_rate,
+                   ratio_to_one=agg / base, steady_tok_s=steady, steady_ratio_to_one=steady / steady_base, steps=used.decode_steps, hit_rate=used.hit_rate,
                    misses_per_step=used.cache_misses / max(used.decode_steps, 1),
                    copied_mb_per_step=used.bytes_to_device / max(used.decode_steps, 1) / 1e6,
                    cpu_expert_calls=used.cpu_expert_calls, batch_mode=engine.batcher.stats()["batch_mode"],
@@ -113,6 +117,43 @@ def main() -> None:
         profile_steady(engine, model, args.profile)
 
 
+def _rounds(streams, k: int) -> float:
+    """Seconds for k rounds of next() over every stream (one thread drives them all, so each
+    round is one batched step)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(k):
+        for s in streams:
+            next(s)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _steady_streams(engine, model, n: int, steps: int, rounds_after: int) -> list:
+    """n streams driven until every row decodes and the batch graph is captured (6 rounds), with
+    room for `rounds_after` * `steps` more rounds."""
+    prompts = [model.random_prompt(64, 7000 + i) for i in range(n)]
+    streams = [engine.stream(p, max_new_tokens=12 + rounds_after * steps, temperature=0.0) for p in prompts]
+    _rounds(streams, 6)
+    return streams
+
+
+def _drain(streams) -> None:
+    for s in streams:
+        for _ in s:
+            pass
+
+
+def steady_tok_s(engine, model, n: int, steps: int = 16) -> float:
+    """Aggregate decode tok/s of n rows once they all decode: no prefill or capture inside."""
+    streams = _steady_streams(engine, model, n, steps, 1)
+    wall = _rounds(streams, steps)
+    _drain(streams)
+    return n * steps / wall
+
+
 def profile_steady(engine, model, n: int, steps: int = 16) -> None:
     """Where a step of `n` rows goes once they all decode (prefills and captures excluded): one
     thread drives every stream, so each round of next() is one batched step. Prints the wall
@@ -123,39 +164,24 @@ def profile_steady(engine, model, n: int, steps: int = 16) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    def rounds(streams, k: int) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(k):
-            for s in streams:
-                next(s)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    prompts = [model.random_prompt(64, 7000 + i) for i in range(n)]
-    streams = [engine.stream(p, max_new_tokens=24 + 4 * steps, temperature=0.0) for p in prompts]
-    rounds(streams, 6)  # every row prefilled and decoding, the batch graph captured
+    streams = _steady_streams(engine, model, n, steps, 3)
     captures = engine.batcher.stats()["batch_graph_captures"]
-    wall = rounds(streams, steps)
+    wall = _rounds(streams, steps)
     print(f"steady: {n} rows, {1e3 * wall / steps:.2f} ms per step, {n * steps / wall:.1f} tok/s", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        rounds(streams, steps)
+        _rounds(streams, steps)
     print(f"torch.profiler over {steps} steps (per step: divide by {steps})")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     cp = cProfile.Profile()
     cp.enable()
-    rounds(streams, steps)
+    _rounds(streams, steps)
     cp.disable()
     pstats.Stats(cp).sort_stats("tottime").print_stats(25)
     print(
         f"graph captures before/after the measured steps: {captures} / {engine.batcher.stats()['batch_graph_captures']}"
     )
-    for s in streams:
-        for _ in s:
-            pass
+    _drain(streams)
 
 
 if __name__ == "__main__":
