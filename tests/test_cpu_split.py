@@ -200,23 +200,29 @@ def test_serving_thread_answers_the_mailbox_in_any_row_order():
     assert not split._thread.is_alive()
 
 
-def test_serving_thread_computes_each_batched_position_on_its_own_row():
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_serving_thread_computes_each_batched_position_on_its_own_row(bits):
     """A step of three batched rows publishes six positions and three hidden states: each missed
-    position's share is computed against its own row's x, as that row's lone step would; a
-    position past the published count, or with a hit's cut, is left alone."""
-    fmt = ExpertFormat.build(256, 512, 2, torch.float32)
+    position's share is computed against its own row's x, as that row's lone step would, and
+    the positions of one expert with one cut in one call (the expert read once); a position
+    past the published count, or with a hit's cut, is left alone."""
+    fmt = ExpertFormat.build(256, 512, bits, torch.float32)
     store, split = _split_over(fmt, 2, 4, [[0, 64, 128], [0] * 5, [0] * 7])
     try:
         assert split.box.positions == 6 and split.box.tokens == 3
         assert split.row(0).fits(3) and not split.row(0).fits(4)
         xs = torch.randn(3, 256, generator=torch.Generator().manual_seed(5))
-        ids, cuts, toks = [1, 2, 1, 3, 0, 2], [0, 128, 64, 32, 128, 0], [0, 0, 1, 1, 2, 2]
+        # expert 1: rows 0 and 1, one cut (one call); expert 2: row 0 a hit, row 2 a miss; expert 3:
+        # rows 1 and 2 with two cuts (two calls)
+        ids, cuts, toks = [1, 2, 1, 3, 3, 2], [0, 128, 0, 32, 64, 0], [0, 0, 1, 1, 2, 2]
         y = _serve(split, 1, ids, cuts, toks, xs).clone()
         for j, (e, cut, t) in enumerate(zip(ids, cuts, toks, strict=True)):
             if cut < 128:
                 assert torch.equal(y[j], expert_share(store.buffer(1, e), fmt, xs[t], cut, 128, threads=1)), j
         assert split.stats()["cpu_expert_calls"] == 4
-        _serve(split, 1, ids[:2], cuts[:2], toks[:2], xs)  # n = 2: only the first two positions
+        before = y[1].clone()
+        _serve(split, 1, ids[:3], cuts[:3], toks[:3], xs)  # n = 3: expert 1's two positions, in one call
         assert split.stats()["cpu_expert_calls"] == 5
+        assert torch.equal(split.box.views(1)[2][1], before)  # the hit's row is not written
     finally:
         split.close()

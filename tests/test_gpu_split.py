@@ -177,7 +177,7 @@ def test_batched_rows_share_misses_with_the_cpu_to_the_bit(bits, take):
         gpu = run.rows(x, idx, w, host, pool)
         shared = run.rows(x, idx, w, host, pool, split.row(0))
         torch.cuda.synchronize()
-        assert split.stats()["cpu_expert_calls"] == 6  # each missed position, once
+        assert split.stats()["cpu_expert_calls"] == 4  # each missed expert once, for all its rows
         assert torch.equal(shared, gpu)
         for b in range(3):
             alone = torch.empty(4096, dtype=torch.bfloat16, device="cuda")

@@ -11,10 +11,11 @@ lies, over the memory bus. This module runs both at once inside one captured dec
   raises the row's flag. A lone token's step publishes its k positions and one hidden state;
   a step of B batched rows (`kernels.rows`) publishes B * k positions and B hidden states,
   with take tables for B * k positions (`CpuSplit.takes`);
-- a C thread (`cpu/split_loop.c`) polls the flags, computes its share of each missed position
-  (intermediate neurons ``i % PD >= cut``: those rows of gate_up, and every down row against
-  h that is zero outside the share, reading only the share's bytes of each down row but at
-  3 bits), writes float64 rows back, and raises ``done``;
+- a C thread (`cpu/split_loop.c`) polls the flags, computes its share of each missed expert
+  for every position that routes to it, reading the expert once for them (intermediate
+  neurons ``i % PD >= cut``: those rows of gate_up, and every down row against h that is zero
+  outside the share, reading only the share's bytes of each down row but at 3 bits), writes
+  float64 rows back, and raises ``done``;
 - meanwhile the GPU computes the rest (hits, and the other share of each miss, zero-copy);
   a stream wait on ``done`` precedes the combine, which adds the CPU rows in k order.
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("off", "auto", "all")
 _LINE = 64  # bytes: one flag per cache line
+MAX_POSITIONS = 1024  # routed positions one step may publish (MAX_POSITIONS of cpu/split_loop.c)
 
 
 class SplitUnavailable(RuntimeError):
@@ -307,6 +309,10 @@ class CpuSplit:
         rows = len(cache.layers)
         max_rows = len(takes)
         positions = max_rows * top_k
+        if positions > MAX_POSITIONS:
+            raise ValueError(
+                f"{max_rows} rows of {top_k} routed experts exceed the mailbox's {MAX_POSITIONS} positions"
+            )
         self.top_k = top_k
         self.plane_bytes = plane_bytes
         store = cache.store
@@ -381,8 +387,7 @@ def start_split(
     'auto': the share of each miss that makes both roads finish together, from this machine's
     measured bandwidths, `road_rates`), for steps of 1 .. `max_rows` decoded rows, the
     mailbox and the serving thread. For b rows the model counts the b * k routed positions as
-    k would be counted; it ignores that rows on one expert read it once on the GPU (once per
-    position on the CPU)."""
+    k would be counted; it ignores that rows on one expert read it once (on either road)."""
     if not torch.cuda.is_available():
         raise SplitUnavailable("the GPU/CPU split needs CUDA")
     n = threads or max(1, ck.default_threads() - 1)  # one core stays with the thread that drives the GPU
@@ -392,8 +397,8 @@ def start_split(
     g = 2 / 3 if fmt.bits == 3 else 1.0
     takes = [
         take_table(mode, b * top_k, pd, dispatch.cut_align, roads, fmt.nbytes, gate_up_fraction=g)
-        for b in range(1, max(1, max_rows) + 1)
-    ]
+        for b in range(1, max(1, min(max_rows, MAX_POSITIONS // top_k)) + 1)
+    ]  # more rows than that: their steps keep every miss on the GPU (`SplitRow.fits`)
     log.info("CPU experts %s: of each missed expert the CPU takes %s of %d down-plane bytes by miss count (%s)",
              mode, takes[0], pd, roads)  # fmt: skip
     return CpuSplit(cache, fmt, top_k, pd, takes, threads=n)

@@ -26,6 +26,7 @@
 
 #define SPLIT_ABI 3
 #define WORD_STRIDE 16 /* uint32 words per flag: one cache line each */
+#define MAX_POSITIONS 1024 /* routed positions of one step the loop serves (max_batch * top_k) */
 
 typedef struct {
   int32_t rows, positions, experts, pd, threads, tokens; /* positions, tokens: a row's room (P, T) */
@@ -42,56 +43,67 @@ typedef struct {
 int moe_split_abi_version(void) { return SPLIT_ABI; }
 
 typedef struct {
-  int8_t *xq, *hq, *xt, *ht; /* int8 activations, and transposed (`transpose_act`) */
+  int8_t *xq, *hq, *xt, *ht; /* int8 activations, and transposed (`transpose_act`): [ntok][cols] */
   float *xd, *xs, *gu, *h, *hd, *hs;
+  double *yd; /* [ntok][H]: the down sums of a share of several tokens */
   uint8_t *scr;
   size_t per_thread;
+  int ntok; /* tokens one share may take */
 } share_ws;
 
-static int share_ws_alloc(const moe_cpu_expert_layout *L, int threads, share_ws *w, void **mem) {
+static int share_ws_alloc(const moe_cpu_expert_layout *L, int threads, int ntok, share_ws *w, void **mem) {
   const int H = L->hidden, I = L->intermediate, Ggu = H / L->gs_gate_up, Gdn = I / L->gs_down;
   const int nbh = (H + QB - 1) / QB, nbi = (I + QB - 1) / QB;
   const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
+  const size_t T = ntok < 1 ? 1 : (size_t)ntok;
+  w->ntok = (int)T;
   w->per_thread = (scratch_bytes(maxG, maxcols) + 63) / 64 * 64;
   const size_t fl = sizeof(float);
-  size_t total = 2 * ((size_t)H + (size_t)I) + fl * (2 * (size_t)nbh + 3 * (size_t)I + 2 * (size_t)nbi) +
+  size_t total = T * (2 * ((size_t)H + (size_t)I) + fl * (2 * (size_t)nbh + 3 * (size_t)I + 2 * (size_t)nbi) +
+                      sizeof(double) * (size_t)H) +
                  (size_t)threads * w->per_thread + 16 * 64;
   uint8_t *p = (uint8_t *)malloc(total);
   if (!p) return MOE_CPU_ENOMEM;
   *mem = p;
-#define TAKE(T, N) ((T *)(p = (uint8_t *)(((uintptr_t)p + 63) & ~(uintptr_t)63), p += (N) * sizeof(T), p - (N) * sizeof(T)))
-  w->xq = TAKE(int8_t, (size_t)H);
-  w->xt = TAKE(int8_t, (size_t)H);
-  w->xd = TAKE(float, (size_t)nbh);
-  w->xs = TAKE(float, (size_t)nbh);
-  w->gu = TAKE(float, 2 * (size_t)I);
-  w->h = TAKE(float, (size_t)I);
-  w->hq = TAKE(int8_t, (size_t)I);
-  w->ht = TAKE(int8_t, (size_t)I);
-  w->hd = TAKE(float, (size_t)nbi);
-  w->hs = TAKE(float, (size_t)nbi);
+#define TAKE(T_, N) ((T_ *)(p = (uint8_t *)(((uintptr_t)p + 63) & ~(uintptr_t)63), p += (N) * sizeof(T_), p - (N) * sizeof(T_)))
+  w->xq = TAKE(int8_t, T * H);
+  w->xt = TAKE(int8_t, T * H);
+  w->xd = TAKE(float, T * nbh);
+  w->xs = TAKE(float, T * nbh);
+  w->gu = TAKE(float, T * 2 * I);
+  w->h = TAKE(float, T * I);
+  w->hq = TAKE(int8_t, T * I);
+  w->ht = TAKE(int8_t, T * I);
+  w->hd = TAKE(float, T * nbi);
+  w->hs = TAKE(float, T * nbi);
+  w->yd = TAKE(double, T * H);
   w->scr = TAKE(uint8_t, (size_t)threads * w->per_thread);
 #undef TAKE
   return MOE_CPU_OK;
 }
 
-/* y[H] = the CPU share (i % pd >= cut) of expert `base` applied to x[H], as exact float64 sums
-   (multiples of 2^-32): the GPU adds its complement to them without rounding. */
-static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, const float *x, int cut, int pd,
-                         double *y, int threads, share_ws *w) {
+/* y[t][H] = the CPU share (i % pd >= cut) of expert `base` applied to x[t][H], for nt <= w->ntok
+   tokens read from the expert's bytes once, as exact float64 sums (multiples of 2^-32): the
+   GPU adds its complement to them without rounding. Each token's sums are those of its share
+   alone: the integer dot products of one row do not depend on the other tokens. */
+static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, const float *const *x, int nt, int cut,
+                         int pd, double *const *y, int threads, share_ws *w) {
   const int H = L->hidden, I = L->intermediate, Ggu = H / L->gs_gate_up, Gdn = I / L->gs_down;
   const int nbh = (H + QB - 1) / QB, nbi = (I + QB - 1) / QB;
   const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
   qmat mg, md;
   expert_mats(L, base, &mg, &md);
   if (L->bits != 3 || packed3_layout(&md)) md.skip = cut / QB; /* h is zero outside the share: read down's bytes [cut, pd) only */
-  quantize_act(x, H, w->xq, w->xd, w->xs);
-  transpose_act(w->xq, H, w->xt);
-  const qact ax = {1, H, nbh, w->xq, w->xd, w->xs, w->xt};
+  for (int t = 0; t < nt; t++) {
+    quantize_act(x[t], H, w->xq + (size_t)t * H, w->xd + (size_t)t * nbh, w->xs + (size_t)t * nbh);
+    transpose_act(w->xq + (size_t)t * H, H, w->xt + (size_t)t * H);
+  }
+  const qact ax = {nt, H, nbh, w->xq, w->xd, w->xs, w->xt};
   const int planes = I / pd, span = pd - cut; /* rows [j*pd + cut, (j+1)*pd) of each plane j */
   const int chunks = (span + GU_CHUNK - 1) / GU_CHUNK, items = planes * chunks;
   const int ndn = (H + DOWN_CHUNK - 1) / DOWN_CHUNK;
-  memset(w->h, 0, sizeof(float) * (size_t)I);
+  double *yd = nt == 1 ? y[0] : w->yd; /* one token: straight into its row */
+  memset(w->h, 0, sizeof(float) * (size_t)nt * I);
 #pragma omp parallel num_threads(threads)
   {
     scratch ws = scratch_at(w->scr + (size_t)omp_get_thread_num() * w->per_thread, maxG, maxcols);
@@ -101,20 +113,27 @@ static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, co
       const int r0 = j * pd + c0, r1 = j * pd + imin(c0 + GU_CHUNK, pd);
       mat_rows(&mg, r0, r1, &ax, w->gu, NULL, 2 * (size_t)I, &ws);
       mat_rows(&mg, I + r0, I + r1, &ax, w->gu, NULL, 2 * (size_t)I, &ws);
-      for (int r = r0; r < r1; r++) w->h[r] = silu(w->gu[r]) * w->gu[I + r];
+      for (int t = 0; t < nt; t++) {
+        const float *gu = w->gu + (size_t)t * 2 * I;
+        for (int r = r0; r < r1; r++) w->h[(size_t)t * I + r] = silu(gu[r]) * gu[I + r];
+      }
     }
 #pragma omp single
     {
-      quantize_act(w->h, I, w->hq, w->hd, w->hs);
-      transpose_act(w->hq, I, w->ht);
+      for (int t = 0; t < nt; t++) {
+        quantize_act(w->h + (size_t)t * I, I, w->hq + (size_t)t * I, w->hd + (size_t)t * nbi, w->hs + (size_t)t * nbi);
+        transpose_act(w->hq + (size_t)t * I, I, w->ht + (size_t)t * I);
+      }
     }
-    const qact ah = {1, I, nbi, w->hq, w->hd, w->hs, w->ht};
+    const qact ah = {nt, I, nbi, w->hq, w->hd, w->hs, w->ht};
 #pragma omp for schedule(static)
     for (int item = 0; item < ndn; item++) {
       const int r0 = item * DOWN_CHUNK, r1 = imin(r0 + DOWN_CHUNK, H);
-      mat_rows(&md, r0, r1, &ah, NULL, y, (size_t)H, &ws);
+      mat_rows(&md, r0, r1, &ah, NULL, yd, (size_t)H, &ws);
     }
   }
+  if (nt > 1)
+    for (int t = 0; t < nt; t++) memcpy(y[t], w->yd + (size_t)t * H, sizeof(double) * (size_t)H);
 }
 
 /* One expert's CPU share outside the serving loop (tests, the load-time measurement). */
@@ -126,9 +145,9 @@ int moe_split_expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, 
   if (threads < 1) threads = 1;
   share_ws w;
   void *mem = NULL;
-  rc = share_ws_alloc(L, threads, &w, &mem);
+  rc = share_ws_alloc(L, threads, 1, &w, &mem);
   if (rc) return rc;
-  expert_share(base, L, x, cut, pd, y, threads, &w);
+  expert_share(base, L, &x, 1, cut, pd, &y, threads, &w);
   free(mem);
   return MOE_CPU_OK;
 }
@@ -146,12 +165,13 @@ static void idle_wait(unsigned *spins) {
 int moe_split_serve(const moe_split_ctx *c) {
   int rc = check_layout(&c->layout);
   if (rc) return rc;
-  if (c->rows < 1 || c->positions < 1 || c->tokens < 1 || c->pd < 1 || c->layout.intermediate % c->pd)
+  if (c->rows < 1 || c->positions < 1 || c->positions > MAX_POSITIONS || c->tokens < 1 || c->pd < 1 ||
+      c->layout.intermediate % c->pd)
     return MOE_CPU_EARG;
   const int threads = c->threads < 1 ? 1 : c->threads, H = c->layout.hidden, P = c->positions;
   share_ws w;
   void *mem = NULL;
-  rc = share_ws_alloc(&c->layout, threads, &w, &mem);
+  rc = share_ws_alloc(&c->layout, threads, c->tokens, &w, &mem);
   if (rc) return rc;
   const int64_t gu_bytes = c->layout.off[4] - c->layout.off[0];
   int r = 0;
@@ -183,16 +203,29 @@ int moe_split_serve(const moe_split_ctx *c) {
     const int32_t *ids = head + 1, *cuts = head + 1 + P, *toks = head + 1 + 2 * P;
     const float *xs = (const float *)(row + c->x_off);
     double *y = (double *)(row + c->y_off);
-    for (int j = 0; j < n; j++) {
+    /* the positions of one missed expert (one per row that routes to it, all with the layer's
+       cut) are computed together: the expert's bytes are read once for all of them */
+    uint8_t taken[MAX_POSITIONS];
+    memset(taken, 0, sizeof taken);
+    for (int j = 0; j < n && j < MAX_POSITIONS; j++) {
       const int cut = cuts[j];
-      if (cut >= c->pd) continue;
-      const int e = ids[j], t = toks[j];
+      if (taken[j] || cut >= c->pd) continue;
+      const int e = ids[j];
       /* cannot happen: the GPU wrote them */
-      if (e < 0 || e >= c->experts || cut < 0 || t < 0 || t >= c->tokens) continue;
-      const float *x = xs + (size_t)t * H;
+      if (e < 0 || e >= c->experts || cut < 0) continue;
+      const float *xs_of[MAX_POSITIONS];
+      double *ys_of[MAX_POSITIONS];
+      int nt = 0;
+      for (int q = j; q < n && q < MAX_POSITIONS && nt < w.ntok; q++) {
+        if (taken[q] || ids[q] != e || cuts[q] != cut || toks[q] < 0 || toks[q] >= c->tokens) continue;
+        taken[q] = 1;
+        xs_of[nt] = xs + (size_t)toks[q] * H;
+        ys_of[nt++] = y + (size_t)q * H;
+      }
+      if (!nt) continue;
       const double t0 = now_s();
       const uint8_t *base = (const uint8_t *)(uintptr_t)c->addr[(size_t)r * c->experts + e];
-      expert_share(base, &c->layout, x, cut, c->pd, y + (size_t)j * H, threads, &w);
+      expert_share(base, &c->layout, xs_of, nt, cut, c->pd, ys_of, threads, &w);
       c->stats[0] += 1;
       const int64_t dn_bytes = c->layout.off[7] - c->layout.off[4];
       c->stats[1] += (gu_bytes + (c->layout.bits != 3 ? dn_bytes : 0)) * (c->pd - cut) / c->pd +
