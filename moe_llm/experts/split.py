@@ -230,13 +230,17 @@ class SplitRow:
 
     pcut: torch.Tensor  # int32 [P] on the device: the cut of each routed position
     takes: torch.Tensor  # int32 [B + 1, P + 1] on the device: the cost model's take by miss count, per rows
-    positions: int  # P
     head: HostPtr
     xbox: HostPtr
     ybox: HostPtr
     _flag: int
     _done: int
     _ops: StreamMemOps
+
+    @property
+    def positions(self) -> int:
+        """P: the routed positions a step may publish."""
+        return self.pcut.numel()
 
     def take(self, rows: int) -> torch.Tensor:
         """The take table (by miss count) of a step of `rows` decoded rows."""
@@ -342,7 +346,6 @@ class CpuSplit:
             SplitRow(
                 self.pcut[r],
                 self.takes,
-                positions,
                 HostPtr(box.row(r), torch.int32),
                 HostPtr(box.x(r), torch.float32),
                 HostPtr(box.y(r), torch.float64),

@@ -39,7 +39,7 @@ from .triton_gemv import (
     row_meta,
     supported_spec,
 )
-from .triton_moe_rows import group_counts, rows_gemv
+from .triton_moe_rows import _gpu_limit, group_counts, rows_gemv
 
 _TARGET_PROGRAMS = 8 * 132
 
@@ -98,13 +98,8 @@ def _moe_gemv_kernel(
     sq_ptr = base_ptr + off + OFF_SQ
     zq_ptr = base_ptr + off + OFF_ZQ
     meta_ptr = (base_ptr + off + OFF_META).to(tl.pointer_type(tl.float32), bitcast=True)
-    p_limit = P
-    if CPU:  # the CPU computes intermediate neurons i with i % PD >= pcut[j] (down bytes [pcut, PD))
-        cut = tl.load(pcut_ptr + pid_e)
-        if GLU:
-            p_limit = tl.where((tl.program_id(0) * BLOCK_N) % PD < cut, P, 0)
-        else:
-            p_limit = tl.minimum(cut, P)
+    # with CPU the CPU computes intermediate neurons i % PD >= pcut[j] (down bytes [pcut, PD))
+    p_limit = _gpu_limit(pcut_ptr, pid_e, tl.program_id(0) * BLOCK_N, P, PD, CPU, GLU)
     _gemv_rows(
         x_ptr + pid_e * x_stride, dx_ptr + pid_e * s_stride, xs_ptr + pid_e * s_stride, q_ptr, sq_ptr, zq_ptr,
         meta_ptr, out_ptr + pid_e * out_stride, tl.program_id(0), tl.program_id(2), N, P, P1, G, stride_q, p_split,

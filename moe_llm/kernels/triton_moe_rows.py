@@ -39,6 +39,22 @@ def _groups_kernel(idx_ptr, cnt_ptr, N, RB: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _gpu_limit(pcut_ptr, pos, row0, P, PD, CPU: tl.constexpr, GLU: tl.constexpr):
+    """Bytes of each weight row the GPU reads for routed position `pos` in a program whose
+    output rows start at `row0`: all P, or with a CPU share (`experts.split`: the CPU computes
+    intermediate neurons i % PD >= pcut[pos]) gate_up row blocks on the GPU's side whole and
+    the others not at all, and down's bytes [0, pcut) only."""
+    limit = P
+    if CPU:
+        cut = tl.load(pcut_ptr + pos)
+        if GLU:
+            limit = tl.where(row0 % PD < cut, P, 0)
+        else:
+            limit = tl.minimum(cut, P)
+    return limit
+
+
+@triton.jit
 def _tile_rows_i8(
     xq_ptr, dx_ptr, xs_ptr, x_stride, s_stride, cnt, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0,
     P, P1, RB: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -81,8 +97,8 @@ def _moe_rows_kernel(
 ):  # fmt: skip
     """Sorted position j = program_id(1) leads cnt[j] rows (positions j .. j + cnt - 1, all
     routed to expert idx[j]): out[j + r, split, n] as `triton_gemv._gemv_rows` computes each
-    alone with int8 activations (row j + r of xq, dx, xs). With CPU, pcut[j] < PD: the CPU
-    computes intermediate neurons i % PD >= pcut[j] (as `triton_moe._moe_gemv_kernel`)."""
+    alone with int8 activations (row j + r of xq, dx, xs), with CPU only the GPU's part of
+    each weight row (`_gpu_limit`)."""
     pid_e = tl.program_id(1)
     cnt = tl.load(cnt_ptr + pid_e)
     if cnt > 0:
@@ -100,14 +116,7 @@ def _moe_rows_kernel(
         row_off = rows.to(tl.int64) * stride_q
         up_off = (rows + N).to(tl.int64) * stride_q
         p_start = tl.program_id(2) * p_split
-        p_limit = P
-        if CPU:
-            cut = tl.load(pcut_ptr + pid_e)
-            if GLU:
-                p_limit = tl.where((tl.program_id(0) * BLOCK_N) % PD < cut, P, 0)
-            else:
-                p_limit = tl.minimum(cut, P)
-        p_end = tl.minimum(p_start + p_split, p_limit)
+        p_end = tl.minimum(p_start + p_split, _gpu_limit(pcut_ptr, pid_e, tl.program_id(0) * BLOCK_N, P, PD, CPU, GLU))
         acc = tl.zeros([RB, BLOCK_N], dtype=tl.float64)
         acc_up = tl.zeros([RB, BLOCK_N], dtype=tl.float64)
         for p0 in range(p_start, p_end, BLOCK_P * UNROLL):

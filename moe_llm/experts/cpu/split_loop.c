@@ -205,9 +205,8 @@ int moe_split_serve(const moe_split_ctx *c) {
     double *y = (double *)(row + c->y_off);
     /* the positions of one missed expert (one per row that routes to it, all with the layer's
        cut) are computed together: the expert's bytes are read once for all of them */
-    uint8_t taken[MAX_POSITIONS];
-    memset(taken, 0, sizeof taken);
-    for (int j = 0; j < n && j < MAX_POSITIONS; j++) {
+    uint8_t taken[MAX_POSITIONS] = {0}; /* n <= P <= MAX_POSITIONS */
+    for (int j = 0; j < n; j++) {
       const int cut = cuts[j];
       if (taken[j] || cut >= c->pd) continue;
       const int e = ids[j];
@@ -216,7 +215,7 @@ int moe_split_serve(const moe_split_ctx *c) {
       const float *xs_of[MAX_POSITIONS];
       double *ys_of[MAX_POSITIONS];
       int nt = 0;
-      for (int q = j; q < n && q < MAX_POSITIONS && nt < w.ntok; q++) {
+      for (int q = j; q < n && nt < w.ntok; q++) {
         if (taken[q] || ids[q] != e || cuts[q] != cut || toks[q] < 0 || toks[q] >= c->tokens) continue;
         taken[q] = 1;
         xs_of[nt] = xs + (size_t)toks[q] * H;
