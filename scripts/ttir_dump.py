@@ -22,6 +22,7 @@ from moe_llm.kernels import triton_gemv as tg
 from moe_llm.kernels import triton_group as tgr
 from moe_llm.kernels import triton_moe as tm
 from moe_llm.kernels import triton_moe_rows as tr
+from moe_llm.kernels import triton_trunk as tt
 
 PTR = {
     "x_ptr": "*i32",
@@ -52,8 +53,8 @@ backend = make_backend(target)
 options = backend.parse_options({})
 
 
-def ttir(fn, consts, fp_x=False):
-    sig = {n: "constexpr" if n in consts else PTR.get(n, "i32") for n in fn.arg_names}
+def ttir(fn, consts, fp_x=False, ptr=None):
+    sig = {n: "constexpr" if n in consts else (ptr or PTR).get(n, "i32") for n in fn.arg_names}
     if fp_x:
         sig["x_ptr"] = "*fp32"
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
@@ -98,6 +99,9 @@ for kt, n in ((2, None), (1, 1), (8, None)):  # N = 1 is specialised to a consta
 for cpu in (False, True):
     c = dict(HAS_W=True, CPU=cpu, BLOCK=1024)
     out.append((f"combine {c}", ttir(tm._combine_kernel, c)))
+for dt, d in itertools.product(("bf16", "fp16", "fp32"), (64, 128)):
+    names = ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr")
+    out.append((f"rotary {dt} D={d}", ttir(tt._rotary_kernel, dict(D=d, BLOCK=d), ptr={n: f"*{dt}" for n in names})))
 with open(sys.argv[1], "w") as f:
     for name, text in out:
         f.write(f"=== {name}\n{text}\n")

@@ -195,6 +195,89 @@ def test_one_launch_rmsnorm_matches_transformers(dtype, n):
     assert torch.equal(norm(rows), MixtralRMSNorm.forward(norm, rows))  # prompts: transformers' forward
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (4, 1, 64)])
+def test_one_launch_rotary_is_transformers_to_the_bit(dtype, heads, kv_heads, dim):
+    """The decode rotary kernel against transformers' `apply_rotary_pos_emb` on the layout
+    attention passes ([B, 1, H, D] transposed), for B = 1 and 3 rows at their own positions
+    and for cos/sin shared by the rows: equal to the bit, each row as alone."""
+    import inspect
+
+    from transformers import MixtralConfig
+    from transformers.models.mixtral import modeling_mixtral as mx
+
+    from moe_llm.kernels import triton_trunk as tt
+
+    apply = inspect.unwrap(mx.apply_rotary_pos_emb)
+    cfg = MixtralConfig(hidden_size=heads * dim, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    rotary = mx.MixtralRotaryEmbedding(cfg).to("cuda")
+    gen = torch.Generator("cuda").manual_seed(heads)
+    for pos in ([[7]], [[5], [900], [3000]]):
+        B = len(pos)
+        q = (torch.randn(B, 1, heads, dim, device="cuda", generator=gen) * 4).to(dtype).transpose(1, 2)
+        k = (torch.randn(B, 1, kv_heads, dim, device="cuda", generator=gen) * 4).to(dtype).transpose(1, 2)
+        q[0, 0, 0, :3] = 0.0  # zeros keep their sign as transformers' negation gives it
+        cos, sin = rotary(q, torch.tensor(pos, device="cuda"))
+        for c, s in ((cos, sin), (cos[:1], sin[:1])):
+            assert tt.rotary_supported(q, k, c, s)
+            got, want = tt.rotary_rows(q, k, c, s), apply(q, k, c, s)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == w.dtype and g.shape == w.shape
+                bits = torch.int32 if dtype == torch.float32 else torch.int16  # -0.0 and 0.0 differ
+                assert torch.equal(g.contiguous().view(bits), w.contiguous().view(bits))
+        for b in range(B):
+            alone = tt.rotary_rows(q[b : b + 1], k[b : b + 1], cos[b : b + 1], sin[b : b + 1])
+            assert torch.equal(alone[0], tt.rotary_rows(q, k, cos, sin)[0][b : b + 1])
+    assert not tt.rotary_supported(q, k, cos.float(), sin.float()) or dtype == torch.float32  # mixed dtypes
+
+
+def test_marked_mixtral_attention_decodes_with_one_rotary_launch_and_grouped_heads():
+    """An installed tiny Mixtral's attention on CUDA: a decoded position under a mask (as graph
+    decode passes it) takes the rotary kernel and grouped-head sdpa, and matches transformers'
+    forward to bf16 rounding; a prompt takes transformers' functions to the bit."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM
+
+    from moe_llm.kernels import triton_trunk, trunk_ops
+
+    cfg = MixtralConfig(hidden_size=512, intermediate_size=64, num_hidden_layers=1, num_attention_heads=8,
+                        num_key_value_heads=2, vocab_size=64, num_local_experts=4)  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg).to("cuda", torch.bfloat16)
+    attn = model.model.layers[0].self_attn
+    gen = torch.Generator("cuda").manual_seed(1)
+    W = 256
+    h1 = torch.randn(1, 1, 512, device="cuda", generator=gen).to(torch.bfloat16)
+    hp = torch.randn(1, 5, 512, device="cuda", generator=gen).to(torch.bfloat16)
+    pe1 = model.model.rotary_emb(h1, torch.tensor([[40]], device="cuda"))
+    pep = model.model.rotary_emb(hp, torch.arange(5, device="cuda")[None])
+    k = torch.randn(1, 2, W, 64, device="cuda", generator=gen).to(torch.bfloat16)
+
+    class KV:  # a static window: the new key and value at position 40, attention reads all W
+        def update(self, key, value, layer_idx, *args, **kwargs):
+            kk, vv = k.clone(), k.flip(-1).clone()
+            kk[:, :, 40:41], vv[:, :, 40:41] = key, value
+            return kk, vv
+
+    mask = (torch.arange(W, device="cuda") <= 40).view(1, 1, 1, W)
+    causal = torch.ones(1, 1, 5, 5, dtype=torch.bool, device="cuda").tril()
+    want1 = type(attn).forward(attn, h1, pe1, mask, KV())[0]
+    wantp = type(attn).forward(attn, hp, pep, causal)[0]
+    assert trunk_ops.install(model)["attention"] == 1
+    calls = []
+    rotary = triton_trunk.rotary_rows
+    triton_trunk.rotary_rows = lambda *a: calls.append(1) or rotary(*a)
+    try:
+        got1 = attn(h1, pe1, mask, KV())[0]
+        gotp = attn(hp, pep, causal)[0]
+    finally:
+        triton_trunk.rotary_rows = rotary
+    assert calls == [1]
+    torch.testing.assert_close(got1, want1, rtol=2e-2, atol=2e-3)
+    assert torch.equal(gotp, wantp)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("experts,top_k,hidden", [(8, 2, 4096), (4, 2, 64), (64, 8, 2048)])
 def test_one_launch_router_matches_transformers(dtype, experts, top_k, hidden):

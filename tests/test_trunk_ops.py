@@ -33,9 +33,12 @@ def test_mixtral_norms_and_routers_are_patched_once_and_compute_the_same_off_cud
     x = torch.randn(3, 5, 64)
     before = [m(x) for m in norms] + [m(x.reshape(-1, 64)) for m in routers]
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]  # q, k, v, o per layer; the head
-    assert trunk_ops.install(model) == {"norm": len(norms), "router": len(routers), "rows": len(linears)}
-    assert all("forward" in vars(m) for m in norms + routers + linears)
-    assert trunk_ops.install(model) == {"norm": 0, "router": 0, "rows": 0}  # idempotent
+    attention = _named(model, "Attention")
+    assert trunk_ops.install(model) == {
+        "norm": len(norms), "router": len(routers), "rows": len(linears), "attention": len(attention),
+    }  # fmt: skip
+    assert all("forward" in vars(m) for m in norms + routers + linears + attention)
+    assert trunk_ops.install(model) == {"norm": 0, "router": 0, "rows": 0, "attention": 0}  # idempotent
     after = [m(x) for m in norms] + [m(x.reshape(-1, 64)) for m in routers]
     for got, want in zip(after, before, strict=True):
         for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
@@ -49,6 +52,7 @@ def test_modules_with_other_formulas_keep_their_forward():
     model = _model("gpt_oss", num_local_experts=4, layer_types=["full_attention", "full_attention"])
     counts = trunk_ops.install(model)
     assert (counts["norm"], counts["router"]) == (0, 0) and counts["rows"] > 0  # GPT-OSS: other norm, biased router
+    assert counts["attention"] == 0  # its own rotary formula
     qwen = _model("qwen3_moe", num_experts=4, moe_intermediate_size=32)
     counts = trunk_ops.install(qwen)
     assert counts["router"] == 0  # norm_topk_prob: another router formula
@@ -86,3 +90,44 @@ def test_inside_decode_rows_each_row_reads_only_its_own_window():
                 assert torch.equal(batch[b : b + 1], type(module).forward(module, x[b : b + 1]))
     assert torch.equal(got, torch.cat(alone))
     assert not torch.equal(sdpa(attn, q, k, v, mask, scaling=0.25)[0], got)  # outside: one call over all keys
+
+
+def test_marked_attention_computes_transformers_forward_off_cuda():
+    """An installed model's attention is marked (its file's rotary is Mixtral's), and off CUDA
+    a marked call is transformers' forward to the bit: the rotary kernel and grouped sdpa take
+    only decoded positions on CUDA."""
+    from transformers.models.mixtral import modeling_mixtral as mx
+
+    model = _model("mixtral", num_local_experts=4)
+    attn = model.model.layers[0].self_attn
+    torch.manual_seed(2)
+    for n in (1, 5):  # a decoded position (with a mask, as graph decode passes one) and a prompt
+        h = torch.randn(1, n, 64)
+        cos, sin = model.model.rotary_emb(h, torch.arange(n)[None] + 3)
+        mask = torch.ones(1, 1, n, n, dtype=torch.bool).tril()
+        want = type(attn).forward(attn, h, (cos, sin), mask)[0]
+        trunk_ops.install(model, kernels=True)
+        assert "forward" in vars(attn) and mx.apply_rotary_pos_emb._moe_llm_rotary
+        assert torch.equal(attn(h, (cos, sin), mask)[0], want)
+
+
+def test_grouped_decode_attention_groups_query_heads_by_their_key_head():
+    """One decoded query with g query heads per key head, computed as g query positions of each
+    key head: the same attention as transformers' repeat_kv layout, under a mask shared by all
+    heads."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    torch.manual_seed(3)
+    attn = _model("mixtral", num_local_experts=4).model.layers[0].self_attn
+    B, H, KV, W, D = 2, 8, 2, 7, 16
+    q = torch.randn(B, 1, H, D).transpose(1, 2)  # the layout attention passes
+    k, v = torch.randn(B, KV, W, D), torch.randn(B, KV, W, D)
+    mask = torch.ones(B, 1, 1, W, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    attn.num_key_value_groups = H // KV
+    got = trunk_ops._grouped_decode_attention(attn, q, k, v, mask, 0.25)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, repeat_kv(k, H // KV), repeat_kv(v, H // KV), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
+    assert got.shape == (B, 1, H, D) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -12,6 +12,11 @@ and ramp for a few KB of data. Two ops account for about 22 of them:
   F.linear returns them, softmax of those in float32, the k largest by repeated argmax (ties
   to the lower expert id), divided by their sum. The logits' dot products are summed in
   another order than cuBLAS's.
+- Rotary position embedding (`q * cos + rotate_half(q) * sin`, and the same for k): ten
+  kernels a layer in transformers (four multiplies, two negations, two concatenations, two
+  adds). `rotary_rows` does q and k in one launch with the same roundings: each product
+  rounded to the tensors' dtype, their sum rounded once, so the result is transformers' to
+  the bit.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .triton_exact import _add_rn
 
 
 @triton.jit
@@ -102,3 +109,61 @@ def topk_router_rows(x: torch.Tensor, weight: torch.Tensor, top_k: int):
         BLOCK_H=block_h, num_warps=8,
     )  # fmt: skip
     return logits, scores, idx
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, HQ, q_sb, q_sh, k_sb, k_sh, qo_sb, qo_sh, ko_sb, ko_sh, c_sb,
+    s_sb, D: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Head program_id(1) of row program_id(0): a query head below HQ, else key head
+    (program_id(1) - HQ). x * cos + rotate_half(x) * sin with transformers' roundings: both
+    products rounded to the output dtype, then their sum (never fused with a multiply)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    if h < HQ:
+        src = q_ptr + b * q_sb + h * q_sh
+        dst = qo_ptr + b * qo_sb + h * qo_sh
+    else:
+        src = k_ptr + b * k_sb + (h - HQ) * k_sh
+        dst = ko_ptr + b * ko_sb + (h - HQ) * ko_sh
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, BLOCK)
+    m = d < D
+    x = tl.load(src + d, mask=m, other=0.0).to(tl.float32)
+    xr = tl.load(src + tl.where(d < HALF, d + HALF, d - HALF), mask=m, other=0.0).to(tl.float32)
+    rot = tl.where(d < HALF, xr * -1.0, xr)  # rotate_half: cat(-x2, x1) (times -1: -0 for +0, as neg)
+    c = tl.load(cos_ptr + b * c_sb + d, mask=m, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + b * s_sb + d, mask=m, other=0.0).to(tl.float32)
+    dt = qo_ptr.dtype.element_ty
+    a = (x * c).to(dt)  # exact product of two 8- or 11-bit mantissas, rounded once
+    r = (rot * s).to(dt)
+    tl.store(dst + d, _add_rn(a.to(tl.float32), r.to(tl.float32)).to(dt), mask=m)
+
+
+def rotary_supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `rotary_rows` takes these: CUDA decode rows q [B, Hq, 1, D] and k [B, Hk, 1, D]
+    with cos and sin [B or 1, 1, D], all of one dtype, the head dimension contiguous and even."""
+    B, D = q.shape[0], q.shape[-1]
+    return (
+        q.is_cuda and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and sin.shape == cos.shape
+        and q.shape[2] == 1 and k.shape[2] == 1 and k.shape[0] == B and k.shape[-1] == D and D % 2 == 0
+        and cos.shape[1:] == (1, D) and cos.shape[0] in (1, B)
+        and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1 and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and q.stride(-1) == k.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1
+        and k.device == q.device == cos.device == sin.device
+    )  # fmt: skip
+
+
+def rotary_rows(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """transformers' `apply_rotary_pos_emb(q, k, cos, sin)` (unsqueeze_dim 1) for decode rows
+    (`rotary_supported`) in one launch: (q_embed, k_embed), laid out as q and k."""
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    B, HQ, _, D = q.shape
+    cb = 0 if cos.shape[0] == 1 else cos.stride(0)
+    sb = 0 if sin.shape[0] == 1 else sin.stride(0)
+    _rotary_kernel[(B, HQ + k.shape[1])](
+        q, k, cos, sin, qo, ko, HQ, q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1),
+        ko.stride(0), ko.stride(1), cb, sb, D=D, BLOCK=triton.next_power_of_2(D), num_warps=1,
+    )  # fmt: skip
+    return qo, ko

@@ -10,12 +10,27 @@ whatever the number of rows) and transformers' own forward for everything else (
 so only decode changes, and it changes alike in graph and eager decode, alone or batched,
 whatever the cache holds. Every other module with weights, and attention, runs once per row
 inside `rows.decode_rows`.
+
+Attention itself: where an attention module's modeling file has Mixtral's
+`apply_rotary_pos_emb` and `rotate_half` (compared by syntax tree, docstrings and decorators
+aside), the file's function is wrapped once per process and the installed model's attention
+modules mark their calls. Inside a marked call, a decoded position on CUDA
+- takes `rotary_rows` for the rotary embedding (transformers' bits, in one launch instead of
+  ten);
+- and, with grouped key heads under a mask shared by all heads, runs sdpa with its query heads
+  grouped by key head (`_grouped_decode_attention`), so the keys and values are read in place
+  rather than copied by `repeat_kv` for every layer (as transformers does itself from 5.24).
+Anything else takes transformers' functions.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 import logging
+import sys
+import textwrap
+import threading
 import types
 
 import torch
@@ -23,6 +38,7 @@ import torch
 from . import rows
 
 log = logging.getLogger(__name__)
+_local = threading.local()  # .attention: inside the forward of an installed model's marked attention
 
 
 def _one_position(x: torch.Tensor, width: int) -> bool:
@@ -97,6 +113,8 @@ def install(model: torch.nn.Module, kernels: bool = True) -> dict[str, int]:
     refs = _reference_sources() if kernels else {}
     seen: dict[type, str | None] = {}
     counts = {kind: 0 for kind in refs} | {"rows": 0}
+    if kernels:
+        counts["attention"] = _install_attention(model)
     for module in model.modules():
         if "forward" in vars(module) or getattr(module, "handles_rows", False):
             continue  # patched already, or computes rows itself
@@ -124,16 +142,126 @@ def _attention_rows() -> None:
     if getattr(orig, "_moe_llm_rows", False):
         return
 
+    def one(module, query, key, value, mask, **kwargs):
+        if _groupable(module, query, key, mask, kwargs):
+            return _grouped_decode_attention(module, query, key, value, mask, kwargs.get("scaling")), None
+        return orig(module, query, key, value, mask, **kwargs)
+
     def attention(module, query, key, value, attention_mask, **kwargs):
         r = rows.current()
         if r is None or r.count <= 1 or query.shape[0] != r.count:
-            return orig(module, query, key, value, attention_mask, **kwargs)
+            return one(module, query, key, value, attention_mask, **kwargs)
         outs = []
         for b, (w, masked) in enumerate(zip(r.widths, r.masked, strict=True)):
             mask = attention_mask[b : b + 1, ..., :w] if masked and attention_mask is not None else None
-            out, _ = orig(module, query[b : b + 1], key[b : b + 1, :, :w], value[b : b + 1, :, :w], mask, **kwargs)
+            out, _ = one(module, query[b : b + 1], key[b : b + 1, :, :w], value[b : b + 1, :, :w], mask, **kwargs)
             outs.append(out)
         return torch.cat(outs), None
 
     attention._moe_llm_rows = True
     AttentionInterface.register("sdpa", attention)
+
+
+def _groupable(module, query, key, mask, kwargs) -> bool:
+    """Whether sdpa for this call can run with grouped query heads: a marked attention's one
+    decoded position on CUDA, grouped key heads, a mask shared by all heads and nothing else."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    return (
+        getattr(_local, "attention", False) and query.is_cuda and query.dim() == 4 and query.shape[2] == 1
+        and groups > 1 and query.shape[1] == key.shape[1] * groups
+        and mask is not None and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
+        and not kwargs.get("dropout") and kwargs.get("sliding_window") is None
+        and all(kwargs.get(name) is None for name in ("softcap", "position_bias", "s_aux", "is_causal"))
+    )  # fmt: skip
+
+
+def _grouped_decode_attention(module, query, key, value, mask, scaling) -> torch.Tensor:
+    """One decoded query [B, H, 1, D] against keys and values [B, H / g, W, D]: the query as
+    [B, H / g, g, D] (the g heads of each key head as g query positions), under the same mask
+    for every head; returns [B, 1, H, D] as transformers' sdpa attention does."""
+    B, H, _, D = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(B, key.shape[1], H // key.shape[1], D), key, value, attn_mask=mask, scale=scaling
+    )
+    return out.reshape(B, H, 1, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _syntax(fn) -> str | None:
+    """A function's syntax tree without its name, decorators and docstring (None without source)."""
+    try:
+        node = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    if not isinstance(node, ast.FunctionDef):
+        return None
+    if node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
+        node.body = node.body[1:]  # the docstring
+    node.name, node.decorator_list = "X", []
+    return ast.dump(node)
+
+
+def _rotary_reference() -> tuple[str | None, str | None]:
+    try:
+        from transformers.models.mixtral import modeling_mixtral as mx
+    except ImportError:
+        return None, None
+    return _syntax(mx.apply_rotary_pos_emb), _syntax(mx.rotate_half)
+
+
+def _rotary_file(cls: type, ref: tuple[str | None, str | None]):
+    """The modeling file of attention class `cls` when its forward calls that file's
+    `apply_rotary_pos_emb` and the file's function (and `rotate_half`) are Mixtral's; else None."""
+    mod = sys.modules.get(cls.__module__)
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    code = getattr(inspect.unwrap(cls.forward), "__code__", None)
+    if fn is None or code is None or "apply_rotary_pos_emb" not in code.co_names:
+        return None
+    if getattr(fn, "_moe_llm_rotary", False):
+        return mod
+    same = None not in ref and (_syntax(fn), _syntax(getattr(mod, "rotate_half", None))) == ref
+    return mod if same else None
+
+
+def _wrap_rotary(orig):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if getattr(_local, "attention", False) and unsqueeze_dim == 1 and q.is_cuda:
+            from .triton_trunk import rotary_rows, rotary_supported
+
+            if rotary_supported(q, k, cos, sin):
+                return rotary_rows(q, k, cos, sin)
+        return orig(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    apply_rotary_pos_emb._moe_llm_rotary = True
+    apply_rotary_pos_emb.__wrapped__ = orig
+    return apply_rotary_pos_emb
+
+
+def _attention_forward(self, *args, **kwargs):
+    prev = getattr(_local, "attention", False)
+    _local.attention = True
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _local.attention = prev
+
+
+def _install_attention(model: torch.nn.Module) -> int:
+    """Mark the attention modules whose rotary embedding is Mixtral's (module docstring); returns
+    how many were marked."""
+    ref = _rotary_reference()
+    files: dict[type, object] = {}
+    n = 0
+    for module in model.modules():
+        cls = type(module)
+        if "forward" in vars(module):
+            continue
+        if cls not in files:
+            files[cls] = _rotary_file(cls, ref)
+        mod = files[cls]
+        if mod is None:
+            continue
+        if not getattr(mod.apply_rotary_pos_emb, "_moe_llm_rotary", False):
+            mod.apply_rotary_pos_emb = _wrap_rotary(mod.apply_rotary_pos_emb)
+        module.forward = types.MethodType(_attention_forward, module)
+        n += 1
+    return n
