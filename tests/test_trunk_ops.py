@@ -94,8 +94,8 @@ def test_inside_decode_rows_each_row_reads_only_its_own_window():
 
 def test_marked_attention_computes_transformers_forward_off_cuda():
     """An installed model's attention is marked (its file's rotary is Mixtral's), and off CUDA
-    a marked call is transformers' forward to the bit: the rotary kernel and grouped sdpa take
-    only decoded positions on CUDA."""
+    a marked call is transformers' forward to the bit: the rotary kernel takes only decoded
+    positions on CUDA."""
     from transformers.models.mixtral import modeling_mixtral as mx
 
     model = _model("mixtral", num_local_experts=4)
@@ -109,25 +109,3 @@ def test_marked_attention_computes_transformers_forward_off_cuda():
         trunk_ops.install(model, kernels=True)
         assert "forward" in vars(attn) and mx.apply_rotary_pos_emb._moe_llm_rotary
         assert torch.equal(attn(h, (cos, sin), mask)[0], want)
-
-
-def test_grouped_decode_attention_groups_query_heads_by_their_key_head():
-    """One decoded query with g query heads per key head, computed as g query positions of each
-    key head: the same attention as transformers' repeat_kv layout, under a mask shared by all
-    heads."""
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    torch.manual_seed(3)
-    attn = _model("mixtral", num_local_experts=4).model.layers[0].self_attn
-    B, H, KV, W, D = 2, 8, 2, 7, 16
-    q = torch.randn(B, 1, H, D).transpose(1, 2)  # the layout attention passes
-    k, v = torch.randn(B, KV, W, D), torch.randn(B, KV, W, D)
-    mask = torch.ones(B, 1, 1, W, dtype=torch.bool)
-    mask[0, ..., 4:] = False
-    attn.num_key_value_groups = H // KV
-    got = trunk_ops._grouped_decode_attention(attn, q, k, v, mask, 0.25)
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q, repeat_kv(k, H // KV), repeat_kv(v, H // KV), attn_mask=mask, scale=0.25
-    ).transpose(1, 2)
-    assert got.shape == (B, 1, H, D) and got.is_contiguous()
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

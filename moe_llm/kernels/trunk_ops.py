@@ -11,16 +11,11 @@ so only decode changes, and it changes alike in graph and eager decode, alone or
 whatever the cache holds. Every other module with weights, and attention, runs once per row
 inside `rows.decode_rows`.
 
-Attention itself: where an attention module's modeling file has Mixtral's
-`apply_rotary_pos_emb` and `rotate_half` (compared by syntax tree, docstrings and decorators
-aside), the file's function is wrapped once per process and the installed model's attention
-modules mark their calls. Inside a marked call, a decoded position on CUDA
-- takes `rotary_rows` for the rotary embedding (transformers' bits, in one launch instead of
-  ten);
-- and, with grouped key heads under a mask shared by all heads, runs sdpa with its query heads
-  grouped by key head (`_grouped_decode_attention`), so the keys and values are read in place
-  rather than copied by `repeat_kv` for every layer (as transformers does itself from 5.24).
-Anything else takes transformers' functions.
+The rotary embedding has no module: attention calls its modeling file's `apply_rotary_pos_emb`.
+Where that function and its `rotate_half` are Mixtral's (compared by syntax tree, docstrings and
+decorators aside), the file's function is wrapped once per process, and the installed model's
+attention modules mark their calls; a marked decoded position on CUDA takes `rotary_rows`
+(transformers' bits, in one launch instead of ten), anything else the original function.
 """
 
 from __future__ import annotations
@@ -142,48 +137,19 @@ def _attention_rows() -> None:
     if getattr(orig, "_moe_llm_rows", False):
         return
 
-    def one(module, query, key, value, mask, **kwargs):
-        if _groupable(module, query, key, mask, kwargs):
-            return _grouped_decode_attention(module, query, key, value, mask, kwargs.get("scaling")), None
-        return orig(module, query, key, value, mask, **kwargs)
-
     def attention(module, query, key, value, attention_mask, **kwargs):
         r = rows.current()
         if r is None or r.count <= 1 or query.shape[0] != r.count:
-            return one(module, query, key, value, attention_mask, **kwargs)
+            return orig(module, query, key, value, attention_mask, **kwargs)
         outs = []
         for b, (w, masked) in enumerate(zip(r.widths, r.masked, strict=True)):
             mask = attention_mask[b : b + 1, ..., :w] if masked and attention_mask is not None else None
-            out, _ = one(module, query[b : b + 1], key[b : b + 1, :, :w], value[b : b + 1, :, :w], mask, **kwargs)
+            out, _ = orig(module, query[b : b + 1], key[b : b + 1, :, :w], value[b : b + 1, :, :w], mask, **kwargs)
             outs.append(out)
         return torch.cat(outs), None
 
     attention._moe_llm_rows = True
     AttentionInterface.register("sdpa", attention)
-
-
-def _groupable(module, query, key, mask, kwargs) -> bool:
-    """Whether sdpa for this call can run with grouped query heads: a marked attention's one
-    decoded position on CUDA, grouped key heads, a mask shared by all heads and nothing else."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    return (
-        getattr(_local, "attention", False) and query.is_cuda and query.dim() == 4 and query.shape[2] == 1
-        and groups > 1 and query.shape[1] == key.shape[1] * groups
-        and mask is not None and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
-        and not kwargs.get("dropout") and kwargs.get("sliding_window") is None
-        and all(kwargs.get(name) is None for name in ("softcap", "position_bias", "s_aux", "is_causal"))
-    )  # fmt: skip
-
-
-def _grouped_decode_attention(module, query, key, value, mask, scaling) -> torch.Tensor:
-    """One decoded query [B, H, 1, D] against keys and values [B, H / g, W, D]: the query as
-    [B, H / g, g, D] (the g heads of each key head as g query positions), under the same mask
-    for every head; returns [B, 1, H, D] as transformers' sdpa attention does."""
-    B, H, _, D = query.shape
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(B, key.shape[1], H // key.shape[1], D), key, value, attn_mask=mask, scale=scaling
-    )
-    return out.reshape(B, H, 1, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 def _syntax(fn) -> str | None:
