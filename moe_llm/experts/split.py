@@ -317,7 +317,7 @@ class CpuSplit:
             raise ValueError(
                 f"{max_rows} rows of {top_k} routed experts exceed the mailbox's {MAX_POSITIONS} positions"
             )
-        self.top_k = top_k
+        self.take = list(takes[0])  # a lone token's take table (by miss count 0..k), for reports
         self.plane_bytes = plane_bytes
         store = cache.store
         # the serving loop makes the same checks (layout, shape) before it starts; make them here,
@@ -362,11 +362,6 @@ class CpuSplit:
 
     def row(self, r: int) -> SplitRow:
         return self._rows[r]
-
-    @property
-    def take(self) -> list[int]:
-        """A lone token's take table (by miss count 0..k)."""
-        return self.takes[1, : self.top_k + 1].tolist()
 
     def stats(self) -> dict[str, int]:
         return self.box.stats()

@@ -96,10 +96,7 @@ class FunctionDef(_Strict):
         props = v.get("properties", {})
         if not isinstance(props, dict) or not all(isinstance(p, dict) for p in props.values()):
             raise ValueError("function parameters 'properties' must map names to JSON schemas")
-        req = v.get("required", [])
-        if not isinstance(req, list) or not all(isinstance(r, str) for r in req):
-            raise ValueError("function parameters 'required' must be a list of names")
-        check_schema(v, "function parameters")
+        check_schema(v, "function parameters")  # 'required', types and the subschemas
         return v
 
 
