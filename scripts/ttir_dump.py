@@ -90,6 +90,11 @@ for bits, glu, rb, cpu in itertools.product((2, 3, 4), (False, True), (2, 4), (F
         OFF_META=4096,
     )
     out.append((f"rows {c}", ttir(tr._moe_rows_kernel, c)))
+for bits, glu, bp in itertools.product((2, 3), (False, True), (512, 1024)):  # the wide tiles of Tuning's defaults
+    c = dict(BITS=bits, GROUP=64, BLOCK_N=8, BLOCK_P=bp, GLU=glu, UNROLL=1, ROW_META=True, OFF_Q=0, OFF_SQ=1024,
+             OFF_ZQ=2048, OFF_META=4096)  # fmt: skip
+    out.append((f"moe {c}", ttir(tm._moe_gemv_kernel, dict(c, MAGIC=True, I8=True, CPU=True))))
+    out.append((f"rows {c}", ttir(tr._moe_rows_kernel, dict(c, CPU=True, RB=2))))
 for bits, i8 in itertools.product((2, 3, 4), (False, True)):
     c = dict(BITS=bits, GROUP=64, BLOCK_N=16, BLOCK_P=256, UNROLL=1, MAGIC=True, I8=i8, ROW_META=True, MP=4)
     out.append((f"group {c}", ttir(tgr._group_gemv_kernel, c, fp_x=not i8)))

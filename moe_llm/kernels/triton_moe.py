@@ -53,7 +53,12 @@ class Tuning:
     gate_up_warps: int = 4
     down_warps: int = 2
     unroll: int = 1
-    max_block_p: int = 256
+    # widest packed-byte tile (see triton_gemv.block_p) of each GEMV: whole 1 KB rows of a 2-bit
+    # gate_up, half rows of down. Measured on an H200 (benchmarks/results/h200-kernel-tuning-tiles.json):
+    # 2-bit gate_up 54.0 us for two experts in HBM (63.3 with 256-byte tiles) and 44.4 GB/s from
+    # pinned host RAM (40.0); down 42.5 us (42.9) and 35.8 GB/s (30.6)
+    gate_up_block_p: int = 1024
+    down_block_p: int = 512
     magic: bool = True  # see triton_tiles._tile_dot
     int8: bool = True  # int8 activations and dp4a (triton_tiles._tile_dot_i8)
     down_split: int = 0  # K-splits of down_proj; 0: enough programs to fill the GPU (_down_split)
@@ -215,7 +220,7 @@ def _launch(fmt: ExpertFormat, name: str, k: int, tuning: Tuning):
     glu = name == "gate_up_proj"
     P, P1, G, stride_q = _geometry(spec)
     n = spec.out_features // 2 if glu else spec.out_features
-    bp = block_p(spec, tuning.max_block_p)
+    bp = block_p(spec, tuning.gate_up_block_p if glu else tuning.down_block_p)
     rows = tuning.gate_up_rows if glu else tuning.down_rows
     split = 1 if glu else tuning.down_split or _down_split(spec, rows, k, bp)
     iters = triton.cdiv(P // bp, split)

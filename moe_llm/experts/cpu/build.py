@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("split_loop.c")  # the unit compiled: it includes moe_cpu.c
 SOURCES = (Path(__file__).with_name("moe_cpu.c"), SOURCE)
-BASE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
+BASE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11", "-pthread")
 OPENMP_FLAGS = ("-fopenmp",)
 
 

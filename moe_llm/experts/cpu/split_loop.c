@@ -16,6 +16,7 @@
  */
 #include "moe_cpu.c"
 
+#include <pthread.h>
 #include <sched.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -41,6 +42,130 @@ typedef struct {
 } moe_split_ctx;
 
 int moe_split_abi_version(void) { return SPLIT_ABI; }
+
+/* A team of threads that stays awake between the layers of a decode step.
+ *
+ * A decode step hands the CPU a share every layer or two, 0.1-1 ms apart. An OpenMP team from
+ * the process's libgomp (torch's) parks its threads in the kernel between regions, and waking
+ * them in a virtual machine cost about 1 ms per decoded token on the H200 host (60.18 against
+ * 56.64 tok/s at 12 GiB with GOMP_SPINCOUNT raised: docs/benchmarks.md). These workers spin on a
+ * generation word for POOL_SPIN_S after their last job, then sleep on a condition variable:
+ * awake through a decode, parked between requests. The caller is worker 0 and works too; items
+ * are handed out one at a time (an atomic counter), so a core taken by another process delays
+ * only the item it holds. Each item writes its own output rows, so the results do not depend
+ * on which worker ran it. */
+#define POOL_SPIN_S 5e-3
+
+typedef void (*pool_fn)(void *arg, int item, int worker);
+
+typedef struct {
+  int n; /* threads, the caller included */
+  pthread_t *tid;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  uint32_t gen;  /* bumped (seq_cst) to start a job */
+  int32_t next;  /* the job's next item */
+  int32_t left;  /* workers (not the caller) still in the job */
+  int32_t sleepers;
+  int32_t stop;
+  pool_fn fn;
+  void *arg;
+  int items;
+} pool;
+
+typedef struct {
+  pool *p;
+  int w;
+} pool_slot;
+
+static void pool_work(pool *p, int w) {
+  for (;;) {
+    const int i = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED);
+    if (i >= p->items) return;
+    p->fn(p->arg, i, w);
+  }
+}
+
+/* Spin until the generation word leaves `seen` (or stop) for up to POOL_SPIN_S, then sleep. */
+static void pool_wait(pool *p, uint32_t seen) {
+  const double t0 = now_s();
+  unsigned spins = 0;
+  while (__atomic_load_n(&p->gen, __ATOMIC_SEQ_CST) == seen && !__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST)) {
+    if ((++spins & 255) || now_s() - t0 < POOL_SPIN_S) {
+      CPU_RELAX();
+      continue;
+    }
+    pthread_mutex_lock(&p->mu);
+    __atomic_fetch_add(&p->sleepers, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&p->gen, __ATOMIC_SEQ_CST) == seen && !__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST))
+      pthread_cond_wait(&p->cv, &p->mu);
+    __atomic_fetch_sub(&p->sleepers, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&p->mu);
+  }
+}
+
+static void *pool_main(void *arg) {
+  pool_slot *slot = (pool_slot *)arg;
+  pool *p = slot->p;
+  const int w = slot->w;
+  free(slot);
+  uint32_t seen = 0;
+  for (;;) {
+    pool_wait(p, seen);
+    if (__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST)) return NULL;
+    seen = __atomic_load_n(&p->gen, __ATOMIC_SEQ_CST);
+    pool_work(p, w);
+    __atomic_fetch_sub(&p->left, 1, __ATOMIC_RELEASE);
+  }
+}
+
+/* A team of n threads: the caller and n - 1 workers (fewer if threads cannot be made). */
+static int pool_start(pool *p, int n) {
+  memset(p, 0, sizeof *p);
+  p->n = 1;
+  p->tid = (pthread_t *)calloc(n > 1 ? (size_t)n - 1 : 1, sizeof(pthread_t));
+  if (!p->tid) return MOE_CPU_ENOMEM;
+  pthread_mutex_init(&p->mu, NULL);
+  pthread_cond_init(&p->cv, NULL);
+  for (int w = 1; w < n; w++) {
+    pool_slot *slot = (pool_slot *)malloc(sizeof *slot);
+    if (!slot) break;
+    slot->p = p, slot->w = w;
+    if (pthread_create(&p->tid[w - 1], NULL, pool_main, slot)) {
+      free(slot);
+      break;
+    }
+    p->n = w + 1;
+  }
+  return MOE_CPU_OK;
+}
+
+static void pool_stop(pool *p) {
+  pthread_mutex_lock(&p->mu);
+  __atomic_store_n(&p->stop, 1, __ATOMIC_SEQ_CST);
+  pthread_cond_broadcast(&p->cv);
+  pthread_mutex_unlock(&p->mu);
+  for (int w = 1; w < p->n; w++) pthread_join(p->tid[w - 1], NULL);
+  free(p->tid);
+  pthread_cond_destroy(&p->cv);
+  pthread_mutex_destroy(&p->mu);
+}
+
+/* fn(arg, item, worker) for item = 0 .. items - 1 over the team; returns when all are done. */
+static void pool_run(pool *p, pool_fn fn, void *arg, int items) {
+  if (items <= 0) return;
+  p->fn = fn, p->arg = arg, p->items = items;
+  __atomic_store_n(&p->next, 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&p->left, p->n - 1, __ATOMIC_RELAXED);
+  __atomic_fetch_add(&p->gen, 1, __ATOMIC_SEQ_CST); /* publishes the stores above */
+  if (__atomic_load_n(&p->sleepers, __ATOMIC_SEQ_CST)) {
+    pthread_mutex_lock(&p->mu);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+  }
+  pool_work(p, 0);
+  while (__atomic_load_n(&p->left, __ATOMIC_ACQUIRE)) CPU_RELAX();
+}
 
 typedef struct {
   int8_t *xq, *hq, *xt, *ht; /* int8 activations, and transposed (`transpose_act`): [ntok][cols] */
@@ -82,61 +207,76 @@ static int share_ws_alloc(const moe_cpu_expert_layout *L, int threads, int ntok,
   return MOE_CPU_OK;
 }
 
+/* One share's work, as the pool's items see it: gate_up row chunks, then down row chunks. */
+typedef struct {
+  const moe_cpu_expert_layout *L;
+  qmat mg, md;
+  qact ax, ah;
+  share_ws *w;
+  double *yd;
+  int nt, cut, pd, chunks, maxG, maxcols;
+} share_job;
+
+static scratch job_scratch(const share_job *j, int worker) {
+  return scratch_at(j->w->scr + (size_t)worker * j->w->per_thread, j->maxG, j->maxcols);
+}
+
+/* gate and up rows [r0, r1) of the share's plane chunk, then h = silu(gate) * up over them */
+static void share_gate_up(void *arg, int item, int worker) {
+  share_job *j = (share_job *)arg;
+  share_ws *w = j->w;
+  const int I = j->L->intermediate;
+  const int plane = item / j->chunks, c0 = j->cut + (item % j->chunks) * GU_CHUNK;
+  const int r0 = plane * j->pd + c0, r1 = plane * j->pd + imin(c0 + GU_CHUNK, j->pd);
+  scratch ws = job_scratch(j, worker);
+  mat_rows(&j->mg, r0, r1, &j->ax, w->gu, NULL, 2 * (size_t)I, &ws);
+  mat_rows(&j->mg, I + r0, I + r1, &j->ax, w->gu, NULL, 2 * (size_t)I, &ws);
+  for (int t = 0; t < j->nt; t++) {
+    const float *gu = w->gu + (size_t)t * 2 * I;
+    for (int r = r0; r < r1; r++) w->h[(size_t)t * I + r] = silu(gu[r]) * gu[I + r];
+  }
+}
+
+static void share_down(void *arg, int item, int worker) {
+  share_job *j = (share_job *)arg;
+  const int H = j->L->hidden, r0 = item * DOWN_CHUNK, r1 = imin(r0 + DOWN_CHUNK, H);
+  scratch ws = job_scratch(j, worker);
+  mat_rows(&j->md, r0, r1, &j->ah, NULL, j->yd, (size_t)H, &ws);
+}
+
 /* y[t][H] = the CPU share (i % pd >= cut) of expert `base` applied to x[t][H], for nt <= w->ntok
    tokens read from the expert's bytes once, as exact float64 sums (multiples of 2^-32): the
    GPU adds its complement to them without rounding. Each token's sums are those of its share
-   alone: the integer dot products of one row do not depend on the other tokens. */
+   alone: the integer dot products of one row do not depend on the other tokens. The team `p`
+   (at most the threads `w` has scratch for) runs the rows. */
 static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, const float *const *x, int nt, int cut,
-                         int pd, double *const *y, int threads, share_ws *w) {
+                         int pd, double *const *y, pool *p, share_ws *w) {
   const int H = L->hidden, I = L->intermediate, Ggu = H / L->gs_gate_up, Gdn = I / L->gs_down;
   const int nbh = (H + QB - 1) / QB, nbi = (I + QB - 1) / QB;
-  const int maxcols = H > I ? H : I, maxG = Ggu > Gdn ? Ggu : Gdn;
-  qmat mg, md;
-  expert_mats(L, base, &mg, &md);
-  if (L->bits != 3 || packed3_layout(&md)) md.skip = cut / QB; /* h is zero outside the share: read down's bytes [cut, pd) only */
+  share_job j = {.L = L, .w = w, .nt = nt, .cut = cut, .pd = pd};
+  j.maxcols = H > I ? H : I, j.maxG = Ggu > Gdn ? Ggu : Gdn;
+  expert_mats(L, base, &j.mg, &j.md);
+  if (L->bits != 3 || packed3_layout(&j.md)) j.md.skip = cut / QB; /* h is zero outside the share: read down's bytes [cut, pd) only */
   for (int t = 0; t < nt; t++) {
     quantize_act(x[t], H, w->xq + (size_t)t * H, w->xd + (size_t)t * nbh, w->xs + (size_t)t * nbh);
     transpose_act(w->xq + (size_t)t * H, H, w->xt + (size_t)t * H);
   }
-  const qact ax = {nt, H, nbh, w->xq, w->xd, w->xs, w->xt};
-  const int planes = I / pd, span = pd - cut; /* rows [j*pd + cut, (j+1)*pd) of each plane j */
-  const int chunks = (span + GU_CHUNK - 1) / GU_CHUNK, items = planes * chunks;
-  const int ndn = (H + DOWN_CHUNK - 1) / DOWN_CHUNK;
-  double *yd = nt == 1 ? y[0] : w->yd; /* one token: straight into its row */
+  j.ax = (qact){nt, H, nbh, w->xq, w->xd, w->xs, w->xt};
+  j.chunks = (pd - cut + GU_CHUNK - 1) / GU_CHUNK; /* rows [q*pd + cut, (q+1)*pd) of each plane q */
+  j.yd = nt == 1 ? y[0] : w->yd;                   /* one token: straight into its row */
   memset(w->h, 0, sizeof(float) * (size_t)nt * I);
-#pragma omp parallel num_threads(threads)
-  {
-    scratch ws = scratch_at(w->scr + (size_t)omp_get_thread_num() * w->per_thread, maxG, maxcols);
-#pragma omp for schedule(static)
-    for (int item = 0; item < items; item++) {
-      const int j = item / chunks, c0 = cut + (item % chunks) * GU_CHUNK;
-      const int r0 = j * pd + c0, r1 = j * pd + imin(c0 + GU_CHUNK, pd);
-      mat_rows(&mg, r0, r1, &ax, w->gu, NULL, 2 * (size_t)I, &ws);
-      mat_rows(&mg, I + r0, I + r1, &ax, w->gu, NULL, 2 * (size_t)I, &ws);
-      for (int t = 0; t < nt; t++) {
-        const float *gu = w->gu + (size_t)t * 2 * I;
-        for (int r = r0; r < r1; r++) w->h[(size_t)t * I + r] = silu(gu[r]) * gu[I + r];
-      }
-    }
-#pragma omp single
-    {
-      for (int t = 0; t < nt; t++) {
-        quantize_act(w->h + (size_t)t * I, I, w->hq + (size_t)t * I, w->hd + (size_t)t * nbi, w->hs + (size_t)t * nbi);
-        transpose_act(w->hq + (size_t)t * I, I, w->ht + (size_t)t * I);
-      }
-    }
-    const qact ah = {nt, I, nbi, w->hq, w->hd, w->hs, w->ht};
-#pragma omp for schedule(static)
-    for (int item = 0; item < ndn; item++) {
-      const int r0 = item * DOWN_CHUNK, r1 = imin(r0 + DOWN_CHUNK, H);
-      mat_rows(&md, r0, r1, &ah, NULL, yd, (size_t)H, &ws);
-    }
+  pool_run(p, share_gate_up, &j, (I / pd) * j.chunks);
+  for (int t = 0; t < nt; t++) {
+    quantize_act(w->h + (size_t)t * I, I, w->hq + (size_t)t * I, w->hd + (size_t)t * nbi, w->hs + (size_t)t * nbi);
+    transpose_act(w->hq + (size_t)t * I, I, w->ht + (size_t)t * I);
   }
+  j.ah = (qact){nt, I, nbi, w->hq, w->hd, w->hs, w->ht};
+  pool_run(p, share_down, &j, (H + DOWN_CHUNK - 1) / DOWN_CHUNK);
   if (nt > 1)
     for (int t = 0; t < nt; t++) memcpy(y[t], w->yd + (size_t)t * H, sizeof(double) * (size_t)H);
 }
 
-/* One expert's CPU share outside the serving loop (tests, the load-time measurement). */
+/* One expert's CPU share outside the serving loop (tests), on a team of `threads` made for it. */
 int moe_split_expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, const float *x, int cut, int pd,
                            double *y, int threads) {
   int rc = check_layout(L);
@@ -147,15 +287,24 @@ int moe_split_expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, 
   void *mem = NULL;
   rc = share_ws_alloc(L, threads, 1, &w, &mem);
   if (rc) return rc;
-  expert_share(base, L, &x, 1, cut, pd, &y, threads, &w);
+  pool p;
+  rc = pool_start(&p, threads);
+  if (rc) {
+    free(mem);
+    return rc;
+  }
+  expert_share(base, L, &x, 1, cut, pd, &y, &p, &w);
+  pool_stop(&p);
   free(mem);
   return MOE_CPU_OK;
 }
 
-static void idle_wait(unsigned *spins) {
-  if (++*spins < 4096) {
+/* The serving thread between flags: spin (a decode step raises one every 0.1-1 ms) for up to
+   POOL_SPIN_S since the last one, then nap: nothing has come for a while (between requests). */
+static void idle_wait(double since) {
+  if (now_s() - since < POOL_SPIN_S) {
     CPU_RELAX();
-  } else { /* nothing for a while (between requests): let the core go */
+  } else {
     struct timespec ts = {0, 20000};
     nanosleep(&ts, NULL);
   }
@@ -173,12 +322,18 @@ int moe_split_serve(const moe_split_ctx *c) {
   void *mem = NULL;
   rc = share_ws_alloc(&c->layout, threads, c->tokens, &w, &mem);
   if (rc) return rc;
+  pool team;
+  rc = pool_start(&team, threads);
+  if (rc) {
+    free(mem);
+    return rc;
+  }
   const int64_t gu_bytes = c->layout.off[4] - c->layout.off[0];
   int r = 0;
+  double last = now_s(); /* when the last flag was served */
   while (!*c->stop) {
     /* rows come in layer order, but scan them all: a forward that stopped half-way (an
        exception between two layers) must not leave this loop waiting on the wrong row */
-    unsigned spins = 0;
     for (;;) {
       int found = -1;
       for (int i = 0; i < c->rows; i++) {
@@ -193,7 +348,7 @@ int moe_split_serve(const moe_split_ctx *c) {
         break;
       }
       if (*c->stop) goto out;
-      idle_wait(&spins);
+      idle_wait(last);
     }
     c->flags[(size_t)r * WORD_STRIDE] = 0;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -224,7 +379,7 @@ int moe_split_serve(const moe_split_ctx *c) {
       if (!nt) continue;
       const double t0 = now_s();
       const uint8_t *base = (const uint8_t *)(uintptr_t)c->addr[(size_t)r * c->experts + e];
-      expert_share(base, &c->layout, xs_of, nt, cut, c->pd, ys_of, threads, &w);
+      expert_share(base, &c->layout, xs_of, nt, cut, c->pd, ys_of, &team, &w);
       c->stats[0] += 1;
       const int64_t dn_bytes = c->layout.off[7] - c->layout.off[4];
       c->stats[1] += (gu_bytes + (c->layout.bits != 3 ? dn_bytes : 0)) * (c->pd - cut) / c->pd +
@@ -234,8 +389,10 @@ int moe_split_serve(const moe_split_ctx *c) {
     __atomic_thread_fence(__ATOMIC_RELEASE);
     c->dones[(size_t)r * WORD_STRIDE] = 1;
     r = (r + 1) % c->rows;
+    last = now_s();
   }
 out:
+  pool_stop(&team);
   free(mem);
   return MOE_CPU_OK;
 }
