@@ -143,7 +143,8 @@ bench() {
   [[ -n ${NCMOE// /} ]] || die "NCMOE is empty"
   for n in $NCMOE; do [[ $n =~ ^[0-9]+$ ]] || die "NCMOE must hold non-negative integers, got '$n'"; done
   mkdir -p "$PEER_OUT"
-  rm -f "$PEER_OUT"/ncmoe*.json "$PEER_OUT"/ncmoe*.log
+  # only the configurations of this run: a sweep cut short can be finished by a second run
+  for n in $NCMOE; do rm -f "$PEER_OUT/ncmoe$n.json" "$PEER_OUT/ncmoe$n.log"; done
   { echo "date: $(date -u +%FT%TZ)"; echo "nproc: $(nproc)"; lscpu 2>/dev/null | grep -E 'Model name|Thread|Core|Socket|NUMA' || true
     free -g | head -2; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   } > "$PEER_OUT/machine.txt"
