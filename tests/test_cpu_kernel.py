@@ -322,3 +322,20 @@ print("ok")
     assert out.returncode == 0, out.stderr[-2000:]
     isa, ok = out.stdout.split()[-2:]
     assert ok == "ok" and isa in ({"avx-vnni", "avx2"} if "avxvnni" not in flags else {"avx2"})
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_one_token_rows_with_scales_expanded_in_the_sum_are_the_exact_model(bits, group_size):
+    """Rows whose groups come sixteen blocks at a time in whole meta runs (16 groups of 32 or 8 of
+    64 columns per run of 16 blocks) have their scales expanded inside the exact sum for one token
+    (AVX-512, 2 and 4 bits): the same bits as the exact model, and as the tile path of several
+    tokens (3 bits keeps the scales pass: the same check)."""
+    fmt = ExpertFormat.build(1024, 1536, bits, torch.float32, group_size=group_size)
+    assert {s.group_size for s in fmt.specs.values()} == {group_size}
+    buf = random_expert(fmt, seed=60 + bits + group_size)
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(group_size))
+    one = torch.cat([cpu.expert_mlp(x[i : i + 1], buf, fmt, threads=2) for i in range(3)])
+    for i in range(3):
+        assert torch.equal(one[i], torch.from_numpy(exact_expert.expert(buf, fmt, x[i]).astype("float32"))), i
+    assert torch.equal(cpu.expert_mlp(x, buf, fmt, threads=2), one)
