@@ -255,6 +255,23 @@ static void row_scales(const qmat *m, int r, float *restrict s, float *restrict 
   }
 }
 
+#if MOE_SIMD && defined(__AVX512F__)
+/* Sixteen blocks' terms rint(isum (s d)) - rint((s z) xs), added exactly in float64 to a0 (blocks
+   0-7) and a1 (8-15). */
+static inline __attribute__((always_inline)) void sum16(const int32_t *isum, __m512 sg, __m512 szg, const float *d,
+                                                        const float *xs, __m512d *a0, __m512d *a1) {
+  const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 fi = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)isum));
+  const __m512 p = _mm512_roundscale_ps(_mm512_mul_ps(fi, _mm512_mul_ps(sg, _mm512_loadu_ps(d))), rm);
+  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(szg, _mm512_loadu_ps(xs)), rm);
+  const __m256 phi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1));
+  const __m256 qhi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(q), 1));
+  *a0 = _mm512_add_pd(*a0, _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(p)),
+                                         _mm512_cvtps_pd(_mm512_castps512_ps256(q))));
+  *a1 = _mm512_add_pd(*a1, _mm512_sub_pd(_mm512_cvtps_pd(phi), _mm512_cvtps_pd(qhi)));
+}
+#endif
+
 /* sum_b rint(isum_b * (s_g d_b)) - rint((s z)_g * xs_b), exactly (see the top of this file), for
    one row (group scales s, s * z) and one token (block scales d, block sums xs); g = b / bpg. */
 static double exact_sum(const int32_t *isum, const float *s, const float *sz, const float *d, const float *xs,
@@ -263,7 +280,6 @@ static double exact_sum(const int32_t *isum, const float *s, const float *sz, co
   double acc = 0.0;
 #if MOE_SIMD && defined(__AVX512F__)
   if (bpg <= 2) { /* sixteen blocks at a time */
-    const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
     for (; b + 16 <= nblk; b += 16) {
@@ -274,14 +290,7 @@ static double exact_sum(const int32_t *isum, const float *s, const float *sz, co
         sg = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(s + b / 2)));
         szg = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(sz + b / 2)));
       }
-      const __m512 fi = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(isum + b)));
-      const __m512 p = _mm512_roundscale_ps(_mm512_mul_ps(fi, _mm512_mul_ps(sg, _mm512_loadu_ps(d + b))), rm);
-      const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(szg, _mm512_loadu_ps(xs + b)), rm);
-      const __m256 phi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1));
-      const __m256 qhi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(q), 1));
-      a0 = _mm512_add_pd(a0, _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(p)),
-                                           _mm512_cvtps_pd(_mm512_castps512_ps256(q))));
-      a1 = _mm512_add_pd(a1, _mm512_sub_pd(_mm512_cvtps_pd(phi), _mm512_cvtps_pd(qhi)));
+      sum16(isum + b, sg, szg, d + b, xs + b, &a0, &a1);
     }
     acc = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
   }
@@ -325,7 +334,6 @@ static double exact_sum(const int32_t *isum, const float *s, const float *sz, co
    add, each rounded; then s * (z1 zq + z0)), so the same bits, without writing the scales out and
    reading them back. Needs m->inline_scales (gs / QB in {1, 2}, whole meta runs per 16 blocks). */
 static double exact_sum_row(const int32_t *isum, const qmat *m, int r, const float *d, const float *xs, int nblk) {
-  const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const int bpg = m->gs / QB;
   const size_t f = (size_t)r * m->G;
   const uint8_t *sq = m->sq + f, *zq = m->zq + f;
@@ -349,14 +357,7 @@ static double exact_sum_row(const int32_t *isum, const qmat *m, int r, const flo
       sg = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(s8));
       szg = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(sz8));
     }
-    const __m512 fi = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(isum + b)));
-    const __m512 p = _mm512_roundscale_ps(_mm512_mul_ps(fi, _mm512_mul_ps(sg, _mm512_loadu_ps(d + b))), rm);
-    const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(szg, _mm512_loadu_ps(xs + b)), rm);
-    const __m256 phi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1));
-    const __m256 qhi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(q), 1));
-    a0 = _mm512_add_pd(a0, _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(p)),
-                                         _mm512_cvtps_pd(_mm512_castps512_ps256(q))));
-    a1 = _mm512_add_pd(a1, _mm512_sub_pd(_mm512_cvtps_pd(phi), _mm512_cvtps_pd(qhi)));
+    sum16(isum + b, sg, szg, d + b, xs + b, &a0, &a1);
   }
   double acc = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
   for (; b < nblk; b++) { /* a tail of fewer than 16 blocks: row_scales' arithmetic, one group */
