@@ -226,3 +226,26 @@ def test_serving_thread_computes_each_batched_position_on_its_own_row(bits):
         assert torch.equal(split.box.views(1)[2][1], before)  # the hit's row is not written
     finally:
         split.close()
+
+
+def test_an_idle_serving_thread_parks_and_still_answers():
+    """Between requests the serving thread and its team stop spinning: over half a second of
+    idling, after 0.3 s without a flag, the process uses under a tenth of a core (the team sleeps,
+    the thread naps a millisecond at a time); the next request is answered with the right rows."""
+    import time
+
+    fmt = ExpertFormat.build(256, 512, 2, torch.float32)
+    store, split = _split_over(fmt, 2, 4, [[0, 64, 64]])
+    try:
+        x = torch.randn(256, generator=torch.Generator().manual_seed(3))
+        _serve(split, 0, [1, 2], [64, 64], [0, 0], x[None])
+        time.sleep(0.3)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        time.sleep(0.5)
+        busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        assert busy < 0.1, f"idle split used {busy:.2f} cores"
+        y = _serve(split, 1, [3, 0], [64, 128], [0, 0], x[None])
+        assert torch.equal(y[0], expert_share(store.buffer(1, 3), fmt, x, 64, 128, threads=1))
+    finally:
+        split.close()
+    assert not split._thread.is_alive()
