@@ -158,6 +158,21 @@ def test_the_projection_uses_the_cost_model_of_the_split(plans):
     assert project_decode(mp, mach)["all"].s_per_token == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_cpu_bytes_are_counted_as_the_engine_counts_them(bits):
+    """The projection's CPU bytes follow the split's reads (`cpu_read_fraction`): at 2 and 4 bits
+    the CPU reads only its share of a missed expert; at 3 bits its share of gate_up and all of
+    down_proj, so more bytes than its share."""
+    mp = plan_model("mixtral-8x7b", gpu_budget="12GiB", experts_bits=bits, attn_bits=4)
+    auto = project_decode(mp, Machine(pcie_gbps=25, ram_gbps=70, cores=8, hbm_gbps=500))["auto"]
+    share_bytes = auto.cpu_experts_per_token * mp.plan.expert_bytes
+    assert 0 < auto.cpu_experts_per_token < auto.misses_per_token
+    if bits == 3:
+        assert auto.cpu_bytes_per_token > share_bytes * 1.01
+    else:
+        assert auto.cpu_bytes_per_token == pytest.approx(share_bytes, rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "flag,value,fragment",
     [

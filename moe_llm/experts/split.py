@@ -213,6 +213,13 @@ def take_table(
     return table
 
 
+def cpu_read_fraction(bits: int | None) -> float:
+    """g of `take_table`: the part of a missed expert whose bytes the CPU reads only for its share.
+    At 2 and 4 bits that is all of it (the share's gate_up rows and the share's bytes of every
+    down row); at 3 bits down's rows are unpacked whole, so only gate_up, 2/3 of the bytes."""
+    return 2 / 3 if bits == 3 else 1.0
+
+
 def predicted_layer_s(
     m: int, k: int, take: int, pd: int, roads: Roads, expert_bytes: int, gate_up_fraction: float = 2 / 3
 ) -> float:
@@ -391,8 +398,7 @@ def start_split(
     n = threads or max(1, ck.default_threads() - 1)  # one core stays with the thread that drives the GPU
     pd = dispatch.plane_bytes
     roads = road_rates() if mode == "auto" else Roads(1.0, 1.0, 1.0)
-    # the CPU reads its share of gate_up and, but for 3 bits (rows unpacked whole), only its share of down
-    g = 2 / 3 if fmt.bits == 3 else 1.0
+    g = cpu_read_fraction(fmt.bits)
     takes = [
         take_table(mode, b * top_k, pd, dispatch.cut_align, roads, fmt.nbytes, gate_up_fraction=g)
         for b in range(1, max(1, min(max_rows, MAX_POSITIONS // top_k)) + 1)
