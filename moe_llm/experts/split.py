@@ -11,7 +11,8 @@ lies, over the memory bus. This module runs both at once inside one captured dec
   raises the row's flag. A lone token's step publishes its k positions and one hidden state;
   a step of B batched rows (`kernels.rows`) publishes B * k positions and B hidden states,
   with take tables for B * k positions (`CpuSplit.takes`);
-- a C thread (`cpu/split_loop.c`) polls the flags, computes its share of each missed expert
+- a C thread (`cpu/split_loop.c`, with a team of its own: workers awake through a decode step,
+  parked between requests) polls the flags, computes its share of each missed expert
   for every position that routes to it, reading the expert once for them (intermediate
   neurons ``i % PD >= cut``: those rows of gate_up, and every down row against h that is zero
   outside the share, reading only the share's bytes of each down row but at 3 bits), writes
