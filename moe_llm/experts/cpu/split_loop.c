@@ -119,15 +119,15 @@ static void *pool_main(void *arg) {
   }
 }
 
-/* A team of n threads: the caller and n - 1 workers (fewer if threads cannot be made). */
-static int pool_start(pool *p, int n) {
+/* A team of n threads: the caller and n - 1 workers, fewer if threads cannot be made (down to the
+   caller alone, which still does every item: the GPU waiting on the split never waits forever). */
+static void pool_start(pool *p, int n) {
   memset(p, 0, sizeof *p);
   p->n = 1;
-  p->tid = (pthread_t *)calloc(n > 1 ? (size_t)n - 1 : 1, sizeof(pthread_t));
-  if (!p->tid) return MOE_CPU_ENOMEM;
   pthread_mutex_init(&p->mu, NULL);
   pthread_cond_init(&p->cv, NULL);
-  for (int w = 1; w < n; w++) {
+  p->tid = (pthread_t *)calloc(n > 1 ? (size_t)n - 1 : 1, sizeof(pthread_t));
+  for (int w = 1; w < n && p->tid; w++) {
     pool_slot *slot = (pool_slot *)malloc(sizeof *slot);
     if (!slot) break;
     slot->p = p, slot->w = w;
@@ -137,7 +137,6 @@ static int pool_start(pool *p, int n) {
     }
     p->n = w + 1;
   }
-  return MOE_CPU_OK;
 }
 
 static void pool_stop(pool *p) {
@@ -288,11 +287,7 @@ int moe_split_expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, 
   rc = share_ws_alloc(L, threads, 1, &w, &mem);
   if (rc) return rc;
   pool p;
-  rc = pool_start(&p, threads);
-  if (rc) {
-    free(mem);
-    return rc;
-  }
+  pool_start(&p, threads);
   expert_share(base, L, &x, 1, cut, pd, &y, &p, &w);
   pool_stop(&p);
   free(mem);
@@ -327,11 +322,7 @@ int moe_split_serve(const moe_split_ctx *c) {
   rc = share_ws_alloc(&c->layout, threads, c->tokens, &w, &mem);
   if (rc) return rc;
   pool team;
-  rc = pool_start(&team, threads);
-  if (rc) {
-    free(mem);
-    return rc;
-  }
+  pool_start(&team, threads);
   const int64_t gu_bytes = c->layout.off[4] - c->layout.off[0];
   int r = 0;
   double last = now_s(); /* when the last flag was served */
