@@ -5,6 +5,7 @@ combine) with every table entry pointing at GPU slots (hits) and at pinned host 
 (zero-copy misses), and reports GB/s of expert bytes read. Writes JSON.
 
     python scripts/tune_moe.py --out tune.json [--quick]
+    python scripts/tune_moe.py --tiles --out tiles.json   # each GEMV's byte tiles, HBM and host
 """
 
 # ruff: noqa: B023  (every closure below is timed within the iteration that made it)
@@ -56,9 +57,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", action="store_true", help="sweep gate_up and down apart (slots only), then combine")
+    ap.add_argument("--tiles", action="store_true", help="each GEMV's byte tile, rows and warps, from HBM and host")
     args = ap.parse_args()
     if args.parts:
         return sweep_parts(args.out)
+    if args.tiles:
+        return sweep_tiles(args.out)
     hidden, inter, E, k = 4096, 14336, 8, 2
     results = []
     for bits in (2, 3):
@@ -148,6 +152,65 @@ def sweep_parts(out_path: str | None) -> None:
     if out_path:
         with open(out_path, "w") as f:
             json.dump({"results": results, "best": {str(b): r for b, r in best.items()}}, f, indent=1)
+
+
+# (widest byte tile, rows, warps) of gate_up; (widest byte tile, rows, warps, K-splits; 0: automatic) of down
+GATE_UP_TILES = [(256, 8, 4), (512, 8, 4), (512, 4, 4), (512, 8, 8), (1024, 4, 4), (1024, 8, 4), (1024, 8, 8),
+                 (1024, 16, 8), (1024, 4, 2), (1024, 2, 2)]  # fmt: skip
+DOWN_TILES = [(256, 16, 2, 2), (256, 16, 2, 0), (512, 16, 2, 2), (512, 16, 2, 1), (512, 8, 2, 2), (512, 16, 4, 2),
+              (512, 32, 4, 2), (512, 8, 4, 1), (1024, 16, 4, 1), (1024, 8, 2, 2)]  # fmt: skip
+
+
+def sweep_tiles(out_path: str | None) -> None:
+    """Each GEMV alone over its byte tiles (`Tuning.gate_up_block_p` / `down_block_p`, capped by
+    what the packed planes allow), rows and warps: two routed experts of one layer, every table
+    entry at a GPU slot (HBM) and at pinned host RAM (zero-copy); GB/s of that GEMV's bytes, and
+    whether every setting gives the same bits (gate_up's h; down's combined output)."""
+    hidden, inter, E = 4096, 14336, 8
+    results = []
+    for bits in (2, 3):
+        fmt, store, slots, tables, gen = _layer(hidden, inter, bits, E)
+        x = torch.randn(hidden, device="cuda", generator=gen).to(torch.bfloat16)
+        idx = torch.tensor([2, 5], device="cuda")
+        w = torch.tensor([0.6, 0.4], device="cuda")
+        out = torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
+        gu_bytes = sum(s.nbytes for s in fmt.layout.specs if s.name.startswith("gate_up"))
+        dn_bytes = fmt.nbytes - gu_bytes
+        h_ref = out_ref = None
+        for bp, rows, warps in GATE_UP_TILES:
+            run = MoeDecode(
+                fmt, 2, torch.device("cuda"), Tuning(gate_up_block_p=bp, gate_up_rows=rows, gate_up_warps=warps)
+            )
+            row = {"bits": bits, "gemv": "gate_up", "bp": run._gate_up[2]["BLOCK_P"], "rows": rows, "warps": warps}
+            for name, table in tables.items():
+                ms = do_bench(lambda run=run, table=table: run._gemv(run._gate_up, x, run._xq, True, idx, table, slots,
+                                                                     run.h, None), warmup=5, rep=40)  # fmt: skip
+                row[f"{name}_us"], row[f"{name}_GBs"] = round(ms * 1e3, 1), round(2 * gu_bytes / ms / 1e6, 1)
+            h_ref = run.h.clone() if h_ref is None else h_ref
+            row["same_h"] = bool(torch.equal(run.h, h_ref))
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        for bp, rows, warps, split in DOWN_TILES:
+            tuning = Tuning(down_block_p=bp, down_rows=rows, down_warps=warps, down_split=split)
+            run = MoeDecode(fmt, 2, torch.device("cuda"), tuning)
+            run.h.copy_(h_ref)
+            row = {"bits": bits, "gemv": "down", "bp": run._down[2]["BLOCK_P"], "rows": rows, "warps": warps,
+                   "split": run.split}  # fmt: skip
+            for name, table in tables.items():
+
+                def down(run=run, table=table):
+                    run._gemv(run._down, run.h, run._hq, False, idx, table, slots, run.part, None)
+                    combine(run.part, w, out)
+
+                ms = do_bench(down, warmup=5, rep=40)
+                row[f"{name}_us"], row[f"{name}_GBs"] = round(ms * 1e3, 1), round(2 * dn_bytes / ms / 1e6, 1)
+            out_ref = out.clone() if out_ref is None else out_ref
+            row["same_out"] = bool(torch.equal(out, out_ref))
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
