@@ -52,6 +52,14 @@ def _layer(hidden: int, inter: int, bits: int, E: int):
     return fmt, store, slots, tables, gen
 
 
+def _step_inputs(hidden: int, gen: torch.Generator):
+    """(x, top-k ids, weights, out) of one decoded token routed to experts 2 and 5."""
+    x = torch.randn(hidden, device="cuda", generator=gen).to(torch.bfloat16)
+    idx = torch.tensor([2, 5], device="cuda")
+    w = torch.tensor([0.6, 0.4], device="cuda")
+    return x, idx, w, torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -67,10 +75,7 @@ def main() -> None:
     results = []
     for bits in (2, 3):
         fmt, store, slots, tables, gen = _layer(hidden, inter, bits, E)
-        x = torch.randn(hidden, device="cuda", generator=gen).to(torch.bfloat16)
-        idx = torch.tensor([2, 5], device="cuda")
-        w = torch.tensor([0.6, 0.4], device="cuda")
-        out = torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
+        x, idx, w, out = _step_inputs(hidden, gen)
         ref = _reference(fmt, [slots[e] for e in idx.tolist()], x, w)
         tunings = [Tuning(int8=False)]  # the float-activation kernel at its defaults, for comparison
         rows_grid = itertools.product((8, 16, 32), (16, 32, 64), (4, 8), (1, 2) if not args.quick else (1,))
@@ -112,10 +117,7 @@ def sweep_parts(out_path: str | None) -> None:
     for bits in (2, 3):
         fmt, store, slots, tables, gen = _layer(hidden, inter, bits, E)
         table, host = tables["slots"], tables["host"]
-        x = torch.randn(hidden, device="cuda", generator=gen).to(torch.bfloat16)
-        idx = torch.tensor([2, 5], device="cuda")
-        w = torch.tensor([0.6, 0.4], device="cuda")
-        out = torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
+        x, idx, w, out = _step_inputs(hidden, gen)
         parts = {"gate_up": [], "down": []}
         for g, wp in itertools.product((4, 8, 16, 32), (2, 4, 8)):
             run = MoeDecode(fmt, k, torch.device("cuda"), Tuning(gate_up_rows=g, gate_up_warps=wp))
@@ -170,10 +172,7 @@ def sweep_tiles(out_path: str | None) -> None:
     results = []
     for bits in (2, 3):
         fmt, store, slots, tables, gen = _layer(hidden, inter, bits, E)
-        x = torch.randn(hidden, device="cuda", generator=gen).to(torch.bfloat16)
-        idx = torch.tensor([2, 5], device="cuda")
-        w = torch.tensor([0.6, 0.4], device="cuda")
-        out = torch.empty(hidden, dtype=torch.bfloat16, device="cuda")
+        x, idx, w, out = _step_inputs(hidden, gen)
         gu_bytes = sum(s.nbytes for s in fmt.layout.specs if s.name.startswith("gate_up"))
         dn_bytes = fmt.nbytes - gu_bytes
         h_ref = out_ref = None
