@@ -8,6 +8,8 @@ full engine at the main budget and bit width, so tools can read them directly.
 
 from __future__ import annotations
 
+import re
+
 PCIE4_BANDWIDTH = 25e9  # bytes/s, a PCIe 4 x16 desktop in practice
 
 # (key, target, "min" or "max")
@@ -18,7 +20,9 @@ TARGETS = (
     ("speedup_vs_no_cache", 2.0, "min"),
     ("peak_gpu_fraction_of_budget", 1.0, "max"),
     ("ttft_1024_ratio_to_bound", 1.2, "max"),
+    ("auto_vs_best_road", 1.0, "min"),  # issue 12: cpu_experts auto at least as fast as the better of off and all
 )
+_AUTO_ROW = re.compile(r"full(-[\d.]+GiB)?")  # cpu_experts "auto" rows: the headline budget and the extra ones
 
 
 def project(row: dict, bandwidth: float = PCIE4_BANDWIDTH) -> dict:
@@ -41,6 +45,25 @@ def project(row: dict, bandwidth: float = PCIE4_BANDWIDTH) -> dict:
 
 def _find(rows: list[dict], name: str) -> dict | None:
     return next((r for r in rows if r["name"] == name), None)
+
+
+def road_comparison(rows: list[dict]) -> list[dict]:
+    """`cpu_experts` auto against the better of off and all, at each budget whose three rows ran
+    (`full[-B]`, `full-cpu-off[-B]`, `full-cpu-all[-B]`)."""
+    out = []
+    for r in rows:
+        m = _AUTO_ROW.fullmatch(r["name"])
+        off = m and _find(rows, f"full-cpu-off{m.group(1) or ''}")
+        on_cpu = m and _find(rows, f"full-cpu-all{m.group(1) or ''}")
+        if not (off and on_cpu):
+            continue
+        best = max(off["decode_tok_s"], on_cpu["decode_tok_s"])
+        out.append({
+            "budget_bytes": r["gpu_budget_bytes"], "auto": r["name"], "auto_tok_s": r["decode_tok_s"],
+            "off_tok_s": off["decode_tok_s"], "all_tok_s": on_cpu["decode_tok_s"],
+            "auto_vs_best": r["decode_tok_s"] / best if best else None,
+        })  # fmt: skip
+    return out
 
 
 def summarize(run: dict, headline: str = "full", no_cache: str = "no-cache-no-prefetch") -> dict:
@@ -74,6 +97,10 @@ def summarize(run: dict, headline: str = "full", no_cache: str = "no-cache-no-pr
         "host_syncs_per_token": full.get("host_syncs_per_token"),
         "bytes_per_token": full["bytes_per_token"],
     }
+    roads = road_comparison(rows)
+    ratios = [c["auto_vs_best"] for c in roads if c["auto_vs_best"] is not None]
+    top["auto_vs_roads"] = roads
+    top["auto_vs_best_road"] = min(ratios) if ratios else None  # the worst budget
     run.update(top)
     run["targets"] = check_targets(top)
     return run
