@@ -107,14 +107,14 @@ def test_whole_share_equals_the_cpu_expert_kernel(bits):
 def test_take_table_balances_the_two_roads():
     roads = Roads(gpu_hbm=1.1e12, zero_copy=36e9, cpu=40e9)
     pd, align, nbytes = 3584, 256, 55_738_368
-    auto = take_table("auto", 2, pd, align, roads, nbytes)
+    auto = take_table("auto", 2, pd, align, roads, nbytes, 3)
     assert auto[0] == 0 and all(t % align == 0 and 0 < t < pd for t in auto[1:])
-    assert take_table("all", 2, pd, align, roads, nbytes) == [0, pd, pd]
+    assert take_table("all", 2, pd, align, roads, nbytes, 3) == [0, pd, pd]
     for m in (1, 2):  # the modelled layer time is no worse than either road alone
-        t = predicted_layer_s(m, 2, auto[m], pd, roads, nbytes)
-        assert t <= predicted_layer_s(m, 2, 0, pd, roads, nbytes)
-        assert t <= predicted_layer_s(m, 2, pd, pd, roads, nbytes)
-    slow_cpu = take_table("auto", 2, pd, align, Roads(1.1e12, 36e9, 1e9), nbytes)
+        t = predicted_layer_s(m, 2, auto[m], pd, roads, nbytes, 3)
+        assert t <= predicted_layer_s(m, 2, 0, pd, roads, nbytes, 3)
+        assert t <= predicted_layer_s(m, 2, pd, pd, roads, nbytes, 3)
+    slow_cpu = take_table("auto", 2, pd, align, Roads(1.1e12, 36e9, 1e9), nbytes, 3)
     assert slow_cpu[1] < auto[1]
 
 

@@ -154,7 +154,9 @@ def test_the_projection_uses_the_cost_model_of_the_split(plans):
     for n, slots in ((mp.moe_layers - r, q), (r, q + 1)):
         probs = speed_mod._miss_counts(e, slots, k)
         assert sum(probs) == pytest.approx(1.0)
-        want += n * sum(p * predicted_layer_s(m, k, 256 if m else 0, 256, roads, eb) for m, p in enumerate(probs))
+        want += n * sum(
+            p * predicted_layer_s(m, k, 256 if m else 0, 256, roads, eb, mp.experts_bits) for m, p in enumerate(probs)
+        )
     assert project_decode(mp, mach)["all"].s_per_token == pytest.approx(want, rel=1e-12)
 
 

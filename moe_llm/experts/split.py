@@ -193,16 +193,20 @@ class Roads:
     handoff_s: float = 15e-6  # flag to the CPU and back, per layer with a CPU share
 
 
-def take_table(
-    mode: str, k: int, pd: int, align: int, roads: Roads, expert_bytes: int, gate_up_fraction: float = 2 / 3
-) -> list[int]:
-    """Bytes of the down plane (of PD) the CPU takes from each missed expert, by number of
-    misses m = 0..k in the layer. ``all``: every miss; ``auto``: the share f that makes both
-    roads finish together. The GPU reads (k - m) hits and (1 - f) of each miss; the CPU
-    reads f of each miss's gate_up and all of its down (against h that is zero outside its
-    share), so it reads (f g + (1 - g)) of the expert, g = `gate_up_fraction`."""
+def cpu_read_fraction(bits: int | None) -> float:
+    """g: the part of a missed expert whose bytes the CPU reads only for its share. At 2 and 4
+    bits that is all of it (the share's gate_up rows and the share's bytes of every down row); at
+    3 bits down's rows are unpacked whole, so only gate_up, 2/3 of the bytes."""
+    return 2 / 3 if bits == 3 else 1.0
+
+
+def take_table(mode: str, k: int, pd: int, align: int, roads: Roads, expert_bytes: int, bits: int | None) -> list[int]:
+    """Bytes of the down plane (of PD) the CPU takes from each missed expert of `bits`-bit
+    experts, by number of misses m = 0..k in the layer. ``all``: every miss; ``auto``: the share
+    f that makes both roads finish together. The GPU reads (k - m) hits and (1 - f) of each
+    miss; the CPU reads (f g + (1 - g)) of each miss, g = `cpu_read_fraction`."""
     table = [0] * (k + 1)
-    g = gate_up_fraction
+    g = cpu_read_fraction(bits)
     t_hit, t_zc, t_cpu = (expert_bytes / bw for bw in (roads.gpu_hbm, roads.zero_copy, roads.cpu))
     for m in range(1, k + 1):
         if mode == "all":
@@ -214,19 +218,13 @@ def take_table(
     return table
 
 
-def cpu_read_fraction(bits: int | None) -> float:
-    """g of `take_table`: the part of a missed expert whose bytes the CPU reads only for its share.
-    At 2 and 4 bits that is all of it (the share's gate_up rows and the share's bytes of every
-    down row); at 3 bits down's rows are unpacked whole, so only gate_up, 2/3 of the bytes."""
-    return 2 / 3 if bits == 3 else 1.0
-
-
 def predicted_layer_s(
-    m: int, k: int, take: int, pd: int, roads: Roads, expert_bytes: int, gate_up_fraction: float = 2 / 3
-) -> float:
-    """Modelled time of one MoE layer's experts with m misses and the CPU taking `take` of PD."""
+    m: int, k: int, take: int, pd: int, roads: Roads, expert_bytes: int, bits: int | None
+) -> float:  # fmt: skip
+    """Modelled time of one MoE layer's `bits`-bit experts with m misses and the CPU taking
+    `take` of PD."""
     f = take / pd if pd else 0.0
-    g = gate_up_fraction
+    g = cpu_read_fraction(bits)
     gpu = (k - m) * expert_bytes / roads.gpu_hbm + m * (1 - f) * expert_bytes / roads.zero_copy
     cpu = m * (f * g + (1 - g)) * expert_bytes / roads.cpu + roads.handoff_s if take else 0.0
     return max(gpu, cpu)
@@ -399,9 +397,8 @@ def start_split(
     n = threads or max(1, ck.default_threads() - 1)  # one core stays with the thread that drives the GPU
     pd = dispatch.plane_bytes
     roads = road_rates() if mode == "auto" else Roads(1.0, 1.0, 1.0)
-    g = cpu_read_fraction(fmt.bits)
     takes = [
-        take_table(mode, b * top_k, pd, dispatch.cut_align, roads, fmt.nbytes, gate_up_fraction=g)
+        take_table(mode, b * top_k, pd, dispatch.cut_align, roads, fmt.nbytes, fmt.bits)
         for b in range(1, max(1, min(max_rows, MAX_POSITIONS // top_k)) + 1)
     ]  # more rows than that: their steps keep every miss on the GPU (`SplitRow.fits`)
     log.info("CPU experts %s: of each missed expert the CPU takes %s of %d down-plane bytes by miss count (%s)",

@@ -221,10 +221,10 @@ def _miss_counts(experts: int, slots: int, k: int) -> list[float]:
     return [comb(experts - slots, m) * comb(slots, k - m) / total for m in range(k + 1)]
 
 
-def _auto_take(m: int, k: int, balanced: int, roads: Roads, expert_bytes: int, g: float) -> int:
+def _auto_take(m: int, k: int, balanced: int, roads: Roads, expert_bytes: int, bits: int | None) -> int:
     """The cost model's balanced take, or a neighbouring step, none or all where faster."""
     steps = [t for t in (balanced, balanced - 1, balanced + 1, 0, SHARE_STEPS) if 0 <= t <= SHARE_STEPS]
-    return min(steps, key=lambda t: predicted_layer_s(m, k, t, SHARE_STEPS, roads, expert_bytes, g))
+    return min(steps, key=lambda t: predicted_layer_s(m, k, t, SHARE_STEPS, roads, expert_bytes, bits))
 
 
 def project_decode(mp, mach: Machine) -> dict[str, RoadProjection]:
@@ -233,17 +233,18 @@ def project_decode(mp, mach: Machine) -> dict[str, RoadProjection]:
     layers, experts, k, nbytes = mp.moe_layers, mp.num_experts, mp.top_k, mp.plan.expert_bytes
     q, r = divmod(mp.plan.slots, layers)
     groups = [(n, s) for n, s in ((layers - r, q), (r, q + 1)) if n]  # (layers, slots each)
-    g = cpu_read_fraction(mp.experts_bits)  # as the engine's split counts the CPU's bytes
+    bits = mp.experts_bits
+    g = cpu_read_fraction(bits)  # as the engine's split counts the CPU's bytes
     resident_s = mp.token_trunk_bytes / roads.gpu_hbm
     out = {}
     for mode in MODES:
-        table = [0] * (k + 1) if mode == "off" else take_table(mode, k, SHARE_STEPS, 1, roads, nbytes, g)
+        table = [0] * (k + 1) if mode == "off" else take_table(mode, k, SHARE_STEPS, 1, roads, nbytes, bits)
         t = misses = on_cpu = cpu_bytes = 0.0
         for n, slots in groups:
             for m, p in enumerate(_miss_counts(experts, slots, k)):
-                take = _auto_take(m, k, table[m], roads, nbytes, g) if mode == "auto" and m else table[m]
+                take = _auto_take(m, k, table[m], roads, nbytes, bits) if mode == "auto" and m else table[m]
                 f = take / SHARE_STEPS
-                t += n * p * predicted_layer_s(m, k, take, SHARE_STEPS, roads, nbytes, g)
+                t += n * p * predicted_layer_s(m, k, take, SHARE_STEPS, roads, nbytes, bits)
                 misses += n * p * m
                 on_cpu += n * p * m * f
                 cpu_bytes += n * p * m * (f * g + (1 - g)) * nbytes if take else 0.0
