@@ -5,6 +5,8 @@ kernel bit for bit; the cost model's take table."""
 
 from __future__ import annotations
 
+import threading
+
 import exact_expert
 import numpy as np
 import pytest
@@ -249,3 +251,31 @@ def test_an_idle_serving_thread_parks_and_still_answers():
     finally:
         split.close()
     assert not split._thread.is_alive()
+
+
+def test_a_serving_thread_that_cannot_start_is_an_error_not_a_hang():
+    """A serving loop that stops at start (here: more threads than the loop's team allows; an
+    allocation that fails takes the same path) raises SplitUnavailable from the constructor, so
+    the engine falls back or reports it before any GPU step could wait on the loop; no thread is
+    left behind. The same constructor with a sane count serves."""
+    from types import SimpleNamespace
+
+    from moe_llm.experts import ExpertStore
+    from moe_llm.experts.split import CpuSplit, SplitUnavailable
+
+    fmt = ExpertFormat.build(256, 512, 2, torch.float32)
+    store = ExpertStore(fmt, [0], 2)
+    for e in range(2):
+        store.put_raw(0, e, _expert(fmt, 7 + e))
+    cache = SimpleNamespace(layers=[0], device=torch.device("cpu"), num_experts=2, store=store)
+    before = threading.active_count()
+    with pytest.raises(SplitUnavailable, match="count out of range"):
+        CpuSplit(cache, fmt, 2, 128, [[0, 64, 128]], threads=5000, ops=object())
+    assert threading.active_count() == before
+    split = CpuSplit(cache, fmt, 2, 128, [[0, 64, 128]], threads=2, ops=object())
+    try:
+        x = torch.randn(256, generator=torch.Generator().manual_seed(9))
+        y = _serve(split, 0, [1, 0], [64, 128], [0, 0], x[None])
+        assert torch.equal(y[0], expert_share(store.buffer(0, 1), fmt, x, 64, 128, threads=1))
+    finally:
+        split.close()

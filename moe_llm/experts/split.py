@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -272,7 +273,7 @@ class _Ctx(ctypes.Structure):
         ("threads", ctypes.c_int32), ("tokens", ctypes.c_int32),
         ("row_bytes", ctypes.c_int64), ("x_off", ctypes.c_int64), ("y_off", ctypes.c_int64),
         ("flags", ctypes.c_void_p), ("dones", ctypes.c_void_p), ("box", ctypes.c_void_p), ("addr", ctypes.c_void_p),
-        ("stop", ctypes.c_void_p), ("stats", ctypes.c_void_p), ("layout", ExpertLayoutC),
+        ("stop", ctypes.c_void_p), ("stats", ctypes.c_void_p), ("started", ctypes.c_void_p), ("layout", ExpertLayoutC),
     ]  # fmt: skip
 
 
@@ -340,13 +341,15 @@ class CpuSplit:
             [store.address(layer, e) for layer in cache.layers for e in range(cache.num_experts)], dtype=torch.int64
         )  # [rows * E] host addresses (uint64 in C)
         self._stop = ctypes.c_int32(0)
+        self._started = ctypes.c_int32(0)  # the loop writes 1 once it serves, or its error code
         self._seen = (0, 0, 0)  # counts already reported by new_counts
         self._ctx = _Ctx(
             rows=rows, positions=positions, experts=cache.num_experts, pd=plane_bytes, threads=ck._threads(threads),
             tokens=max_rows,
             row_bytes=box.row_bytes, x_off=box.x(0) - box.row(0), y_off=box.y(0) - box.row(0),
             flags=box.flag(0), dones=box.done(0), box=box.row(0), addr=self._addr.data_ptr(),
-            stop=ctypes.addressof(self._stop), stats=box.stats_addr, layout=ck.layout_struct(fmt),
+            stop=ctypes.addressof(self._stop), stats=box.stats_addr, started=ctypes.addressof(self._started),
+            layout=ck.layout_struct(fmt),
         )  # fmt: skip
         self._rows = [
             SplitRow(
@@ -365,6 +368,24 @@ class CpuSplit:
             target=_lib().moe_split_serve, args=(ctypes.addressof(self._ctx),), name="moe-llm-cpu-experts", daemon=True
         )
         self._thread.start()
+        self._await_start()
+
+    def _await_start(self, timeout_s: float = 10.0) -> None:
+        """Return once the serving loop serves; raise SplitUnavailable if it stopped at start
+        (its workspace could not be allocated, a count out of range) or did not start in time:
+        a GPU step would otherwise wait for it forever."""
+        deadline = time.monotonic() + timeout_s
+        while self._started.value == 0 and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(1e-4)
+        rc = self._started.value
+        if rc == 1:
+            return
+        self.close()
+        if rc < 0:
+            reason = _lib().moe_cpu_strerror(rc).decode()
+        else:
+            reason = "it did not start in time" if self._thread.is_alive() else "it stopped"
+        raise SplitUnavailable(f"the CPU experts' serving thread cannot run: {reason}")
 
     def row(self, r: int) -> SplitRow:
         return self._rows[r]

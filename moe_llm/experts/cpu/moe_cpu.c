@@ -79,7 +79,7 @@ enum {
   MOE_CPU_EBITS = -1,  /* bits not in {2, 3, 4} */
   MOE_CPU_ESHAPE = -2, /* columns not a multiple of 8, or group size does not divide them */
   MOE_CPU_ENOMEM = -3,
-  MOE_CPU_EARG = -4, /* null pointer or count < 1 */
+  MOE_CPU_EARG = -4, /* null pointer, or a count out of range */
 };
 
 typedef struct {
@@ -140,7 +140,7 @@ const char *moe_cpu_strerror(int code) {
     case MOE_CPU_EBITS: return "bits must be 2, 3 or 4";
     case MOE_CPU_ESHAPE: return "columns must be a multiple of 8 and of the group size";
     case MOE_CPU_ENOMEM: return "out of memory";
-    case MOE_CPU_EARG: return "null pointer or count < 1";
+    case MOE_CPU_EARG: return "null pointer, or a count out of range";
     default: return "unknown error";
   }
 }

@@ -25,9 +25,10 @@
 #define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
 #endif
 
-#define SPLIT_ABI 3
+#define SPLIT_ABI 4
 #define WORD_STRIDE 16 /* uint32 words per flag: one cache line each */
 #define MAX_POSITIONS 1024 /* routed positions of one step the loop serves (max_batch * top_k) */
+#define MAX_THREADS 1024 /* threads of the serving team */
 
 typedef struct {
   int32_t rows, positions, experts, pd, threads, tokens; /* positions, tokens: a row's room (P, T) */
@@ -38,6 +39,7 @@ typedef struct {
   const uint64_t *addr; /* [rows * experts] host address of each expert's buffer */
   volatile int32_t *stop;
   int64_t *stats; /* calls, bytes, ns */
+  volatile int32_t *started; /* set once: 1 when the loop serves, or the negative MOE_CPU_* code it stopped on */
   moe_cpu_expert_layout layout;
 } moe_split_ctx;
 
@@ -309,20 +311,30 @@ static void idle_wait(double since) {
   }
 }
 
-/* Serve the mailbox until *stop is set. Returns 0, or a negative MOE_CPU_* code at start. */
-int moe_split_serve(const moe_split_ctx *c) {
+/* Serve the mailbox until *stop is set. Returns 0, or a negative MOE_CPU_* code at start, which
+   it also writes to *started (1 once it serves): the caller waits for that word before any GPU
+   step can wait on this loop, so a loop that cannot start is an error there, never a hang. */
+static int serve_start(const moe_split_ctx *c, share_ws *w, void **mem) {
   int rc = check_layout(&c->layout);
   if (rc) return rc;
   if (c->rows < 1 || c->positions < 1 || c->positions > MAX_POSITIONS || c->tokens < 1 || c->pd < 1 ||
-      c->layout.intermediate % c->pd)
+      c->threads > MAX_THREADS || c->layout.intermediate % c->pd)
     return MOE_CPU_EARG;
-  const int threads = c->threads < 1 ? 1 : c->threads, H = c->layout.hidden, P = c->positions;
+  return share_ws_alloc(&c->layout, c->threads < 1 ? 1 : c->threads, c->tokens, w, mem);
+}
+
+int moe_split_serve(const moe_split_ctx *c) {
   share_ws w;
   void *mem = NULL;
-  rc = share_ws_alloc(&c->layout, threads, c->tokens, &w, &mem);
-  if (rc) return rc;
+  int rc = serve_start(c, &w, &mem);
+  if (rc) {
+    *c->started = rc;
+    return rc;
+  }
+  const int threads = c->threads < 1 ? 1 : c->threads, H = c->layout.hidden, P = c->positions;
   pool team;
   pool_start(&team, threads);
+  *c->started = 1;
   const int64_t gu_bytes = c->layout.off[4] - c->layout.off[0];
   int r = 0;
   double last = now_s(); /* when the last flag was served */
