@@ -1,5 +1,6 @@
 """The benchmark protocol on a tiny synthetic geometry, on CPU: every row carries its repeated
-runs and reports the middle one, with that run's counters; the CLI rejects bad repeat counts."""
+runs and reports the middle one, with that run's counters and TTFT timeline; the CLI rejects
+bad repeat counts."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ def test_rows_keep_every_run_and_report_the_middle(one_thread):
         assert row["decode_tok_s"] == sorted(runs)[1]
         times = row["ttft_s_runs"]["32"]
         assert len(times) == 3 and row["ttft_s"]["32"] == sorted(times)[1]
+        # the reported TTFT's timeline: to the first MoE layer's routing, between the two
+        # layers', from the last to the token; it adds up to that TTFT
+        tl = row["ttft_layers"]["32"]
+        assert len(tl["layer_ms"]) == TINY.layers - 1 and min(tl["first_ms"], tl["last_ms"], *tl["layer_ms"]) >= 0
+        assert abs(tl["first_ms"] + sum(tl["layer_ms"]) + tl["last_ms"] - 1e3 * row["ttft_s"]["32"]) < 0.1
+        assert row["ttft_copy_ms_per_layer"] > 0
         assert row["generated_tokens"] == 6 and "ratio_to_bound" in row
     full = run["variants"][1]
     # 2 slots per layer of 4 experts, in one global pool: decode misses cross the link

@@ -4,7 +4,9 @@ For each variant (full engine, no prefetch, no cache and no prefetch, unlimited
 budget, other budgets and bit widths) a fresh engine is wired over the same
 synthetic trunk and store, warmed up (kernels compiled), and then measured:
 
-- TTFT for each prompt length, each from a cold cache (every expert copied);
+- TTFT for each prompt length, each from a cold cache (every expert copied), with the
+  reported run's timeline (`ttft_layers`): when each MoE layer's routing reached the host,
+  so a slow prefill shows whether every layer slowed (the link) or a few stalled;
 - the workload: a random prompt, then greedy decode; decode tok/s and the
   cache/prefetch counters are taken over the decode steps only;
 - both `repeats` times (default 3): a row reports the middle run (by decode tok/s,
@@ -23,7 +25,8 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -130,10 +133,37 @@ def _decode_run(engine: Engine, prompt: list[int], new_tokens: int) -> dict:
     }
 
 
-def _ttft(engine: Engine, prompt: list[int]) -> float:
-    engine.reset_cache()  # cold: every expert of every layer is copied
+@contextmanager
+def _layer_clock(runtime) -> Iterator[list[float]]:
+    """Host times at which each prompt layer's experts were enqueued: just after its one host
+    sync (the routing), so the gaps are the GPU's pace through the prompt, layer by layer."""
+    marks: list[float] = []
+    inner = runtime._grouped
+
+    def timed(*args):
+        out = inner(*args)
+        marks.append(time.perf_counter())
+        return out
+
+    runtime._grouped = timed  # this engine's runtime only, for this one prompt
+    try:
+        yield marks
+    finally:
+        del runtime._grouped
+
+
+def _ttft(engine: Engine, prompt: list[int]) -> tuple[float, dict]:
+    """One cold TTFT (every expert of every layer is copied) and its layer timeline (ms):
+    to the first layer's routing, between layers' routings, and from the last to the token."""
+    engine.reset_cache()
     _sync(engine.device)
-    return engine.generate(prompt, max_new_tokens=1).stats["time_to_first_token_s"]
+    with _layer_clock(engine.runtime) as marks:
+        t0 = time.perf_counter()
+        ttft = engine.generate(prompt, max_new_tokens=1).stats["time_to_first_token_s"]
+        end = t0 + ttft
+    ms = [round((b - a) * 1e3, 2) for a, b in zip([t0, *marks], [*marks, end], strict=True)]
+    timeline = {"first_ms": ms[0], "layer_ms": ms[1:-1], "last_ms": ms[-1]}
+    return ttft, timeline
 
 
 def _traced(engine: Engine, run: Callable[[], object]):
@@ -224,8 +254,10 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
         }
         repeats = max(1, workload.repeats)
         ttft = {str(n): [_ttft(engine, prompts[n]) for _ in range(repeats)] for n in workload.ttft_prompts}
-        row["ttft_s"] = {n: _middle(times) for n, times in ttft.items()}
-        row["ttft_s_runs"] = ttft
+        middle = {n: _middle(runs, key=lambda r: r[0]) for n, runs in ttft.items()}
+        row["ttft_s"] = {n: r[0] for n, r in middle.items()}
+        row["ttft_s_runs"] = {n: [r[0] for r in runs] for n, runs in ttft.items()}
+        row["ttft_layers"] = {n: r[1] for n, r in middle.items()}  # the reported run's timeline
         runs = []
         for _ in range(repeats):
             engine.reset_cache()
@@ -261,6 +293,8 @@ def add_ratios(row: dict, bandwidth: float, resident_s: float, all_expert_bytes:
     row["ratio_to_overlap_limit"] = row["decode_tok_s"] / row["overlap_limit_tok_s"]
     ttft_bound = all_expert_bytes / bandwidth
     row["ttft_transfer_bound_s"] = ttft_bound
+    # a prompt's layer at the link's pace: its experts' copies (`ttft_layers` against this)
+    row["ttft_copy_ms_per_layer"] = 1e3 * ttft_bound * row["num_experts"] / row["total_experts"]
     row["ttft_ratio_to_bound"] = {n: t / ttft_bound for n, t in row["ttft_s"].items()}
 
 
