@@ -152,7 +152,7 @@ def _layer_clock(runtime) -> Iterator[list[float]]:
         del runtime._grouped
 
 
-def _ttft(engine: Engine, prompt: list[int]) -> tuple[float, dict]:
+def _ttft(engine: Engine, prompt: list[int]) -> tuple[float, dict | None]:
     """One cold TTFT (every expert of every layer is copied) and its layer timeline (ms):
     to the first layer's routing, between layers' routings, and from the last to the token."""
     engine.reset_cache()
@@ -161,9 +161,10 @@ def _ttft(engine: Engine, prompt: list[int]) -> tuple[float, dict]:
         t0 = time.perf_counter()
         ttft = engine.generate(prompt, max_new_tokens=1).stats["time_to_first_token_s"]
         end = t0 + ttft
+    if not marks:  # the prompt took no host-dispatched layer (no timeline to give)
+        return ttft, None
     ms = [round((b - a) * 1e3, 2) for a, b in zip([t0, *marks], [*marks, end], strict=True)]
-    timeline = {"first_ms": ms[0], "layer_ms": ms[1:-1], "last_ms": ms[-1]}
-    return ttft, timeline
+    return ttft, {"first_ms": ms[0], "layer_ms": ms[1:-1], "last_ms": ms[-1]}
 
 
 def _traced(engine: Engine, run: Callable[[], object]):
