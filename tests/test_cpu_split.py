@@ -169,7 +169,7 @@ def _serve(split, r: int, ids: list[int], cuts: list[int], toks: list[int], xs: 
     return y[:n]
 
 
-def _split_over(fmt, layers: int, experts: int, takes, **kw):
+def _split_over(fmt, layers: int, experts: int, takes, threads: int = 2):
     from types import SimpleNamespace
 
     from moe_llm.experts import ExpertStore
@@ -180,7 +180,7 @@ def _split_over(fmt, layers: int, experts: int, takes, **kw):
         for e in range(experts):
             store.put_raw(layer, e, _expert(fmt, 100 + experts * layer + e))
     cache = SimpleNamespace(layers=list(range(layers)), device=torch.device("cpu"), num_experts=experts, store=store)
-    return store, CpuSplit(cache, fmt, 2, 128, takes, threads=2, ops=object(), **kw)
+    return store, CpuSplit(cache, fmt, 2, 128, takes, threads=threads, ops=object())
 
 
 def test_serving_thread_answers_the_mailbox_in_any_row_order():
@@ -258,21 +258,14 @@ def test_a_serving_thread_that_cannot_start_is_an_error_not_a_hang():
     allocation that fails takes the same path) raises SplitUnavailable from the constructor, so
     the engine falls back or reports it before any GPU step could wait on the loop; no thread is
     left behind. The same constructor with a sane count serves."""
-    from types import SimpleNamespace
-
-    from moe_llm.experts import ExpertStore
-    from moe_llm.experts.split import CpuSplit, SplitUnavailable
+    from moe_llm.experts.split import SplitUnavailable
 
     fmt = ExpertFormat.build(256, 512, 2, torch.float32)
-    store = ExpertStore(fmt, [0], 2)
-    for e in range(2):
-        store.put_raw(0, e, _expert(fmt, 7 + e))
-    cache = SimpleNamespace(layers=[0], device=torch.device("cpu"), num_experts=2, store=store)
     before = threading.active_count()
     with pytest.raises(SplitUnavailable, match="count out of range"):
-        CpuSplit(cache, fmt, 2, 128, [[0, 64, 128]], threads=5000, ops=object())
+        _split_over(fmt, 1, 2, [[0, 64, 128]], threads=5000)
     assert threading.active_count() == before
-    split = CpuSplit(cache, fmt, 2, 128, [[0, 64, 128]], threads=2, ops=object())
+    store, split = _split_over(fmt, 1, 2, [[0, 64, 128]])
     try:
         x = torch.randn(256, generator=torch.Generator().manual_seed(9))
         y = _serve(split, 0, [1, 0], [64, 128], [0, 0], x[None])

@@ -314,24 +314,24 @@ static void idle_wait(double since) {
 /* Serve the mailbox until *stop is set. Returns 0, or a negative MOE_CPU_* code at start, which
    it also writes to *started (1 once it serves): the caller waits for that word before any GPU
    step can wait on this loop, so a loop that cannot start is an error there, never a hang. */
-static int serve_start(const moe_split_ctx *c, share_ws *w, void **mem) {
+static int serve_start(const moe_split_ctx *c, int threads, share_ws *w, void **mem) {
   int rc = check_layout(&c->layout);
   if (rc) return rc;
   if (c->rows < 1 || c->positions < 1 || c->positions > MAX_POSITIONS || c->tokens < 1 || c->pd < 1 ||
-      c->threads > MAX_THREADS || c->layout.intermediate % c->pd)
+      threads > MAX_THREADS || c->layout.intermediate % c->pd)
     return MOE_CPU_EARG;
-  return share_ws_alloc(&c->layout, c->threads < 1 ? 1 : c->threads, c->tokens, w, mem);
+  return share_ws_alloc(&c->layout, threads, c->tokens, w, mem);
 }
 
 int moe_split_serve(const moe_split_ctx *c) {
+  const int threads = c->threads < 1 ? 1 : c->threads, H = c->layout.hidden, P = c->positions;
   share_ws w;
   void *mem = NULL;
-  int rc = serve_start(c, &w, &mem);
+  int rc = serve_start(c, threads, &w, &mem);
   if (rc) {
     *c->started = rc;
     return rc;
   }
-  const int threads = c->threads < 1 ? 1 : c->threads, H = c->layout.hidden, P = c->positions;
   pool team;
   pool_start(&team, threads);
   *c->started = 1;
