@@ -157,6 +157,7 @@ def _ttft(engine: Engine, prompt: list[int]) -> tuple[float, dict | None]:
     to the first layer's routing, between layers' routings, and from the last to the token."""
     engine.reset_cache()
     _sync(engine.device)
+    allocs = _device_allocs(engine.device)
     with _layer_clock(engine.runtime) as marks:
         t0 = time.perf_counter()
         ttft = engine.generate(prompt, max_new_tokens=1).stats["time_to_first_token_s"]
@@ -164,7 +165,19 @@ def _ttft(engine: Engine, prompt: list[int]) -> tuple[float, dict | None]:
     if not marks:  # the prompt took no host-dispatched layer (no timeline to give)
         return ttft, None
     ms = [round((b - a) * 1e3, 2) for a, b in zip([t0, *marks], [*marks, end], strict=True)]
-    return ttft, {"first_ms": ms[0], "layer_ms": ms[1:-1], "last_ms": ms[-1]}
+    timeline = {"first_ms": ms[0], "layer_ms": ms[1:-1], "last_ms": ms[-1]}
+    if allocs is not None:  # cudaMalloc / cudaFree calls the caching allocator made during the prompt
+        now = _device_allocs(engine.device)
+        timeline["device_mallocs"], timeline["device_frees"] = now[0] - allocs[0], now[1] - allocs[1]
+    return ttft, timeline
+
+
+def _device_allocs(device: torch.device) -> tuple[int, int] | None:
+    """(cudaMalloc, cudaFree) calls of the caching allocator so far on `device` (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("num_device_alloc", 0), stats.get("num_device_free", 0)
 
 
 def _traced(engine: Engine, run: Callable[[], object]):
