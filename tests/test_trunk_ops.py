@@ -109,36 +109,3 @@ def test_marked_attention_computes_transformers_forward_off_cuda():
         trunk_ops.install(model, kernels=True)
         assert "forward" in vars(attn) and mx.apply_rotary_pos_emb._moe_llm_rotary
         assert torch.equal(attn(h, (cos, sin), mask)[0], want)
-
-
-def test_packed_attention_of_one_position_is_attention_over_repeated_heads():
-    # a lone decoded position: the query heads that share a key/value head read it as query rows
-    # of that head; the same result as transformers' repeat of every key/value head
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    from moe_llm.runtime.decode_graph import decode_mask
-
-    torch.manual_seed(0)
-    heads, kv_heads, width, dim = 8, 2, 13, 16
-    q = torch.randn(1, heads, 1, dim)
-    k, v = torch.randn(1, kv_heads, width, dim), torch.randn(1, kv_heads, width, dim)
-    valid = (torch.arange(width) <= 9).view(1, 1, 1, width)
-    rep = heads // kv_heads
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=valid, scale=0.3
-    ).transpose(1, 2)  # [1, 1, heads, dim]
-    for mask in (valid, decode_mask(valid, torch.float32, eager=False), valid.expand(1, heads, 1, width)):
-        got = trunk_ops.packed_attention(q, k, v, mask, rep, scaling=0.3)
-        assert got.shape == (1, 1, heads, dim) and got.is_contiguous()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # the step's additive mask: 0 where a key is read, and what SDPA (-inf) or eager (finfo.min) adds elsewhere
-    sdpa_mask, eager_mask = (
-        decode_mask(valid, torch.bfloat16, eager=False),
-        decode_mask(valid, torch.bfloat16, eager=True),
-    )
-    assert (
-        sdpa_mask.dtype == torch.bfloat16
-        and (sdpa_mask[valid] == 0).all()
-        and (sdpa_mask[~valid] == float("-inf")).all()
-    )
-    assert (eager_mask[~valid] == torch.finfo(torch.bfloat16).min).all()

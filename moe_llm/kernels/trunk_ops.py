@@ -29,7 +29,6 @@ import threading
 import types
 
 import torch
-import torch.nn.functional as F
 
 from . import rows
 
@@ -137,60 +136,20 @@ def _attention_rows() -> None:
     orig = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if getattr(orig, "_moe_llm_rows", False):
         return
-    one = orig if _packs_gqa(orig) else _packed_decode(orig)
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         r = rows.current()
         if r is None or r.count <= 1 or query.shape[0] != r.count:
-            return one(module, query, key, value, attention_mask, **kwargs)
+            return orig(module, query, key, value, attention_mask, **kwargs)
         outs = []
         for b, (w, masked) in enumerate(zip(r.widths, r.masked, strict=True)):
             mask = attention_mask[b : b + 1, ..., :w] if masked and attention_mask is not None else None
-            out, _ = one(module, query[b : b + 1], key[b : b + 1, :, :w], value[b : b + 1, :, :w], mask, **kwargs)
+            out, _ = orig(module, query[b : b + 1], key[b : b + 1, :, :w], value[b : b + 1, :, :w], mask, **kwargs)
             outs.append(out)
         return torch.cat(outs), None
 
     attention._moe_llm_rows = True
     AttentionInterface.register("sdpa", attention)
-
-
-def _packs_gqa(sdpa) -> bool:
-    """Whether transformers' sdpa function packs a lone query's grouped heads itself (`pack_gqa`,
-    transformers >= 5.2x) instead of repeating the keys and values for every query head."""
-    mod = sys.modules.get(getattr(inspect.unwrap(sdpa), "__module__", ""))
-    return hasattr(mod, "pack_gqa")
-
-
-def _packed_decode(orig):
-    """transformers' sdpa attention, except for one decoded position under a mask with grouped
-    key/value heads on CUDA: there the n_rep query heads that share a key/value head become n_rep
-    query rows of it ([B, kv heads, n_rep, dim]), so attention reads each head's keys once.
-    transformers before `pack_gqa` repeats the keys and values instead: two copies of the whole
-    window per layer, 0.69 ms of a 5.2 ms resident token on the H200. What the newer
-    transformers computes, with the same SDPA call."""
-
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-        rep = getattr(module, "num_key_value_groups", 1)
-        plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-        if not (query.is_cuda and query.shape[2] == 1 and rep > 1 and attention_mask is not None and plain):
-            return orig(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                        is_causal=is_causal, **kwargs)  # fmt: skip
-        return packed_attention(query, key, value, attention_mask, rep, dropout, scaling), None
-
-    return attention
-
-
-def packed_attention(query, key, value, mask, rep: int, dropout: float = 0.0, scaling: float | None = None):
-    """SDPA of one query position per head, query [B, heads, 1, dim] over key/value [B, heads /
-    rep, W, dim], with the rep query heads of each key/value head as its rep query rows; returns
-    transformers' layout [B, 1, heads, dim]."""
-    b, heads, _, dim = query.shape
-    if mask is not None and mask.dim() == 4 and mask.shape[1] == heads:  # a mask per query head: packed alike
-        mask = mask.reshape(mask.shape[0], heads // rep, rep, mask.shape[-1])
-    out = F.scaled_dot_product_attention(
-        query.reshape(b, heads // rep, rep, dim), key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-    )  # [B, kv heads, rep, dim]
-    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 def _syntax(fn) -> str | None:

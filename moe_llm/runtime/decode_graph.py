@@ -199,15 +199,6 @@ class _Window:
         self.logits: torch.Tensor | None = None  # [1, 1, V] static
 
 
-def decode_mask(valid: torch.Tensor, dtype: torch.dtype, eager: bool) -> torch.Tensor:
-    """A decode step's attention mask from `valid` (bool, True where a key may be read), made
-    once per step for every layer: additive in `dtype`, 0 where valid, else transformers' eager
-    fill (finfo.min) or, for SDPA, -inf, the mask SDPA makes of a bool one on every call
-    (two launches a layer)."""
-    fill = torch.finfo(dtype).min if eager else float("-inf")
-    return torch.where(valid, torch.zeros((), dtype=dtype, device=valid.device), fill)
-
-
 def unsupported_reason(model, hf_config) -> str | None:
     """Why graph decode cannot run this model, or None if it can."""
     inner = getattr(model, "model", None)
@@ -370,7 +361,12 @@ class GraphDecoder:
         inner = self.model.model
         self.kv.width = width
         valid = self.arange[:width] <= self.pos.view(-1)  # [width]
-        mask = decode_mask(valid.view(1, 1, 1, width), inner.embed_tokens.weight.dtype, self.eager_attn)
+        if self.eager_attn:
+            dtype = inner.embed_tokens.weight.dtype
+            zero = torch.zeros((), dtype=dtype, device=self.device)
+            mask = torch.where(valid, zero, torch.finfo(dtype).min).view(1, 1, 1, width)
+        else:
+            mask = valid.view(1, 1, 1, width)
         h = inner.embed_tokens(self.tok)
         pe = inner.rotary_emb(h, self.pos)
         for layer in self.layers:

@@ -20,7 +20,6 @@ import torch
 
 from ..checkpoint.arch import resolve_arch
 from ..kernels.rows import decode_rows
-from .decode_graph import decode_mask
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -120,8 +119,7 @@ class FusedDecode:
         keys `kv` gives right-padded to `width` (eagerly, or under capture); `windows`: each
         row's (key positions, masked), which its attention reads."""
         model, inner = self.engine.model, self.engine.model.model
-        valid = (torch.arange(width, device=toks.device)[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, width]
-        mask = decode_mask(valid, inner.embed_tokens.weight.dtype, False)
+        mask = (torch.arange(width, device=toks.device)[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, width]
         with decode_rows([w for w, _ in windows], [m for _, m in windows]):
             h = inner.embed_tokens(toks)  # [B, 1, H]
             pe = inner.rotary_emb(h, pos)
