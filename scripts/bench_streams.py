@@ -27,6 +27,7 @@ import torch
 
 from moe_llm.bench.synthetic import Geometry, SyntheticModel
 
+PROMPT = 64  # tokens of each stream's prompt
 # --device cpu: 8 layers of a 1024-wide Mixtral (2-bit experts of 3584), small enough for a laptop
 CPU_GEOMETRY = Geometry(layers=8, hidden=1024, intermediate=3584, heads=16, kv_heads=4, vocab=8000, max_positions=4096)
 
@@ -72,16 +73,22 @@ def main() -> None:
     else:
         model = SyntheticModel(Geometry(), "cuda", experts_bits=2, attn_bits=4, head_bits=4)
         budget = int(args.budget_gib * 2**30)
+    # a budget's plan holds one context of KV for the rows that decode together, each at its
+    # window (64 + new tokens, rounded up to the graph decoder's windows of 256, 512, ...): the
+    # context makes room for the most streams at once, and every row uses the same engine
+    window = 256
+    while window < PROMPT + args.new_tokens:
+        window *= 2
     engine = model.engine(
-        budget, max_context=1152, max_batch=max(args.streams), prefix_cache=0,
+        budget, max_context=max(1152, max(args.streams) * window), max_batch=max(args.streams), prefix_cache=0,
         cache_policy=args.policy, cpu_experts=args.cpu_experts, batch_mode=args.batch_mode,
     )  # fmt: skip
-    engine.generate(model.random_prompt(64, 999), max_new_tokens=8)  # warm-up: captures, compiles
+    engine.generate(model.random_prompt(PROMPT, 999), max_new_tokens=8)  # warm-up: captures, compiles
     rows, base, steady_base = [], None, None
     lone: dict[int, list[int]] = {}  # prompt seed -> its tokens decoded alone
     for n in args.streams:
         seeds = [100 * n + i for i in range(n)]
-        prompts = [model.random_prompt(64, s) for s in seeds]
+        prompts = [model.random_prompt(PROMPT, s) for s in seeds]
         best = None
         for _ in range(2):
             before = engine.stats.copy()
@@ -134,7 +141,7 @@ def _rounds(streams, k: int) -> float:
 def _steady_streams(engine, model, n: int, steps: int, rounds_after: int) -> list:
     """n streams driven until every row decodes and the batch graph is captured (6 rounds), with
     room for `rounds_after` * `steps` more rounds."""
-    prompts = [model.random_prompt(64, 7000 + i) for i in range(n)]
+    prompts = [model.random_prompt(PROMPT, 7000 + i) for i in range(n)]
     streams = [engine.stream(p, max_new_tokens=12 + rounds_after * steps, temperature=0.0) for p in prompts]
     _rounds(streams, 6)
     return streams

@@ -94,6 +94,28 @@ def test_max_batch_admits_waiting_requests_between_steps(tiny_mixtral, solo):
     assert engine.batcher.counters.max_rows == 2
 
 
+def test_a_gpu_budget_admits_only_the_requests_whose_kv_its_plan_holds(tiny_mixtral):
+    """With a budget the plan reserves one context of KV for the requests that decode together:
+    a request waits while the active ones and it would not fit it, each at the widest of their
+    reservations (prompt + new tokens here: no graph decoder on CPU). The tokens stay each
+    request's own, and a lone request always runs."""
+    prompt = "Experts live in host memory"
+    alone = load(tiny_mixtral, prefix_cache=0)
+    want = alone.generate(prompt, max_new_tokens=NEW)
+    reserve = want.prompt_tokens + NEW  # the most positions one request may hold
+    for rows in (1, 2, 3):
+        context = rows * reserve + reserve // 2  # room for `rows` requests, not one more
+        engine = moe_llm.load(tiny_mixtral, gpu_budget="2GiB", max_context=context, prefill_chunk=16, prefix_cache=0)
+        got = interleaved(engine, [prompt] * 4)
+        assert got == [want.token_ids] * 4
+        assert engine.batcher.counters.max_rows == rows  # the others waited for room, then ran
+        assert engine.batcher.active_requests == 0 and engine.batcher.queue_depth == 0
+    # without a budget nothing is planned: max_batch alone bounds the batch
+    engine = load(tiny_mixtral, max_context=reserve + 1, prefix_cache=0)
+    assert interleaved(engine, [prompt] * 4) == [want.token_ids] * 4
+    assert engine.batcher.counters.max_rows == 4
+
+
 def test_queue_limit_raises_queue_full(tiny_mixtral):
     engine = load(tiny_mixtral, max_batch=1, max_queue=2)
     streams = [engine.stream("hello", max_new_tokens=4) for _ in range(2)]

@@ -153,7 +153,7 @@ class Batcher:
         with eng._lock, torch.inference_mode():
             with self._cond:
                 left = self._drop_cancelled()
-                while self.waiting and len(self.active) < self.max_batch:
+                while self.waiting and len(self.active) < self.max_batch and self._kv_fits(self.waiting[0]):
                     seq = self.waiting.popleft()
                     seq.state = PREFILL
                     self.active.append(seq)
@@ -185,6 +185,26 @@ class Batcher:
                 left += self._drop_cancelled() + self._release_done()
             if left:  # requests left the batch: fence in-flight copies (as at the end of every request)
                 eng.cache.synchronize()
+
+    def _kv_positions(self, seq: Sequence) -> int:
+        """Key positions `seq` may come to hold on the device while it decodes among others: the
+        graph decoder's window of its last position (a batch's KV holds rows x the widest
+        row's window), else its prompt plus its new tokens."""
+        last = len(seq.prompt_ids) + seq.max_new - 1
+        graphs = self.engine.graphs
+        return graphs.window_for(last) if graphs is not None and last < graphs.max_len else last + 1
+
+    def _kv_fits(self, seq: Sequence) -> bool:
+        """Whether `seq` may join the active requests within the KV a GPU budget's plan reserves:
+        one context for the requests that decode together (with graph decode, besides the graph
+        decoder's static cache), whose batch KV is rows x the widest row's window. A request
+        joins when every active one and it, each at the widest of their windows, fit that
+        context; else it waits, in order, for requests to finish. A lone request always fits.
+        Without a budget nothing is planned, and `max_batch` alone applies."""
+        if not self.active or self.engine.plan.budget_bytes is None:
+            return True
+        widest = max(self._kv_positions(s) for s in [*self.active, seq])
+        return (len(self.active) + 1) * widest <= self.engine.context_length
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         if seq.kv is None:
