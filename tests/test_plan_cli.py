@@ -90,7 +90,7 @@ def test_mixtral_8x7b_on_12gib_holds_200_experts_at_1024_context(mixtral_8x7b, c
     p = d["plan"]
     assert p["slots"] >= 200 and p["device_bytes"] <= 12 * 2**30
     # the static KV sized to --context, and the prefill's dynamic KV handed to it when decode starts
-    assert p["kv_bytes"] == 2 * (2 * 32 * 8 * 128 * 1024 * 2)
+    assert p["kv_bytes"] == 2 * (2 * 32 * 8 * 128 * 1024 * 2) and d["context"] == 1024
     assert p["workspace_bytes"] < 420 * 2**20  # one gate_up [2I, H] in bf16 and the activations
     assert p["trunk_bytes"] < 1.2 * 2**30 and d["head_bits"] == 4
     code, out = run_cli(args, capsys)

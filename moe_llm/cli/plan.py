@@ -41,7 +41,12 @@ def plan_table(mp, model_name: str, pcie_gbps: float) -> Table:
     head = f"{mp.head_bits}-bit" if mp.head_bits else mp.dtype
     t.add_row("GPU", f"trunk: attention/dense {attn}; LM head {head}; embeddings, norms, routers {mp.dtype}",
               format_size(p.trunk_bytes))  # fmt: skip
-    t.add_row("GPU", "KV cache for the planned context", format_size(p.kv_bytes))
+    t.add_row(
+        "GPU",
+        f"KV cache for the planned context of {mp.context:,} positions (with a budget, requests that "
+        f"decode together share one context: {max(1, mp.context // 1024)} of up to 1,024 positions at once)",
+        format_size(p.kv_bytes),
+    )
     t.add_row("GPU", "activations and kernel workspace", format_size(p.workspace_bytes))
     t.add_row(
         "GPU",

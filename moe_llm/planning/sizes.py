@@ -117,6 +117,7 @@ class ModelPlan:
     plan: Plan
     token_trunk_bytes: int  # trunk bytes a decoded token reads: all of it but the input embedding's other rows
     ram_bytes: int | None
+    context: int = 4096  # positions the KV is planned for (`planned_context`)
     known_model: str | None = None  # the Hugging Face repository, when planned from a shipped config.json
 
     @property
@@ -400,6 +401,7 @@ def plan_model(model_dir: str | Path, ram: str | int | None = None, **options) -
         plan=plan,
         token_trunk_bytes=sizer.token_trunk_bytes(plan.trunk_bytes),
         ram_bytes=ram_bytes,
+        context=planned_context(cfg.max_context, getattr(hf_config, "max_position_embeddings", None)),
         known_model=known.repo if known else None,
     )
 
