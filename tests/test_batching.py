@@ -109,11 +109,12 @@ def test_a_gpu_budget_admits_only_the_requests_whose_kv_its_plan_holds(tiny_mixt
         got = interleaved(engine, [prompt] * 4)
         assert got == [want.token_ids] * 4
         assert engine.batcher.counters.max_rows == rows  # the others waited for room, then ran
+        assert engine.batcher.stats()["requests_kv_waited"] == 4 - rows
         assert engine.batcher.active_requests == 0 and engine.batcher.queue_depth == 0
     # without a budget nothing is planned: max_batch alone bounds the batch
     engine = load(tiny_mixtral, max_context=reserve + 1, prefix_cache=0)
     assert interleaved(engine, [prompt] * 4) == [want.token_ids] * 4
-    assert engine.batcher.counters.max_rows == 4
+    assert engine.batcher.counters.max_rows == 4 and engine.batcher.stats()["requests_kv_waited"] == 0
 
 
 def test_queue_limit_raises_queue_full(tiny_mixtral):

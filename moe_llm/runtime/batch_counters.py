@@ -1,6 +1,6 @@
 """The batcher's counters for /metrics and `engine.stats_dict()` (the engine's `Stats` hold the
-per-token ones): steps, rows decoded together, refused requests, time to first token, and the
-tokens of every request over the last 10 seconds of steps."""
+per-token ones): steps, rows decoded together, refused requests, requests that waited for KV
+room, time to first token, and the tokens of every request over the last 10 seconds of steps."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class BatchCounters:
         self.ttft_sum = 0.0
         self.ttft_count = 0
         self.rejected = 0
+        self.kv_waited = 0  # requests that waited for KV room within a budget's plan
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
 
     def step(self, tokens: int) -> None:
@@ -28,6 +29,12 @@ class BatchCounters:
         self._recent.append((now, tokens))
         while self._recent and now - self._recent[0][0] > RECENT_S:
             self._recent.popleft()
+
+    def kv_wait(self, seq) -> None:
+        """`seq`, at the head of the queue, waits for KV room: counted once per request."""
+        if not seq.kv_waited:
+            seq.kv_waited = True
+            self.kv_waited += 1
 
     def first_token(self, ttft: float) -> None:
         self.ttft_sum += ttft
@@ -47,6 +54,7 @@ class BatchCounters:
             "batched_rows": self.batched_rows,
             "max_batch_rows": self.max_rows,
             "requests_rejected": self.rejected,
+            "requests_kv_waited": self.kv_waited,
             "recent_tokens_per_second": self.tokens_per_second(),
             "time_to_first_token_sum_s": self.ttft_sum,
             "time_to_first_token_count": self.ttft_count,

@@ -153,7 +153,10 @@ class Batcher:
         with eng._lock, torch.inference_mode():
             with self._cond:
                 left = self._drop_cancelled()
-                while self.waiting and len(self.active) < self.max_batch and self._kv_fits(self.waiting[0]):
+                while self.waiting and len(self.active) < self.max_batch:
+                    if not self._kv_fits(self.waiting[0]):
+                        self.counters.kv_wait(self.waiting[0])
+                        break
                     seq = self.waiting.popleft()
                     seq.state = PREFILL
                     self.active.append(seq)

@@ -49,6 +49,7 @@ class Sequence:
     prefix_hit: int = 0
     error: BaseException | None = None
     cancelled: bool = False
+    kv_waited: bool = False  # it waited in the queue for KV room (`Batcher._kv_fits`)
 
 
 class QueueFullError(MoeLLMError):

@@ -14,6 +14,12 @@ METRICS = (
     ("moe_llm_queue_depth", "queue_depth", "gauge", "Requests waiting for a batch slot."),
     ("moe_llm_active_requests", "active_requests", "gauge", "Requests in the batch."),
     ("moe_llm_requests_rejected_total", "requests_rejected", "counter", "Requests refused with a full queue."),
+    (
+        "moe_llm_requests_kv_waited_total",
+        "requests_kv_waited",
+        "counter",
+        "Requests that waited in the queue for KV room within the GPU budget's plan.",
+    ),  # fmt: skip
     ("moe_llm_batch_steps_total", "batch_steps", "counter", "Engine steps (a prefill chunk and/or decode rows)."),
     ("moe_llm_max_batch_rows", "max_batch_rows", "gauge", "Most requests decoded in one step so far."),
     ("moe_llm_batch_graph_captures_total", "batch_graph_captures", "counter", "Batched decode graphs captured."),
