@@ -90,3 +90,39 @@ def test_a_lone_request_on_cuda_prefills_into_the_static_kv(tiny_mixtral):
     again = engine.generate(follow, max_new_tokens=16)
     assert again.stats["prefix_cache_hit_tokens"] == len(ids) and not engine.batcher.prefill.like_prefill
     assert again.token_ids == eager.generate(follow, max_new_tokens=16).token_ids
+
+
+@pytest.mark.parametrize("lone_w, batch_w", [(1024, 1024), (256, 512)])
+def test_batched_attention_row_is_its_lone_decode_at_mixtral_width(lone_w, batch_w):
+    """Attention at Mixtral-8x7B's geometry (32 query heads on 8 key/value heads of 128): a row
+    inside a batched step, whose keys are a slice of the batch's cache (another head stride,
+    maybe a wider window), gives the bits of its lone decode, whose keys are a window of the
+    1,152-position static cache. The tiny models of the tests above have other strides and
+    kernels; a full-size run of scripts/bench_streams.py once found rows that differed."""
+    import torch
+    from torch import nn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from moe_llm.kernels import rows, trunk_ops
+
+    trunk_ops._attention_rows()  # what `trunk_ops.install` registers for every engine
+    attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    gen = torch.Generator("cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen).to(torch.bfloat16)
+
+    static_k, static_v = rand(1, 8, 1152, 128), rand(1, 8, 1152, 128)
+    q = rand(2, 32, 1, 128).transpose(1, 2).contiguous().transpose(1, 2)  # the projections' layout
+    pos = lone_w - 5
+    lone_mask = (torch.arange(lone_w, device="cuda") <= pos).view(1, 1, 1, lone_w)
+    want, _ = attention(module, q[:1], static_k[:, :, :lone_w], static_v[:, :, :lone_w], lone_mask, scaling=0.088)
+    batch_k, batch_v = rand(2, 8, batch_w, 128), rand(2, 8, batch_w, 128)
+    batch_k[0, :, :lone_w], batch_v[0, :, :lone_w] = static_k[0, :, :lone_w], static_v[0, :, :lone_w]
+    positions = torch.tensor([[pos], [batch_w - 3]], device="cuda")
+    mask = (torch.arange(batch_w, device="cuda")[None, :] <= positions)[:, None, None, :]
+    with rows.decode_rows([lone_w, batch_w], [True, True]):
+        got, _ = attention(module, q, batch_k, batch_v, mask, scaling=0.088)
+    assert torch.equal(got[:1], want)
