@@ -12,8 +12,9 @@ its first token to its last, so without its prefill), the ratio to one stream, t
 rate (`steady_tok_s`: 16 batched steps timed once all N rows decode, with no prefill or
 capture among them; `steady_ratio_to_one` against one row's), and whether
 every stream's tokens equal its prompt's lone run (`equal_to_alone`; no prefix cache, so
-every prefill is a cold one). Each N runs twice; the faster run counts. The JSON is rewritten
-after every row.
+every prefill is a cold one), the peak GPU memory of the row (`peak_gpu_bytes`, against the
+budget) and how many requests so far waited for KV room (`kv_waited`, cumulative). Each N
+runs twice; the faster run counts. The JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def main() -> None:
         seeds = [100 * n + i for i in range(n)]
         prompts = [model.random_prompt(PROMPT, s) for s in seeds]
         best = None
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(2):
             before = engine.stats.copy()
             wall, results = run(engine, prompts, args.new_tokens)
@@ -113,7 +116,10 @@ def main() -> None:
                    misses_per_step=used.cache_misses / max(used.decode_steps, 1),
                    copied_mb_per_step=used.bytes_to_device / max(used.decode_steps, 1) / 1e6,
                    cpu_expert_calls=used.cpu_expert_calls, batch_mode=engine.batcher.stats()["batch_mode"],
-                   equal_to_alone=all(t == lone[s] for t, s in zip(toks, seeds, strict=True)))  # fmt: skip
+                   equal_to_alone=all(t == lone[s] for t, s in zip(toks, seeds, strict=True)),
+                   # the streams' runs, the lone runs and the steady steps: within the budget?
+                   peak_gpu_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                   kv_waited=engine.batcher.stats()["requests_kv_waited"])  # fmt: skip
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         if args.out:  # after every row: a run cut short keeps what it measured
