@@ -58,3 +58,15 @@ def test_cli_rows_picks_rows_by_name_and_names_the_known_ones(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code != 0 and "no row named nope" in err and "resident" in err and "Traceback" not in err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_decode_profile_traces_only_the_steps_after_the_prompt(one_thread):
+    """`profile_decode` leaves the prompt's prefill and first token outside the trace and divides
+    by the tokens decoded inside it (so its window is the prompt's, as in the timed rows)."""
+    from moe_llm.bench.protocol import profile_decode
+
+    model = SyntheticModel(TINY, "cpu", experts_bits=2, attn_bits=4)
+    engine = model.engine(None, cache_per_layer=2)
+    prof = profile_decode(engine, model.random_prompt(40, 1), tokens=5)
+    assert prof["tokens"] == 5 and prof["wall_s_per_token"] > 0
+    assert engine.batcher.active_requests == 0

@@ -185,25 +185,31 @@ def _traced(engine: Engine, run: Callable[[], object]):
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        run()
+        out = run()
         _sync(engine.device)
         wall = time.perf_counter() - t0
-    return prof, wall
+    return prof, wall, out
 
 
 def profile_prefill(engine: Engine, prompt: list[int]) -> dict:
     """torch.profiler over one cold prefill (TTFT): wall, H2D copy, kernel time, top kernels."""
     engine.reset_cache()
     _sync(engine.device)
-    prof, wall = _traced(engine, lambda: engine.generate(prompt, max_new_tokens=1))
+    prof, wall, _ = _traced(engine, lambda: engine.generate(prompt, max_new_tokens=1))
     return _summary(prof, wall, 1, "prompt")
 
 
 def profile_decode(engine: Engine, prompt: list[int], tokens: int = 8) -> dict:
-    """torch.profiler over a few decode steps: per-token wall, H2D copy and kernel time."""
-    engine.generate(prompt, max_new_tokens=2)
-    prof, wall = _traced(engine, lambda: engine.generate(prompt[:1], max_new_tokens=tokens))
-    return _summary(prof, wall, tokens, "token")  # forward passes (the 1-token prompt's prefill is one)
+    """torch.profiler over `tokens` decode steps right after `prompt`: per-token wall, H2D copy
+    and kernel time. The prefill and the first token stay outside the trace, and attention reads
+    the window that follows `prompt` (the timed rows' window when `prompt` is theirs; a short
+    prompt hides costs that grow with it, such as attention's)."""
+    engine.generate(prompt, max_new_tokens=2)  # this window's graph captured, kernels compiled
+    stream = engine.stream(prompt, max_new_tokens=tokens + 1)
+    next(stream)  # the prefill and the first token, before the trace
+    prof, wall, chunks = _traced(engine, lambda: [c.token_ids for c in stream])
+    steps = sum(len(ids) for ids in chunks)  # the tokens decoded inside the trace
+    return _summary(prof, wall, max(steps, 1), "token")
 
 
 def _summary(prof, wall: float, n: int, unit: str) -> dict:
@@ -282,7 +288,7 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
         row["slots_per_layer_at_end"] = engine.cache.per_layer()
         if v.profile:
             try:
-                row["profile"] = profile_decode(engine, prompts["main"][:16])
+                row["profile"] = profile_decode(engine, prompts["main"])
                 row["profile_prefill"] = profile_prefill(engine, prompts[max(workload.ttft_prompts)])
             except Exception as exc:  # the profiler is optional on some runtimes
                 row["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
