@@ -27,6 +27,7 @@ import time
 import torch
 
 from moe_llm.bench.synthetic import Geometry, SyntheticModel
+from moe_llm.runtime.decode_graph import window_for
 
 PROMPT = 64  # tokens of each stream's prompt
 # --device cpu: 8 layers of a 1024-wide Mixtral (2-bit experts of 3584), small enough for a laptop
@@ -74,12 +75,10 @@ def main() -> None:
     else:
         model = SyntheticModel(Geometry(), "cuda", experts_bits=2, attn_bits=4, head_bits=4)
         budget = int(args.budget_gib * 2**30)
-    # a budget's plan holds one context of KV for the rows that decode together, each at its
-    # window (64 + new tokens, rounded up to the graph decoder's windows of 256, 512, ...): the
-    # context makes room for the most streams at once, and every row uses the same engine
-    window = 256
-    while window < PROMPT + args.new_tokens:
-        window *= 2
+    # a budget's plan holds one context of KV for the rows that decode together, each at the
+    # graph decoder's window of its last position: the context makes room for the most streams
+    # at once, and every row uses the same engine
+    window = window_for(PROMPT + args.new_tokens - 1, max_len=1 << 30)
     engine = model.engine(
         budget, max_context=max(1152, max(args.streams) * window), max_batch=max(args.streams), prefix_cache=0,
         cache_policy=args.policy, cpu_experts=args.cpu_experts, batch_mode=args.batch_mode,

@@ -1,8 +1,8 @@
 """Continuous batching: every request that shares an engine advances in the same steps.
 
 A request is a `Sequence` with its own transformers KV cache. `Batcher.step` admits
-waiting sequences (up to `max_batch` active), runs one prefill chunk of the oldest
-sequence still prefilling (`prefill`: chunks of `prefill_chunk` tokens aligned at position
+waiting sequences (up to `max_batch` active, and with a GPU budget as many as its planned KV
+holds: `kv_room`), runs one prefill chunk of the oldest sequence still prefilling (`prefill`: chunks of `prefill_chunk` tokens aligned at position
 0, so a long prompt never stalls the others for more than one chunk, and a prompt is always
 cut the same way whatever else runs; the prefix cache's longest match restored first), then
 decodes one token for every sequence that has its first token. There is no scheduler
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import GenerationConfig
+from . import kv_room
 from .batch_counters import BatchCounters
 from .decode_graph import GraphCaptureError, take_back
 from .fused_decode import FusedDecode
@@ -154,7 +155,7 @@ class Batcher:
             with self._cond:
                 left = self._drop_cancelled()
                 while self.waiting and len(self.active) < self.max_batch:
-                    if not self._kv_fits(self.waiting[0]):
+                    if not kv_room.fits(self.active, self.waiting[0], eng):
                         self.counters.kv_wait(self.waiting[0])
                         break
                     seq = self.waiting.popleft()
@@ -188,26 +189,6 @@ class Batcher:
                 left += self._drop_cancelled() + self._release_done()
             if left:  # requests left the batch: fence in-flight copies (as at the end of every request)
                 eng.cache.synchronize()
-
-    def _kv_positions(self, seq: Sequence) -> int:
-        """Key positions `seq` may come to hold on the device while it decodes among others: the
-        graph decoder's window of its last position (a batch's KV holds rows x the widest
-        row's window), else its prompt plus its new tokens."""
-        last = len(seq.prompt_ids) + seq.max_new - 1
-        graphs = self.engine.graphs
-        return graphs.window_for(last) if graphs is not None and last < graphs.max_len else last + 1
-
-    def _kv_fits(self, seq: Sequence) -> bool:
-        """Whether `seq` may join the active requests within the KV a GPU budget's plan reserves:
-        one context for the requests that decode together (with graph decode, besides the graph
-        decoder's static cache), whose batch KV is rows x the widest row's window. A request
-        joins when every active one and it, each at the widest of their windows, fit that
-        context; else it waits, in order, for requests to finish. A lone request always fits.
-        Without a budget nothing is planned, and `max_batch` alone applies."""
-        if not self.active or self.engine.plan.budget_bytes is None:
-            return True
-        widest = max(self._kv_positions(s) for s in [*self.active, seq])
-        return (len(self.active) + 1) * widest <= self.engine.context_length
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         if seq.kv is None:

@@ -50,6 +50,15 @@ MIN_WINDOW = 256
 RING = 2  # steps enqueued and not yet read, at most: the one read next and the one run ahead
 
 
+def window_for(pos: int, max_len: int) -> int:
+    """The key positions a decode step at position `pos` reads: the smallest power-of-two
+    window from MIN_WINDOW that holds positions 0..pos, at most `max_len` (one graph each)."""
+    w = MIN_WINDOW
+    while w < pos + 1:
+        w *= 2
+    return min(w, max_len)
+
+
 class GraphCaptureError(RuntimeError):
     """The trunk could not be captured; the caller decodes eagerly instead."""
 
@@ -276,10 +285,7 @@ class GraphDecoder:
             raise
 
     def window_for(self, pos: int) -> int:
-        w = MIN_WINDOW
-        while w < pos + 1:
-            w *= 2
-        return min(w, self.max_len)
+        return window_for(pos, self.max_len)
 
     def _set(self, pos: int, tok: int | None = None) -> None:
         """Write the step's position (and its input token, unless the last step's pick is it)."""

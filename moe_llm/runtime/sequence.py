@@ -49,7 +49,7 @@ class Sequence:
     prefix_hit: int = 0
     error: BaseException | None = None
     cancelled: bool = False
-    kv_waited: bool = False  # it waited in the queue for KV room (`Batcher._kv_fits`)
+    kv_waited: bool = False  # it waited in the queue for KV room (`kv_room.fits`)
 
 
 class QueueFullError(MoeLLMError):
