@@ -12,7 +12,8 @@ its first token to its last, so without its prefill), the ratio to one stream, t
 rate (`steady_tok_s`: 16 batched steps timed once all N rows decode, with no prefill or
 capture among them; `steady_ratio_to_one` against one row's), and whether
 every stream's tokens equal its prompt's lone run (`equal_to_alone`; no prefix cache, so
-every prefill is a cold one), the peak GPU memory of the row (`peak_gpu_bytes`, against the
+every prefill is a cold one; `diverged_at`: per stream the first token that differs; and
+`lone_repeatable`: whether each lone run, made twice, gave the same tokens), the peak GPU memory of the row (`peak_gpu_bytes`, against the
 budget) and how many requests so far waited for KV room (`kv_waited`, cumulative). Each N
 runs twice; the faster run counts. The JSON is rewritten after every row.
 """
@@ -53,6 +54,14 @@ def run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0, out
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first index where token lists `a` and `b` differ (a length difference counts), or None."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def main() -> None:
@@ -99,9 +108,12 @@ def main() -> None:
                 best = (wall, results, engine.stats - before)
         wall, results, used = best
         toks = [r.token_ids for r in results]
+        repeatable = True  # a prompt decoded alone twice gives the same tokens (the reference holds)
         for s, p in zip(seeds, prompts, strict=True):
             if s not in lone:
                 lone[s] = engine.generate(p, max_new_tokens=args.new_tokens, temperature=0.0).token_ids
+                again = engine.generate(p, max_new_tokens=args.new_tokens, temperature=0.0).token_ids
+                repeatable = repeatable and again == lone[s]
         total = sum(len(t) for t in toks)
         agg = total / wall
         base = base or agg
@@ -116,6 +128,9 @@ def main() -> None:
                    copied_mb_per_step=used.bytes_to_device / max(used.decode_steps, 1) / 1e6,
                    cpu_expert_calls=used.cpu_expert_calls, batch_mode=engine.batcher.stats()["batch_mode"],
                    equal_to_alone=all(t == lone[s] for t, s in zip(toks, seeds, strict=True)),
+                   # per stream: the first token index where it left its lone run (None: equal)
+                   diverged_at=[first_difference(t, lone[s]) for t, s in zip(toks, seeds, strict=True)],
+                   lone_repeatable=repeatable,
                    # the streams' runs, the lone runs and the steady steps: within the budget?
                    peak_gpu_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                    kv_waited=engine.batcher.stats()["requests_kv_waited"])  # fmt: skip
