@@ -1,0 +1,152 @@
+"""Decode attention for one query position, grouped query heads read as one tile (split-K
+flash decoding): two launches a layer, and the same bits for a row alone or inside a batch.
+
+transformers' SDPA path for a grouped-query decode step (transformers < 5.2x) repeats every
+key/value head for each of its query heads (`repeat_kv`: two copies of the whole window a
+layer), turns a bool mask into an additive one (two more launches) and lets SDPA's dispatcher
+pick a kernel (cuDNN on an H200) by shapes, strides and addresses. Together that is 1.06 ms of
+a 5.24 ms resident Mixtral-8x7B token on the H200 (benchmarks/results/h200-resident-profile-*),
+and cuDNN's pick made a batched row's bits differ from its lone decode's
+(scripts/bench_streams.py, `equal_to_alone`). Here:
+
+- `_split_kernel`, grid (rows, key/value heads, splits of SPLIT key positions): the REP query
+  heads of a key/value head are the rows of one tile (padded to 16 for `tl.dot`), so each
+  key and value is read once; a split's online softmax in float32, the mask (bool or additive,
+  broadcast over rows and heads) read in place;
+- `_combine_kernel`, grid (rows, query heads): the splits' partial sums merged in split order.
+
+Every program's arithmetic depends only on its own row's query, keys, values, mask and window
+length, with fixed tile shapes: a row computes to the same bits whatever its strides, the
+other rows of the launch or the batch it came in.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SPLIT = 64  # key positions per program (a 1,024-position window of 8 heads: 128 programs)
+BLOCK_K = 64
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, m_ptr, acc_ptr, ml_ptr, W, scale,
+    sqb, sqh, skb, skh, skn, svb, svh, svn, smb, smh, smn, S, HQ,
+    REP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+    MASK: tl.constexpr,
+):  # fmt: skip
+    """Row b, key/value head g, keys [s * SPLIT, (s + 1) * SPLIT) of W: for each of the REP
+    query heads g * REP + r the split's running max m, sum l and unnormalised output acc, at
+    acc[b, head, s, :] and ml[b, head, s, 0:2]. MASK: 0 none, 1 bool (True reads), 2 additive."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    r = tl.arange(0, BLOCK_M)
+    rmask = r < REP
+    heads = g * REP + r
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + d[None, :], mask=rmask[:, None], other=0.0)  # [M, D]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for k0 in tl.static_range(0, SPLIT, BLOCK_K):
+        n = s * SPLIT + k0 + tl.arange(0, BLOCK_K)
+        nmask = n < W
+        k = tl.load(k_ptr + b * skb + g * skh + n[:, None] * skn + d[None, :], mask=nmask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale  # [M, BLOCK_K] float32
+        live = rmask[:, None] & nmask[None, :]
+        if MASK != 0:
+            mv = tl.load(m_ptr + b * smb + heads[:, None] * smh + n[None, :] * smn, mask=live, other=0)
+            if MASK == 1:
+                live = live & (mv != 0)
+            else:
+                qk = qk + mv.to(tl.float32)
+        qk = tl.where(live, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key so far masked
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + b * svb + g * svh + n[:, None] * svn + d[None, :], mask=nmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    at = (b * HQ + heads) * S + s
+    tl.store(acc_ptr + at[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+    tl.store(ml_ptr + at * 2, m_i, mask=rmask)
+    tl.store(ml_ptr + at * 2 + 1, l_i, mask=rmask)
+
+
+@triton.jit
+def _combine_kernel(acc_ptr, ml_ptr, out_ptr, S, HQ, sob, soh, D: tl.constexpr, S_P: tl.constexpr):
+    """out[b, 0, head, :] from the S splits of (b, head), merged in one fixed order."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, S_P)
+    smask = sp < S
+    d = tl.arange(0, D)
+    at = (b * HQ + h) * S + sp
+    m = tl.load(ml_ptr + at * 2, mask=smask, other=float("-inf"))
+    l = tl.load(ml_ptr + at * 2 + 1, mask=smask, other=0.0)  # noqa: E741
+    acc = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)  # [S_P, D]
+    mx = tl.max(m, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(m - mx)
+    num = tl.sum(acc * w[:, None], axis=0)
+    den = tl.sum(l * w, axis=0)
+    tl.store(out_ptr + b * sob + h * soh + d, (num / den).to(out_ptr.dtype.element_ty))
+
+
+def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `decode_attention` takes these: CUDA, one query position, query [B, Hq, 1, D]
+    over key/value [B, Hk, W, D] (Hk dividing Hq) of one float16/bfloat16 dtype, D a power of
+    two from 16 to 256, every last dimension contiguous, and a mask (if any) [B or 1, Hq or 1,
+    1, W], bool or of the query's dtype."""
+    if not (query.is_cuda and query.dim() == key.dim() == value.dim() == 4 and query.shape[2] == 1):
+        return False
+    B, HQ, _, D = query.shape
+    if key.shape != value.shape or key.shape[0] != B or key.shape[3] != D or HQ % key.shape[1]:
+        return False
+    if not (query.dtype == key.dtype == value.dtype and query.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if not (16 <= D <= 256 and D & (D - 1) == 0) or HQ // key.shape[1] > 64:
+        return False
+    if not (query.stride(-1) == key.stride(-1) == value.stride(-1) == 1):
+        return False
+    if mask is None:
+        return True
+    return (
+        mask.dim() == 4 and mask.shape[0] in (1, B) and mask.shape[1] in (1, HQ) and mask.shape[2] == 1
+        and mask.shape[3] == key.shape[2] and mask.dtype in (torch.bool, query.dtype) and mask.device == query.device
+    )  # fmt: skip
+
+
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(query @ key^T * scale + mask) @ value for `supported` inputs (a bool mask: True
+    where a key may be read), in transformers' attention output layout [B, 1, Hq, D]."""
+    B, HQ, _, D = query.shape
+    HK, W = key.shape[1], key.shape[2]
+    rep = HQ // HK
+    S = triton.cdiv(W, SPLIT)
+    acc = torch.empty(B, HQ, S, D, dtype=torch.float32, device=query.device)
+    ml = torch.empty(B, HQ, S, 2, dtype=torch.float32, device=query.device)
+    out = torch.empty(B, 1, HQ, D, dtype=query.dtype, device=query.device)
+    if mask is None:
+        kind, m, ms = 0, query, (0, 0, 0)
+    else:
+        kind = 1 if mask.dtype == torch.bool else 2
+        m = mask.view(torch.uint8) if kind == 1 else mask
+        ms = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in (0, 1)) + (mask.stride(3),)
+    _split_kernel[(B, HK, S)](
+        query, key, value, m, acc, ml, W, float(scale),
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), *ms, S, HQ,
+        REP=rep, BLOCK_M=max(16, triton.next_power_of_2(rep)), D=D, SPLIT=SPLIT, BLOCK_K=BLOCK_K, MASK=kind,
+        num_warps=4,
+    )  # fmt: skip
+    _combine_kernel[(B, HQ)](acc, ml, out, S, HQ, out.stride(0), out.stride(2), D=D,
+                             S_P=max(2, triton.next_power_of_2(S)), num_warps=4)  # fmt: skip
+    return out
