@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import moe_llm.experts  # noqa: F401  (before moe_llm.kernels: the package's import order)
+
 _INTERPRETED = textwrap.dedent(
     """
     import torch, torch.nn.functional as F
@@ -94,5 +96,10 @@ def test_a_row_has_the_same_bits_alone_batched_and_strided(lone_w, batch_w):
     assert torch.equal(row, want)
     if lone_w == batch_w:
         assert torch.equal(decode_attention(q, bk, bv, mask, 0.088)[:1], want)
+    full = torch.ones(1, 1, 1, lone_w, dtype=torch.bool, device="cuda")  # a row decoded without a mask
+    lone_k, lone_v = sk[:, :, :lone_w], sv[:, :, :lone_w]
+    assert torch.equal(
+        decode_attention(q[:1], lone_k, lone_v, None, 0.088), decode_attention(q[:1], lone_k, lone_v, full, 0.088)
+    )
     additive = torch.where(lone_mask, 0.0, float("-inf")).to(torch.bfloat16)
     assert torch.equal(decode_attention(q[:1], sk[:, :, :lone_w], sv[:, :, :lone_w], additive, 0.088), want)

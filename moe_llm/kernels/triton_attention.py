@@ -55,15 +55,18 @@ def _split_kernel(
         n = s * SPLIT + k0 + tl.arange(0, BLOCK_K)
         nmask = n < W
         k = tl.load(k_ptr + b * skb + g * skh + n[:, None] * skn + d[None, :], mask=nmask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale  # [M, BLOCK_K] float32
         live = rmask[:, None] & nmask[None, :]
+        bias = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
         if MASK != 0:
             mv = tl.load(m_ptr + b * smb + heads[:, None] * smh + n[None, :] * smn, mask=live, other=0)
             if MASK == 1:
                 live = live & (mv != 0)
             else:
-                qk = qk + mv.to(tl.float32)
-        qk = tl.where(live, qk, float("-inf"))
+                bias = mv.to(tl.float32)
+        # one explicit fma for every mask form: the compiler's own contraction of a multiply and
+        # an add would differ between them, and with it the bits of a row (0 or -inf masks give
+        # the same scores as a bool mask or none)
+        qk = tl.where(live, tl.fma(tl.dot(q, tl.trans(k)), scale, bias), float("-inf"))  # [M, BLOCK_K] float32
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key so far masked
         alpha = tl.exp(m_i - m_safe)
