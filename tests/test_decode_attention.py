@@ -41,6 +41,13 @@ _INTERPRETED = textwrap.dedent(
         alone = decode_attention(q[1:], k[1:].contiguous(), v[1:].contiguous(), valid[1:], 0.125) if B > 1 else None
         assert alone is None or torch.equal(alone, decode_attention(q, k, v, valid, 0.125)[1:])
         assert torch.equal(decode_attention(q, k, v, valid, 0.125), decode_attention(q, k, v, additive, 0.125))
+    # a row's bits depend only on the keys it may read: its window cut at its last key, or wider
+    q, k, v = torch.randn(1, 8, 1, 64).half(), torch.randn(1, 2, 300, 64).half(), torch.randn(1, 2, 300, 64).half()
+    pos = 150
+    cut = decode_attention(q, k[:, :, : pos + 1], v[:, :, : pos + 1], None, 0.125)
+    for w in (192, 256, 300):
+        valid = (torch.arange(w) <= pos).view(1, 1, 1, w)
+        assert torch.equal(cut, decode_attention(q, k[:, :, :w], v[:, :, :w], valid, 0.125)), w
     print("ok")
     """
 )
@@ -79,7 +86,8 @@ def test_decode_attention_is_sdpa(hq, hk, d, w):
 def test_a_row_has_the_same_bits_alone_batched_and_strided(lone_w, batch_w):
     """Mixtral-8x7B's geometry: a lone decode reads a window of a 1,152-position static cache
     under a bool mask; the same row in a batch reads a slice of the batch's keys (another head
-    stride), and other rows beside it. Same bits, also with an additive mask."""
+    stride), and other rows beside it; an eager decode reads its keys up to its position with
+    no mask. Same bits, also with an additive mask."""
     from moe_llm.kernels.triton_attention import decode_attention
 
     gen = torch.Generator("cuda").manual_seed(0)
@@ -101,5 +109,7 @@ def test_a_row_has_the_same_bits_alone_batched_and_strided(lone_w, batch_w):
     assert torch.equal(
         decode_attention(q[:1], lone_k, lone_v, None, 0.088), decode_attention(q[:1], lone_k, lone_v, full, 0.088)
     )
+    cut = decode_attention(q[:1], sk[:, :, : pos + 1], sv[:, :, : pos + 1], None, 0.088)  # an eager decode's keys
+    assert torch.equal(cut, want)
     additive = torch.where(lone_mask, 0.0, float("-inf")).to(torch.bfloat16)
     assert torch.equal(decode_attention(q[:1], sk[:, :, :lone_w], sv[:, :, :lone_w], additive, 0.088), want)

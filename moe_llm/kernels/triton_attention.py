@@ -13,11 +13,13 @@ and cuDNN's pick made a batched row's bits differ from its lone decode's
   heads of a key/value head are the rows of one tile (padded to 16 for `tl.dot`), so each
   key and value is read once; a split's online softmax in float32, the mask (bool or additive,
   broadcast over rows and heads) read in place;
-- `_combine_kernel`, grid (rows, query heads): the splits' partial sums merged in split order.
+- `_combine_kernel`, grid (rows, query heads): the splits' partial sums merged one by one in
+  split order, where a split with no readable key changes nothing.
 
-Every program's arithmetic depends only on its own row's query, keys, values, mask and window
-length, with fixed tile shapes: a row computes to the same bits whatever its strides, the
-other rows of the launch or the batch it came in.
+Every program's arithmetic depends only on its own row's query and the keys, values and mask
+of the keys it may read, with fixed tile shapes and splits anchored at position 0: a row
+computes to the same bits whatever its strides, the other rows of the launch, the batch it
+came in, or how far past its last readable key its window reaches.
 """
 
 from __future__ import annotations
@@ -83,21 +85,30 @@ def _split_kernel(
 
 @triton.jit
 def _combine_kernel(acc_ptr, ml_ptr, out_ptr, S, HQ, sob, soh, D: tl.constexpr, S_P: tl.constexpr):
-    """out[b, 0, head, :] from the S splits of (b, head), merged in one fixed order."""
+    """out[b, 0, head, :] from the S splits of (b, head), merged one after the other in split
+    order (S_P >= S steps; those past S read as empty splits). An empty split, with no
+    readable key (m = -inf, l = 0, acc = 0), leaves the running sums as they were, bit for bit,
+    so the result depends only on the keys a row may read: a window padded wider, or cut at the
+    row's last key, gives the same bits."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    sp = tl.arange(0, S_P)
-    smask = sp < S
     d = tl.arange(0, D)
-    at = (b * HQ + h) * S + sp
-    m = tl.load(ml_ptr + at * 2, mask=smask, other=float("-inf"))
-    l = tl.load(ml_ptr + at * 2 + 1, mask=smask, other=0.0)  # noqa: E741
-    acc = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)  # [S_P, D]
-    mx = tl.max(m, axis=0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp(m - mx)
-    num = tl.sum(acc * w[:, None], axis=0)
-    den = tl.sum(l * w, axis=0)
+    at = (b * HQ + h) * S
+    mx = tl.max(tl.full([2], float("-inf"), tl.float32), axis=0)  # float32 scalars
+    den = tl.sum(tl.zeros([2], tl.float32), axis=0)
+    num = tl.zeros([D], tl.float32)
+    for s in range(S_P):
+        live = s < S
+        m = tl.load(ml_ptr + (at + s) * 2, mask=live, other=float("-inf"))
+        l = tl.load(ml_ptr + (at + s) * 2 + 1, mask=live, other=0.0)  # noqa: E741
+        acc = tl.load(acc_ptr + (at + s) * D + d, mask=live & (d < D), other=0.0)
+        m_new = tl.maximum(mx, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        c_old = tl.exp(mx - m_safe)
+        c_new = tl.exp(m - m_safe)
+        num = num * c_old + acc * c_new
+        den = den * c_old + l * c_new
+        mx = m_new
     tl.store(out_ptr + b * sob + h * soh + d, (num / den).to(out_ptr.dtype.element_ty))
 
 
@@ -150,6 +161,7 @@ def decode_attention(
         REP=rep, BLOCK_M=max(16, triton.next_power_of_2(rep)), D=D, SPLIT=SPLIT, BLOCK_K=BLOCK_K, MASK=kind,
         num_warps=4,
     )  # fmt: skip
-    _combine_kernel[(B, HQ)](acc, ml, out, S, HQ, out.stride(0), out.stride(2), D=D,
-                             S_P=max(2, triton.next_power_of_2(S)), num_warps=4)  # fmt: skip
+    _combine_kernel[(B, HQ)](
+        acc, ml, out, S, HQ, out.stride(0), out.stride(2), D=D, S_P=triton.next_power_of_2(S), num_warps=4
+    )
     return out
