@@ -5,16 +5,15 @@ transformers' SDPA path for a grouped-query decode step (transformers < 5.2x) re
 key/value head for each of its query heads (`repeat_kv`: two copies of the whole window a
 layer), turns a bool mask into an additive one (two more launches) and lets SDPA's dispatcher
 pick a kernel (cuDNN on an H200) by shapes, strides and addresses. Together that is 1.06 ms of
-a 5.24 ms resident Mixtral-8x7B token on the H200 (benchmarks/results/h200-resident-profile-*),
-and cuDNN's pick made a batched row's bits differ from its lone decode's
-(scripts/bench_streams.py, `equal_to_alone`). Here:
+a 5.24 ms resident Mixtral-8x7B token on the H200 (benchmarks/results/h200-resident-profile-*).
+Here:
 
-- `_split_kernel`, grid (rows, key/value heads, splits of SPLIT key positions): the REP query
-  heads of a key/value head are the rows of one tile (padded to 16 for `tl.dot`), so each
-  key and value is read once; a split's online softmax in float32, the mask (bool or additive,
-  broadcast over rows and heads) read in place;
-- `_combine_kernel`, grid (rows, query heads): the splits' partial sums merged one by one in
-  split order, where a split with no readable key changes nothing.
+- `_attention_split_kernel`, grid (rows, key/value heads, splits of SPLIT key positions): the
+  REP query heads of a key/value head are the rows of one tile (padded to 16 for `tl.dot`), so
+  each key and value is read once; a split's online softmax in float32, the mask (bool or
+  additive, broadcast over rows and heads) read in place;
+- `_attention_merge_kernel`, grid (rows, query heads): the splits' partial sums merged one by
+  one in split order, where a split with no readable key changes nothing.
 
 Every program's arithmetic depends only on its own row's query and the keys, values and mask
 of the keys it may read, with fixed tile shapes and splits anchored at position 0: a row
@@ -33,7 +32,7 @@ BLOCK_K = 64
 
 
 @triton.jit
-def _split_kernel(
+def _attention_split_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, acc_ptr, ml_ptr, W, scale,
     sqb, sqh, skb, skh, skn, svb, svh, svn, smb, smh, smn, S, HQ,
     REP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -84,7 +83,7 @@ def _split_kernel(
 
 
 @triton.jit
-def _combine_kernel(acc_ptr, ml_ptr, out_ptr, S, HQ, sob, soh, D: tl.constexpr, S_P: tl.constexpr):
+def _attention_merge_kernel(acc_ptr, ml_ptr, out_ptr, S, HQ, sob, soh, D: tl.constexpr, S_P: tl.constexpr):
     """out[b, 0, head, :] from the S splits of (b, head), merged one after the other in split
     order (S_P >= S steps; those past S read as empty splits). An empty split, with no
     readable key (m = -inf, l = 0, acc = 0), leaves the running sums as they were, bit for bit,
@@ -154,14 +153,14 @@ def decode_attention(
         kind = 1 if mask.dtype == torch.bool else 2
         m = mask.view(torch.uint8) if kind == 1 else mask
         ms = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in (0, 1)) + (mask.stride(3),)
-    _split_kernel[(B, HK, S)](
+    _attention_split_kernel[(B, HK, S)](
         query, key, value, m, acc, ml, W, float(scale),
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), *ms, S, HQ,
         REP=rep, BLOCK_M=max(16, triton.next_power_of_2(rep)), D=D, SPLIT=SPLIT, BLOCK_K=BLOCK_K, MASK=kind,
         num_warps=4,
     )  # fmt: skip
-    _combine_kernel[(B, HQ)](
+    _attention_merge_kernel[(B, HQ)](
         acc, ml, out, S, HQ, out.stride(0), out.stride(2), D=D, S_P=triton.next_power_of_2(S), num_warps=4
     )
     return out
