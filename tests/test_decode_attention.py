@@ -20,7 +20,7 @@ _INTERPRETED = textwrap.dedent(
     """
     import torch, torch.nn.functional as F
     import moe_llm.experts  # the package's import order
-    from moe_llm.kernels.triton_attention import decode_attention
+    from moe_llm.kernels.triton_attention import decode_attention, supported
     torch.manual_seed(0)
     for B, HQ, HK, W, D in [(1, 32, 8, 130, 128), (2, 8, 2, 64, 64), (1, 4, 4, 200, 32), (2, 12, 1, 70, 16)]:
         q = torch.randn(B, HQ, 1, D).half()
@@ -28,23 +28,25 @@ _INTERPRETED = textwrap.dedent(
         v = torch.randn(B, HK, W, D).half()
         last = torch.tensor([W - 1 - 3 * b for b in range(B)]).view(B, 1)
         valid = (torch.arange(W)[None, :] <= last).view(B, 1, 1, W)
-        additive = torch.where(valid, 0.0, float("-inf")).half()
         per_head = valid.expand(B, HQ, 1, W) & (torch.rand(B, HQ, 1, W) > 0.3)
         per_head[..., 0] = True
-        for mask in (valid, additive, per_head, None):
+        for mask in (valid, per_head, None):
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.125, enable_gqa=True,
-                                                 attn_mask=mask.float() if mask is additive else mask)
+                                                 attn_mask=mask)
             got = decode_attention(q, k, v, mask, 0.125)
             assert got.shape == (B, 1, HQ, D) and got.dtype == torch.float16
             torch.testing.assert_close(got.float(), ref.transpose(1, 2), rtol=2e-3, atol=2e-3)
-        # a row's bits: the same alone as in its batch, and with a bool mask as with an additive one
+        # a row's bits: the same alone as in its batch
         alone = decode_attention(q[1:], k[1:].contiguous(), v[1:].contiguous(), valid[1:], 0.125) if B > 1 else None
         assert alone is None or torch.equal(alone, decode_attention(q, k, v, valid, 0.125)[1:])
-        assert torch.equal(decode_attention(q, k, v, valid, 0.125), decode_attention(q, k, v, additive, 0.125))
-    # a row's bits depend only on the keys it may read: its window cut at its last key, or wider
+        additive = torch.where(valid, 0.0, float("-inf")).half()
+        assert not supported(q, k, v, additive)  # transformers' SDPA computes an additive mask
+    # a row's bits depend only on the keys it may read: its window cut at its last key, or wider,
+    # whatever the window's unreadable keys hold (a static cache's stale bytes, even NaN)
     q, k, v = torch.randn(1, 8, 1, 64).half(), torch.randn(1, 2, 300, 64).half(), torch.randn(1, 2, 300, 64).half()
     pos = 150
     cut = decode_attention(q, k[:, :, : pos + 1], v[:, :, : pos + 1], None, 0.125)
+    k[:, :, pos + 1 :], v[:, :, pos + 1 :] = float("nan"), float("nan")
     for w in (192, 256, 300):
         valid = (torch.arange(w) <= pos).view(1, 1, 1, w)
         assert torch.equal(cut, decode_attention(q, k[:, :, :w], v[:, :, :w], valid, 0.125)), w
@@ -81,35 +83,37 @@ def test_decode_attention_is_sdpa(hq, hk, d, w):
         torch.testing.assert_close(got.float(), ref.transpose(1, 2), rtol=1.6e-2, atol=4e-3)
 
 
+# positions around every split and window edge of a 1,152-position static cache, and between
+_POSITIONS = sorted({*range(40, 1152, 29), *(e + o for e in (64, 128, 256, 512, 1024) for o in (-2, -1, 0, 1))})
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("lone_w, batch_w", [(1024, 1024), (256, 512), (256, 2048)])
-def test_a_row_has_the_same_bits_alone_batched_and_strided(lone_w, batch_w):
-    """Mixtral-8x7B's geometry: a lone decode reads a window of a 1,152-position static cache
-    under a bool mask; the same row in a batch reads a slice of the batch's keys (another head
-    stride), and other rows beside it; an eager decode reads its keys up to its position with
-    no mask. Same bits, also with an additive mask."""
-    from moe_llm.kernels.triton_attention import decode_attention
+def test_a_row_has_the_same_bits_on_every_decode_path():
+    """Mixtral-8x7B's geometry, at positions across the static cache: the graph decoder reads a
+    window of the 1,152-position static cache under a bool mask (stale bytes past the position);
+    the fused step reads the same row sliced out of a batch's keys (other strides, the mask a
+    row of the batch's) beside other rows; an eager decode reads exactly its keys with no mask.
+    Same bits on every path, from one compiled kernel."""
+    from moe_llm.kernels import triton_attention as ta
+    from moe_llm.runtime.decode_graph import window_for
 
     gen = torch.Generator("cuda").manual_seed(0)
     sk, sv = _rand(gen, 1, 8, 1152, 128), _rand(gen, 1, 8, 1152, 128)
-    q = _rand(gen, 3, 32, 1, 128)
-    pos = lone_w - 5
-    lone_mask = (torch.arange(lone_w, device="cuda") <= pos).view(1, 1, 1, lone_w)
-    want = decode_attention(q[:1], sk[:, :, :lone_w], sv[:, :, :lone_w], lone_mask, 0.088)
-    bk, bv = _rand(gen, 3, 8, batch_w, 128), _rand(gen, 3, 8, batch_w, 128)
-    bk[0, :, :lone_w], bv[0, :, :lone_w] = sk[0, :, :lone_w], sv[0, :, :lone_w]
-    mask = torch.arange(batch_w, device="cuda")[None, :] <= torch.tensor([[pos], [batch_w - 1], [7]], device="cuda")
-    mask = mask[:, None, None, :]
-    row = decode_attention(q[:1], bk[:1, :, :lone_w], bv[:1, :, :lone_w], mask[:1, ..., :lone_w], 0.088)
-    assert torch.equal(row, want)
-    if lone_w == batch_w:
-        assert torch.equal(decode_attention(q, bk, bv, mask, 0.088)[:1], want)
-    full = torch.ones(1, 1, 1, lone_w, dtype=torch.bool, device="cuda")  # a row decoded without a mask
-    lone_k, lone_v = sk[:, :, :lone_w], sv[:, :, :lone_w]
-    assert torch.equal(
-        decode_attention(q[:1], lone_k, lone_v, None, 0.088), decode_attention(q[:1], lone_k, lone_v, full, 0.088)
-    )
-    cut = decode_attention(q[:1], sk[:, :, : pos + 1], sv[:, :, : pos + 1], None, 0.088)  # an eager decode's keys
-    assert torch.equal(cut, want)
-    additive = torch.where(lone_mask, 0.0, float("-inf")).to(torch.bfloat16)
-    assert torch.equal(decode_attention(q[:1], sk[:, :, :lone_w], sv[:, :, :lone_w], additive, 0.088), want)
+    width = 1152
+    bk, bv = _rand(gen, 3, 8, width, 128), _rand(gen, 3, 8, width, 128)
+    bk[1], bv[1] = sk[0], sv[0]
+    ar = torch.arange(width, device="cuda")
+    for pos in _POSITIONS:
+        q = _rand(gen, 3, 32, 1, 128)
+        w = window_for(pos, 1152)
+        lone = ta.decode_attention(q[1:2], sk[:, :, :w], sv[:, :, :w], (ar[:w] <= pos).view(1, 1, 1, w), 0.088)
+        eager = ta.decode_attention(q[1:2], sk[:, :, : pos + 1], sv[:, :, : pos + 1], None, 0.088)
+        mask = (ar[None, :] <= torch.tensor([[7], [pos], [width - 1]], device="cuda"))[:, None, None, :]
+        fused = ta.decode_attention(q[1:2], bk[1:2, :, :w], bv[1:2, :, :w], mask[1:2, ..., :w], 0.088)
+        batch = ta.decode_attention(q, bk, bv, mask, 0.088)[1:2]
+        assert torch.equal(lone, eager), pos
+        assert torch.equal(lone, fused), pos
+        assert torch.equal(lone, batch), pos
+    for kernel in (ta._attention_split_kernel, ta._attention_merge_kernel):
+        compiled = kernel.device_caches[torch.cuda.current_device()][0]
+        assert len(compiled) == 1, (kernel.fn.__name__, len(compiled))
