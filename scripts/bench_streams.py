@@ -35,8 +35,44 @@ PROMPT = 64  # tokens of each stream's prompt
 CPU_GEOMETRY = Geometry(layers=8, hidden=1024, intermediate=3584, heads=16, kv_heads=4, vocab=8000, max_positions=4096)
 
 
+PATHS: dict[tuple[int, ...], list[tuple[int, str]]] = {}  # --trace: prompt -> (position, decode path) per step
+
+
+def trace_paths() -> None:
+    """Record the path of every decode step of every request in PATHS: the graph decoder (run
+    ahead when greedy), the eager one-token forward, or a fused step of B rows (on the batch
+    graph, or eager): where a stream leaves its lone tokens, the paths say which one gave it."""
+    from moe_llm.runtime.batching import Batcher
+
+    one, fused = Batcher._decode_one, Batcher._decode_fused
+
+    def decode_one(self, seq):
+        PATHS.setdefault(tuple(seq.prompt_ids), []).append((seq.cached, "graph" if seq.on_graph else "eager"))
+        return one(self, seq)
+
+    def decode_fused(self, rows):
+        way = f"fused{len(rows)}-{'graph' if self._fused.graph is not None else 'eager'}"
+        for seq in rows:
+            PATHS.setdefault(tuple(seq.prompt_ids), []).append((seq.cached, way))
+        return fused(self, rows)
+
+    Batcher._decode_one, Batcher._decode_fused = decode_one, decode_fused
+
+
+def segments(steps: list[tuple[int, str]]) -> str:
+    """'graph@64-70 fused4-graph@71-150 ...': runs of one path over consecutive positions."""
+    out: list[list] = []
+    for pos, way in steps:
+        if out and out[-1][0] == way and out[-1][2] + 1 == pos:
+            out[-1][2] = pos
+        else:
+            out.append([way, pos, pos])
+    return " ".join(f"{w}@{a}-{b}" for w, a, b in out)
+
+
 def run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list]:
     """(wall seconds, each prompt's GenerationResult), all prompts started at once."""
+    PATHS.clear()
     out: list = [None] * len(prompts)
     barrier = threading.Barrier(len(prompts) + 1)
 
@@ -74,10 +110,13 @@ def main() -> None:
     ap.add_argument("--cpu-experts", default="auto", help="the CPU road for misses (auto, off, all)")
     ap.add_argument("--batch-mode", default="auto", help="auto, exact or fused")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu: a smaller synthetic Mixtral (CPU_GEOMETRY), fp32")
+    ap.add_argument("--trace", action="store_true", help="print the decode paths of a stream that left its lone tokens")
     ap.add_argument(
         "--profile", type=int, default=0, help="then profile steady steps of this many rows (profile_steady)"
     )
     args = ap.parse_args()
+    if args.trace:
+        trace_paths()
     if args.device == "cpu":
         model = SyntheticModel(CPU_GEOMETRY, "cpu", experts_bits=2, attn_bits=None, dtype=torch.float32)
         budget = None  # every expert in the "device" cache: the CPU kernel reads them in place either way
@@ -104,9 +143,10 @@ def main() -> None:
         for _ in range(2):
             before = engine.stats.copy()
             wall, results = run(engine, prompts, args.new_tokens)
+            paths = {i: list(PATHS.get(tuple(p), [])) for i, p in enumerate(prompts)}
             if best is None or wall < best[0]:
-                best = (wall, results, engine.stats - before)
-        wall, results, used = best
+                best = (wall, results, engine.stats - before, paths)
+        wall, results, used, paths = best
         toks = [r.token_ids for r in results]
         repeatable = True  # a prompt decoded alone twice gives the same tokens (the reference holds)
         for s, p in zip(seeds, prompts, strict=True):
@@ -135,6 +175,10 @@ def main() -> None:
                    peak_gpu_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                    kv_waited=engine.batcher.stats()["requests_kv_waited"])  # fmt: skip
         rows.append(row)
+        for i, at in enumerate(row["diverged_at"]):
+            if at is not None and args.trace:
+                print(f"stream {i} (seed {seeds[i]}) left its lone tokens at token {at} (position "
+                      f"{PROMPT + at - 1} decoded it): {segments(paths[i])}", flush=True)  # fmt: skip
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         if args.out:  # after every row: a run cut short keeps what it measured
             with open(args.out, "w") as f:

@@ -233,8 +233,9 @@ def test_one_launch_rotary_is_transformers_to_the_bit(dtype, heads, kv_heads, di
 
 def test_marked_mixtral_attention_decodes_with_one_rotary_launch():
     """An installed tiny Mixtral's attention on CUDA: a decoded position under a mask (as graph
-    decode passes it) takes the rotary kernel, and a prompt transformers' functions; both give
-    transformers' forward to the bit."""
+    decode passes it) takes the rotary kernel, whose bits are transformers' rotary, and packed
+    grouped-query attention (`triton_attention.decode_attention`), close to transformers' repeated heads;
+    a prompt takes transformers' functions, to the bit."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM
 
@@ -268,13 +269,17 @@ def test_marked_mixtral_attention_decodes_with_one_rotary_launch():
     calls = []
     rotary = triton_trunk.rotary_rows
     triton_trunk.rotary_rows = lambda *a: calls.append(1) or rotary(*a)
+    supported = triton_trunk.rotary_supported
     try:
         got1 = attn(h1, pe1, mask, KV())[0]
         gotp = attn(hp, pep, causal)[0]
+        triton_trunk.rotary_supported = lambda *a: False  # transformers' rotary, the same attention
+        ref1 = attn(h1, pe1, mask, KV())[0]
     finally:
-        triton_trunk.rotary_rows = rotary
+        triton_trunk.rotary_rows, triton_trunk.rotary_supported = rotary, supported
     assert calls == [1]
-    assert torch.equal(got1, want1) and torch.equal(gotp, wantp)
+    assert torch.equal(got1, ref1) and torch.equal(gotp, wantp)
+    torch.testing.assert_close(got1, want1, rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -126,30 +126,57 @@ def install(model: torch.nn.Module, kernels: bool = True) -> dict[str, int]:
 
 
 def _attention_rows() -> None:
-    """Wrap transformers' "sdpa" attention function (once per process): inside
-    `rows.decode_rows` it runs once per row, on the row's own window of keys and mask, as the
-    row's lone decode reads them (on the H200 the kernel PyTorch picks gives other bits for a
-    row batched with others, or padded wider: scripts/probe_attention_padding.py); outside, it
-    is transformers' function."""
+    """Wrap transformers' "sdpa" attention function (once per process). A decoded position on
+    CUDA (`triton_attention.supported`, with none of the extras some families pass: sinks, soft
+    caps, position biases, dropout) takes `triton_attention.decode_attention`, which reads each
+    key/value head once for all its query heads. Inside `rows.decode_rows` attention runs once
+    per row, on the row's own window of keys and mask, as the row's lone decode reads them, so
+    a batched row gets its lone bits (the kernel's arithmetic depends only on the row; the
+    kernel PyTorch's SDPA picks on the H200 gives other bits for a row batched with others, or
+    padded wider: scripts/probe_attention_padding.py). Anything else is transformers' function."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     orig = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if getattr(orig, "_moe_llm_rows", False):
         return
 
+    def one(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        extras = any(kwargs.get(k) is not None for k in _ATTENTION_EXTRAS) or getattr(module, "sinks", None) is not None
+        if (
+            query.is_cuda
+            and query.dim() == 4
+            and query.shape[2] == 1
+            and not extras
+            and not (dropout and module.training)
+        ):
+            from .triton_attention import decode_attention, supported
+
+            mask = attention_mask
+            if mask is not None and mask.dim() == 4 and mask.shape[-1] > key.shape[-2]:
+                mask = mask[..., : key.shape[-2]]  # as transformers' sdpa_attention_forward
+            if supported(query, key, value, mask):
+                scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+                return decode_attention(query, key, value, mask, scale), None
+        return orig(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
     def attention(module, query, key, value, attention_mask, **kwargs):
         r = rows.current()
         if r is None or r.count <= 1 or query.shape[0] != r.count:
-            return orig(module, query, key, value, attention_mask, **kwargs)
+            return one(module, query, key, value, attention_mask, **kwargs)
         outs = []
         for b, (w, masked) in enumerate(zip(r.widths, r.masked, strict=True)):
             mask = attention_mask[b : b + 1, ..., :w] if masked and attention_mask is not None else None
-            out, _ = orig(module, query[b : b + 1], key[b : b + 1, :, :w], value[b : b + 1, :, :w], mask, **kwargs)
+            out, _ = one(module, query[b : b + 1], key[b : b + 1, :, :w], value[b : b + 1, :, :w], mask, **kwargs)
             outs.append(out)
         return torch.cat(outs), None
 
     attention._moe_llm_rows = True
     AttentionInterface.register("sdpa", attention)
+
+
+# attention arguments of some families that `triton_attention` does not compute (GPT-OSS's sinks
+# are a module parameter, checked apart)
+_ATTENTION_EXTRAS = ("s_aux", "sinks", "softcap", "position_bias", "attention_bias", "head_mask")
 
 
 def _syntax(fn) -> str | None:
