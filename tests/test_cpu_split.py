@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from moe_llm.experts import cpu
 from moe_llm.experts.format import ExpertFormat, matrix_views
-from moe_llm.experts.split import Roads, expert_share, predicted_layer_s, take_table
+from moe_llm.experts.roads import Roads, predicted_layer_s, take_table
+from moe_llm.experts.split import expert_share
 from moe_llm.quant import compact, packing
 
 
@@ -169,7 +170,7 @@ def _serve(split, r: int, ids: list[int], cuts: list[int], toks: list[int], xs: 
     return y[:n]
 
 
-def _split_over(fmt, layers: int, experts: int, takes, threads: int = 2):
+def _split_over(fmt, layers: int, experts: int, takes, threads: int = 2, retune=None):
     from types import SimpleNamespace
 
     from moe_llm.experts import ExpertStore
@@ -180,7 +181,7 @@ def _split_over(fmt, layers: int, experts: int, takes, threads: int = 2):
         for e in range(experts):
             store.put_raw(layer, e, _expert(fmt, 100 + experts * layer + e))
     cache = SimpleNamespace(layers=list(range(layers)), device=torch.device("cpu"), num_experts=experts, store=store)
-    return store, CpuSplit(cache, fmt, 2, 128, takes, threads=threads, ops=object())
+    return store, CpuSplit(cache, fmt, 2, 128, takes, threads=threads, ops=object(), retune=retune)
 
 
 def test_serving_thread_answers_the_mailbox_in_any_row_order():
@@ -226,6 +227,42 @@ def test_serving_thread_computes_each_batched_position_on_its_own_row(bits):
         _serve(split, 1, ids[:3], cuts[:3], toks[:3], xs)  # n = 3: expert 1's two positions, in one call
         assert split.stats()["cpu_expert_calls"] == 5
         assert torch.equal(split.box.views(1)[2][1], before)  # the hit's row is not written
+    finally:
+        split.close()
+
+
+def test_auto_tables_follow_the_cpu_roads_measured_rate(monkeypatch):
+    """'auto' made its tables from a CPU road far too slow (the CPU takes nothing); once
+    the serving thread has computed a window of bytes, the tables are made again from its
+    measured rate, in place (captured steps hold the table's address): the CPU now takes a
+    share, the one the cost model gives at that rate."""
+    import dataclasses
+
+    from moe_llm.experts import split as split_mod
+    from moe_llm.experts.roads import TakeModel
+
+    fmt = ExpertFormat.build(256, 512, 2, torch.float32)
+    model = TakeModel("auto", 2, 128, 32, fmt.nbytes, 2, 1)
+    slow = Roads(gpu_hbm=1e12, zero_copy=1e6, cpu=1e2, handoff_s=0.0)  # a slow link, a far slower CPU
+    assert model.tables(slow) == [[0, 0, 0]]
+    store, split = _split_over(fmt, 2, 4, model.tables(slow), retune=(model, slow))
+    try:
+        table, addr = split.takes, split.takes.data_ptr()
+        xs = torch.randn(1, 256, generator=torch.Generator().manual_seed(9))
+        monkeypatch.setattr(split_mod, "CALIBRATE_BYTES", 1 << 40)
+        _serve(split, 0, [1, 2], [0, 0], [0, 0], xs)
+        split.new_counts()  # under a window: nothing changes
+        assert split.take == [0, 0, 0] and split.cpu_rate == slow.cpu
+        monkeypatch.setattr(split_mod, "CALIBRATE_BYTES", 1)
+        _serve(split, 1, [0, 3], [0, 0], [0, 0], xs)
+        split.new_counts()
+        stats = split.stats()
+        rate = split.cpu_rate
+        assert rate > 1e6 and rate == pytest.approx(stats["cpu_expert_bytes"] / (stats["cpu_expert_ns"] * 1e-9))
+        want = model.tables(dataclasses.replace(slow, cpu=rate))[0]
+        assert split.take == want and want[1] > 0
+        assert split.takes is table and split.takes.data_ptr() == addr
+        assert split.takes[1, :3].tolist() == want
     finally:
         split.close()
 

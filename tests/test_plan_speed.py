@@ -12,7 +12,7 @@ import platform
 import pytest
 
 from moe_llm.errors import ConfigError
-from moe_llm.experts.split import predicted_layer_s
+from moe_llm.experts.roads import predicted_layer_s
 from moe_llm.planning import Machine, machine, plan_model, project_decode
 from moe_llm.planning import speed as speed_mod
 from moe_llm.planning.speed import EXPERT_KERNEL_GBPS, HBM_EFFICIENCY, ZERO_COPY_EFFICIENCY
@@ -143,7 +143,7 @@ def test_the_cpu_road_decides_where_misses_go(plans):
 
 
 def test_the_projection_uses_the_cost_model_of_the_split(plans):
-    """A one-layer check against `experts.split.predicted_layer_s`: one MoE layer's expected
+    """A one-layer check against `experts.roads.predicted_layer_s`: one MoE layer's expected
     time over its miss counts is what the projection adds per layer."""
     mp = plans[12]
     mach = Machine(pcie_gbps=25, ram_gbps=70, cores=8, hbm_gbps=500)

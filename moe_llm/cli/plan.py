@@ -121,7 +121,7 @@ def projection_table(roads: dict) -> Table:
 
 PROJECTION_NOTE = (
     "off: every miss read over PCIe; all: every miss computed by the CPU threads; auto: the cost model's "
-    "split of each miss (experts.split.take_table), so that both roads finish together; its counts are "
+    "split of each miss (experts.roads.take_table), so that both roads finish together; its counts are "
     "expert-equivalents; the CPU reads only its share of an expert's bytes (at 3 bits all of down_proj). HBM and the link at what "
     "the decode kernels reach of them (70% of HBM, at most 1.2 TB/s; 65% of the link), as the engine's own "
     "split counts them. "

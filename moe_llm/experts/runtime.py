@@ -135,10 +135,13 @@ class ExpertsRuntime:
     @property
     def split_take(self) -> dict | None:
         """The split's cost-model table: down-plane bytes of each missed expert the CPU takes,
-        by the number of misses in a layer, and the plane's size (None without a split)."""
+        by the number of misses in a layer, the plane's size and ('auto') the CPU road's rate the
+        table was made with, in GB/s (None without a split)."""
         if self._split is None:
             return None
-        return {"take": self._split.take, "plane_bytes": self._split.plane_bytes}
+        rate = self._split.cpu_rate
+        return {"take": self._split.take, "plane_bytes": self._split.plane_bytes,
+                "cpu_gbps": None if rate is None else round(rate / 1e9, 2)}  # fmt: skip
 
     def _make_dispatch(self) -> None:
         k = self._kernels

@@ -25,12 +25,15 @@ with the same exact arithmetic (`experts/cpu/moe_cpu.c`, `kernels/triton_gemv.py
 share comes back as float64 sums that the combine adds to the GPU's without rounding, so
 where a missed expert ran never changes the output. `cpu_experts="all"` sends every miss to
 the CPU; `"auto"` (the default on CUDA) gives each road the share of each miss that makes
-both finish together (`take_table`), from this machine's measured bandwidths (`road_rates`).
+both finish together (`take_table`), from this machine's measured bandwidths (`road_rates`),
+then from the CPU road's own rate as it decodes (`CpuSplit.new_counts`: every CALIBRATE_BYTES
+the CPU computes, the tables are made again where its rate moved by over CALIBRATE_TOLERANCE).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import threading
 import time
@@ -41,12 +44,17 @@ import torch
 
 from .cpu import kernel as ck
 from .cpu.kernel import ExpertLayoutC
+from .roads import Roads, TakeModel, road_rates
 
 log = logging.getLogger(__name__)
 
-MODES = ("off", "auto", "all")
 _LINE = 64  # bytes: one flag per cache line
 MAX_POSITIONS = 1024  # routed positions one step may publish (MAX_POSITIONS of cpu/split_loop.c)
+# 'auto': the CPU road's measured rate while decoding replaces the load-time estimate. The
+# RAM probe behind that estimate read 52 GB/s on one H200 host and 88 on another, while the
+# CPU kernel itself computed misses at 55-73 GB/s on both (benchmarks/results/h200-final-7516d68.json)
+CALIBRATE_BYTES = 2 << 30  # CPU-road bytes between two looks at its rate
+CALIBRATE_TOLERANCE = 0.1  # a rate this close to the tables' leaves them as they are
 
 
 class SplitUnavailable(RuntimeError):
@@ -184,53 +192,6 @@ class Mailbox:
         return {"cpu_expert_calls": words[0], "cpu_expert_bytes": words[1], "cpu_expert_ns": words[2]}
 
 
-@dataclass(frozen=True)
-class Roads:
-    """Bandwidths of the two roads to a missed expert (bytes/s), and a fixed cost per layer."""
-
-    gpu_hbm: float  # a resident expert, read by the decode kernel
-    zero_copy: float  # a missed expert read by the GPU over the link
-    cpu: float  # a missed expert computed by the CPU threads
-    handoff_s: float = 15e-6  # flag to the CPU and back, per layer with a CPU share
-
-
-def cpu_read_fraction(bits: int | None) -> float:
-    """g: the part of a missed expert whose bytes the CPU reads only for its share. At 2 and 4
-    bits that is all of it (the share's gate_up rows and the share's bytes of every down row); at
-    3 bits down's rows are unpacked whole, so only gate_up, 2/3 of the bytes."""
-    return 2 / 3 if bits == 3 else 1.0
-
-
-def take_table(mode: str, k: int, pd: int, align: int, roads: Roads, expert_bytes: int, bits: int | None) -> list[int]:
-    """Bytes of the down plane (of PD) the CPU takes from each missed expert of `bits`-bit
-    experts, by number of misses m = 0..k in the layer. ``all``: every miss; ``auto``: the share
-    f that makes both roads finish together. The GPU reads (k - m) hits and (1 - f) of each
-    miss; the CPU reads (f g + (1 - g)) of each miss, g = `cpu_read_fraction`."""
-    table = [0] * (k + 1)
-    g = cpu_read_fraction(bits)
-    t_hit, t_zc, t_cpu = (expert_bytes / bw for bw in (roads.gpu_hbm, roads.zero_copy, roads.cpu))
-    for m in range(1, k + 1):
-        if mode == "all":
-            table[m] = pd
-            continue
-        f = ((k - m) * t_hit + m * t_zc - m * (1 - g) * t_cpu - roads.handoff_s) / (m * (t_zc + g * t_cpu))
-        f = min(1.0, max(0.0, f))
-        table[m] = min(pd, int(round(f * pd / align)) * align)
-    return table
-
-
-def predicted_layer_s(
-    m: int, k: int, take: int, pd: int, roads: Roads, expert_bytes: int, bits: int | None
-) -> float:  # fmt: skip
-    """Modelled time of one MoE layer's `bits`-bit experts with m misses and the CPU taking
-    `take` of PD."""
-    f = take / pd if pd else 0.0
-    g = cpu_read_fraction(bits)
-    gpu = (k - m) * expert_bytes / roads.gpu_hbm + m * (1 - f) * expert_bytes / roads.zero_copy
-    cpu = m * (f * g + (1 - g)) * expert_bytes / roads.cpu + roads.handoff_s if take else 0.0
-    return max(gpu, cpu)
-
-
 @dataclass
 class SplitRow:
     """What the decode kernels of one MoE row need (see `kernels.triton_moe.MoeDecode`)."""
@@ -311,10 +272,12 @@ class CpuSplit:
 
     `takes[b]`: the take table (CPU bytes of each missed position's down plane, by the number
     of missed positions) of a step of b decoded rows, b = 1 .. len(takes) - 1 (a lone token's is
-    takes[1], of k + 1 entries)."""
+    takes[1], of k + 1 entries). With `retune` (the model and the roads `takes` came from),
+    the tables follow the CPU road's measured rate (`new_counts`)."""
 
     def __init__(
-        self, cache, fmt, top_k: int, plane_bytes: int, takes: list[list[int]], threads: int | None = None, ops=None
+        self, cache, fmt, top_k: int, plane_bytes: int, takes: list[list[int]], threads: int | None = None, ops=None,
+        retune: tuple[TakeModel, Roads] | None = None,
     ):  # fmt: skip
         self.ops = ops if ops is not None else StreamMemOps()
         rows = len(cache.layers)
@@ -332,10 +295,9 @@ class CpuSplit:
         expert_share(store.buffer(cache.layers[0], 0), fmt, torch.zeros(fmt.hidden), plane_bytes, plane_bytes, 1)
         self.box = box = Mailbox.allocate(rows, positions, max_rows, fmt.hidden)
         dev = cache.device
-        table = torch.zeros(max_rows + 1, positions + 1, dtype=torch.int32)
-        for b, take in enumerate(takes, start=1):
-            table[b, : len(take)] = torch.tensor(take, dtype=torch.int32)
-        self.takes = table.to(dev)
+        self.takes = self._table(takes).to(dev)
+        self._retune = retune
+        self._window = (0, 0)  # CPU bytes and ns since the rate was last looked at
         self.pcut = torch.full((rows, positions), plane_bytes, dtype=torch.int32, device=dev)
         self._addr = torch.tensor(
             [store.address(layer, e) for layer in cache.layers for e in range(cache.num_experts)], dtype=torch.int64
@@ -387,6 +349,18 @@ class CpuSplit:
             reason = "it did not start in time" if self._thread.is_alive() else "it stopped"
         raise SplitUnavailable(f"the CPU experts' serving thread cannot run: {reason}")
 
+    def _table(self, takes: list[list[int]]) -> torch.Tensor:
+        """int32 [B + 1, P + 1]: row b the take table of a step of b rows (row 0 unused)."""
+        table = torch.zeros(len(takes) + 1, self.box.positions + 1, dtype=torch.int32)
+        for b, take in enumerate(takes, start=1):
+            table[b, : len(take)] = torch.tensor(take, dtype=torch.int32)
+        return table
+
+    @property
+    def cpu_rate(self) -> float | None:
+        """Bytes/s the tables count the CPU road at ('auto'), else None."""
+        return self._retune[1].cpu if self._retune is not None else None
+
     def row(self, r: int) -> SplitRow:
         return self._rows[r]
 
@@ -398,7 +372,32 @@ class CpuSplit:
         now = tuple(self.box.stats().values())
         new = tuple(a - b for a, b in zip(now, self._seen, strict=True))
         self._seen = now
+        if self._retune is not None:
+            self._window = (self._window[0] + new[1], self._window[1] + new[2])
+            if self._window[0] >= CALIBRATE_BYTES:
+                self._follow_rate()
         return new
+
+    def _follow_rate(self) -> None:
+        """Make the take tables again from the CPU road's rate over the last window, if it moved
+        by over CALIBRATE_TOLERANCE. The device table is rewritten in place (the captured steps
+        hold its address), in stream order; where a step already enqueued reads some entries
+        old and some new, each is a take both roads compute to the same bits."""
+        nbytes, ns = self._window
+        self._window = (0, 0)
+        model, roads = self._retune
+        if ns <= 0 or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
+        rate = nbytes / (ns * 1e-9)
+        if abs(rate / roads.cpu - 1) <= CALIBRATE_TOLERANCE:
+            return
+        roads = dataclasses.replace(roads, cpu=rate)
+        takes = model.tables(roads)
+        self._retune = (model, roads)
+        self.takes.copy_(self._table(takes))
+        self.take = list(takes[0])
+        log.info("CPU experts auto: the CPU road computes at %.1f GB/s; of each missed expert it now takes %s of %d",
+                 rate / 1e9, self.take, self.plane_bytes)  # fmt: skip
 
     def close(self) -> None:
         self._stop.value = 1
@@ -418,23 +417,10 @@ def start_split(
     n = threads or max(1, ck.default_threads() - 1)  # one core stays with the thread that drives the GPU
     pd = dispatch.plane_bytes
     roads = road_rates() if mode == "auto" else Roads(1.0, 1.0, 1.0)
-    takes = [
-        take_table(mode, b * top_k, pd, dispatch.cut_align, roads, fmt.nbytes, fmt.bits)
-        for b in range(1, max(1, min(max_rows, MAX_POSITIONS // top_k)) + 1)
-    ]  # more rows than that: their steps keep every miss on the GPU (`SplitRow.fits`)
+    # more rows than the mailbox holds: their steps keep every miss on the GPU (`SplitRow.fits`)
+    rows = max(1, min(max_rows, MAX_POSITIONS // top_k))
+    model = TakeModel(mode, top_k, pd, dispatch.cut_align, fmt.nbytes, fmt.bits, rows)
+    takes = model.tables(roads)
     log.info("CPU experts %s: of each missed expert the CPU takes %s of %d down-plane bytes by miss count (%s)",
              mode, takes[0], pd, roads)  # fmt: skip
-    return CpuSplit(cache, fmt, top_k, pd, takes, threads=n)
-
-
-def road_rates() -> Roads:
-    """The two roads' rates on this machine: the planner's (`planning.speed.machine`: RAM read
-    and pinned host-to-device bandwidths measured once and cached, the GPU's peak), as the
-    decode kernels and the CPU kernel reach them (`Machine.roads`)."""
-    from ..planning import speed
-
-    mach = speed.machine()
-    if not all(mach.source(name).startswith("measured") for name in ("pcie_gbps", "ram_gbps")):
-        speed.measure_machine()  # once per machine: kept in machine.json
-        mach = speed.machine()
-    return mach.roads()
+    return CpuSplit(cache, fmt, top_k, pd, takes, threads=n, retune=(model, roads) if mode == "auto" else None)

@@ -11,7 +11,7 @@ One module for everything decided before a weight is read, in three parts (impor
   that `moe_llm.load` allocates (`plan_load`), so a budget that cannot fit fails before
   any expert is read;
 - `speed`: the decode speed to expect on a machine (PCIe, RAM bandwidth, cores, HBM) for
-  each `cpu_experts` road, through the CPU road's cost model in `experts.split`.
+  each `cpu_experts` road, through the CPU road's cost model in `experts.roads`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The decode speed to expect: the CPU road's cost model (`experts.split`) on a plan and a machine.
+"""The decode speed to expect: the CPU road's cost model (`experts.roads`) on a plan and a machine.
 
 A projection, not a measurement. For one decoded token at batch 1:
 
@@ -13,7 +13,7 @@ A projection, not a measurement. For one decoded token at batch 1:
   at ZERO_COPY_EFFICIENCY of the link's copy bandwidth), or on the CPU threads, which read it
   at ``min(ram_gbps * CPU_EFFICIENCY, CPU_GBPS_PER_THREAD * threads)``, ``threads = cores - 1``
   (one core drives the GPU, as the split's serving thread leaves it). The engine's own
-  split (`experts.split.road_rates`) uses these same rates.
+  split (`experts.roads.road_rates`) uses these same rates.
 - **Per layer the roads overlap**: `predicted_layer_s` is the larger of the GPU's time (hits,
   and its share of each miss) and the CPU's (its share, plus HANDOFF_S to hand the layer over
   and back). `take_table` gives the CPU's share: `off` none, `all` every miss, `auto` the
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..experts.split import MODES, Roads, cpu_read_fraction, predicted_layer_s, take_table
+from ..experts.roads import MODES, Roads, cpu_read_fraction, predicted_layer_s, take_table
 
 # The CPU road reads a missed expert at this fraction of the RAM read bandwidth: the CPU kernel
 # read 14.4 of 26.2 GB/s (55%) with 2 threads on the 2-core development machine
