@@ -27,7 +27,8 @@ where a missed expert ran never changes the output. `cpu_experts="all"` sends ev
 the CPU; `"auto"` (the default on CUDA) gives each road the share of each miss that makes
 both finish together (`take_table`), from this machine's measured bandwidths (`road_rates`),
 then from the CPU road's own rate as it decodes (`CpuSplit.new_counts`: every CALIBRATE_BYTES
-the CPU computes, the tables are made again where its rate moved by over CALIBRATE_TOLERANCE).
+the CPU computes, its rate since the tables last changed; where that moved by over
+CALIBRATE_TOLERANCE and gives other tables, they are written anew).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ MAX_POSITIONS = 1024  # routed positions one step may publish (MAX_POSITIONS of 
 # CPU kernel itself computed misses at 55-73 GB/s on both (benchmarks/results/h200-final-7516d68.json)
 CALIBRATE_BYTES = 2 << 30  # CPU-road bytes between two looks at its rate
 CALIBRATE_TOLERANCE = 0.1  # a rate this close to the tables' leaves them as they are
+CALIBRATE_MEMORY = 16  # looks: past this many windows of CPU work, the older half is forgotten
 
 
 class SplitUnavailable(RuntimeError):
@@ -295,9 +297,11 @@ class CpuSplit:
         expert_share(store.buffer(cache.layers[0], 0), fmt, torch.zeros(fmt.hidden), plane_bytes, plane_bytes, 1)
         self.box = box = Mailbox.allocate(rows, positions, max_rows, fmt.hidden)
         dev = cache.device
-        self.takes = self._table(takes).to(dev)
+        self._host_takes = self._table(takes)  # what the device table holds
+        self.takes = self._host_takes.to(dev)
         self._retune = retune
-        self._window = (0, 0)  # CPU bytes and ns since the rate was last looked at
+        self._window = (0, 0)  # CPU bytes and ns since the tables last changed (older halves forgotten)
+        self._unseen = 0  # CPU bytes since the rate was last looked at
         self.pcut = torch.full((rows, positions), plane_bytes, dtype=torch.int32, device=dev)
         self._addr = torch.tensor(
             [store.address(layer, e) for layer in cache.layers for e in range(cache.num_experts)], dtype=torch.int64
@@ -374,17 +378,21 @@ class CpuSplit:
         self._seen = now
         if self._retune is not None:
             self._window = (self._window[0] + new[1], self._window[1] + new[2])
-            if self._window[0] >= CALIBRATE_BYTES:
+            self._unseen += new[1]
+            if self._unseen >= CALIBRATE_BYTES:
+                self._unseen = 0
                 self._follow_rate()
         return new
 
     def _follow_rate(self) -> None:
-        """Make the take tables again from the CPU road's rate over the last window, if it moved
-        by over CALIBRATE_TOLERANCE. The device table is rewritten in place (the captured steps
-        hold its address), in stream order; where a step already enqueued reads some entries
-        old and some new, each is a take both roads compute to the same bits."""
+        """Make the take tables again from the CPU road's rate since they last changed, if it
+        moved by over CALIBRATE_TOLERANCE and the tables it gives differ. The device table is
+        rewritten in place (the captured steps hold its address), in stream order; where a step
+        already enqueued reads some entries old and some new, each is a take both roads compute
+        to the same bits."""
         nbytes, ns = self._window
-        self._window = (0, 0)
+        if nbytes >= CALIBRATE_MEMORY * CALIBRATE_BYTES:  # a long run: the recent half counts as much
+            self._window = (nbytes // 2, ns // 2)
         model, roads = self._retune
         if ns <= 0 or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return
@@ -393,8 +401,11 @@ class CpuSplit:
             return
         roads = dataclasses.replace(roads, cpu=rate)
         takes = model.tables(roads)
-        self._retune = (model, roads)
-        self.takes.copy_(self._table(takes))
+        table = self._table(takes)
+        if torch.equal(table, self._host_takes):
+            return
+        self._retune, self._window, self._host_takes = (model, roads), (0, 0), table
+        self.takes.copy_(table)
         self.take = list(takes[0])
         log.info("CPU experts auto: the CPU road computes at %.1f GB/s; of each missed expert it now takes %s of %d",
                  rate / 1e9, self.take, self.plane_bytes)  # fmt: skip
