@@ -432,6 +432,10 @@ def start_split(
     rows = max(1, min(max_rows, MAX_POSITIONS // top_k))
     model = TakeModel(mode, top_k, pd, dispatch.cut_align, fmt.nbytes, fmt.bits, rows)
     takes = model.tables(roads)
+    if mode == "auto" and not any(map(any, takes)):
+        # a CPU that takes nothing is never measured, so its tables could never follow it: it
+        # takes one step of each miss when a lone token's every routed expert misses, once
+        takes[0][top_k] = min(pd, dispatch.cut_align)
     log.info("CPU experts %s: of each missed expert the CPU takes %s of %d down-plane bytes by miss count (%s)",
              mode, takes[0], pd, roads)  # fmt: skip
     return CpuSplit(cache, fmt, top_k, pd, takes, threads=n, retune=(model, roads) if mode == "auto" else None)
