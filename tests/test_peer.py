@@ -308,6 +308,17 @@ def test_peer_dir_becomes_the_llamacpp_block(peer_dir):
     assert c7["n_threads"] == 16 and c7["flash_attn"] == 1
 
 
+def test_a_compressed_log_gives_the_same_block(peer_dir):
+    """The results folders keep each -v log xz-compressed (ncmoeN.log.xz): the same buffers."""
+    import lzma
+
+    want = peer.parse_peer_dir(peer_dir)
+    for log in peer_dir.glob("ncmoe*.log"):
+        log.with_name(log.name + ".xz").write_bytes(lzma.compress(log.read_bytes()))
+        log.unlink()
+    assert peer.parse_peer_dir(peer_dir) == want
+
+
 def test_a_run_cut_short_keeps_its_finished_tests_and_a_dead_one_is_marked(peer_dir):
     text = (peer_dir / "ncmoe8.json").read_text()
     cut = text[: text.rindex("  {")].rstrip()  # died during tg128: "[ {pp512}, {pp1024}," with no "]"

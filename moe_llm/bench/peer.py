@@ -3,7 +3,8 @@ budget, and set our rows beside it (pure functions; `moe-llm peer merge` is the 
 `peer_tables` prints the results).
 
 `benchmarks/peers/llamacpp.sh bench` leaves one pair of files per `-ncmoe N` in its output folder:
-`ncmoeN.json` (llama-bench `-o json`) and `ncmoeN.log` (its `-v` log, stderr). docs/peer.md has the
+`ncmoeN.json` (llama-bench `-o json`) and `ncmoeN.log` (its `-v` log, stderr; `ncmoeN.log.xz` in
+the committed results). docs/peer.md has the
 commands. The fit rule is the protocol's: a configuration fits a budget when its GPU buffers do,
 
     CUDA0 model buffer + largest CUDA0 KV buffer + largest CUDA0 compute buffer <= budget
@@ -135,8 +136,8 @@ def parse_config(json_path: Path, log_path: Path | None = None, device: str = DE
     ncmoe = int(first.get("n_cpu_moe", named.group(1) if named else -1))
     if named and int(named.group(1)) != ncmoe:
         raise ValueError(f"{json_path}: the file is named for -ncmoe {named.group(1)}, its tests ran {ncmoe}")
-    log_path = log_path or json_path.with_suffix(".log")
-    buffers = parse_buffers(log_path.read_text(errors="replace"), device) if log_path.exists() else {}
+    log_path = log_path or _log_of(json_path)
+    buffers = parse_buffers(_read_log(log_path), device) if log_path.exists() else {}
     parts = [buffers.get(k) for k in ("model", "kv", "compute")]
     if parts[0] is None:
         log.warning("%s: no %s model buffer in %s (was -v given?): this configuration fits no budget",
@@ -156,6 +157,22 @@ def parse_config(json_path: Path, log_path: Path | None = None, device: str = DE
     }
     config.update(parse_results(records))
     return config
+
+
+def _log_of(json_path: Path) -> Path:
+    """A run's `-v` log beside its JSON: ncmoeN.log, or ncmoeN.log.xz as the results folders keep
+    them (a log is mostly the model loader's tensor list: 0.9 MB, 6 kB compressed)."""
+    plain = json_path.with_suffix(".log")
+    packed = plain.with_name(plain.name + ".xz")
+    return packed if packed.exists() and not plain.exists() else plain
+
+
+def _read_log(path: Path) -> str:
+    if path.suffix == ".xz":
+        import lzma
+
+        return lzma.decompress(path.read_bytes()).decode(errors="replace")
+    return path.read_text(errors="replace")
 
 
 def _ncmoe_of(path: Path) -> int:
