@@ -289,7 +289,7 @@ class CpuSplit:
             raise ValueError(
                 f"{max_rows} rows of {top_k} routed experts exceed the mailbox's {MAX_POSITIONS} positions"
             )
-        self.take = list(takes[0])  # a lone token's take table (by miss count 0..k), for reports
+        self.top_k = top_k
         self.plane_bytes = plane_bytes
         store = cache.store
         # the serving loop makes the same checks (layout, shape) before it starts; make them here,
@@ -361,6 +361,11 @@ class CpuSplit:
         return table
 
     @property
+    def take(self) -> list[int]:
+        """A lone token's take table (by miss count 0..k), as the device holds it, for reports."""
+        return self._host_takes[1, : self.top_k + 1].tolist()
+
+    @property
     def cpu_rate(self) -> float | None:
         """Bytes/s the tables count the CPU road at ('auto'), else None."""
         return self._retune[1].cpu if self._retune is not None else None
@@ -406,7 +411,6 @@ class CpuSplit:
             return
         self._retune, self._window, self._host_takes = (model, roads), (0, 0), table
         self.takes.copy_(table)
-        self.take = list(takes[0])
         log.info("CPU experts auto: the CPU road computes at %.1f GB/s; of each missed expert it now takes %s of %d",
                  rate / 1e9, self.take, self.plane_bytes)  # fmt: skip
 

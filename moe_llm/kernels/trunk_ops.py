@@ -142,19 +142,13 @@ def _attention_rows() -> None:
 
     def one(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         extras = any(kwargs.get(k) is not None for k in _ATTENTION_EXTRAS) or getattr(module, "sinks", None) is not None
-        if (
-            query.is_cuda
-            and query.dim() == 4
-            and query.shape[2] == 1
-            and not extras
-            and not (dropout and module.training)
-        ):
-            from .triton_attention import decode_attention, supported
+        if query.is_cuda and not extras and not (dropout and module.training):
+            from .triton_attention import decode_attention, supported  # (triton: CUDA machines only)
 
             mask = attention_mask
             if mask is not None and mask.dim() == 4 and mask.shape[-1] > key.shape[-2]:
                 mask = mask[..., : key.shape[-2]]  # as transformers' sdpa_attention_forward
-            if supported(query, key, value, mask):
+            if supported(query, key, value, mask):  # one decoded position, shapes and dtypes it computes
                 scale = query.shape[-1] ** -0.5 if scaling is None else scaling
                 return decode_attention(query, key, value, mask, scale), None
         return orig(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
