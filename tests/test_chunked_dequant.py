@@ -193,7 +193,9 @@ def test_cuda_expert_mlp_with_a_small_workspace_matches_a_whole_one(bits):
     torch.testing.assert_close(small, whole, rtol=1e-2, atol=1e-2)
     fmt32 = ExpertFormat.build(hidden, inter, bits, torch.float32)
     ref = expert_mlp(x.cpu().float(), {k: v.cpu() for k, v in enc.items()}, fmt32, F.silu)
-    torch.testing.assert_close(small.float().cpu(), ref, rtol=3e-2, atol=3e-1)
+    # bf16 against fp32: outputs near 4e4 (random N(0, 1) weights) carry a bf16 ulp of 256, so the
+    # error is judged against the output's scale
+    _close_in_scale(small.float().cpu(), ref, 0.02)
 
 
 @pytest.mark.gpu
@@ -208,4 +210,15 @@ def test_cuda_quant_linear_chunks_a_head_sized_matrix():
     x = torch.randn(1, 9, in_f, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(quant_linear(x, t, spec, torch.bfloat16), F.linear(x, dense), rtol=1e-2, atol=5e-2)
     one = x[:, -1:]  # [1, 1, H]: the fused GEMV, as for a 4-bit LM head at decode
-    torch.testing.assert_close(quant_linear(one, t, spec, torch.bfloat16), F.linear(one, dense), rtol=2e-2, atol=1e-1)
+    # the decode GEMV quantizes the activation to int8 in blocks of 32 columns (as the CPU kernel
+    # does, `triton_gemv`): an error of about 0.6% of the output's scale, not bf16 rounding
+    _close_in_scale(quant_linear(one, t, spec, torch.bfloat16), F.linear(one, dense), 0.02)
+
+
+def _close_in_scale(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
+    """The error's RMS within `rel` of the output's RMS, and no element off by over 5 times that."""
+    got, want = got.float(), want.float()
+    scale = want.pow(2).mean().sqrt()
+    err = got - want
+    assert err.pow(2).mean().sqrt() <= rel * scale, (err.pow(2).mean().sqrt(), scale)
+    assert err.abs().max() <= 5 * rel * scale, (err.abs().max(), scale)

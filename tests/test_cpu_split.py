@@ -170,7 +170,7 @@ def _serve(split, r: int, ids: list[int], cuts: list[int], toks: list[int], xs: 
     return y[:n]
 
 
-def _split_over(fmt, layers: int, experts: int, takes, threads: int = 2, retune=None):
+def _split_over(fmt, layers: int, experts: int, takes, threads: int = 2, search=None):
     from types import SimpleNamespace
 
     from moe_llm.experts import ExpertStore
@@ -181,7 +181,7 @@ def _split_over(fmt, layers: int, experts: int, takes, threads: int = 2, retune=
         for e in range(experts):
             store.put_raw(layer, e, _expert(fmt, 100 + experts * layer + e))
     cache = SimpleNamespace(layers=list(range(layers)), device=torch.device("cpu"), num_experts=experts, store=store)
-    return store, CpuSplit(cache, fmt, 2, 128, takes, threads=threads, ops=object(), retune=retune)
+    return store, CpuSplit(cache, fmt, 2, 128, takes, threads=threads, ops=object(), search=search)
 
 
 def test_serving_thread_answers_the_mailbox_in_any_row_order():
@@ -231,38 +231,37 @@ def test_serving_thread_computes_each_batched_position_on_its_own_row(bits):
         split.close()
 
 
-def test_auto_tables_follow_the_cpu_roads_measured_rate(monkeypatch):
-    """'auto' made its tables from a CPU road far too slow (the CPU takes nothing); once
-    the serving thread has computed a window of bytes, the tables are made again from its
-    measured rate, in place (captured steps hold the table's address): the CPU now takes a
-    share, the one the cost model gives at that rate."""
-    import dataclasses
-
-    from moe_llm.experts import split as split_mod
+def test_auto_tables_move_in_place_with_the_measured_step_times(monkeypatch):
+    """'auto' starts at the cost model's tables; the lone steps' times say a larger CPU share
+    is faster (a host whose roads share its RAM); the search's next tables are written over the
+    device table in place (captured steps hold its address), and the serving thread still
+    answers with them."""
+    from moe_llm.experts import take_search
     from moe_llm.experts.roads import TakeModel
 
+    monkeypatch.setattr(take_search, "WINDOW", 2)
     fmt = ExpertFormat.build(256, 512, 2, torch.float32)
     model = TakeModel("auto", 2, 128, 32, fmt.nbytes, 2, 1)
-    slow = Roads(gpu_hbm=1e12, zero_copy=1e6, cpu=1e2, handoff_s=0.0)  # a slow link, a far slower CPU
-    assert model.tables(slow) == [[0, 0, 0]]
-    store, split = _split_over(fmt, 2, 4, model.tables(slow), retune=(model, slow))
+    roads = Roads(gpu_hbm=1e12, zero_copy=1e9, cpu=1e9, handoff_s=0.0)
+    search = take_search.TakeSearch(model, roads)
+    start = search.at
+    store, split = _split_over(fmt, 2, 4, search.current, search=search)
     try:
         table, addr = split.takes, split.takes.data_ptr()
-        xs = torch.randn(1, 256, generator=torch.Generator().manual_seed(9))
-        monkeypatch.setattr(split_mod, "CALIBRATE_BYTES", 1 << 40)
-        _serve(split, 0, [1, 2], [0, 0], [0, 0], xs)
-        split.new_counts()  # under a window: nothing changes
-        assert split.take == [0, 0, 0] and split.cpu_rate == slow.cpu
-        monkeypatch.setattr(split_mod, "CALIBRATE_BYTES", 1)
-        _serve(split, 1, [0, 3], [0, 0], [0, 0], xs)
-        split.new_counts()
-        stats = split.stats()
-        rate = split.cpu_rate
-        assert rate > 1e6 and rate == pytest.approx(stats["cpu_expert_bytes"] / (stats["cpu_expert_ns"] * 1e-9))
-        want = model.tables(dataclasses.replace(slow, cpu=rate))[0]
-        assert split.take == want and want[1] > 0
+        assert split.take == model.tables(roads)[0]
+        for seconds in (0.02, 0.02):  # the start's window: then a trial of more CPU share
+            split.step_time(seconds)
+        assert search.at == start + 1 and split.take == search.tables[start + 1][0]
+        for seconds in (0.01, 0.01):  # faster: it stays, and the next trial goes further
+            split.step_time(seconds)
+        assert search.best == start + 1 and search.at > start + 1
         assert split.takes is table and split.takes.data_ptr() == addr
-        assert split.takes[1, :3].tolist() == want
+        assert split.takes[1, :3].tolist() == search.current[0] == split.take
+        assert split.search_report() == {"ladder_index": search.at, "ladder": len(search.tables),
+                                         "best": start + 1, "windows": 2}  # fmt: skip
+        xs = torch.randn(1, 256, generator=torch.Generator().manual_seed(9))
+        y = _serve(split, 1, [0, 3], [32, 32], [0, 0], xs)
+        assert torch.equal(y[0], expert_share(store.buffer(1, 0), fmt, xs[0], 32, 128, threads=1))
     finally:
         split.close()
 

@@ -269,7 +269,8 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
             "plan": engine.plan.to_dict(),
             "cpu_experts": engine.config.cpu_experts,
             "cpu_road": engine.runtime.cpu_road,  # split (GPU and CPU threads), cpu, or off
-            # of each missed expert, the down-plane bytes the CPU takes, by misses in the layer
+            # of each missed expert, the down-plane bytes the CPU takes, by misses in the layer,
+            # after the untimed warm-up runs
             "cpu_take": engine.runtime.split_take,
         }
         repeats = max(1, workload.repeats)
@@ -284,6 +285,7 @@ def run_variant(model: SyntheticModel, v: Variant, workload: Workload, prompts: 
             runs.append(_decode_run(engine, prompts["main"], workload.new_tokens))
         row.update(_middle(runs, key=lambda r: r["decode_tok_s"]))
         row["decode_tok_s_runs"] = [r["decode_tok_s"] for r in runs]
+        row["cpu_take_end"] = engine.runtime.split_take  # 'auto' moves its tables as it decodes
         row["uniform_hit_rate"] = engine.cache.num_slots / row["total_experts"] if v.retain else 0.0
         row["slots_per_layer_at_end"] = engine.cache.per_layer()
         if v.profile:

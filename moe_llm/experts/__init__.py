@@ -9,8 +9,18 @@ from .cache import ExpertCache
 from .format import ExpertFormat
 from .policy import POLICIES
 from .prefetch import PromptPrefetcher
-from .runtime import ExpertsRuntime, OffloadedExperts
 from .store import ExpertStore
+
+
+def __getattr__(name: str):
+    """The runtime on first use: it imports `moe_llm.kernels`, which imports `experts.format`, so
+    importing it here eagerly would make `import moe_llm.kernels` first a circular import."""
+    if name in ("ExpertsRuntime", "OffloadedExperts"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "POLICIES", "ExpertCache", "ExpertFormat", "ExpertStore", "ExpertsRuntime", "OffloadedExperts", "PromptPrefetcher",

@@ -111,6 +111,8 @@ class ExpertsRuntime:
         if self.mode != "copy":
             self._routing = torch.zeros(len(cache.layers), top_k, dtype=torch.long, device=cache.device)
         self._stepped = False  # a step has begun and not ended
+        self._lone_end: float | None = None  # when the last lone decode step ended (the split's search)
+        self._untimed = 0  # lone step ends not to time: a prompt's, and the first step after it
         self._rows_records: dict[int, torch.Tensor] = {}  # B rows -> [moe layers, B * k] record (kept for graphs)
         self._dequant_ws: torch.Tensor | None = None  # prefill: one expert's matrices, dequantized
         self.cpu_experts = cpu_experts
@@ -139,9 +141,8 @@ class ExpertsRuntime:
         table was made with, in GB/s (None without a split)."""
         if self._split is None:
             return None
-        rate = self._split.cpu_rate
         return {"take": self._split.take, "plane_bytes": self._split.plane_bytes,
-                "cpu_gbps": None if rate is None else round(rate / 1e9, 2)}  # fmt: skip
+                "search": self._split.search_report()}  # fmt: skip
 
     def _make_dispatch(self) -> None:
         k = self._kernels
@@ -201,6 +202,7 @@ class ExpertsRuntime:
     # -- per request / per step -------------------------------------------------
     def prompt_start(self, tokens: int) -> None:
         """Called before a prompt of `tokens` tokens runs through the trunk."""
+        self._lone_end, self._untimed = None, 2  # a prompt's end and the step after it are not timed
         if self.prefetcher is not None and tokens > 1:
             self.prefetcher.prompt_start(tokens, self.top_k)
 
@@ -237,6 +239,7 @@ class ExpertsRuntime:
             record = self._routing if rows == 1 else self._rows_record(rows)
         routed_keys = [(layer, e) for layer, row in zip(cache.layers, record.tolist(), strict=True) for e in row]
         if self._split is not None:  # what the CPU thread has computed since the last step
+            self._time_lone_step(rows)
             calls, nbytes, ns = self._split.new_counts()
             self.stats.cpu_expert_calls += calls
             self.stats.cpu_expert_bytes += nbytes
@@ -248,8 +251,22 @@ class ExpertsRuntime:
             if not cache.is_resident(*key):
                 cache.admit(key, protect, evict=self.evict_on_admit)
 
+    def _time_lone_step(self, rows: int) -> None:
+        """Feed the split's search ('auto') the wall time between two lone decode steps' ends
+        (the host waits for each, and a run-ahead step keeps the GPU busy in between). A
+        batched step, a prompt, and the first step after either are not timed."""
+        now = time.perf_counter()
+        if rows != 1:
+            self._lone_end = None
+            return
+        if self._lone_end is not None and self._untimed == 0:
+            self._split.step_time(now - self._lone_end)
+        self._untimed = max(0, self._untimed - 1)
+        self._lone_end = now
+
     def reset(self) -> None:
         self._stepped = False
+        self._lone_end = None
         self.cache.reset()
 
     # -- the experts call --------------------------------------------------------------

@@ -24,17 +24,15 @@ The step never returns to Python, so it stays one CUDA graph. Both roads compute
 with the same exact arithmetic (`experts/cpu/moe_cpu.c`, `kernels/triton_gemv.py`): the CPU's
 share comes back as float64 sums that the combine adds to the GPU's without rounding, so
 where a missed expert ran never changes the output. `cpu_experts="all"` sends every miss to
-the CPU; `"auto"` (the default on CUDA) gives each road the share of each miss that makes
-both finish together (`take_table`), from this machine's measured bandwidths (`road_rates`),
-then from the CPU road's own rate as it decodes (`CpuSplit.new_counts`: every CALIBRATE_BYTES
-the CPU computes, its rate since the tables last changed; where that moved by over
-CALIBRATE_TOLERANCE and gives other tables, they are written anew).
+the CPU; `"auto"` (the default on CUDA) starts from the share of each miss that makes both
+roads finish together by this machine's measured bandwidths (`take_table`, `road_rates`),
+then moves to the tables that lone decode steps measure fastest (`take_search.TakeSearch`,
+fed by `CpuSplit.step_time`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import logging
 import threading
 import time
@@ -46,17 +44,12 @@ import torch
 from .cpu import kernel as ck
 from .cpu.kernel import ExpertLayoutC
 from .roads import Roads, TakeModel, road_rates
+from .take_search import TakeSearch
 
 log = logging.getLogger(__name__)
 
 _LINE = 64  # bytes: one flag per cache line
 MAX_POSITIONS = 1024  # routed positions one step may publish (MAX_POSITIONS of cpu/split_loop.c)
-# 'auto': the CPU road's measured rate while decoding replaces the load-time estimate. The
-# RAM probe behind that estimate read 52 GB/s on one H200 host and 88 on another, while the
-# CPU kernel itself computed misses at 55-73 GB/s on both (benchmarks/results/h200-final-7516d68.json)
-CALIBRATE_BYTES = 2 << 30  # CPU-road bytes between two looks at its rate
-CALIBRATE_TOLERANCE = 0.1  # a rate this close to the tables' leaves them as they are
-CALIBRATE_MEMORY = 16  # looks: past this many windows of CPU work, the older half is forgotten
 
 
 class SplitUnavailable(RuntimeError):
@@ -274,12 +267,12 @@ class CpuSplit:
 
     `takes[b]`: the take table (CPU bytes of each missed position's down plane, by the number
     of missed positions) of a step of b decoded rows, b = 1 .. len(takes) - 1 (a lone token's is
-    takes[1], of k + 1 entries). With `retune` (the model and the roads `takes` came from),
-    the tables follow the CPU road's measured rate (`new_counts`)."""
+    takes[1], of k + 1 entries). With `search` ('auto'), the tables are the search's, and
+    move with the lone decode steps' measured times (`step_time`)."""
 
     def __init__(
         self, cache, fmt, top_k: int, plane_bytes: int, takes: list[list[int]], threads: int | None = None, ops=None,
-        retune: tuple[TakeModel, Roads] | None = None,
+        search: TakeSearch | None = None,
     ):  # fmt: skip
         self.ops = ops if ops is not None else StreamMemOps()
         rows = len(cache.layers)
@@ -299,9 +292,7 @@ class CpuSplit:
         dev = cache.device
         self._host_takes = self._table(takes)  # what the device table holds
         self.takes = self._host_takes.to(dev)
-        self._retune = retune
-        self._window = (0, 0)  # CPU bytes and ns since the tables last changed (older halves forgotten)
-        self._unseen = 0  # CPU bytes since the rate was last looked at
+        self.search = search
         self.pcut = torch.full((rows, positions), plane_bytes, dtype=torch.int32, device=dev)
         self._addr = torch.tensor(
             [store.address(layer, e) for layer in cache.layers for e in range(cache.num_experts)], dtype=torch.int64
@@ -365,10 +356,12 @@ class CpuSplit:
         """A lone token's take table (by miss count 0..k), as the device holds it, for reports."""
         return self._host_takes[1, : self.top_k + 1].tolist()
 
-    @property
-    def cpu_rate(self) -> float | None:
-        """Bytes/s the tables count the CPU road at ('auto'), else None."""
-        return self._retune[1].cpu if self._retune is not None else None
+    def search_report(self) -> dict | None:
+        """'auto': where the search runs on its ladder, of how many tables, after how many windows."""
+        if self.search is None:
+            return None
+        sr = self.search
+        return {"ladder_index": sr.at, "ladder": len(sr.tables), "best": sr.best, "windows": sr.windows}
 
     def row(self, r: int) -> SplitRow:
         return self._rows[r]
@@ -381,38 +374,23 @@ class CpuSplit:
         now = tuple(self.box.stats().values())
         new = tuple(a - b for a, b in zip(now, self._seen, strict=True))
         self._seen = now
-        if self._retune is not None:
-            self._window = (self._window[0] + new[1], self._window[1] + new[2])
-            self._unseen += new[1]
-            if self._unseen >= CALIBRATE_BYTES:
-                self._unseen = 0
-                self._follow_rate()
         return new
 
-    def _follow_rate(self) -> None:
-        """Make the take tables again from the CPU road's rate since they last changed, if it
-        moved by over CALIBRATE_TOLERANCE and the tables it gives differ. The device table is
-        rewritten in place (the captured steps hold its address), in stream order; where a step
-        already enqueued reads some entries old and some new, each is a take both roads compute
-        to the same bits."""
-        nbytes, ns = self._window
-        if nbytes >= CALIBRATE_MEMORY * CALIBRATE_BYTES:  # a long run: the recent half counts as much
-            self._window = (nbytes // 2, ns // 2)
-        model, roads = self._retune
-        if ns <= 0 or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    def step_time(self, seconds: float) -> None:
+        """'auto': a lone decode step took `seconds` (as the host saw it finish). Where the
+        search moves, its tables are written over the device table in place (the captured
+        steps hold its address), in stream order; a step already enqueued may read some
+        entries old and some new, and each is a take both roads compute to the same bits."""
+        if self.search is None or not self.search.observe(seconds):
             return
-        rate = nbytes / (ns * 1e-9)
-        if abs(rate / roads.cpu - 1) <= CALIBRATE_TOLERANCE:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            self.search.restart_window()
             return
-        roads = dataclasses.replace(roads, cpu=rate)
-        takes = model.tables(roads)
-        table = self._table(takes)
-        if torch.equal(table, self._host_takes):
-            return
-        self._retune, self._window, self._host_takes = (model, roads), (0, 0), table
-        self.takes.copy_(table)
-        log.info("CPU experts auto: the CPU road computes at %.1f GB/s; of each missed expert it now takes %s of %d",
-                 rate / 1e9, self.take, self.plane_bytes)  # fmt: skip
+        self._host_takes = self._table(self.search.current)
+        self.takes.copy_(self._host_takes)
+        self.search.restart_window()
+        log.info("CPU experts auto: tables %d of %d (of each missed expert the CPU takes %s of %d)",
+                 self.search.at, len(self.search.tables), self.take, self.plane_bytes)  # fmt: skip
 
     def close(self) -> None:
         self._stop.value = 1
@@ -423,8 +401,8 @@ def start_split(
     cache, fmt, dispatch, top_k: int, mode: str = "all", threads: int | None = None, max_rows: int = 1
 ) -> CpuSplit:  # fmt: skip
     """The split for a device-dispatch runtime: the take tables ('all': every miss on the CPU;
-    'auto': the share of each miss that makes both roads finish together, from this machine's
-    measured bandwidths, `road_rates`), for steps of 1 .. `max_rows` decoded rows, the
+    'auto': the search's, starting from the share of each miss that makes both roads finish
+    together by this machine's measured bandwidths, `road_rates`), for steps of 1 .. `max_rows` decoded rows, the
     mailbox and the serving thread. For b rows the model counts the b * k routed positions as
     k would be counted; it ignores that rows on one expert read it once (on either road)."""
     if not torch.cuda.is_available():
@@ -435,11 +413,8 @@ def start_split(
     # more rows than the mailbox holds: their steps keep every miss on the GPU (`SplitRow.fits`)
     rows = max(1, min(max_rows, MAX_POSITIONS // top_k))
     model = TakeModel(mode, top_k, pd, dispatch.cut_align, fmt.nbytes, fmt.bits, rows)
-    takes = model.tables(roads)
-    if mode == "auto" and not any(map(any, takes)):
-        # a CPU that takes nothing is never measured, so its tables could never follow it: it
-        # takes one step of each miss when a lone token's every routed expert misses, once
-        takes[0][top_k] = min(pd, dispatch.cut_align)
+    search = TakeSearch(model, roads) if mode == "auto" else None
+    takes = search.current if search is not None else model.tables(roads)
     log.info("CPU experts %s: of each missed expert the CPU takes %s of %d down-plane bytes by miss count (%s)",
              mode, takes[0], pd, roads)  # fmt: skip
-    return CpuSplit(cache, fmt, top_k, pd, takes, threads=n, retune=(model, roads) if mode == "auto" else None)
+    return CpuSplit(cache, fmt, top_k, pd, takes, threads=n, search=search)
