@@ -10,7 +10,9 @@ last one's end, prefills and graph captures included, so it is a lower bound of 
 rate), per-stream tok/s, the sum of the streams' own decode rates (`decode_tok_s`: each from
 its first token to its last, so without its prefill), the ratio to one stream, the steady
 rate (`steady_tok_s`: 16 batched steps timed once all N rows decode, with no prefill or
-capture among them; `steady_ratio_to_one` against one row's), and whether
+capture among them; `steady_ratio_to_one` against one row's; `miss_limit_ratio`: the ratio to
+one row if a step's time were in proportion to its missed experts, N * misses of one row's step
+/ misses of this row's, and `steady_vs_miss_limit` the steady ratio against it), and whether
 every stream's tokens equal its prompt's lone run (`equal_to_alone`; no prefix cache, so
 every prefill is a cold one; `diverged_at`: per stream the first token that differs; and
 `lone_repeatable`: whether each lone run, made twice, gave the same tokens), the peak GPU memory of the row (`peak_gpu_bytes`, against the
@@ -132,7 +134,7 @@ def main() -> None:
         cache_policy=args.policy, cpu_experts=args.cpu_experts, batch_mode=args.batch_mode,
     )  # fmt: skip
     engine.generate(model.random_prompt(PROMPT, 999), max_new_tokens=8)  # warm-up: captures, compiles
-    rows, base, steady_base = [], None, None
+    rows, base, steady_base, base_misses = [], None, None, None
     lone: dict[int, list[int]] = {}  # prompt seed -> its tokens decoded alone
     for n in args.streams:
         seeds = [100 * n + i for i in range(n)]
@@ -174,6 +176,13 @@ def main() -> None:
                    # the streams' runs, the lone runs and the steady steps: within the budget?
                    peak_gpu_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                    kv_waited=engine.batcher.stats()["requests_kv_waited"])  # fmt: skip
+        # the physical limit where misses dominate: a step's time in proportion to its missed
+        # experts (uniform routing: N rows miss more distinct experts, each read once for all)
+        base_misses = base_misses or row["misses_per_step"]
+        row["miss_limit_ratio"] = n * base_misses / row["misses_per_step"] if row["misses_per_step"] else None
+        row["steady_vs_miss_limit"] = (
+            row["steady_ratio_to_one"] / row["miss_limit_ratio"] if row["miss_limit_ratio"] else None
+        )
         rows.append(row)
         for i, at in enumerate(row["diverged_at"]):
             if at is not None and args.trace:
