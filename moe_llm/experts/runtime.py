@@ -239,28 +239,30 @@ class ExpertsRuntime:
             record = self._routing if rows == 1 else self._rows_record(rows)
         routed_keys = [(layer, e) for layer, row in zip(cache.layers, record.tolist(), strict=True) for e in row]
         if self._split is not None:  # what the CPU thread has computed since the last step
-            self._time_lone_step(rows)
             calls, nbytes, ns = self._split.new_counts()
             self.stats.cpu_expert_calls += calls
             self.stats.cpu_expert_bytes += nbytes
             self.stats.cpu_expert_ms += ns / 1e6
         keys = list(dict.fromkeys(routed_keys))
-        cache.observe(keys, None if routed is None else routed.step)
+        _, misses = cache.observe(keys, None if routed is None else routed.step)
+        if self._split is not None:
+            self._time_lone_step(rows, misses)
         protect = set(keys)
         for key in keys:
             if not cache.is_resident(*key):
                 cache.admit(key, protect, evict=self.evict_on_admit)
 
-    def _time_lone_step(self, rows: int) -> None:
+    def _time_lone_step(self, rows: int, misses: int) -> None:
         """Feed the split's search ('auto') the wall time between two lone decode steps' ends
-        (the host waits for each, and a run-ahead step keeps the GPU busy in between). A
-        batched step, a prompt, and the first step after either are not timed."""
+        (the host waits for each, and a run-ahead step keeps the GPU busy in between), with the
+        ended step's missed experts. A batched step, a prompt, and the first step after either
+        are not timed."""
         now = time.perf_counter()
         if rows != 1:
             self._lone_end = None
             return
         if self._lone_end is not None and self._untimed == 0:
-            self._split.step_time(now - self._lone_end)
+            self._split.step_time(now - self._lone_end, misses)
         self._untimed = max(0, self._untimed - 1)
         self._lone_end = now
 

@@ -376,12 +376,13 @@ class CpuSplit:
         self._seen = now
         return new
 
-    def step_time(self, seconds: float) -> None:
-        """'auto': a lone decode step took `seconds` (as the host saw it finish). Where the
+    def step_time(self, seconds: float, misses: int | None = None) -> None:
+        """'auto': a lone decode step took `seconds` (as the host saw it finish) and missed
+        `misses` experts (`TakeSearch.observe`). Where the
         search moves, its tables are written over the device table in place (the captured
         steps hold its address), in stream order; a step already enqueued may read some
         entries old and some new, and each is a take both roads compute to the same bits."""
-        if self.search is None or not self.search.observe(seconds):
+        if self.search is None or not self.search.observe(seconds, misses):
             return
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             self.search.restart_window()
