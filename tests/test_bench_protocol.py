@@ -20,10 +20,21 @@ def test_middle_is_a_measured_run():
     assert _middle(runs, key=lambda r: r["t"])["c"] == "c"
 
 
-def test_rows_keep_every_run_and_report_the_middle(one_thread):
+def test_rows_keep_every_run_and_report_the_middle(one_thread, tmp_path, monkeypatch):
+    import json
+    import os
+
+    from moe_llm.experts.cpu.build import BuildSettings
+
+    # the run measures this machine's RAM read rate and keeps it in MOE_LLM_HOME/machine.json
+    # (the compiled CPU kernel stays where it already is)
+    monkeypatch.setenv("MOE_LLM_CACHE_DIR", str(BuildSettings.from_env({**os.environ, "MOE_LLM_HOME": ""}).cache_dir))
+    monkeypatch.setenv("MOE_LLM_HOME", str(tmp_path))
     model = SyntheticModel(TINY, "cpu", experts_bits=2, attn_bits=4)
     variants = [Variant("resident", 2, None), Variant("full", 2, None, cache_per_layer=2)]
     run = run_protocol(model, variants, Workload(prompt_tokens=16, new_tokens=6, ttft_prompts=(32,), repeats=3))
+    ram = run["ram_read_bandwidth_bytes_s"]
+    assert ram > 1e9 and json.loads((tmp_path / "machine.json").read_text())["ram_gbps"] == pytest.approx(ram / 1e9)
     assert [r["name"] for r in run["variants"]] == ["resident", "full"]
     for row in run["variants"]:
         runs = row["decode_tok_s_runs"]

@@ -44,3 +44,22 @@ def test_without_the_three_rows_there_is_no_verdict():
     assert run["auto_vs_roads"] == [] and run["auto_vs_best_road"] is None
     target = next(t for t in run["targets"] if t["key"] == "auto_vs_best_road")
     assert target["met"] is None
+
+
+def test_the_cpu_kernel_is_judged_against_the_runs_ram_read_rate():
+    """Issue 12's kernel bar: every miss on the CPU (`full-cpu-all` at the smallest budget, the
+    most misses) computed at >= 70% of the RAM read rate measured in the same run."""
+    rows = [
+        {**_row("full", 60.0), "cpu_expert_gbps": 40.0},
+        {**_row("full-cpu-all", 50.0), "cpu_expert_gbps": 75.0},
+        {**_row("full-cpu-all-2GiB", 20.0, 2 * GIB), "cpu_expert_gbps": 66.0},
+        _row("resident", 190.0, None),
+    ]
+    run = summarize({**_run(rows), "ram_read_bandwidth_bytes_s": 100e9})
+    assert run["variants"][0]["cpu_fraction_of_ram_read"] == pytest.approx(0.40)
+    assert run["variants"][3]["cpu_fraction_of_ram_read"] is None
+    assert run["cpu_kernel_fraction_of_ram_read"] == pytest.approx(0.66)  # the 2 GiB row
+    target = next(t for t in run["targets"] if t["key"] == "cpu_kernel_fraction_of_ram_read")
+    assert target["met"] is False and target["missed_by"] == pytest.approx(1 - 0.66 / 0.7)
+    no_probe = summarize(_run([_row("full", 60.0), {**_row("full-cpu-all", 50.0), "cpu_expert_gbps": 75.0}]))
+    assert no_probe["cpu_kernel_fraction_of_ram_read"] is None

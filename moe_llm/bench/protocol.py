@@ -74,6 +74,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def ram_read_bandwidth() -> float | None:
+    """This machine's RAM read bandwidth (bytes/s), measured now with every physical core
+    (`planning.speed.measure_machine`, which also rewrites machine.json, so every `auto` split
+    of the run starts from this run's probe and not from one cached while other work ran);
+    None where the CPU kernel cannot be built."""
+    from ..errors import ConfigError
+    from ..planning import speed
+
+    try:
+        return speed.measure_machine()["ram_gbps"] * 1e9
+    except ConfigError as exc:
+        log.info("no RAM read probe: %s", exc)
+        return None
+
+
 def pinned_bandwidth(device: torch.device, nbytes: int = 64 << 20, reps: int = 20) -> float:
     """Host->device bytes/s of `nbytes` pinned copies (host memcpy on CPU)."""
     if device.type != "cuda":
@@ -130,6 +145,8 @@ def _decode_run(engine: Engine, prompt: list[int], new_tokens: int) -> dict:
         "cpu_expert_calls_per_token": dec.cpu_expert_calls / max(steps, 1),
         "cpu_expert_bytes_per_token": dec.cpu_expert_bytes / max(steps, 1),
         "cpu_expert_ms_per_token": dec.cpu_expert_ms / max(steps, 1),
+        # the rate at which the CPU threads computed their shares of missed experts
+        "cpu_expert_gbps": dec.cpu_expert_bytes / dec.cpu_expert_ms / 1e6 if dec.cpu_expert_ms > 0 else None,
     }
 
 
@@ -329,6 +346,7 @@ def run_protocol(
     """Run `variants` (grouped by bit width: the model's store is rebuilt per width)."""
     dev = model.device
     bandwidth = pinned_bandwidth(dev)
+    ram = ram_read_bandwidth()
     prompts = {n: model.random_prompt(n, workload.seed + n) for n in workload.ttft_prompts}
     prompts["main"] = model.random_prompt(workload.prompt_tokens, workload.seed)
     prompts["warmup"] = model.random_prompt(32, workload.seed + 1)
@@ -364,4 +382,9 @@ def run_protocol(
             log.info("%s: %.2f tok/s", v.name, row["decode_tok_s"])
             if on_row:
                 on_row(row)
-    return {"pinned_bandwidth_bytes_s": bandwidth, "variants": rows, "kernels": kernels}
+    return {
+        "pinned_bandwidth_bytes_s": bandwidth,
+        "ram_read_bandwidth_bytes_s": ram,
+        "variants": rows,
+        "kernels": kernels,
+    }

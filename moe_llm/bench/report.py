@@ -21,7 +21,10 @@ TARGETS = (
     ("peak_gpu_fraction_of_budget", 1.0, "max"),
     ("ttft_1024_ratio_to_bound", 1.2, "max"),
     ("auto_vs_best_road", 1.0, "min"),  # issue 12: cpu_experts auto at least as fast as the better of off and all
+    # issue 12: the CPU kernel, every miss of a lone token on the CPU, at >= 70% of the run's RAM read rate
+    ("cpu_kernel_fraction_of_ram_read", 0.7, "min"),
 )
+_CPU_ALL_ROW = re.compile(r"full-cpu-all(-[\d.]+GiB)?")
 _AUTO_ROW = re.compile(r"full(-[\d.]+GiB)?")  # cpu_experts "auto" rows: the headline budget and the extra ones
 
 
@@ -69,9 +72,12 @@ def road_comparison(rows: list[dict]) -> list[dict]:
 def summarize(run: dict, headline: str = "full", no_cache: str = "no-cache-no-prefetch") -> dict:
     """Add top-level keys, targets and per-row PCIe 4 projections to a run dict."""
     rows = run["variants"]
+    ram = run.get("ram_read_bandwidth_bytes_s")
     for r in rows:
         r["pinned_bandwidth_bytes_s"] = run["pinned_bandwidth_bytes_s"]
         r["pcie4_projection"] = project(r)
+        gbps = r.get("cpu_expert_gbps")
+        r["cpu_fraction_of_ram_read"] = gbps * 1e9 / ram if gbps and ram else None
     full, nc = _find(rows, headline), _find(rows, no_cache)
     acc = run.get("accelerate") or {}
     if full is None:
@@ -101,9 +107,19 @@ def summarize(run: dict, headline: str = "full", no_cache: str = "no-cache-no-pr
     ratios = [c["auto_vs_best"] for c in roads if c["auto_vs_best"] is not None]
     top["auto_vs_roads"] = roads
     top["auto_vs_best_road"] = min(ratios) if ratios else None  # the worst budget
+    top["cpu_kernel_fraction_of_ram_read"] = cpu_kernel_fraction(rows)
     run.update(top)
     run["targets"] = check_targets(top)
     return run
+
+
+def cpu_kernel_fraction(rows: list[dict]) -> float | None:
+    """The CPU kernel's rate against the run's RAM read rate, where it computes every miss
+    (`full-cpu-all[-B]`) with the fewest slots, so the most misses: the smallest budget."""
+    on_cpu = [r for r in rows if _CPU_ALL_ROW.fullmatch(r["name"]) and r.get("cpu_fraction_of_ram_read")]
+    if not on_cpu:
+        return None
+    return min(on_cpu, key=lambda r: r["gpu_budget_bytes"] or 0)["cpu_fraction_of_ram_read"]
 
 
 def check_targets(top: dict, targets=TARGETS) -> list[dict]:

@@ -148,6 +148,7 @@ def run_bench(
 
     measured = run_protocol(model, variants, workload, on_row=row_done)
     run["pinned_bandwidth_bytes_s"] = measured["pinned_bandwidth_bytes_s"]
+    run["ram_read_bandwidth_bytes_s"] = measured["ram_read_bandwidth_bytes_s"]
     run["kernels"] = measured["kernels"]
     del model
     gc.collect()
