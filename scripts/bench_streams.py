@@ -16,7 +16,8 @@ one row if a step's time were in proportion to its missed experts, N * misses of
 every stream's tokens equal its prompt's lone run (`equal_to_alone`; no prefix cache, so
 every prefill is a cold one; `diverged_at`: per stream the first token that differs; and
 `lone_repeatable`: whether each lone run, made twice, gave the same tokens), the peak GPU memory of the row (`peak_gpu_bytes`, against the
-budget) and how many requests so far waited for KV room (`kv_waited`, cumulative). Each N
+budget), how many requests so far waited for KV room (`kv_waited`, cumulative), and the CPU
+road's bytes and busy time a step (`cpu_expert_mb_per_step`, `cpu_expert_ms_per_step`). Each N
 runs twice; the faster run counts. The JSON is rewritten after every row.
 """
 
@@ -169,6 +170,9 @@ def main() -> None:
                    misses_per_step=used.cache_misses / max(used.decode_steps, 1),
                    copied_mb_per_step=used.bytes_to_device / max(used.decode_steps, 1) / 1e6,
                    cpu_expert_calls=used.cpu_expert_calls, batch_mode=engine.batcher.stats()["batch_mode"],
+                   # the CPU road's share of a step: is it the longer road once rows are batched?
+                   cpu_expert_mb_per_step=used.cpu_expert_bytes / max(used.decode_steps, 1) / 1e6,
+                   cpu_expert_ms_per_step=used.cpu_expert_ms / max(used.decode_steps, 1),
                    equal_to_alone=all(t == lone[s] for t, s in zip(toks, seeds, strict=True)),
                    # per stream: the first token index where it left its lone run (None: equal)
                    diverged_at=[first_difference(t, lone[s]) for t, s in zip(toks, seeds, strict=True)],
