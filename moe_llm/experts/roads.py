@@ -3,9 +3,10 @@
 Two roads lead to a missed expert's bytes in host RAM: the GPU reads them over the link
 (zero-copy), or the CPU threads compute the expert where it lies (`experts.split`). For a
 layer with m of its k routed experts missed, the CPU takes a share f of each miss that makes
-both roads finish together (`take_table`), from the roads' rates (`Roads`): at load the
-planner's, measured once per machine (`road_rates`); while decoding, the CPU road's own
-(`split.CpuSplit`). The planner projects whole tokens with the same model (`planning.speed`).
+both roads finish together (`take_table`), from the roads' rates (`Roads`): the planner's,
+measured once per machine (`road_rates`). The engine's `auto` only starts there; the tables
+the model gives at other CPU rates are the candidates its search times (`take_search`). The
+planner projects whole tokens with the same model (`planning.speed`).
 """
 
 from __future__ import annotations

@@ -136,9 +136,9 @@ class ExpertsRuntime:
 
     @property
     def split_take(self) -> dict | None:
-        """The split's cost-model table: down-plane bytes of each missed expert the CPU takes,
-        by the number of misses in a layer, the plane's size and ('auto') the CPU road's rate the
-        table was made with, in GB/s (None without a split)."""
+        """The split's table: down-plane bytes of each missed expert the CPU takes, by the
+        number of misses in a layer, the plane's size and ('auto') where its search stands
+        (`CpuSplit.search_report`; None without a split)."""
         if self._split is None:
             return None
         return {"take": self._split.take, "plane_bytes": self._split.plane_bytes,

@@ -293,6 +293,7 @@ class CpuSplit:
         self._host_takes = self._table(takes)  # what the device table holds
         self.takes = self._host_takes.to(dev)
         self.search = search
+        self._written = None if search is None else search.at  # the ladder index the device table holds
         self.pcut = torch.full((rows, positions), plane_bytes, dtype=torch.int32, device=dev)
         self._addr = torch.tensor(
             [store.address(layer, e) for layer in cache.layers for e in range(cache.num_experts)], dtype=torch.int64
@@ -378,20 +379,22 @@ class CpuSplit:
 
     def step_time(self, seconds: float, misses: int | None = None) -> None:
         """'auto': a lone decode step took `seconds` (as the host saw it finish) and missed
-        `misses` experts (`TakeSearch.observe`). Where the
-        search moves, its tables are written over the device table in place (the captured
-        steps hold its address), in stream order; a step already enqueued may read some
-        entries old and some new, and each is a take both roads compute to the same bits."""
-        if self.search is None or not self.search.observe(seconds, misses):
+        `misses` experts (`TakeSearch.observe`). Whenever the search's tables are not the ones
+        the device holds (and no graph is being captured), they are written over the device
+        table in place (the captured steps hold its address), in stream order; a step already
+        enqueued may read some entries old and some new, and each is a take both roads compute
+        to the same bits."""
+        search = self.search
+        if search is None:
             return
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            self.search.restart_window()
+        search.observe(seconds, misses)
+        if search.at == self._written or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return
-        self._host_takes = self._table(self.search.current)
+        self._written = search.at
+        self._host_takes = self._table(search.current)
         self.takes.copy_(self._host_takes)
-        self.search.restart_window()
         log.info("CPU experts auto: tables %d of %d (of each missed expert the CPU takes %s of %d)",
-                 self.search.at, len(self.search.tables), self.take, self.plane_bytes)  # fmt: skip
+                 search.at, len(search.tables), self.take, self.plane_bytes)  # fmt: skip
 
     def close(self) -> None:
         self._stop.value = 1

@@ -96,7 +96,7 @@ class TakeSearch:
         return self.tables[self.at]
 
     def restart_window(self) -> None:
-        """Drop the steps measured so far in this window (the tables just changed)."""
+        """Drop the steps measured so far in this window (a window is full, or its steps do not count)."""
         self._times.clear()
         self._misses.clear()
 
@@ -151,10 +151,15 @@ class TakeSearch:
         elif not self.tried_other:
             self.direction, self.tried_other = -self.direction, True
         else:  # neither neighbour is faster: rest here, then look again
-            self.at, self.rest, self.stride, self.direction, self.tried_other = self.best, REST, 1, 1, False
+            self.at = self._rest()
             return self.at != before
         self.at = self._trial()
         return self.at != before
+
+    def _rest(self) -> int:
+        """Rest REST windows at the best; the next round starts over (stride 1, more CPU first)."""
+        self.rest, self.stride, self.direction, self.tried_other = REST, 1, 1, False
+        return self.best
 
     def _trial(self) -> int:
         """The next ladder index to measure from the best, or the best itself once the ladder
@@ -166,5 +171,4 @@ class TakeSearch:
             if self.tried_other:
                 break
             self.direction, self.stride, self.tried_other = -self.direction, 1, True
-        self.rest, self.stride, self.direction, self.tried_other = REST, 1, 1, False
-        return self.best
+        return self._rest()
