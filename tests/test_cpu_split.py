@@ -252,13 +252,16 @@ def test_auto_tables_move_in_place_with_the_measured_step_times(monkeypatch):
         for seconds in (0.02, 0.02):  # the start's window: then a trial of more CPU share
             split.step_time(seconds)
         assert search.at == start + 1 and split.take == search.tables[start + 1][0]
-        for seconds in (0.01, 0.01):  # faster: it stays, and the next trial goes further
+        for seconds in (0.01, 0.01):  # faster: the start is timed again, to confirm it
+            split.step_time(seconds)
+        assert search.best == start and search.at == start and split.take == search.tables[start][0]
+        for seconds in (0.02, 0.02):  # still slower: the trial wins, and the next one goes further
             split.step_time(seconds)
         assert search.best == start + 1 and search.at > start + 1
         assert split.takes is table and split.takes.data_ptr() == addr
         assert split.takes[1, :3].tolist() == search.current[0] == split.take
         assert split.search_report() == {"ladder_index": search.at, "ladder": len(search.tables),
-                                         "best": start + 1, "windows": 2}  # fmt: skip
+                                         "best": start + 1, "windows": 3}  # fmt: skip
         xs = torch.randn(1, 256, generator=torch.Generator().manual_seed(9))
         y = _serve(split, 1, [0, 3], [32, 32], [0, 0], xs)
         assert torch.equal(y[0], expert_share(store.buffer(1, 0), fmt, xs[0], 32, 128, threads=1))

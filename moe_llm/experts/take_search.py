@@ -16,8 +16,15 @@ estimate's own tables and moves along the ladder by what lone decode steps measu
   slope of time on misses. Routing draws 14.5 +- 3.3 misses a step at 12 GiB on
   random weights, so a window's raw mean carries about 3% of noise from the draw alone; that is
   the size of the differences between neighbouring tables;
-- a pattern search: try a neighbour (more CPU first); a trial faster than the best by over
-  `TOLERANCE` becomes the best, and the next trial doubles the stride in that direction;
+- a pattern search: try a neighbour (more CPU first). A trial must be faster than the best by
+  over `TOLERANCE` twice: against the best's window before it, and then against a window of
+  the best timed right after it. Only then does it become the best, and the next trial doubles
+  the stride in that direction. Bracketing a trial between two windows of the best keeps a
+  host that speeds up or slows down over time from passing as a faster table. On one H200
+  host, timed against the best's earlier window only, the search climbed from the model's
+  tables to more CPU share and stopped at 0.95 of `all` (55.4 against 58.6 tok/s). In the same
+  lease the `no-prefetch` row came back to the model's tables and ran at 66.3
+  (`benchmarks/results/h200-policy-81dfddf.json`);
   otherwise the stride falls back to one, then (if the search has not come from there) the
   other direction is tried; with neither better, the search rests at the best for `REST`
   windows (each refreshing its window) and
@@ -84,6 +91,7 @@ class TakeSearch:
         self.stride, self.direction = 1, 1
         self.tried_other = False  # in this round: the other direction has been tried at stride 1
         self.rest = 0  # windows left to rest at the best
+        self.pending: tuple[int, Fit] | None = None  # a trial that beat the best, until the best is timed again
         self._times: list[float] = []
         self._misses: list[int] = []
         self._seen_misses = (0, 0)  # (steps, misses) over every observed step: the long-run mean
@@ -138,23 +146,38 @@ class TakeSearch:
         before = self.at
         mean_m = self._mean_misses()
         if self.at == self.best:
+            pending, self.pending = self.pending, None
             self.best_fit = fit
+            if pending is not None:  # the best again, right after a trial that beat its earlier window
+                at, trial = pending
+                if trial.at(mean_m) < fit.at(mean_m) * (1 - TOLERANCE):  # faster than before and after
+                    self.best, self.best_fit = at, trial
+                    self.stride *= 2  # faster: go on, further, the same way
+                    self.tried_other = True  # the way back is known to be slower
+                    self.at = self._trial()
+                else:  # the best had drifted (or drawn) slow: the trial lost after all
+                    self.at = self._after_loss()
+                return self.at != before
             if self.rest > 0:
                 self.rest -= 1
                 return False
+            self.at = self._trial()
         elif fit.at(mean_m) < self.best_fit.at(mean_m) * (1 - TOLERANCE):  # both at today's mean
-            self.best, self.best_fit = self.at, fit
-            self.stride *= 2  # faster: go on, further, the same way
-            self.tried_other = True  # the way back is known to be slower
-        elif self.stride > 1:
+            self.pending = (self.at, fit)  # measure the best again before believing it
+            self.at = self.best
+        else:
+            self.at = self._after_loss()
+        return self.at != before
+
+    def _after_loss(self) -> int:
+        """Where to go after a trial that was not faster than the best."""
+        if self.stride > 1:
             self.stride = 1  # overshot: try the nearer neighbour
         elif not self.tried_other:
             self.direction, self.tried_other = -self.direction, True
         else:  # neither neighbour is faster: rest here, then look again
-            self.at = self._rest()
-            return self.at != before
-        self.at = self._trial()
-        return self.at != before
+            return self._rest()
+        return self._trial()
 
     def _rest(self) -> int:
         """Rest REST windows at the best; the next round starts over (stride 1, more CPU first)."""
