@@ -26,6 +26,9 @@ as of its beginning, since with a step in flight the host changes the cache befo
 observes that step: a step reads a slot whose copy was known complete before it began,
 and, until the repoint that waits for it, the slot of an expert evicted after it began.
 
+A decode admission that must evict goes through the policy (is the candidate worth its victim?)
+and then the admission gate (`admission.AdmissionGate`: do such swaps pay on this routing?).
+
 ``retain=False`` gives the "no cache" ablation: a slot is dropped right after use.
 """
 
@@ -36,6 +39,7 @@ from collections.abc import Iterable
 import torch
 
 from ..runtime.stats import Stats
+from .admission import AdmissionGate
 from .policy import Key, make_policy
 from .store import ExpertStore
 
@@ -61,6 +65,7 @@ class ExpertCache:
         self.retain = retain
         self.stats = stats if stats is not None else Stats()
         self.policy = make_policy(policy)
+        self.gate = AdmissionGate()  # decode admissions that evict: only while they pay
         n = min(slots, len(self.layers) * self.num_experts)
         self.floor = max(0, min(floor, n // max(len(self.layers), 1)))
         self.max_pending = max_pending  # decode admissions in flight at once: they share the link with misses
@@ -189,8 +194,15 @@ class ExpertCache:
         if self._free:
             return self._free.pop()
         victim = self._pick_victim(protect, force)
-        if victim is None or (candidate is not None and not self.policy.admit(candidate, victim)):
+        if victim is None:
             return None
+        if candidate is not None:  # a decode admission: worth its victim to the policy, and paying?
+            if not self.policy.admit(candidate, victim):
+                return None
+            if not self.gate.allow():
+                self.stats.admissions_held += 1
+                return None
+            self.gate.trial(candidate, victim)
         return self._evict(victim)
 
     def _load(self, key: Key, slot: int) -> None:
@@ -304,7 +316,9 @@ class ExpertCache:
         hits = 0
         for key in routed:
             self.policy.touch(key)
-            if self._read_slot(key, step):
+            hit = self._read_slot(key, step)
+            self.gate.seen(key, hit)
+            if hit:
                 hits += 1
                 if key in self._prefetched:
                     self._prefetched.discard(key)
@@ -314,6 +328,7 @@ class ExpertCache:
         self.stats.cache_misses += misses
         self.stats.bytes_from_host += misses * self.store.fmt.nbytes
         self.policy.tick()
+        self.gate.tick()
         if self._gone:  # later steps began after these evictions
             self._gone = {key: span for key, span in self._gone.items() if span[1] > step}
         return hits, misses
@@ -358,3 +373,4 @@ class ExpertCache:
         self._prefetched.clear()
         self._gone.clear()
         self.policy.clear()
+        self.gate.clear()

@@ -13,6 +13,7 @@ class Stats:
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0
+    admissions_held: int = 0  # decode admissions the cache's gate held back (they did not pay: experts.admission)
     bytes_to_device: int = 0  # copied into slots (copy engine)
     bytes_from_host: int = 0  # missed experts read in place from host RAM (GPU zero-copy, or CPU threads)
     cpu_expert_calls: int = 0  # missed experts (or their CPU shares) computed by CPU threads
