@@ -121,14 +121,16 @@ def test_auto_is_never_slower_than_off_or_all(plans, budget):
 @pytest.mark.parametrize("budget", [6, 8, 12])
 def test_more_ram_bandwidth_never_lowers_the_cpu_roads(plans, budget):
     for pcie, cores, hbm in itertools.product((8, 25, 50), (2, 8, 16, 64), (300, 1000)):
-        last = None
+        last, last_ram = None, 0
         for ram in (5, 10, 20, 30, 40, 55, 70, 90, 120, 200, 400):
             roads = project_decode(plans[budget], Machine(pcie_gbps=pcie, ram_gbps=ram, cores=cores, hbm_gbps=hbm))
             now = {mode: roads[mode].tok_s for mode in ("off", "auto", "all")}
             if last is not None:
                 assert now["all"] >= last["all"] and now["auto"] >= last["auto"], (pcie, cores, hbm, ram)
-                assert now["off"] == last["off"]  # off never touches the CPU
-            last = now
+                assert now["off"] >= last["off"]  # off reads host RAM over the link only, never the CPU
+                if last_ram > pcie:
+                    assert now["off"] == last["off"]  # ... so past the link's rate more RAM does nothing
+            last, last_ram = now, ram
 
 
 def test_the_cpu_road_decides_where_misses_go(plans):
@@ -160,6 +162,34 @@ def test_the_projection_uses_the_cost_model_of_the_split(plans):
     assert project_decode(mp, mach)["all"].s_per_token == pytest.approx(want, rel=1e-12)
 
 
+def test_both_roads_share_the_hosts_ram(plans):
+    """A miss split between the roads is read from host RAM by both: a layer takes at least their
+    bytes at the RAM's rate, however fast each road is alone (the H200 hosts' split rows were
+    bound by it). Without that limit (RAM far faster) `auto` projects faster."""
+    from moe_llm.experts.roads import Roads
+
+    eb = 55_738_368
+    roads = Roads(gpu_hbm=1.2e12, zero_copy=36e9, cpu=60e9, handoff_s=0.0, ram=70e9)
+    for m in (1, 2):
+        for take in (0, 1792, 3584):
+            assert predicted_layer_s(m, 2, take, 3584, roads, eb, 2) >= m * eb / 70e9
+    mp = plans[12]
+    bound = Machine(pcie_gbps=55, ram_gbps=70, cores=16, hbm_gbps=4800, cpu_road_gbps=60)
+    free = Machine(pcie_gbps=55, ram_gbps=1e4, cores=16, hbm_gbps=4800, cpu_road_gbps=60)
+    auto = project_decode(mp, bound)["auto"]
+    assert auto.s_per_token >= auto.resident_s_per_token + auto.misses_per_token * mp.plan.expert_bytes / 70e9
+    assert project_decode(mp, free)["auto"].tok_s > auto.tok_s * 1.1
+    assert project_decode(mp, free)["off"].tok_s == project_decode(mp, bound)["off"].tok_s  # the link alone
+
+
+def test_a_measured_cpu_road_rate_replaces_the_model(capsys):
+    assert Machine(pcie_gbps=25, ram_gbps=70, cores=8, hbm_gbps=500, cpu_road_gbps=60).cpu_gbps == 60
+    assert Machine(pcie_gbps=25, ram_gbps=70, cores=8, hbm_gbps=500).cpu_gbps == pytest.approx(38.5)
+    code, out = run_cli(["plan", "mixtral-8x7b", "--budget", "12GiB", "--experts-bits", "2", *DESKTOP,
+                         "--cpu-gbps", "45"], capsys)  # fmt: skip
+    assert code == 0 and "CPU road 45.0 GB/s (given)" in " ".join(out.out.split())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_the_cpu_bytes_are_counted_as_the_engine_counts_them(bits):
     """The projection's CPU bytes follow the split's reads (`cpu_read_fraction`): at 2 and 4 bits
@@ -184,6 +214,7 @@ def test_the_cpu_bytes_are_counted_as_the_engine_counts_them(bits):
         ("--pcie-gbps", "inf", "pcie_gbps (--pcie-gbps) must be a positive number of GB/s"),
         ("--cores", "0", "cores (--cores) must be a whole number of at least 1, got 0"),
         ("--cores", "-4", "cores (--cores) must be a whole number of at least 1, got -4"),
+        ("--cpu-gbps", "-1", "cpu_road_gbps (--cpu-gbps) must be a positive number of GB/s, got -1.0"),
     ],
 )
 def test_bad_machine_values_are_one_line_and_exit_2(capsys, flag, value, fragment):

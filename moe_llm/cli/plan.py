@@ -93,7 +93,11 @@ def machine_line(m) -> str:
     return (
         f"machine: PCIe {m.pcie_gbps:g} GB/s{src('pcie_gbps')}, RAM {m.ram_gbps:g} GB/s{src('ram_gbps')}, "
         f"{m.cores} cores{src('cores')}, HBM {m.hbm_gbps:g} GB/s{src('hbm_gbps')}; CPU road {m.cpu_gbps:.1f} GB/s "
-        f"= min({CPU_EFFICIENCY:g} x RAM, {m.cpu_threads} threads x {CPU_GBPS_PER_THREAD:g} GB/s)"
+        + (
+            "[dim](given)[/]"
+            if m.cpu_road_gbps is not None
+            else f"= min({CPU_EFFICIENCY:g} x RAM, {m.cpu_threads} threads x {CPU_GBPS_PER_THREAD:g} GB/s)"
+        )
     )
 
 
@@ -124,8 +128,8 @@ PROJECTION_NOTE = (
     "split of each miss (experts.roads.take_table), so that both roads finish together; its counts are "
     "expert-equivalents; the CPU reads only its share of an expert's bytes (at 3 bits all of down_proj). HBM and the link at what "
     "the decode kernels reach of them (70% of HBM, at most 1.2 TB/s; 65% of the link). "
-    "Not counted: KV reads, admission copies, kernel launches, and that both roads share the host's RAM "
-    "(on the H200 this auto projected 19-21% above the measured rate). The engine's auto only starts "
+    "Both roads' reads of a miss share the host's RAM bandwidth; a layer takes at least their sum at "
+    "that rate. Not counted: KV reads, admission copies, kernel launches. The engine's auto only starts "
     "from this split, then takes the one its decode steps measure fastest."
 )
 
@@ -157,6 +161,12 @@ def plan(
         None, "--ram-gbps", help="Host RAM read bandwidth in GB/s (default: measured here with --measure, else 60)."
     ),
     cores: int = typer.Option(None, "--cores", help="Physical CPU cores (default: this machine's)."),
+    cpu_gbps: float = typer.Option(
+        None,
+        "--cpu-gbps",
+        help="The CPU road's rate in GB/s, if known (scripts/bench_cpu_kernel.py; "
+        "default: min(0.55 x RAM, 7 GB/s per core but one)).",
+    ),  # fmt: skip
     hbm_gbps: float = typer.Option(
         None, "--hbm-gbps", help="GPU memory bandwidth in GB/s (default: the CUDA device's peak, else 500)."
     ),
@@ -171,7 +181,7 @@ def plan(
     from ..config import format_size
     from ..planning import machine, measure_machine, plan_model, project_decode
 
-    mach = machine(pcie_gbps, ram_gbps, cores, hbm_gbps)  # bad values fail before any planning
+    mach = machine(pcie_gbps, ram_gbps, cores, hbm_gbps, cpu_gbps)  # bad values fail before any planning
     mp = plan_model(
         model, ram=ram, gpu_budget=gpu_budget, cache_per_layer=cache_per_layer, dtype=dtype, max_context=context,
         experts_bits=bits_option(experts_bits, (2, 3, 4), "--experts-bits"),
@@ -180,7 +190,7 @@ def plan(
     )  # fmt: skip
     if measure:  # after the plan: a budget that cannot fit fails at once
         measure_machine()
-        mach = machine(pcie_gbps, ram_gbps, cores, hbm_gbps)
+        mach = machine(pcie_gbps, ram_gbps, cores, hbm_gbps, cpu_gbps)
     roads = project_decode(mp, mach)
     if as_json:
         proj = {"machine": mach.to_dict(), "roads": {mode: r.to_dict() for mode, r in roads.items()}}

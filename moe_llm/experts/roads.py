@@ -11,6 +11,7 @@ planner projects whole tokens with the same model (`planning.speed`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MODES = ("off", "auto", "all")
@@ -24,6 +25,7 @@ class Roads:
     zero_copy: float  # a missed expert read by the GPU over the link
     cpu: float  # a missed expert computed by the CPU threads
     handoff_s: float = 15e-6  # flag to the CPU and back, per layer with a CPU share
+    ram: float = math.inf  # host RAM read rate, which both roads' reads of a miss share
 
 
 def cpu_read_fraction(bits: int | None) -> float:
@@ -55,12 +57,15 @@ def predicted_layer_s(
     m: int, k: int, take: int, pd: int, roads: Roads, expert_bytes: int, bits: int | None
 ) -> float:  # fmt: skip
     """Modelled time of one MoE layer's `bits`-bit experts with m misses and the CPU taking
-    `take` of PD."""
+    `take` of PD: the longer road, and at least the time host RAM takes to serve both roads'
+    reads of the misses (on the H200 hosts the split's rows were bound by it: docs/benchmarks.md)."""
     f = take / pd if pd else 0.0
     g = cpu_read_fraction(bits)
-    gpu = (k - m) * expert_bytes / roads.gpu_hbm + m * (1 - f) * expert_bytes / roads.zero_copy
-    cpu = m * (f * g + (1 - g)) * expert_bytes / roads.cpu + roads.handoff_s if take else 0.0
-    return max(gpu, cpu)
+    on_cpu = m * (f * g + (1 - g)) * expert_bytes if take else 0.0  # bytes the CPU threads read
+    on_link = m * (1 - f) * expert_bytes  # ... and the GPU over the link
+    gpu = (k - m) * expert_bytes / roads.gpu_hbm + on_link / roads.zero_copy
+    cpu = on_cpu / roads.cpu + roads.handoff_s if take else 0.0
+    return max(gpu, cpu, (on_cpu + on_link) / roads.ram)
 
 
 @dataclass(frozen=True)

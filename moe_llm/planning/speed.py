@@ -16,12 +16,11 @@ A projection, not a measurement. For one decoded token at batch 1:
   split (`experts.roads.road_rates`) uses these same rates.
 - **Per layer the roads overlap**: `predicted_layer_s` is the larger of the GPU's time (hits,
   and its share of each miss) and the CPU's (its share, plus HANDOFF_S to hand the layer over
-  and back). `take_table` gives the CPU's share: `off` none, `all` every miss, `auto` the
+  and back), and at least the time host RAM (``ram_gbps``) takes to serve both roads' reads. `take_table` gives the CPU's share: `off` none, `all` every miss, `auto` the
   share at which both roads finish together (at SHARE_STEPS granularity; none or all of the
   miss where either is faster still), so `auto` is never slower than `off` or `all`.
 - **Not counted**: KV reads (a short context), admission copies sharing the link, kernel
-  launches and syncs. On the H200 benchmark (tree 57dce63) the engine measured 0.78-0.98 of
-  these projections (docs/tuning.md).
+  launches and syncs. docs/tuning.md checks these projections against the H200 benchmark.
 """
 
 from __future__ import annotations
@@ -64,7 +63,8 @@ DEFAULTS = {
     "ram_gbps": (60.0, "dual-channel DDR5 in practice"),
     "hbm_gbps": (500.0, "an RTX 4070-class card, 504 GB/s"),
 }
-_FLAGS = {"pcie_gbps": "--pcie-gbps", "ram_gbps": "--ram-gbps", "hbm_gbps": "--hbm-gbps", "cores": "--cores"}
+_FLAGS = {"pcie_gbps": "--pcie-gbps", "ram_gbps": "--ram-gbps", "hbm_gbps": "--hbm-gbps", "cores": "--cores",
+          "cpu_road_gbps": "--cpu-gbps"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,13 @@ class Machine:
     cores: int  # physical cores
     hbm_gbps: float  # GPU memory bandwidth
     sources: tuple[tuple[str, str], ...] = ()
+    cpu_road_gbps: float | None = None  # the CPU road's rate when known (scripts/bench_cpu_kernel.py); else modelled
 
     def __post_init__(self):
-        for name in ("pcie_gbps", "ram_gbps", "hbm_gbps"):
+        for name in ("pcie_gbps", "ram_gbps", "hbm_gbps", "cpu_road_gbps"):
             v = getattr(self, name)
+            if name == "cpu_road_gbps" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{name} ({_FLAGS[name]}) must be a positive number of GB/s, got {v!r}")
         if isinstance(self.cores, bool) or not isinstance(self.cores, int) or self.cores < 1:
@@ -91,7 +94,10 @@ class Machine:
 
     @property
     def cpu_gbps(self) -> float:
-        """The CPU road's rate: RAM bandwidth x CPU_EFFICIENCY, or the threads' limit if lower."""
+        """The CPU road's rate: as given, else RAM bandwidth x CPU_EFFICIENCY, or the threads' limit
+        if lower."""
+        if self.cpu_road_gbps is not None:
+            return self.cpu_road_gbps
         return min(self.ram_gbps * CPU_EFFICIENCY, CPU_GBPS_PER_THREAD * self.cpu_threads)
 
     def roads(self) -> Roads:
@@ -100,7 +106,7 @@ class Machine:
         return Roads(
             gpu_hbm=min(self.hbm_gbps * HBM_EFFICIENCY, EXPERT_KERNEL_GBPS) * 1e9,
             zero_copy=self.pcie_gbps * 1e9 * ZERO_COPY_EFFICIENCY,
-            cpu=self.cpu_gbps * 1e9, handoff_s=HANDOFF_S,
+            cpu=self.cpu_gbps * 1e9, handoff_s=HANDOFF_S, ram=self.ram_gbps * 1e9,
         )  # fmt: skip
 
     def source(self, name: str) -> str:
@@ -144,7 +150,7 @@ def _detected_hbm() -> tuple[float, str] | None:
 
 def machine(
     pcie_gbps: float | None = None, ram_gbps: float | None = None, cores: int | None = None,
-    hbm_gbps: float | None = None,
+    hbm_gbps: float | None = None, cpu_gbps: float | None = None,
 ) -> Machine:  # fmt: skip
     """A machine from the values given; the others measured here (`measure_machine`), detected
     (cores: this process's physical cores; HBM: the CUDA device's peak) or the DEFAULTS."""
@@ -165,7 +171,7 @@ def machine(
         else:
             values[name], why = DEFAULTS[name]
             sources[name] = f"default: {why}"
-    return Machine(**values, sources=tuple(sources.items()))
+    return Machine(**values, sources=tuple(sources.items()), cpu_road_gbps=cpu_gbps)
 
 
 def measure_machine() -> dict[str, Any]:
