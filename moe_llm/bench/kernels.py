@@ -22,8 +22,8 @@ from .synthetic import random_expert
 LAYERS = 8  # layers (each with its own top_k experts) that one timed decode graph walks
 
 
-def _graph_us(layer_fn, layers: int, reps: int = 20) -> float:
-    """Median device time (us) of one call of layer_fn(layer), from a CUDA graph of `layers`
+def _graph_ms(layer_fn, layers: int, reps: int = 20) -> float:
+    """Median device time (ms, as do_bench gives it) of one call of layer_fn(layer), from a CUDA graph of `layers`
     calls replayed `reps` times (after a warm-up that compiles and fills the caches)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -44,7 +44,7 @@ def _graph_us(layer_fn, layers: int, reps: int = 20) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / layers)
+        times.append(start.elapsed_time(end) / layers)
     return sorted(times)[len(times) // 2]
 
 
@@ -88,12 +88,10 @@ def kernel_timings(fmt: ExpertFormat, device: torch.device, seed: int = 0, top_k
     scratch = torch.empty(2 * fmt.hidden * fmt.intermediate, dtype=fmt.dtype, device=device)
     dense_gu = torch.randn(sgu.out_features, sgu.in_features, device=device, generator=gen).to(fmt.dtype)
     ms = {
-        "decode_layer_hits": _graph_us(lambda lay: run(x, idx, w, in_slots[lay], slots, out), LAYERS) / 1e3,
-        "decode_gate_up": _graph_us(lambda lay: gemv(run._gate_up, x, run._xq, True, in_slots[lay], run.h), LAYERS)
-        / 1e3,
-        "decode_down": _graph_us(lambda lay: gemv(run._down, run.h, run._hq, False, in_slots[lay], run.part), LAYERS)
-        / 1e3,
-        "decode_layer_zero_copy": _graph_us(lambda lay: run(x, idx, w, in_host[lay], slots, out), LAYERS, reps=5) / 1e3,
+        "decode_layer_hits": _graph_ms(lambda lay: run(x, idx, w, in_slots[lay], slots, out), LAYERS),
+        "decode_gate_up": _graph_ms(lambda lay: gemv(run._gate_up, x, run._xq, True, in_slots[lay], run.h), LAYERS),
+        "decode_down": _graph_ms(lambda lay: gemv(run._down, run.h, run._hq, False, in_slots[lay], run.part), LAYERS),
+        "decode_layer_zero_copy": _graph_ms(lambda lay: run(x, idx, w, in_host[lay], slots, out), LAYERS, reps=5),
         "dequantize_gate_up": do_bench(lambda: tk.dequantize(gu, sgu, fmt.dtype, scratch)),
         "dequantize_down": do_bench(lambda: tk.dequantize(dn, sdn, fmt.dtype, scratch)),
         "bf16_gate_up_gemv": do_bench(lambda: torch.nn.functional.linear(x, dense_gu)),

@@ -81,8 +81,11 @@ class AdmissionGate:
     def tick(self) -> None:
         """A decode step has been observed: finish the trials that have run HORIZON steps."""
         self._step += 1
-        for key in [k for k, t in self._trials.items() if self._step - t[0] >= self.horizon]:
-            _, victim, score = self._trials.pop(key)
+        while self._trials:  # in start order, as they were added: the finished ones come first
+            key, (start, victim, score) = next(iter(self._trials.items()))
+            if self._step - start < self.horizon:
+                break
+            del self._trials[key]
             self._victims.pop(victim, None)
             self._results.append(score)
 
