@@ -48,6 +48,25 @@ def _graph_ms(layer_fn, layers: int, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def decode_layers(fmt: ExpertFormat, device: torch.device, gen: torch.Generator, top_k: int = 2):
+    """LAYERS layers of top_k random experts each, pinned in host RAM and copied to GPU slots:
+    (store, slots, in_slots, in_host); the table rows hold each layer's byte offsets from the
+    slot pool to its experts' GPU slots (in_slots) or to their pinned host buffers (in_host)."""
+    store = ExpertStore(fmt, list(range(LAYERS)), top_k, pin=True)
+    for layer in range(LAYERS):
+        for e in range(top_k):
+            store.put_raw(layer, e, random_expert(fmt, device, gen))
+    slots = torch.stack([store.buffer(lay, e).to(device) for lay in range(LAYERS) for e in range(top_k)])
+    base = slots.data_ptr()
+
+    def row(addr) -> torch.Tensor:
+        return torch.tensor([addr(e) - base for e in range(top_k)], dtype=torch.int64, device=device)
+
+    in_slots = [row(lambda e, lay=lay: slots[lay * top_k + e].data_ptr()) for lay in range(LAYERS)]
+    in_host = [row(lambda e, lay=lay: store.address(lay, e)) for lay in range(LAYERS)]
+    return store, slots, in_slots, in_host
+
+
 def kernel_timings(fmt: ExpertFormat, device: torch.device, seed: int = 0, top_k: int = 2, tuning=None) -> dict:
     from triton.testing import do_bench
 
@@ -58,21 +77,7 @@ def kernel_timings(fmt: ExpertFormat, device: torch.device, seed: int = 0, top_k
     if tk is None or fmt.specs is None:
         return {}
     gen = torch.Generator(device).manual_seed(seed)
-    store = ExpertStore(fmt, list(range(LAYERS)), top_k, pin=True)
-    for layer in range(LAYERS):
-        for e in range(top_k):
-            store.put_raw(layer, e, random_expert(fmt, device, gen))
-    slots = torch.stack([store.buffer(lay, e).to(device) for lay in range(LAYERS) for e in range(top_k)])
-    base = slots.data_ptr()
-    # table rows per layer: byte offsets from the pool to each expert's GPU slot, or to its host buffer
-    in_slots = [
-        torch.tensor([slots[lay * top_k + e].data_ptr() - base for e in range(top_k)], dtype=torch.int64, device=device)
-        for lay in range(LAYERS)
-    ]  # fmt: skip
-    in_host = [
-        torch.tensor([store.address(lay, e) - base for e in range(top_k)], dtype=torch.int64, device=device)
-        for lay in range(LAYERS)
-    ]  # fmt: skip
+    store, slots, in_slots, in_host = decode_layers(fmt, device, gen, top_k)
     run = MoeDecode(fmt, top_k, device, tuning or DEFAULT_TUNING)
     x = torch.randn(fmt.hidden, device=device, generator=gen).to(fmt.dtype)
     idx = torch.arange(top_k, device=device)

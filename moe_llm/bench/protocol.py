@@ -139,6 +139,7 @@ def _decode_run(engine: Engine, prompt: list[int], new_tokens: int) -> dict:
         "prefetch_used_per_token": dec.prefetch_used / max(steps, 1),
         "misses_per_token": dec.cache_misses / max(steps, 1),
         "copied_bytes_per_token": dec.bytes_to_device / max(steps, 1),
+        "admissions_held_per_token": dec.admissions_held / max(steps, 1),  # experts.admission's gate
         "zero_copy_bytes_per_token": dec.bytes_from_host / max(steps, 1),
         # what crosses the link: admission copies plus misses read in place
         "bytes_per_token": (dec.bytes_to_device + dec.bytes_from_host) / max(steps, 1),

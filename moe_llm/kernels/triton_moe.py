@@ -62,6 +62,9 @@ class Tuning:
     magic: bool = True  # see triton_tiles._tile_dot
     int8: bool = True  # int8 activations and dp4a (triton_tiles._tile_dot_i8)
     down_split: int = 0  # K-splits of down_proj; 0: enough programs to fill the GPU (_down_split)
+    # software-pipelining depth of each GEMV's byte-tile loop (Triton's num_stages; 3 is its default)
+    gate_up_stages: int = 3
+    down_stages: int = 3
 
     @classmethod
     def from_file(cls, path: str, bits: int) -> Tuning:
@@ -227,6 +230,7 @@ def _launch(fmt: ExpertFormat, name: str, k: int, tuning: Tuning):
     consts = dict(
         BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=rows, BLOCK_P=bp, GLU=glu, UNROLL=_unroll(iters, tuning.unroll),
         MAGIC=tuning.magic, I8=tuning.int8, ROW_META=row_meta(spec, bp), num_warps=tuning.gate_up_warps if glu else tuning.down_warps,
+        num_stages=tuning.gate_up_stages if glu else tuning.down_stages,
         **_offsets(fmt, name),
     )  # fmt: skip
     grid = (triton.cdiv(n, rows), k, split)
