@@ -46,22 +46,25 @@ _TARGET_PROGRAMS = 8 * 132
 
 @dataclass(frozen=True)
 class Tuning:
-    """Tile shapes of the two expert GEMVs (swept on an H200 with scripts/tune_moe.py)."""
+    """Tile shapes of the two expert GEMVs (swept on an H200 with scripts/tune_moe.py, each GEMV
+    timed in a CUDA graph over 8 layers' distinct experts: benchmarks/results/h200-tune-moe-2bit-lease-a.json).
+    Small programs win: the exact int8 tile holds 128 registers a thread, so registers bound
+    the occupancy, and more, smaller programs keep more bytes in flight. 2-bit gate_up: 40.4 us
+    for two experts at 4 rows x 2 warps, against 45.2 at 8 x 4; down 27.8 us at 8 rows x 1 warp,
+    no K-split; a whole layer 68.9 us against 78.6."""
 
-    gate_up_rows: int = 8
-    down_rows: int = 16
-    gate_up_warps: int = 4
-    down_warps: int = 2
+    gate_up_rows: int = 4
+    down_rows: int = 8
+    gate_up_warps: int = 2
+    down_warps: int = 1
     unroll: int = 1
     # widest packed-byte tile (see triton_gemv.block_p) of each GEMV: whole 1 KB rows of a 2-bit
-    # gate_up, half rows of down. Measured on an H200 (benchmarks/results/h200-kernel-tuning-tiles.json):
-    # 2-bit gate_up 54.0 us for two experts in HBM (63.3 with 256-byte tiles) and 44.4 GB/s from
-    # pinned host RAM (40.0); down 42.5 us (42.9) and 35.8 GB/s (30.6)
+    # gate_up, 512-byte tiles of down's 3.5 KB rows
     gate_up_block_p: int = 1024
     down_block_p: int = 512
     magic: bool = True  # see triton_tiles._tile_dot
     int8: bool = True  # int8 activations and dp4a (triton_tiles._tile_dot_i8)
-    down_split: int = 0  # K-splits of down_proj; 0: enough programs to fill the GPU (_down_split)
+    down_split: int = 1  # K-splits of down_proj; 0: enough programs to fill the GPU (_down_split)
     # software-pipelining depth of each GEMV's byte-tile loop (Triton's num_stages; 3 is its default)
     gate_up_stages: int = 3
     down_stages: int = 3
