@@ -22,7 +22,7 @@ import torch
 
 from moe_llm.bench.kernels import LAYERS, _graph_ms, decode_layers
 from moe_llm.experts.format import ExpertFormat
-from moe_llm.kernels.triton_moe import MoeDecode, Tuning, combine
+from moe_llm.kernels.triton_moe import MoeDecode, Tuning, combine, default_tuning
 
 
 def _reference(fmt: ExpertFormat, bufs: list[torch.Tensor], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def sweep(bits: int, quick: bool) -> tuple[list[dict], dict]:
     for name, grid in (("gate_up", gate_up), ("down", down)):
         rows = []
         for fields in grid:
-            run = MoeDecode(fmt, 2, dev, Tuning(**fields))
+            run = MoeDecode(fmt, 2, dev, replace(default_tuning(bits), **fields))
             if name == "gate_up":
 
                 def one(lay, run=run):
@@ -103,9 +103,9 @@ def sweep(bits: int, quick: bool) -> tuple[list[dict], dict]:
         results += rows
         best[name] = min((r for r in rows if r["same_bits"]), key=lambda r: r["us"])
     fields = {k: v for part in ("gate_up", "down") for k, v in best[part].items() if k in Tuning.__dataclass_fields__}
-    tuning = replace(Tuning(), **fields)
+    tuning = replace(default_tuning(bits), **fields)
     layer = {}
-    for label, t in (("default", Tuning()), ("best", tuning)):
+    for label, t in (("default", default_tuning(bits)), ("best", tuning)):
         run = MoeDecode(fmt, 2, dev, t)
         hbm = _graph_ms(lambda lay, run=run: run(x, idx, w, in_slots[lay], slots, out), LAYERS)
         host = _graph_ms(lambda lay, run=run: run(x, idx, w, in_host[lay], slots, out), LAYERS, reps=5)

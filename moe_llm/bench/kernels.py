@@ -71,14 +71,14 @@ def kernel_timings(fmt: ExpertFormat, device: torch.device, seed: int = 0, top_k
     from triton.testing import do_bench
 
     from ..kernels import matrix_views, triton_kernels
-    from ..kernels.triton_moe import DEFAULT_TUNING, MoeDecode
+    from ..kernels.triton_moe import MoeDecode
 
     tk = triton_kernels()
     if tk is None or fmt.specs is None:
         return {}
     gen = torch.Generator(device).manual_seed(seed)
     store, slots, in_slots, in_host = decode_layers(fmt, device, gen, top_k)
-    run = MoeDecode(fmt, top_k, device, tuning or DEFAULT_TUNING)
+    run = MoeDecode(fmt, top_k, device, tuning)
     x = torch.randn(fmt.hidden, device=device, generator=gen).to(fmt.dtype)
     idx = torch.arange(top_k, device=device)
     w = torch.full((top_k,), 1.0 / top_k, device=device)

@@ -146,7 +146,7 @@ class ExpertsRuntime:
 
     def _make_dispatch(self) -> None:
         k = self._kernels
-        tuning = k.Tuning.from_file(self.kernel_tuning, self.fmt.bits) if self.kernel_tuning else k.DEFAULT_TUNING
+        tuning = k.Tuning.from_file(self.kernel_tuning, self.fmt.bits) if self.kernel_tuning else None
         self._dispatch = k.MoeDecode(self.fmt, self.top_k, self.cache.device, tuning)
 
     def _start_cpu_road(self, mode: str) -> None:

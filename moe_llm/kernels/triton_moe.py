@@ -47,14 +47,14 @@ _TARGET_PROGRAMS = 8 * 132
 @dataclass(frozen=True)
 class Tuning:
     """Tile shapes of the two expert GEMVs (swept on an H200 with scripts/tune_moe.py, each GEMV
-    timed in a CUDA graph over 8 layers' distinct experts: benchmarks/results/h200-tune-moe-2bit-lease-a.json).
-    Small programs win: the exact int8 tile holds 128 registers a thread, so registers bound
-    the occupancy, and more, smaller programs keep more bytes in flight. 2-bit gate_up: 40.4 us
-    for two experts at 4 rows x 2 warps, against 45.2 at 8 x 4; down 27.8 us at 8 rows x 1 warp,
-    no K-split; a whole layer 68.9 us against 78.6."""
+    timed in a CUDA graph over 8 layers' distinct experts). Small programs win: the exact int8
+    tile holds 128 registers a thread (ncu: 25% theoretical occupancy, bound by registers), so
+    more, smaller programs keep more bytes in flight. The field defaults are the 2-bit best of
+    benchmarks/results/h200-kernel-tuning-graph.json (a layer of two experts in HBM 66.4 us,
+    against 78.6 with the earlier 8 x 4 / 16 x 2 tiles); `default_tuning` has the 3-bit one."""
 
     gate_up_rows: int = 4
-    down_rows: int = 8
+    down_rows: int = 4
     gate_up_warps: int = 2
     down_warps: int = 1
     unroll: int = 1
@@ -64,26 +64,34 @@ class Tuning:
     down_block_p: int = 512
     magic: bool = True  # see triton_tiles._tile_dot
     int8: bool = True  # int8 activations and dp4a (triton_tiles._tile_dot_i8)
-    down_split: int = 1  # K-splits of down_proj; 0: enough programs to fill the GPU (_down_split)
+    down_split: int = 2  # K-splits of down_proj; 0: enough programs to fill the GPU (_down_split)
     # software-pipelining depth of each GEMV's byte-tile loop (Triton's num_stages; 3 is its default)
     gate_up_stages: int = 3
     down_stages: int = 3
 
     @classmethod
     def from_file(cls, path: str, bits: int) -> Tuning:
-        """The tuning for `bits` from a JSON file written by scripts/tune_moe.py (``{"2": {...}}``);
-        the defaults for widths it does not list."""
+        """The tuning for `bits` from a JSON file written by scripts/tune_moe.py (``{"best": {"2":
+        {...}}}``); `default_tuning(bits)` for the widths and fields it does not list."""
         import json
-        from dataclasses import fields
+        from dataclasses import fields, replace
         from pathlib import Path
 
+        base = default_tuning(bits)
         entry = json.loads(Path(path).read_text()).get("best", {}).get(str(bits))
         if not entry:
-            return cls()
-        return cls(**{f.name: entry[f.name] for f in fields(cls) if f.name in entry})
+            return base
+        return replace(base, **{f.name: entry[f.name] for f in fields(cls) if f.name in entry})
 
 
-DEFAULT_TUNING = Tuning()
+# the best of each width in benchmarks/results/h200-kernel-tuning-graph.json (3-bit: a layer
+# 83.2 us against 99.6 at the 2-bit tiles)
+_MEASURED = {3: Tuning(gate_up_rows=2, gate_up_warps=1, down_rows=8, down_warps=1, down_split=2)}
+
+
+def default_tuning(bits: int) -> Tuning:
+    """The tiles to use for `bits`-bit experts when no tuning file is given."""
+    return _MEASURED.get(bits, Tuning())
 
 
 @triton.jit
@@ -243,7 +251,8 @@ def _launch(fmt: ExpertFormat, name: str, k: int, tuning: Tuning):
 class MoeDecode:
     """Buffers and launches for one token's routed experts, allocated once per runtime."""
 
-    def __init__(self, fmt: ExpertFormat, top_k: int, device: torch.device, tuning: Tuning = DEFAULT_TUNING):
+    def __init__(self, fmt: ExpertFormat, top_k: int, device: torch.device, tuning: Tuning | None = None):
+        tuning = tuning or default_tuning(fmt.bits)
         self.fmt, self.k, self.tuning = fmt, top_k, tuning
         inter, hidden = fmt.intermediate, fmt.hidden
         self._gate_up = _launch(fmt, "gate_up_proj", top_k, tuning)
