@@ -14,6 +14,7 @@ from .errors import (
     BudgetError,
     CheckpointIntegrityError,
     ConfigError,
+    EngineClosedError,
     InputError,
     ModelLoadError,
     MoeLLMError,

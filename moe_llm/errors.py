@@ -35,6 +35,10 @@ class InputError(MoeLLMError, ValueError):
     """A request is invalid: empty prompt, too long for the context, bad sampling values."""
 
 
+class EngineClosedError(MoeLLMError):
+    """The engine was closed (`Engine.close`): it holds no model and runs no request."""
+
+
 class GenerationCancelled(MoeLLMError):
     """A generation was cancelled by its consumer."""
 
@@ -43,6 +47,7 @@ __all__ = [
     "BudgetError",
     "CheckpointIntegrityError",
     "ConfigError",
+    "EngineClosedError",
     "GenerationCancelled",
     "InputError",
     "ModelLoadError",

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import GenerationConfig
+from ..errors import EngineClosedError
 from . import kv_room
 from .batch_counters import BatchCounters
 from .decode_graph import GraphCaptureError, take_back
@@ -148,10 +149,23 @@ class Batcher:
             elif not self._stepping and self._drop_cancelled():  # else the running step drops it
                 self.engine.cache.synchronize()  # fence in-flight copies once a request has left
 
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every queued and running request with `exc` and free their KV (`Engine.close`)."""
+        with self._cond:
+            for seq in [*self.waiting, *self.active]:
+                self._finish_failed(seq, exc)
+            self.waiting.clear()
+            self._release_done()
+        self.drop_ahead()
+        self._fused.drop()
+
     # -- steps ------------------------------------------------------------------------------
     def step(self) -> None:
         eng = self.engine
         with eng._lock, torch.inference_mode():
+            if eng.closed:  # a consumer that was waiting when the engine closed: its request failed
+                self.fail_all(EngineClosedError("the engine is closed"))
+                return
             with self._cond:
                 left = self._drop_cancelled()
                 while self.waiting and len(self.active) < self.max_batch:

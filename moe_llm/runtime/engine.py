@@ -14,6 +14,7 @@ a stream leaves the batch in `finally`.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import threading
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig, GenerationConfig
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, EngineClosedError, InputError
 from ..experts.runtime import ExpertsRuntime
 from ..planning import Plan, planned_context
 from ..serve.tools import GENERIC_CHAT_TEMPLATE, ChatPrompt, check_renders, ensure_utf8, render_chat
@@ -109,6 +110,7 @@ class Engine:
         self.model_path = model_path
         self.device = torch.device(config.device)
         self._lock = FifoLock()
+        self.closed = False
         self.eos_ids = self._eos_ids()
         self.chat_template_source = self._install_chat_template()
         self._generic_warned = threading.Event()
@@ -227,6 +229,7 @@ class Engine:
 
     def _request(self, prompt, kwargs: dict[str, Any]) -> tuple[list[int], GenerationConfig]:
         """Validated (prompt ids, generation options) of one request."""
+        self._check_open()
         gen = GenerationConfig.build(**kwargs)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             prompt_ids, stop = self._chat_ids(prompt)
@@ -247,6 +250,7 @@ class Engine:
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Full-sequence logits [T, V] for one prompt (tests, perplexity)."""
+        self._check_open()
         with self._lock:
             ids = torch.tensor([token_ids], device=self.device)
             out = self.model(input_ids=ids, use_cache=False)
@@ -291,14 +295,46 @@ class Engine:
         """Cumulative counters: `Stats`, the batcher's (queue, batch, prefix cache) and the cache size."""
         d = self.stats.to_dict()
         d["expert_bits_per_param"] = self.expert_bits_per_param
-        d["expert_slots"] = self.cache.num_slots
-        d.update(self.batcher.stats())
+        d["expert_slots"] = 0 if self.closed else self.cache.num_slots
+        d.update(self._closed_batcher if self.closed else self.batcher.stats())
         return d
 
     def reset_cache(self) -> None:
         """Drop every resident expert and cached prompt prefix (benchmarks, tests)."""
+        self._check_open()
         with self._lock:
             self.batcher.drop_ahead()
             self.runtime.reset()
             if self.prefix_cache is not None:
                 self.prefix_cache.clear()
+
+    # -- lifetime ------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise EngineClosedError("the engine is closed")
+
+    def close(self) -> None:
+        """Give back the engine's device memory (trunk, expert slots, KV, decode graphs) and stop
+        its CPU threads now, not whenever Python's cycle collector finds the engine (its parts
+        point back at it, so dropping the last reference frees nothing until then). Requests
+        still queued or running fail with `EngineClosedError`, and so does every later call.
+        Closing twice is a no-op; `with moe_llm.load(...) as engine:` closes on leaving."""
+        with self._lock:  # waits for a running step
+            if self.closed:
+                return
+            self.closed = True
+            self.batcher.fail_all(EngineClosedError("the engine is closed"))
+            self.runtime.close()
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+            self.graphs = self.model = self.runtime = self.cache = self.prefix_cache = None
+            self._closed_batcher, self.batcher = self.batcher.stats(), None  # its parts hold the layers
+        gc.collect()  # loading leaves closures in reference cycles that still point at the runtime
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
