@@ -43,6 +43,7 @@ __all__ = [
     "CheckpointIntegrityError",
     "ConfigError",
     "Engine",
+    "EngineClosedError",
     "EngineConfig",
     "GenerationConfig",
     "GenerationResult",
