@@ -368,18 +368,12 @@ class Batcher:
         if seq.generated >= seq.max_new:
             self._finish(seq, "length")
 
-    def _account(self, seq: Sequence) -> None:
-        stats = self.engine.stats
-        stats.decode_seconds += time.perf_counter() - seq.t_first
-        stats.requests += 1
-        stats.prompt_tokens += len(seq.prompt_ids)
-
     def _finish(self, seq: Sequence, reason: str) -> None:
         from .engine import StreamChunk
 
         tail = seq.text.flush() if not seq.text.stopped else ""
-        self._account(seq)
-        chunk = StreamChunk(tail, seq.pending, reason, self._call_stats(seq))
+        seq.account(self.engine.stats)
+        chunk = StreamChunk(tail, seq.pending, reason, seq.call_stats(self.engine))
         seq.pending = []
         self.prefill.keep(seq, self._kv_layers)  # the prompt and the reply, for the next turn
         with self._cond:
@@ -392,7 +386,7 @@ class Batcher:
         if seq.state == DONE:
             return
         if seq.ttft is not None:
-            self._account(seq)
+            seq.account(self.engine.stats)
         seq.error, seq.state = exc, DONE
         self._free(seq)
         self._cond.notify_all()
@@ -411,7 +405,7 @@ class Batcher:
         Returns how many left."""
         for seq in [s for s in self.active if s.cancelled and s.state != DONE]:
             if seq.ttft is not None:
-                self._account(seq)
+                seq.account(self.engine.stats)
             seq.state = DONE
             self._free(seq)
         return self._release_done()
@@ -420,25 +414,6 @@ class Batcher:
         n = len(self.active)
         self.active = [s for s in self.active if s.state != DONE]
         return n - len(self.active)
-
-    def _call_stats(self, seq: Sequence) -> dict[str, Any]:
-        eng = self.engine
-        d = (eng.stats - seq.before).to_dict()  # expert traffic: every request that ran meanwhile
-        decode_s = time.perf_counter() - seq.t_first
-        d.update(
-            tokens_generated=seq.generated,
-            prompt_tokens=len(seq.prompt_ids),
-            requests=1,
-            prefill_seconds=seq.ttft or 0.0,
-            decode_seconds=decode_s,
-            tokens_per_second=(seq.generated - 1) / decode_s if decode_s > 0 and seq.generated > 1 else 0.0,
-            time_to_first_token_s=seq.ttft or 0.0,
-            prefix_cache_hit_tokens=seq.prefix_hit,
-            prefill_tokens=seq.prefilled,
-            expert_bits_per_param=eng.expert_bits_per_param,
-            expert_slots=eng.cache.num_slots,
-        )
-        return d
 
     def stats(self) -> dict[str, Any]:
         d = {

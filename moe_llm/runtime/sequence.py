@@ -1,4 +1,5 @@
-"""Sequence: the state of one request in the batch (`batching`), from its prompt to its last token;
+"""Sequence: the state of one request in the batch (`batching`), from its prompt to its last token,
+and what it adds to the counters;
 RequestStream: the iterator of its chunks that the caller holds."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .textstream import TextStream
 
 if TYPE_CHECKING:
     from .batching import Batcher
-    from .engine import StreamChunk
+    from .engine import Engine, StreamChunk
 
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
 
@@ -50,6 +51,31 @@ class Sequence:
     error: BaseException | None = None
     cancelled: bool = False
     kv_waited: bool = False  # it waited in the queue for KV room (`kv_room.fits`)
+
+    def account(self, stats: Stats) -> None:
+        """Add this request, once it ends after its first token, to the engine's counters."""
+        stats.decode_seconds += time.perf_counter() - self.t_first
+        stats.requests += 1
+        stats.prompt_tokens += len(self.prompt_ids)
+
+    def call_stats(self, eng: Engine) -> dict[str, Any]:
+        """The stats of this request's last chunk."""
+        d = (eng.stats - self.before).to_dict()  # expert traffic: every request that ran meanwhile
+        decode_s = time.perf_counter() - self.t_first
+        d.update(
+            tokens_generated=self.generated,
+            prompt_tokens=len(self.prompt_ids),
+            requests=1,
+            prefill_seconds=self.ttft or 0.0,
+            decode_seconds=decode_s,
+            tokens_per_second=(self.generated - 1) / decode_s if decode_s > 0 and self.generated > 1 else 0.0,
+            time_to_first_token_s=self.ttft or 0.0,
+            prefix_cache_hit_tokens=self.prefix_hit,
+            prefill_tokens=self.prefilled,
+            expert_bits_per_param=eng.expert_bits_per_param,
+            expert_slots=eng.cache.num_slots,
+        )
+        return d
 
 
 class QueueFullError(MoeLLMError):
