@@ -4,8 +4,7 @@ Each GEMV is timed as the engine runs it: captured in a CUDA graph that walks
 `bench.kernels.LAYERS` layers, each with its own two routed experts in HBM (far more bytes than
 the L2 holds), so neither the host's launches nor a warm L2 enter the time. For gate_up (GLU
 fused) and down (split-K, with the combine) the sweep covers byte tiles, rows per program,
-warps, K-splits, unrolling and the loop's pipelining depth (num_stages), checks that every
-setting gives the same bits, then times the whole layer with the best pair, from HBM and
+warps and K-splits, checks that every setting gives the same bits, then times the whole layer with the best pair, from HBM and
 zero-copy from pinned host RAM. Writes the JSON that `--kernel-tuning` reads (``best``).
 
     python scripts/tune_moe.py --out tune.json [--bits 2,3] [--quick]
@@ -36,24 +35,23 @@ def _reference(fmt: ExpertFormat, bufs: list[torch.Tensor], x: torch.Tensor, w: 
 
 
 def _grids(quick: bool) -> tuple[list[dict], list[dict]]:
-    """The gate_up and down settings swept (Tuning fields). On an H200 small programs win (2-bit,
-    `benchmarks/results/h200-kernel-tuning-graph.json`): the exact int8 tile keeps 128 registers a
-    thread, so occupancy is bound by registers and more, smaller programs keep more bytes in
-    flight."""
-    stages = (3,) if quick else (1, 3)
+    """The gate_up and down settings swept (Tuning fields): byte tiles, rows and warps per program
+    (each thread holds whole 32-column blocks, `gemv_i8.tile_layout`; settings with fewer
+    blocks than threads are left out) and down's K-splits."""
+
+    def fits(bp: int, rows: int, warps: int) -> bool:
+        return rows * (bp // 32) >= 32 * warps
+
     gate_up = [
-        dict(gate_up_block_p=bp, gate_up_rows=r, gate_up_warps=wp, gate_up_stages=st)
-        for bp, r, wp, st in itertools.product((1024, 512), (2, 4, 8), (1, 2, 4), stages)
+        dict(gate_up_block_p=bp, gate_up_rows=r, gate_up_warps=wp)
+        for bp, r, wp in itertools.product((1024, 512, 256), (1, 2, 4, 8, 16), (1, 2, 4))
+        if fits(bp, r, wp) and not (quick and r == 16)
     ]
-    gate_up += [dict(gate_up_block_p=bp, gate_up_rows=16, gate_up_warps=wp, gate_up_stages=3)
-                for bp, wp in itertools.product((1024, 512), (2, 4, 8))]  # fmt: skip
     down = [
-        dict(down_block_p=bp, down_rows=r, down_warps=wp, down_split=sp, down_stages=3)
-        for bp, r, wp, sp in itertools.product((512, 1024), (4, 8, 16), (1, 2), (1, 2, 4))
+        dict(down_block_p=bp, down_rows=r, down_warps=wp, down_split=sp)
+        for bp, r, wp, sp in itertools.product((512, 256), (2, 4, 8, 16), (1, 2, 4), (1, 2, 4))
+        if fits(bp, r, wp) and not (quick and sp == 4)
     ]
-    down += [dict(down_block_p=bp, down_rows=r, down_warps=wp, down_split=sp, down_stages=st, unroll=u)
-             for bp, r, wp, sp, st, u in itertools.product((256,), (8, 32), (1, 2, 4), (1, 2), (1, 3), (1, 2))
-             if not quick]  # fmt: skip
     return gate_up, down
 
 

@@ -152,7 +152,7 @@ def test_expert_decode_and_prefill_match_reference(tk, bits, geometry):
     want = F.linear(F.silu(gate) * up, dn)  # [64, H] fp32 reference
 
     # decode: the routed-experts kernel, both positions on this expert (read through a table)
-    from moe_llm.kernels.triton_moe import MoeDecode, Tuning
+    from moe_llm.kernels.triton_moe import MoeDecode
 
     table = torch.zeros(1, dtype=torch.int64, device="cuda")  # offset 0 from the buffer itself
     idx = torch.zeros(2, dtype=torch.long, device="cuda")
@@ -160,10 +160,8 @@ def test_expert_decode_and_prefill_match_reference(tk, bits, geometry):
     out = torch.empty(hidden, device="cuda", dtype=torch.bfloat16)
     MoeDecode(fmt, 2, torch.device("cuda"))(x[0], idx, w, table, buf, out)
     # int8 activations (per 32 columns, as llama.cpp's Q8_1) add about 1-2% relative error on
-    # random experts; the float-activation kernel stays within 1%
+    # random experts
     assert _rel(out, want[0]) < 5e-2
-    MoeDecode(fmt, 2, torch.device("cuda"), Tuning(int8=False))(x[0], idx, w, table, buf, out)
-    assert _rel(out, want[0]) < 1e-2
 
     # prefill: dequantize into a workspace + bf16 GEMM
     workspace = torch.empty(2 * hidden * inter, device="cuda", dtype=torch.bfloat16)

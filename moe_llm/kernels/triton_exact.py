@@ -24,7 +24,7 @@ def _add_rn(a, b):
 def _exp_det(x):
     """e^x in the fixed sequence of float32 operations of the CPU kernel's `exp_det`
     (experts/cpu/moe_cpu.c): the same bits on both."""
-    zero = tl.zeros_like(x)
+    zero = tl.where(x == x, 0.0, 0.0)  # zeros in x's layout (tl.zeros_like has no Gluon form)
     c = tl.where(x < -87.0, zero - 87.0, x)
     c = tl.where(c > 88.0, zero + 88.0, c)
     n = libdevice.rint(c * 1.4426950216293335)
@@ -44,4 +44,4 @@ def _exp_det(x):
 def _silu_det(v):
     """v / (1 + e^-v), as the CPU kernel computes it."""
     e = _exp_det(-v)
-    return libdevice.div_rn(v, _add_rn(e, tl.zeros_like(e) + 1.0))
+    return libdevice.div_rn(v, _add_rn(e, tl.where(e == e, 1.0, 1.0)))

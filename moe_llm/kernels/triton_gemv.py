@@ -36,8 +36,9 @@ from triton.language.extra import libdevice
 
 from ..quant.compact import META_GROUP, QuantSpec
 from ..quant.packing import packed_cols
+from .gemv_i8 import _qgemv_i8_kernel, tile_layout
 from .triton_exact import _silu_det
-from .triton_tiles import _tile_dot, _tile_dot_i8
+from .triton_tiles import _tile_dot
 
 NUM_WARPS = 4
 MAGIC_CODES = True  # codes turned into floats by bit placement, not int->float conversion (see triton_tiles._tile_dot)
@@ -94,17 +95,14 @@ def _quant_kernel(x_ptr, x_stride, xq_ptr, dx_ptr, xs_ptr, K, QB: tl.constexpr, 
 
 @triton.jit
 def _gemv_rows(
-    x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, pid_n, pid_s, N, P, P1, G, stride_q, p_split,
-    stride_split, p_limit, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    GLU: tl.constexpr, UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr,
+    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, pid_n, pid_s, N, P, P1, G, stride_q, p_split, stride_split,
+    p_limit, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    GLU: tl.constexpr, UNROLL: tl.constexpr, MAGIC: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
-    """out[split, n] = sum_k W[n, k] x[k] over this split's K range, for BLOCK_N rows. With GLU
-    the matrix is [2N, K] (gate rows, then up rows) and out[n] = silu(gate) * up.
-    UNROLL byte tiles per trip keep more loads in flight (a GEMV is latency-bound
-    otherwise); tiles past the split's end are masked out. With I8, x_ptr holds int8
-    activations four to a word and dx_ptr/xs_ptr their block scales and sums, and the sums are
-    exact (`_tile_dot_i8`): out holds them in float64 (K-partials add up without rounding), or
-    with GLU silu(gate) * up in float32 from the rounded gate and up."""
+    """out[split, n] = sum_k W[n, k] x[k] over this split's K range, for BLOCK_N rows, with float
+    activations. With GLU the matrix is [2N, K] (gate rows, then up rows) and out[n] =
+    silu(gate) * up. UNROLL byte tiles per trip keep more loads in flight (a GEMV is
+    latency-bound otherwise); tiles past the split's end are masked out."""
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     row_off = rows.to(tl.int64) * stride_q
@@ -113,41 +111,23 @@ def _gemv_rows(
     up_gbase = (rows + N) * G
     p_start = pid_s * p_split
     p_end = tl.minimum(p_start + p_split, p_limit)  # p_limit <= P: bytes past it are another road's
-    if I8:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float64)
-        acc_up = tl.zeros([BLOCK_N], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
     for p0 in range(p_start, p_end, BLOCK_P * UNROLL):
         for u in tl.static_range(UNROLL):
             pu = p0 + u * BLOCK_P
             live = pu < p_end
             mask = row_mask & live
             pu = tl.where(live, pu, 0)  # dead tiles read in-bounds bytes and contribute 0
-            if I8:
-                acc += _tile_dot_i8(
-                    x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, pu, P, P1,
-                    BITS, GROUP, BLOCK_N, BLOCK_P, ROW_META,
-                )  # fmt: skip
-                if GLU:
-                    acc_up += _tile_dot_i8(
-                        x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off, up_gbase, mask, pu, P, P1,
-                        BITS, GROUP, BLOCK_N, BLOCK_P, ROW_META,
-                    )  # fmt: skip
-            else:
-                acc += _tile_dot(
-                    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, pu, P, P1,
+            acc += _tile_dot(
+                x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, pu, P, P1,
+                BITS, GROUP, BLOCK_N, BLOCK_P, MAGIC, ROW_META,
+            )  # fmt: skip
+            if GLU:
+                acc_up += _tile_dot(
+                    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off, up_gbase, mask, pu, P, P1,
                     BITS, GROUP, BLOCK_N, BLOCK_P, MAGIC, ROW_META,
                 )  # fmt: skip
-                if GLU:
-                    acc_up += _tile_dot(
-                        x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off, up_gbase, mask, pu, P, P1,
-                        BITS, GROUP, BLOCK_N, BLOCK_P, MAGIC, ROW_META,
-                    )  # fmt: skip
-    if I8:
-        acc = acc * 2.3283064365386963e-10  # 2^-32: exact
-        acc_up = acc_up * 2.3283064365386963e-10
     if GLU:
         acc = _silu_det(acc.to(tl.float32)) * acc_up.to(tl.float32)
     tl.store(out_ptr + pid_s * stride_split + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -155,19 +135,18 @@ def _gemv_rows(
 
 @triton.jit
 def _qgemv_kernel(
-    x_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
-    x_stride, s_stride, out_stride,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
-    UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr,
+    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split, x_stride,
+    out_stride, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    GLU: tl.constexpr, UNROLL: tl.constexpr, MAGIC: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
-    """One matrix whose tensors are passed as pointers (attention, the LM head, tests); with I8,
-    x_ptr holds int8 activations and dx_ptr/xs_ptr their block scales and sums. Input row
-    program_id(2) (strides x_stride, s_stride; out_stride) runs the same code as a lone row."""
+    """One matrix whose tensors are passed as pointers (attention, the LM head, tests), float
+    activations. Input row program_id(2) (strides x_stride; out_stride) runs the same code as a
+    lone row."""
     r = tl.program_id(2).to(tl.int64)
     _gemv_rows(
-        x_ptr + r * x_stride, dx_ptr + r * s_stride, xs_ptr + r * s_stride, q_ptr, sq_ptr, zq_ptr, meta_ptr,
-        out_ptr + r * out_stride, tl.program_id(0), tl.program_id(1), N, P, P1, G, stride_q, p_split, stride_split, P,
-        BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, I8, ROW_META,
+        x_ptr + r * x_stride, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr + r * out_stride, tl.program_id(0),
+        tl.program_id(1), N, P, P1, G, stride_q, p_split, stride_split, P, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL,
+        MAGIC, ROW_META,
     )  # fmt: skip
 
 
@@ -235,20 +214,23 @@ def _unroll(iters: int, limit: int = _MAX_UNROLL) -> int:
 
 @lru_cache(maxsize=256)
 def _launch(
-    spec: QuantSpec, glu: bool, split: int | None, bn: int | None = None
+    spec: QuantSpec, glu: bool, split: int | None, bn: int | None = None, i8: bool = False
 ) -> tuple[tuple[int, int], tuple[int, ...], dict]:
     """(grid, int args, constexprs) of one GEMV over `spec` (bn: rows per program, default
-    `block_n`); computed once per shape."""
+    `block_n`), with float activations or (`i8`) int8 ones (`gemv_i8`); computed once per shape."""
     P, P1, G, stride_q = _geometry(spec)
     n = spec.out_features // 2 if glu else spec.out_features
     split = split or split_for(spec, glu)
     bp, bn = block_p(spec), bn or block_n(spec, glu)
     iters = triton.cdiv(P // bp, split)  # byte tiles per split
     p_split = iters * bp
-    consts = dict(
-        BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=bn, BLOCK_P=bp, GLU=glu, UNROLL=_unroll(iters),
-        MAGIC=MAGIC_CODES, ROW_META=row_meta(spec, bp), num_warps=NUM_WARPS,
-    )  # fmt: skip
+    consts = dict(BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=bn, BLOCK_P=bp, GLU=glu, ROW_META=row_meta(spec, bp),
+                  num_warps=NUM_WARPS)  # fmt: skip
+    if i8:
+        qb = activation_block(spec, bp)
+        consts.update(QB=qb, L3=tile_layout(bn, bp // qb, qb // 4, NUM_WARPS))
+    else:
+        consts.update(UNROLL=_unroll(iters), MAGIC=MAGIC_CODES)
     return (triton.cdiv(n, bn), split), (n, P, P1, G, stride_q, p_split, n), consts
 
 
@@ -260,19 +242,20 @@ def gemv(
     `split_for(spec, glu)`; R = 1 may be left out). With ``glu`` the matrix is [2N, K] and
     ``out`` receives silu(gate) * up. With `quant` = (xq, dx, xs) from `quantize_activations`
     (blocks of `activation_block(spec, block_p(spec))` columns) the product is the exact int8
-    one and x is not read. Each row is computed as it would be alone."""
-    grid, args, consts = _launch(spec, glu, split, bn)
+    one (`gemv_i8`) and x is not read. Each row is computed as it would be alone."""
+    grid, args, consts = _launch(spec, glu, split, bn, quant is not None)
     rows = x.numel() // spec.in_features
     if quant is not None:
         xq, dx, xs = quant
-        strides = (xq.stride(0), dx.stride(0))
-    else:
-        xq = dx = xs = x
-        strides = (spec.in_features, 0)
+        meta = t["meta"] if t["meta"].data_ptr() % 16 == 0 else t["meta"].clone()  # read 16 bytes at a time
+        _qgemv_i8_kernel[(*grid, rows)](
+            xq, dx, xs, t["q"], t["scale_q"], t["zero_q"], meta, out, *args, xq.stride(0), dx.stride(0),
+            out.numel() // rows, **consts,
+        )  # fmt: skip
+        return
     _qgemv_kernel[(*grid, rows)](
-        xq, dx, xs, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, *args, *strides, out.numel() // rows,
-        I8=quant is not None, **consts,
-    )  # fmt: skip
+        x, t["q"], t["scale_q"], t["zero_q"], t["meta"], out, *args, spec.in_features, out.numel() // rows, **consts
+    )
 
 
 def _quantized(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,46 +28,31 @@ import triton.language as tl
 
 from ..experts.format import ExpertFormat
 from ..quant.compact import QuantSpec
+from .gemv_i8 import _moe_gemv_i8_kernel, tile_layout
 from .triton_exact import _add_rn
-from .triton_gemv import (
-    _gemv_rows,
-    _geometry,
-    _unroll,
-    activation_block,
-    block_p,
-    quantize_activations,
-    row_meta,
-    supported_spec,
-)
-from .triton_moe_rows import _gpu_limit, group_counts, rows_gemv
+from .triton_gemv import _geometry, activation_block, block_p, quantize_activations, row_meta, supported_spec
+from .triton_moe_rows import group_counts, rows_gemv
 
 _TARGET_PROGRAMS = 8 * 132
 
 
 @dataclass(frozen=True)
 class Tuning:
-    """Tile shapes of the two expert GEMVs (swept on an H200 with scripts/tune_moe.py, each GEMV
-    timed in a CUDA graph over 8 layers' distinct experts). Small programs win: the exact int8
-    tile holds 128 registers a thread (ncu: 25% theoretical occupancy, bound by registers), so
-    more, smaller programs keep more bytes in flight. The field defaults are the 2-bit best of
-    benchmarks/results/h200-kernel-tuning-graph.json (a layer of two experts in HBM 66.4 us,
-    against 78.6 with the earlier 8 x 4 / 16 x 2 tiles); `default_tuning` has the 3-bit one."""
+    """Tile shapes of the two expert GEMVs (`gemv_i8`; swept on an H200 with scripts/tune_moe.py,
+    each GEMV timed in a CUDA graph over 8 layers' distinct experts): rows and warps per
+    program, the widest packed-byte tile of a row, and down_proj's K-splits. The field defaults
+    are the 2-bit best of benchmarks/results/h200-kernel-tuning-gluon.json (a layer of two
+    experts in HBM 53.2 us, 2.10 TB/s); `default_tuning` has the 3-bit one."""
 
-    gate_up_rows: int = 4
-    down_rows: int = 4
-    gate_up_warps: int = 2
+    gate_up_rows: int = 2
+    down_rows: int = 2
+    gate_up_warps: int = 1
     down_warps: int = 1
-    unroll: int = 1
-    # widest packed-byte tile (see triton_gemv.block_p) of each GEMV: whole 1 KB rows of a 2-bit
+    # widest packed-byte tile (see triton_gemv.block_p) of each GEMV: half rows of a 2-bit
     # gate_up, 512-byte tiles of down's 3.5 KB rows
-    gate_up_block_p: int = 1024
+    gate_up_block_p: int = 512
     down_block_p: int = 512
-    magic: bool = True  # see triton_tiles._tile_dot
-    int8: bool = True  # int8 activations and dp4a (triton_tiles._tile_dot_i8)
-    down_split: int = 2  # K-splits of down_proj; 0: enough programs to fill the GPU (_down_split)
-    # software-pipelining depth of each GEMV's byte-tile loop (Triton's num_stages; 3 is its default)
-    gate_up_stages: int = 3
-    down_stages: int = 3
+    down_split: int = 1  # K-splits of down_proj; 0: enough programs to fill the GPU (_down_split)
 
     @classmethod
     def from_file(cls, path: str, bits: int) -> Tuning:
@@ -84,46 +69,15 @@ class Tuning:
         return replace(base, **{f.name: entry[f.name] for f in fields(cls) if f.name in entry})
 
 
-# the best of each width in benchmarks/results/h200-kernel-tuning-graph.json (3-bit: a layer
-# 83.2 us against 99.6 at the 2-bit tiles)
-_MEASURED = {3: Tuning(gate_up_rows=2, gate_up_warps=1, down_rows=8, down_warps=1, down_split=2)}
+# the 3-bit best of the same sweep (a layer 82.5 us, 1.74 TB/s)
+_MEASURED = {
+    3: Tuning(gate_up_rows=2, gate_up_warps=1, gate_up_block_p=1024, down_rows=8, down_warps=2, down_split=2)
+}
 
 
 def default_tuning(bits: int) -> Tuning:
     """The tiles to use for `bits`-bit experts when no tuning file is given."""
     return _MEASURED.get(bits, Tuning())
-
-
-@triton.jit
-def _moe_gemv_kernel(
-    x_ptr, x_stride, dx_ptr, xs_ptr, s_stride, idx_ptr, table_ptr, base_ptr, out_ptr, out_stride, N, P, P1, G,
-    stride_q, p_split, stride_split, pcut_ptr, PD, CPU: tl.constexpr,
-    OFF_Q: tl.constexpr, OFF_SQ: tl.constexpr, OFF_ZQ: tl.constexpr, OFF_META: tl.constexpr,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
-    UNROLL: tl.constexpr, MAGIC: tl.constexpr, I8: tl.constexpr, ROW_META: tl.constexpr,
-):  # fmt: skip
-    """Routed position j = program_id(1): out[j, split, n] for the expert top_k_index[j], read
-    through its table entry; the input row is x[j] (x_stride 0: the same x for every j). With
-    I8, x holds int8 activations
-    (int32 words) and dx/xs their block scales and sums (row stride s_stride)."""
-    pid_e = tl.program_id(1)
-    e = tl.load(idx_ptr + pid_e)
-    # int64 byte offset from `base_ptr` (the slot pool) to a GPU slot or to pinned host memory
-    # (UVA: any address is base + offset). Offsets from a pointer argument, rather than raw
-    # addresses cast to pointers, keep the compiler's alignment facts: every expert buffer and
-    # every tensor in it starts on a 64-byte boundary, so the loads vectorise.
-    off = tl.multiple_of(tl.load(table_ptr + e), 64)
-    q_ptr = base_ptr + off + OFF_Q
-    sq_ptr = base_ptr + off + OFF_SQ
-    zq_ptr = base_ptr + off + OFF_ZQ
-    meta_ptr = (base_ptr + off + OFF_META).to(tl.pointer_type(tl.float32), bitcast=True)
-    # with CPU the CPU computes intermediate neurons i % PD >= pcut[j] (down bytes [pcut, PD))
-    p_limit = _gpu_limit(pcut_ptr, pid_e, tl.program_id(0) * BLOCK_N, P, PD, CPU, GLU)
-    _gemv_rows(
-        x_ptr + pid_e * x_stride, dx_ptr + pid_e * s_stride, xs_ptr + pid_e * s_stride, q_ptr, sq_ptr, zq_ptr,
-        meta_ptr, out_ptr + pid_e * out_stride, tl.program_id(0), tl.program_id(2), N, P, P1, G, stride_q, p_split,
-        stride_split, p_limit, BITS, GROUP, BLOCK_N, BLOCK_P, GLU, UNROLL, MAGIC, I8, ROW_META,
-    )  # fmt: skip
 
 
 @triton.jit
@@ -236,16 +190,16 @@ def _launch(fmt: ExpertFormat, name: str, k: int, tuning: Tuning):
     n = spec.out_features // 2 if glu else spec.out_features
     bp = block_p(spec, tuning.gate_up_block_p if glu else tuning.down_block_p)
     rows = tuning.gate_up_rows if glu else tuning.down_rows
+    warps = tuning.gate_up_warps if glu else tuning.down_warps
     split = 1 if glu else tuning.down_split or _down_split(spec, rows, k, bp)
     iters = triton.cdiv(P // bp, split)
+    qb = activation_block(spec, bp)
     consts = dict(
-        BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=rows, BLOCK_P=bp, GLU=glu, UNROLL=_unroll(iters, tuning.unroll),
-        MAGIC=tuning.magic, I8=tuning.int8, ROW_META=row_meta(spec, bp), num_warps=tuning.gate_up_warps if glu else tuning.down_warps,
-        num_stages=tuning.gate_up_stages if glu else tuning.down_stages,
-        **_offsets(fmt, name),
+        BITS=spec.bits, GROUP=spec.group_size, QB=qb, BLOCK_N=rows, BLOCK_P=bp, GLU=glu, ROW_META=row_meta(spec, bp),
+        L3=tile_layout(rows, bp // qb, qb // 4, warps), num_warps=warps, **_offsets(fmt, name),
     )  # fmt: skip
     grid = (triton.cdiv(n, rows), k, split)
-    return grid, (n, P, P1, G, stride_q, iters * bp, n), consts, split, activation_block(spec, bp)
+    return grid, (n, P, P1, G, stride_q, iters * bp, n), consts, split, qb
 
 
 class MoeDecode:
@@ -259,11 +213,11 @@ class MoeDecode:
         self._down = _launch(fmt, "down_proj", top_k, tuning)
         self.split = self._down[3]
         self.h = torch.empty(top_k, inter, dtype=torch.float32, device=device)  # [k, I]
-        part_dtype = torch.float64 if tuning.int8 else torch.float32  # exact sums with int8 activations
-        self.part = torch.empty(top_k, self.split, hidden, dtype=part_dtype, device=device)  # [k, split, H]
+        # the K-partials: exact float64 sums
+        self.part = torch.empty(top_k, self.split, hidden, dtype=torch.float64, device=device)  # [k, split, H]
         # int8 activations of x (shared by the k experts) and of h (one row per expert)
-        self._xq = self._quant_buffers(1, hidden, self._gate_up[4], device) if tuning.int8 else None
-        self._hq = self._quant_buffers(top_k, inter, self._down[4], device) if tuning.int8 else None
+        self._xq = self._quant_buffers(1, hidden, self._gate_up[4], device)
+        self._hq = self._quant_buffers(top_k, inter, self._down[4], device)
 
     @staticmethod
     def _quant_buffers(rows: int, k: int, qb: int, device) -> tuple:
@@ -279,7 +233,7 @@ class MoeDecode:
         """Whether these kernels compute an expert bit for bit as the CPU kernel does (exact
         int8 arithmetic in blocks of 32 columns, as `experts/cpu/moe_cpu.c`): the condition for
         sharing missed experts with the CPU without changing any output."""
-        return self.tuning.int8 and self._gate_up[4] == 32 and self._down[4] == 32
+        return self._gate_up[4] == 32 and self._down[4] == 32
 
     @property
     def plane_bytes(self) -> int:
@@ -296,14 +250,11 @@ class MoeDecode:
         (`shared`) one row for all of them."""
         grid, args, consts, _, _ = launch
         grid = (grid[0], idx.numel(), grid[2])
-        if quant is None:
-            xs = (x, 0 if shared else x.stride(0), x, x, 0)
-        else:
-            xq, dx, sums, qb = quant
-            quantize_activations(x.view(-1, x.shape[-1]), qb, xq, dx, sums)
-            xs = (xq, 0 if shared else xq.stride(0), dx, sums, 0 if shared else dx.stride(0))
+        xq, dx, sums, qb = quant
+        quantize_activations(x.view(-1, x.shape[-1]), qb, xq, dx, sums)
+        xs = (xq, 0 if shared else xq.stride(0), dx, sums, 0 if shared else dx.stride(0))
         split = (idx, 0, False) if pcut is None else (pcut, self.plane_bytes, True)
-        _moe_gemv_kernel[grid](
+        _moe_gemv_i8_kernel[grid](
             *xs, idx, table_row, base, out, out.stride(0), *args, split[0], split[1], CPU=split[2], **consts
         )
 
@@ -358,16 +309,12 @@ class MoeDecode:
         part = torch.empty(n, self.split, hidden, dtype=self.part.dtype, device=dev)
         sorted_idx = idx[order]
         xs = x[order // self.k]
-        if self.tuning.int8:
-            cnt, rb = group_counts(sorted_idx, b)
-            cuts = None if pcut is None else (pcut[:n][order], self.plane_bytes)
-            for launch, src, dst in ((self._gate_up, xs, h), (self._down, h, part)):
-                quant = self._quant_buffers(n, src.shape[-1], launch[4], dev)
-                quantize_activations(src, quant[3], *quant[:3])
-                rows_gemv(launch, quant, sorted_idx, cnt, rb, table_row, base, dst, cuts)
-        else:
-            self._gemv(self._gate_up, xs, None, False, sorted_idx, table_row, base, h, None)
-            self._gemv(self._down, h, None, False, sorted_idx, table_row, base, part, None)
+        cnt, rb = group_counts(sorted_idx, b)
+        cuts = None if pcut is None else (pcut[:n][order], self.plane_bytes)
+        for launch, src, dst in ((self._gate_up, xs, h), (self._down, h, part)):
+            quant = self._quant_buffers(n, src.shape[-1], launch[4], dev)
+            quantize_activations(src, quant[3], *quant[:3])
+            rows_gemv(launch, quant, sorted_idx, cnt, rb, table_row, base, dst, cuts)
         if split is not None:
             split.wait_done()
         out = torch.empty_like(x)

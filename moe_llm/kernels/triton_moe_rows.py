@@ -93,7 +93,7 @@ def _moe_rows_kernel(
     N, P, P1, G, stride_q, p_split, stride_split, pcut_ptr, PD, CPU: tl.constexpr,
     OFF_Q: tl.constexpr, OFF_SQ: tl.constexpr, OFF_ZQ: tl.constexpr, OFF_META: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, GLU: tl.constexpr,
-    UNROLL: tl.constexpr, ROW_META: tl.constexpr, RB: tl.constexpr,
+    ROW_META: tl.constexpr, RB: tl.constexpr,
 ):  # fmt: skip
     """Sorted position j = program_id(1) leads cnt[j] rows (positions j .. j + cnt - 1, all
     routed to expert idx[j]): out[j + r, split, n] as `triton_gemv._gemv_rows` computes each
@@ -119,21 +119,16 @@ def _moe_rows_kernel(
         p_end = tl.minimum(p_start + p_split, _gpu_limit(pcut_ptr, pid_e, tl.program_id(0) * BLOCK_N, P, PD, CPU, GLU))
         acc = tl.zeros([RB, BLOCK_N], dtype=tl.float64)
         acc_up = tl.zeros([RB, BLOCK_N], dtype=tl.float64)
-        for p0 in range(p_start, p_end, BLOCK_P * UNROLL):
-            for u in tl.static_range(UNROLL):
-                pu = p0 + u * BLOCK_P
-                live = pu < p_end
-                mask = row_mask & live
-                pu = tl.where(live, pu, 0)  # dead tiles read in-bounds bytes and contribute 0
-                acc += _tile_rows_i8(
-                    xq_ptr, dx_ptr, xs_ptr, x_stride, s_stride, cnt, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off,
-                    rows * G, mask, pu, P, P1, RB, BITS, GROUP, BLOCK_N, BLOCK_P, ROW_META,
+        for p0 in range(p_start, p_end, BLOCK_P):
+            acc += _tile_rows_i8(
+                xq_ptr, dx_ptr, xs_ptr, x_stride, s_stride, cnt, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off,
+                rows * G, row_mask, p0, P, P1, RB, BITS, GROUP, BLOCK_N, BLOCK_P, ROW_META,
+            )  # fmt: skip
+            if GLU:
+                acc_up += _tile_rows_i8(
+                    xq_ptr, dx_ptr, xs_ptr, x_stride, s_stride, cnt, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off,
+                    (rows + N) * G, row_mask, p0, P, P1, RB, BITS, GROUP, BLOCK_N, BLOCK_P, ROW_META,
                 )  # fmt: skip
-                if GLU:
-                    acc_up += _tile_rows_i8(
-                        xq_ptr, dx_ptr, xs_ptr, x_stride, s_stride, cnt, q_ptr, sq_ptr, zq_ptr, meta_ptr, up_off,
-                        (rows + N) * G, mask, pu, P, P1, RB, BITS, GROUP, BLOCK_N, BLOCK_P, ROW_META,
-                    )  # fmt: skip
         acc = acc * 2.3283064365386963e-10  # 2^-32: exact
         acc_up = acc_up * 2.3283064365386963e-10
         if GLU:
@@ -159,7 +154,7 @@ def rows_gemv(launch, quant, sorted_idx, cnt, rb, table_row, base, out, cuts=Non
     `cuts`: (int32 cut of each sorted position, PD) when the CPU computes a share of misses."""
     grid, args, consts, _, _ = launch
     xq, dx, sums, _ = quant
-    consts = {k: v for k, v in consts.items() if k not in ("MAGIC", "I8")}
+    consts = {k: v for k, v in consts.items() if k not in ("QB", "L3")}  # the lone-token kernel's
     pcut, pd = cuts if cuts is not None else (cnt, 0)
     _moe_rows_kernel[(grid[0], sorted_idx.numel(), grid[2])](
         xq, xq.stride(0), dx, sums, dx.stride(0), sorted_idx, cnt, table_row, base, out, out.stride(0), *args,

@@ -133,33 +133,3 @@ def _block_sums_i8(codes, xw, dx, xs, scale, zero, BLOCK_N: tl.constexpr, NQ: tl
     p = libdevice.rint(isum.to(tl.float32) * (scale * dx[None, :]))
     q = libdevice.rint((scale * zero) * xs[None, :])
     return p.to(tl.float64) - q.to(tl.float64)
-
-
-@triton.jit
-def _tile_dot_i8(
-    xq_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ROW_META: tl.constexpr,
-):  # fmt: skip
-    """`_tile_dot` with int8 activations (`quantize_activations`), exactly: the packed bytes are
-    read as int32 words (`_tile_words`), and `dp4a` multiplies four codes of four consecutive
-    columns (`_plane_codes`) with four int8 activations. Per block of QB columns:
-    rint(isum * (s * dx)) - rint((s * z) * xs), dx and xs kept times 2^32, summed in float64
-    (exact integers). Returns the float64 sums [BLOCK_N]."""
-    MB: tl.constexpr = 4 if BITS == 4 else 2
-    PER: tl.constexpr = 8 // MB
-    SUB: tl.constexpr = GROUP if GROUP < BLOCK_P else BLOCK_P
-    QB: tl.constexpr = SUB if SUB < 32 else 32  # activation quantization block (columns)
-    NQ: tl.constexpr = BLOCK_P // QB
-    offs_w = tl.arange(0, BLOCK_P // 4)
-    word, hi_word, hi_sel = _tile_words(q_ptr, row_off, mask, p0, P, P1, BITS, BLOCK_P)
-    acc = tl.zeros([BLOCK_N, NQ], dtype=tl.float64)
-    for j in tl.static_range(PER):
-        col0 = j * P + p0
-        xw = tl.load(xq_ptr + col0 // 4 + offs_w)  # [W] four int8 activations per word
-        blk = col0 // QB + tl.arange(0, NQ)
-        dx = tl.load(dx_ptr + blk)  # [NQ]
-        xs = tl.load(xs_ptr + blk)  # [NQ]
-        codes = _plane_codes(word, hi_word, hi_sel, j, BITS)
-        scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NQ, QB, GROUP, ROW_META)
-        acc += _block_sums_i8(codes, xw, dx, xs, scale, zero, BLOCK_N, NQ, QB)
-    return tl.sum(acc, axis=1)
