@@ -319,13 +319,13 @@ def test_one_launch_router_matches_transformers(dtype, experts, top_k, hidden):
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_decode_row_kernels_compute_each_row_as_alone(tk, bits):
-    """Batched decode rows (`kernels.rows`): the GEMVs (float and int8), the q/k/v group, the
+    """Batched decode rows (`kernels.rows`): the int8 GEMVs, the q/k/v group, the
     norm and the router give each of B rows the bits of that row's lone launch."""
     from moe_llm.kernels import triton_trunk as tt
 
     B = 5
-    t, spec = _matrix(bits, (4096, 1024))  # float activations (fewer rows than INT8_MIN_ROWS)
-    head, hspec = _matrix(bits, (8192, 1024), seed=1)  # int8 activations
+    t, spec = _matrix(bits, (4096, 1024))
+    head, hspec = _matrix(bits, (8192, 1024), seed=1)
     x = torch.randn(B, 1, 1024, device="cuda").to(torch.bfloat16)
     for tensors, sp in ((t, spec), (head, hspec)):
         batch = tk.linear(x, tensors, sp, torch.bfloat16)

@@ -115,8 +115,10 @@ def _rows_i8(
     tile_w = gl.expand_dims(gl.expand_dims(b * W, 0), 2) + gl.expand_dims(gl.expand_dims(wi, 0), 1)
     wp = q_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + row_w + tile_w  # [R, B, W] words
     up_words = (N.to(gl.int64) * stride_q) >> 2  # gate row n's up row is n + N
-    xp = xq_ptr + gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, XL)) * W, 1) + gl.expand_dims(
-        gl.arange(0, W, layout=gl.SliceLayout(0, XL)), 0
+    xp = (
+        xq_ptr
+        + gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, XL)) * W, 1)
+        + gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(0, XL)), 0)
     )  # [B, W] activation words
     gbase = rows_in * G  # [R] first group of each row
     g2 = gl.expand_dims(gbase, 1) + gl.expand_dims((b * QB) >> _log2(GROUP), 0)  # [R, B] group offsets

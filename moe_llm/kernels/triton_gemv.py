@@ -197,12 +197,14 @@ def block_n(spec: QuantSpec, glu: bool = False) -> int:
     return 16 if spec.in_features >= 8192 and not glu else 8
 
 
-# One-token dense GEMVs (scripts/tune_gemv.py on an H200, 4-bit Mixtral shapes): int8 activations
-# and 16 rows per program win for many rows (q+k+v as one launch: 10.3 us against 23.6 for three
-# float launches; the [32000, 4096] LM head: 34 against 55 us); float activations and 8 rows for a
-# lone [4096, 4096] (9.5 us against 10.1).
-INT8_MIN_ROWS = 6144
-INT8_BLOCK_N = 16
+# One-token dense GEMVs take int8 activations (`gemv_i8`), swept on an H200 (4-bit Mixtral shapes,
+# benchmarks/results/h200-dense-gemv-gluon.log): 4 rows a program, 1 KB byte tiles and 2 warps
+# read q+k+v as one launch in 6.9 us (1.95 TB/s; 10.6 with the earlier 16 x 256-byte int8 tiles,
+# 15.2 with float activations), o_proj in 5.9 (11.9 float) and the [32000, 4096] LM head in 22.3
+# (3.1 TB/s).
+INT8_BLOCK_N = 4
+INT8_BLOCK_P = 1024
+INT8_WARPS = 2
 
 
 def _unroll(iters: int, limit: int = _MAX_UNROLL) -> int:
@@ -221,14 +223,16 @@ def _launch(
     P, P1, G, stride_q = _geometry(spec)
     n = spec.out_features // 2 if glu else spec.out_features
     split = split or split_for(spec, glu)
-    bp, bn = block_p(spec), bn or block_n(spec, glu)
+    bp = block_p(spec, INT8_BLOCK_P if i8 else None)
+    bn = bn or (INT8_BLOCK_N if i8 else block_n(spec, glu))
+    warps = INT8_WARPS if i8 else NUM_WARPS
     iters = triton.cdiv(P // bp, split)  # byte tiles per split
     p_split = iters * bp
     consts = dict(BITS=spec.bits, GROUP=spec.group_size, BLOCK_N=bn, BLOCK_P=bp, GLU=glu, ROW_META=row_meta(spec, bp),
-                  num_warps=NUM_WARPS)  # fmt: skip
+                  num_warps=warps)  # fmt: skip
     if i8:
         qb = activation_block(spec, bp)
-        consts.update(QB=qb, L3=tile_layout(bn, bp // qb, qb // 4, NUM_WARPS))
+        consts.update(QB=qb, L3=tile_layout(bn, bp // qb, qb // 4, warps))
     else:
         consts.update(UNROLL=_unroll(iters), MAGIC=MAGIC_CODES)
     return (triton.cdiv(n, bn), split), (n, P, P1, G, stride_q, p_split, n), consts
@@ -241,7 +245,7 @@ def gemv(
     """x: [K] or [R, K] -> out: [R, split, N] (partials) or [R, N] when the split is 1 (default:
     `split_for(spec, glu)`; R = 1 may be left out). With ``glu`` the matrix is [2N, K] and
     ``out`` receives silu(gate) * up. With `quant` = (xq, dx, xs) from `quantize_activations`
-    (blocks of `activation_block(spec, block_p(spec))` columns) the product is the exact int8
+    (blocks of `activation_block(spec, block_p(spec, INT8_BLOCK_P))` columns) the product is the exact int8
     one (`gemv_i8`) and x is not read. Each row is computed as it would be alone."""
     grid, args, consts = _launch(spec, glu, split, bn, quant is not None)
     rows = x.numel() // spec.in_features
@@ -260,7 +264,7 @@ def gemv(
 
 def _quantized(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] (or [K]) as int8 activations for a GEMV over `spec` (`quantize_activations`)."""
-    k, qb = spec.in_features, activation_block(spec, block_p(spec))
+    k, qb = spec.in_features, activation_block(spec, block_p(spec, INT8_BLOCK_P))
     rows = x.numel() // k
     xq = torch.empty(rows, k // 4, dtype=torch.int32, device=x.device)
     dx = torch.empty(rows, k // qb, dtype=torch.float32, device=x.device)
@@ -271,19 +275,13 @@ def _quantized(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Te
 
 def linear(x: torch.Tensor, t: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
     """y = x @ W.T for decoded positions (x: [..., K], each row computed as alone) through the
-    fused GEMV.
-
-    One launch, no K-split (the attention matrices are small enough that fewer programs cost
-    little); int8 activations for many rows (`INT8_MIN_ROWS`)."""
+    int8 GEMV (`gemv_i8`), one launch, no K-split."""
     lead = x.shape[:-1]
     n = spec.out_features
     rows = x.numel() // spec.in_features
     out = torch.empty(rows, n, dtype=dtype, device=x.device)
     flat = x.reshape(rows, spec.in_features).contiguous()
-    if n >= INT8_MIN_ROWS:
-        gemv(flat, t, spec, out, split=1, quant=_quantized(flat, spec), bn=INT8_BLOCK_N)
-    else:
-        gemv(flat, t, spec, out, split=1)
+    gemv(flat, t, spec, out, split=1, quant=_quantized(flat, spec))
     return out.view(*lead, n)
 
 

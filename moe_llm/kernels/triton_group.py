@@ -15,7 +15,7 @@ from triton.experimental.gluon import language as gl
 
 from ..quant.compact import QuantSpec
 from .gemv_i8 import _group_gemv_i8_kernel
-from .triton_gemv import INT8_BLOCK_N, NUM_WARPS, _launch, _quantized
+from .triton_gemv import INT8_BLOCK_N, _launch, _quantized
 
 
 class GemvGroup:
@@ -51,7 +51,7 @@ class GemvGroup:
         _, args, consts = _launch(spec, False, 1, self.bn, True)
         self.args = args[1:6]  # P, P1, G, stride_q, p_split
         self.consts = {k: v for k, v in consts.items() if k != "GLU"}
-        self.consts["L1"] = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])  # of the member table
+        self.consts["L1"] = gl.BlockedLayout([1], [32], [consts["num_warps"]], [0])  # of the member table
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         """x [R, K] (or [K]) -> each matrix's rows [R, N_i] (views of one output), each input row

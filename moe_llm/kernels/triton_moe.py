@@ -70,9 +70,7 @@ class Tuning:
 
 
 # the 3-bit best of the same sweep (a layer 82.5 us, 1.74 TB/s)
-_MEASURED = {
-    3: Tuning(gate_up_rows=2, gate_up_warps=1, gate_up_block_p=1024, down_rows=8, down_warps=2, down_split=2)
-}
+_MEASURED = {3: Tuning(gate_up_rows=2, gate_up_warps=1, gate_up_block_p=1024, down_rows=8, down_warps=2, down_split=2)}
 
 
 def default_tuning(bits: int) -> Tuning:
