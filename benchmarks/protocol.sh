@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-ROWS=${ROWS:-full,full-cpu-off,full-cpu-all,resident,full-16GiB,full-4GiB,full-cpu-all-4GiB,full-cpu-off-4GiB,full-cpu-all-2GiB,full-3bit,resident-3bit}
+ROWS=${ROWS:-full,full-cpu-off,full-cpu-all,resident,full-16GiB,full-cpu-off-16GiB,full-cpu-all-16GiB,full-4GiB,full-cpu-all-4GiB,full-cpu-off-4GiB,full-cpu-all-2GiB,full-3bit,resident-3bit}
 BUDGETS=${BUDGETS:-16GiB 4GiB 2GiB}
 extra=()
 for b in $BUDGETS; do extra+=(--extra-budget "$b"); done

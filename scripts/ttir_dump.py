@@ -1,5 +1,6 @@
-"""Dump the TTIR of the decode kernels for many constexpr settings, compiled for sm_90 with no GPU
-(Triton's front end runs on any machine with Triton installed):
+"""Dump the TTIR of the decode kernels (the TTGIR of the Gluon ones, `gemv_i8`) for many constexpr
+settings, compiled for sm_90 with no GPU (Triton's front end runs on any machine with Triton
+installed):
 
     python scripts/ttir_dump.py before.txt   # then change the kernels' Python
     python scripts/ttir_dump.py after.txt && cmp before.txt after.txt
@@ -16,10 +17,12 @@ from triton._C.libtriton import ir
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
 
 import moe_llm.experts  # noqa: F401
+from moe_llm.kernels import gemv_i8 as gi
 from moe_llm.kernels import triton_gemv as tg
-from moe_llm.kernels import triton_group as tgr
 from moe_llm.kernels import triton_moe as tm
 from moe_llm.kernels import triton_moe_rows as tr
 from moe_llm.kernels import triton_trunk as tt
@@ -50,54 +53,43 @@ PTR = {
 }
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
-options = backend.parse_options({})
 
 
-def ttir(fn, consts, fp_x=False, ptr=None):
+def ttir(fn, consts, fp_x=False, ptr=None, gluon=False, warps=4):
+    """The kernel's IR: TTIR, or for a Gluon kernel the TTGIR its source gives (`gluon`)."""
     sig = {n: "constexpr" if n in consts else (ptr or PTR).get(n, "i32") for n in fn.arg_names}
     if fp_x:
         sig["x_ptr"] = "*fp32"
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    source = GluonASTSource if gluon else ASTSource
+    src = source(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     ctx = ir.context()
     ir.load_dialects(ctx)
     backend.load_dialects(ctx)
-    mod = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
+    opts = backend.parse_options({"num_warps": warps})
+    mod = src.make_ir(target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), ctx)
     text = str(mod)
     return re.sub(r" loc\([^)]*\)|#loc.*\n|loc\(.*?\)", "", text)
 
 
 out = []
-for bits, glu, i8, magic in itertools.product((2, 3, 4), (False, True), (False, True), (True, False)):
-    c = dict(BITS=bits, GROUP=64, BLOCK_N=16, BLOCK_P=256, GLU=glu, UNROLL=1, MAGIC=magic, I8=i8, ROW_META=True)
-    out.append((f"qgemv {c}", ttir(tg._qgemv_kernel, c, fp_x=not i8)))
+for bits, glu, magic in itertools.product((2, 3, 4), (False, True), (True, False)):
+    c = dict(BITS=bits, GROUP=64, BLOCK_N=16, BLOCK_P=256, GLU=glu, UNROLL=1, MAGIC=magic, ROW_META=True)
+    out.append((f"qgemv {c}", ttir(tg._qgemv_kernel, c, fp_x=True)))
+for bits, glu, bp, rows, warps in itertools.product((2, 3, 4), (False, True), (256, 1024), (2, 8), (1, 2)):
+    c = dict(BITS=bits, GROUP=64, QB=32, BLOCK_N=rows, BLOCK_P=bp, GLU=glu, ROW_META=True,
+             L3=gi.tile_layout(rows, bp // 32, 8, warps))  # fmt: skip
+    out.append((f"qgemv_i8 {c}", ttir(gi._qgemv_i8_kernel, c, gluon=True, warps=warps)))
     for cpu in (False, True):
         cm = dict(c, CPU=cpu, OFF_Q=0, OFF_SQ=1024, OFF_ZQ=2048, OFF_META=4096)
-        out.append((f"moe {cm}", ttir(tm._moe_gemv_kernel, cm, fp_x=not i8)))
-for bits, glu, rb, cpu in itertools.product((2, 3, 4), (False, True), (2, 4), (False, True)):
-    c = dict(
-        CPU=cpu,
-        BITS=bits,
-        GROUP=64,
-        BLOCK_N=8,
-        BLOCK_P=256,
-        GLU=glu,
-        UNROLL=1,
-        ROW_META=True,
-        RB=rb,
-        OFF_Q=0,
-        OFF_SQ=1024,
-        OFF_ZQ=2048,
-        OFF_META=4096,
-    )
-    out.append((f"rows {c}", ttir(tr._moe_rows_kernel, c)))
-for bits, glu, bp in itertools.product((2, 3), (False, True), (512, 1024)):  # the wide tiles of Tuning's defaults
-    c = dict(BITS=bits, GROUP=64, BLOCK_N=8, BLOCK_P=bp, GLU=glu, UNROLL=1, ROW_META=True, OFF_Q=0, OFF_SQ=1024,
+        out.append((f"moe_i8 {cm}", ttir(gi._moe_gemv_i8_kernel, cm, gluon=True, warps=warps)))
+    if not glu:
+        cg = dict(c, MP=4, L1=gl.BlockedLayout([1], [32], [warps], [0]))
+        del cg["GLU"]
+        out.append((f"group_i8 {cg}", ttir(gi._group_gemv_i8_kernel, cg, gluon=True, warps=warps)))
+for bits, glu, rb, cpu, bp in itertools.product((2, 3, 4), (False, True), (2, 4), (False, True), (256, 1024)):
+    c = dict(CPU=cpu, BITS=bits, GROUP=64, BLOCK_N=8, BLOCK_P=bp, GLU=glu, ROW_META=True, RB=rb, OFF_Q=0, OFF_SQ=1024,
              OFF_ZQ=2048, OFF_META=4096)  # fmt: skip
-    out.append((f"moe {c}", ttir(tm._moe_gemv_kernel, dict(c, MAGIC=True, I8=True, CPU=True))))
-    out.append((f"rows {c}", ttir(tr._moe_rows_kernel, dict(c, CPU=True, RB=2))))
-for bits, i8 in itertools.product((2, 3, 4), (False, True)):
-    c = dict(BITS=bits, GROUP=64, BLOCK_N=16, BLOCK_P=256, UNROLL=1, MAGIC=True, I8=i8, ROW_META=True, MP=4)
-    out.append((f"group {c}", ttir(tgr._group_gemv_kernel, c, fp_x=not i8)))
+    out.append((f"rows {c}", ttir(tr._moe_rows_kernel, c)))
 for kt, n in ((2, None), (1, 1), (8, None)):  # N = 1 is specialised to a constant
     c = dict(KT=kt, NP=max(2, kt), BLOCK=1024) | ({"N": n} if n else {})
     out.append((f"publish {c}", ttir(tm._publish_kernel, c)))

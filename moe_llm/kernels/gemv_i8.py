@@ -12,8 +12,9 @@ dot product is then 2^(bits * j) times the true one, and an exact shift undoes i
 `dp4a` products of a block in its own registers and finishes the block (scales, roundings,
 the float64 add) in the same layout, keeping one float64 partial per (row, block) until the
 end of the row. Plain Triton split each block over two threads (a shuffle per block) and
-moved every plane's products through shared memory to meet the scale loads' layout; that
-kernel ran about 90 instructions per block and row, this one about 40.
+moved every plane's products through shared memory to meet the scale loads' layout; for a
+2-bit down_proj tile that kernel ran about 90 SASS instructions per (row, block, plane), this
+one about 58, and a 2-bit layer of two experts takes 53 us on an H200 against 67.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from .triton_tiles import _tile_dot
 
 NUM_WARPS = 4
 MAGIC_CODES = True  # codes turned into floats by bit placement, not int->float conversion (see triton_tiles._tile_dot)
-MAX_BLOCK_P = 256  # tiles swept on an H200 with scripts/tune_gemv.py
+MAX_BLOCK_P = 256  # widest byte tile of the float-activation GEMV
 _TARGET_PROGRAMS = 8 * 132  # about eight programs per SM of an H100/H200; fine elsewhere too
 _MAX_UNROLL = 1
 
