@@ -46,11 +46,13 @@ CPU_EFFICIENCY = 0.55
 CPU_GBPS_PER_THREAD = 7.0
 # What the decode kernels reach of the raw bandwidths (measured on the H200, docs/benchmarks.md):
 # a memory-bound GEMV reads HBM at about 70% of its peak (torch's bf16 GEMV: 3.4 of 4.8 TB/s),
-# but the compact experts' GEMV is bound by its arithmetic at about 1,200 GB/s there (a GPU with
-# fewer or slower SMs than the H200 would have a lower such limit; it is not modelled); a kernel
-# reads pinned host RAM in place at about 36 GB/s where the copy engine moves 55.
+# but a resident token reads its bytes at about 1,350 GB/s there: 4.36 GB of experts, attention
+# and LM head in 3.21 ms at tree 396cd41 (the 2-bit expert GEMVs themselves reach 2.1 TB/s; the
+# trunk's small kernels and the launches between them take the rest; a GPU with fewer or slower
+# SMs than the H200 would have a lower such limit, which is not modelled); a kernel reads pinned
+# host RAM in place at about 36 GB/s where the copy engine moves 55.
 HBM_EFFICIENCY = 0.7
-EXPERT_KERNEL_GBPS = 1200.0
+EXPERT_KERNEL_GBPS = 1350.0
 ZERO_COPY_EFFICIENCY = 0.65
 # Raising a layer's flag to the CPU thread and waiting for its rows: with a take of 0 the split
 # cost 31.03 -> 29.50 tok/s at 12 GiB on the H200, about 50 us per layer.
