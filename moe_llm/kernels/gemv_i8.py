@@ -66,7 +66,7 @@ def _u8_float(v):
 
 
 @gluon.jit
-def _dot_blocks(codes, xw, BITS: gl.constexpr, SHIFT: gl.constexpr):
+def _dot_blocks(codes, xw, SHIFT: gl.constexpr):
     """Per (row, block): the dp4a sum of codes [R, B, W] (unsigned bytes, each code scaled by
     2^SHIFT) with int8 activations xw [B, W], shifted back (exact: every term is a multiple)."""
     d = gl.inline_asm_elementwise(
@@ -81,10 +81,10 @@ def _block_isum(word, hi_word, hi_sel, xw, j: gl.constexpr, BITS: gl.constexpr):
     """The exact integer dot products [R, B] of plane j's codes with one row's activations."""
     MB: gl.constexpr = 4 if BITS == 4 else 2
     LANE: gl.constexpr = 0x0F0F0F0F if MB == 4 else 0x03030303
-    isum = _dot_blocks(word & _lane_mask(LANE, MB * j), xw, BITS, MB * j)
+    isum = _dot_blocks(word & _lane_mask(LANE, MB * j), xw, MB * j)
     if BITS == 3:
         # the code's high bit: bit 2j + hi_sel of each byte of the 1-bit plane's words
-        hi = _dot_blocks(hi_word & (0x01010101 << (2 * j + hi_sel)), xw, BITS, 0)
+        hi = _dot_blocks(hi_word & (0x01010101 << (2 * j + hi_sel)), xw, 0)
         isum += (hi >> (2 * j + hi_sel)) << 2
     return isum
 
