@@ -1,6 +1,6 @@
 """Float32 operation sequences that the CPU expert kernel (`experts/cpu/moe_cpu.c`) repeats
 step for step, so that the GPU and the CPU compute an expert to the same bits
-(`triton_tiles._tile_dot_i8`): an add that is never fused with the multiply before it, and
+(`gemv_i8`, `triton_moe_rows`): an add that is never fused with the multiply before it, and
 SiLU through one fixed `exp`.
 """
 

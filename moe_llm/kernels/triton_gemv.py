@@ -1,5 +1,8 @@
-"""Fused dequant-GEMV for the compact format on CUDA (Triton), for decode.
+"""Fused dequant-GEMV for the compact format on CUDA (Triton), for decode: the launches of the
+dense matrices and the float-activation row loop.
 
+Decoded tokens go through the exact int8 GEMV (`gemv_i8`, Gluon: `gemv` with `quant`, and
+`linear` always); the float-activation loop below is the near-exact reference of the tests.
 One program owns ``BLOCK_N`` output rows and walks the packed bytes of those
 rows in tiles of ``BLOCK_P`` bytes (up to 256). Thanks to the strided packing
 (see `quant.packing`), a byte tile at packed column ``p0`` holds ``8 // b``
@@ -10,11 +13,11 @@ with the float32 (min, step) of its run of 128 groups and accumulates
 ``scale * (sum(code * x) - zero * sum(x))``: packed weights are read once, in
 contiguous tiles, and never written back dequantized.
 
-The routed experts of a decode step go through `triton_moe`, which runs the same
-row loop (`_gemv_rows`) on experts found through the cache's table and sums their
-K-partials (`combine`); q, k and v of a token share one launch (`triton_group`).
+The routed experts of a decode step go through `triton_moe`, which runs the int8 row loop
+(`gemv_i8._rows_i8`) on experts found through the cache's table and sums their K-partials
+(`combine`); q, k and v of a token share one launch (`triton_group`).
 
-The tile dot products live in `triton_tiles`. With int8 activations (`_tile_dot_i8`) the
+The float tile dot products live in `triton_tiles`. With int8 activations (`gemv_i8`) the
 arithmetic is exact and the same as the CPU kernel's (`experts/cpu/moe_cpu.c`, whose header
 gives the formula): per block of 32 columns one rounded float32 product per term, rounded to
 an integer (block scales are kept times 2^32), the integers summed in float64, which no

@@ -60,7 +60,7 @@ def _tile_rows_i8(
     P, P1, RB: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr, ROW_META: tl.constexpr,
 ):  # fmt: skip
-    """`triton_tiles._tile_dot_i8` for the `cnt` (<= RB) consecutive input rows of one expert:
+    """The exact int8 tile product (`gemv_i8`'s arithmetic) for the `cnt` (<= RB) consecutive input rows of one expert:
     the weight tile and its scales are loaded once. Returns [RB, BLOCK_N] float64 sums (0 for
     rows past cnt)."""
     MB: tl.constexpr = 4 if BITS == 4 else 2
@@ -96,14 +96,14 @@ def _moe_rows_kernel(
     ROW_META: tl.constexpr, RB: tl.constexpr,
 ):  # fmt: skip
     """Sorted position j = program_id(1) leads cnt[j] rows (positions j .. j + cnt - 1, all
-    routed to expert idx[j]): out[j + r, split, n] as `triton_gemv._gemv_rows` computes each
+    routed to expert idx[j]): out[j + r, split, n] as `gemv_i8._rows_i8` computes each
     alone with int8 activations (row j + r of xq, dx, xs), with CPU only the GPU's part of
     each weight row (`_gpu_limit`)."""
     pid_e = tl.program_id(1)
     cnt = tl.load(cnt_ptr + pid_e)
     if cnt > 0:
         e = tl.load(idx_ptr + pid_e)
-        off = tl.multiple_of(tl.load(table_ptr + e), 64)  # as `triton_moe._moe_gemv_kernel`
+        off = tl.multiple_of(tl.load(table_ptr + e), 64)  # as `gemv_i8._moe_gemv_i8_kernel`
         q_ptr = base_ptr + off + OFF_Q
         sq_ptr = base_ptr + off + OFF_SQ
         zq_ptr = base_ptr + off + OFF_ZQ

@@ -1,8 +1,7 @@
-"""The tile dot products of the fused dequant-GEMV (`triton_gemv`): one tile of BLOCK_N packed
-rows times the activations, with float activations (`_tile_dot`) or int8 ones and `dp4a`
-(`_tile_dot_i8`, exact), and the pieces they share with the batched rows kernel
-(`triton_moe_rows`): the group scales, the tile's int32 words, a plane's codes and one row's
-block sums."""
+"""Tile dot products in plain Triton: one tile of BLOCK_N packed rows times float activations
+(`_tile_dot`, the float loop of `triton_gemv`), and the pieces of the exact int8 arithmetic
+that the batched rows kernel (`triton_moe_rows`) uses: the group scales, the tile's int32 words,
+a plane's codes and one row's block sums (`gemv_i8` is the lone token's Gluon version)."""
 
 from __future__ import annotations
 
