@@ -64,7 +64,10 @@ def _attention_split_kernel(
     for k0 in tl.static_range(0, SPLIT, BLOCK_K):
         n = s * SPLIT + k0 + tl.arange(0, BLOCK_K)
         live = rmask[:, None] & (n < W)[None, :]  # [M, BLOCK_K]
-        mv = tl.load(m_ptr + b * smb + heads[:, None] * smh + n[None, :] * smn, mask=live & (has_mask != 0), other=1)
+        # `live & (has_mask != 0)` compiles to the same SASS, but Triton 3.9's interpreter makes
+        # that scalar test an int32 mask, which its loads refuse
+        use = tl.where(has_mask != 0, live, False)
+        mv = tl.load(m_ptr + b * smb + heads[:, None] * smh + n[None, :] * smn, mask=use, other=1)
         live = live & (mv != 0)
         readable = tl.sum(live.to(tl.int32), axis=0) > 0  # [BLOCK_K]: a key some row reads
         k = tl.load(k_ptr + b * skb + g * skh + n[:, None] * skn + d[None, :], mask=readable[:, None], other=0.0)
