@@ -85,3 +85,66 @@ def test_dense_int8_kernels_build(spec):
     group.update(MP=4, L1=gl.BlockedLayout([1], [32], [consts["num_warps"]], [0]))
     kernel = _compile(gemv_i8._group_gemv_i8_kernel, group, "*bf16", gluon=True)
     assert kernel.metadata.shared == 0
+
+
+def _other_kernels():
+    """(kernel, argument types, constexprs) of every other kernel of a decode or prefill step, as
+    its launch site builds them for Mixtral-8x7B in bfloat16."""
+    from moe_llm.kernels import triton_attention as ta
+    from moe_llm.kernels import triton_dequant as td
+    from moe_llm.kernels import triton_trunk as tt
+
+    bf16, f32, f64, i32, i64 = "*bf16", "*fp32", "*fp64", "*i32", "*i64"
+    spec = QuantSpec(2, 32, 14336, 4096)
+    float_gemv = tg._launch(QuantSpec(4, 64, 4096, 4096), False, None)[2]
+    yield tg._qgemv_kernel, {"x_ptr": bf16, "out_ptr": f32}, float_gemv
+    for x in (bf16, f32):  # x of gate_up, h of down
+        yield tg._quant_kernel, {"x_ptr": x, "xq_ptr": i32, "dx_ptr": f32, "xs_ptr": f32}, {"QB": 32, "BLOCK": 1024}
+    for cpu in (False, True):
+        types = {"part_ptr": f64, "w_ptr": f32, "out_ptr": bf16, "cpu_ptr": f64, "pcut_ptr": i32}
+        yield tm._combine_kernel, types, {"HAS_W": True, "CPU": cpu, "BLOCK": 1024}
+    types = {"idx_ptr": i64, "table_ptr": i64, "take_ptr": i32, "pcut_ptr": i32, "x_ptr": bf16, "head_ptr": i32,
+             "xbox_ptr": f32}  # fmt: skip
+    yield tm._publish_kernel, types, {"KT": 2, "NP": 2, "BLOCK": 1024}
+    yield tr._groups_kernel, {"idx_ptr": i64, "cnt_ptr": i32}, {"RB": 4, "NP": 8}
+    types = {
+        "q_ptr": bf16,
+        "k_ptr": bf16,
+        "v_ptr": bf16,
+        "m_ptr": "*u8",
+        "acc_ptr": f32,
+        "ml_ptr": f32,
+        "scale": "fp32",
+    }
+    yield (
+        ta._attention_split_kernel,
+        types,
+        {"REP": 4, "BLOCK_M": 16, "D": 128, "SPLIT": ta.SPLIT, "BLOCK_K": ta.BLOCK_K},
+    )
+    yield ta._attention_merge_kernel, {"acc_ptr": f32, "ml_ptr": f32, "out_ptr": bf16}, {"D": 128}
+    yield (
+        tt._rmsnorm_kernel,
+        {"x_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "eps": "fp32"},
+        {"BLOCK": 4096, "num_warps": 8},
+    )
+    types = {"x_ptr": bf16, "w_ptr": bf16, "logits_ptr": bf16, "scores_ptr": f32, "idx_ptr": i64}
+    yield tt._router_kernel, types, {"K": 2, "KP": 2, "EP": 8, "BLOCK_H": 1024, "num_warps": 8}
+    names = ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr")
+    yield tt._rotary_kernel, dict.fromkeys(names, bf16), {"D": 128, "BLOCK": 128, "num_warps": 1}
+    consts = {"BITS": 2, "GROUP": 32, "BLOCK_N": 64, "BLOCK_P": tg.block_p(spec, widest=32), "num_warps": tg.NUM_WARPS}
+    yield (
+        td._dequant_kernel,
+        {"q_ptr": "*u8", "sq_ptr": "*u8", "zq_ptr": "*u8", "meta_ptr": f32, "out_ptr": bf16},
+        consts,
+    )
+
+
+@pytest.mark.parametrize("kernel,types,consts", [pytest.param(*case, id=case[0].__name__) for case in _other_kernels()])
+def test_other_kernels_build(kernel, types, consts):
+    """The float GEMV, the activation quantizer, the combine, the CPU road's publish, the rows'
+    grouping, decode attention, RMSNorm, the router, the rotary embedding and prefill's dequantize."""
+    consts = dict(consts)
+    warps = consts.pop("num_warps", 4)
+    types = {**POINTERS, **types}
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
+    triton.compile(ASTSource(kernel, sig, consts, {}), target=H200, options={"num_warps": warps})
