@@ -4,8 +4,8 @@ Each GEMV is timed as the engine runs it: captured in a CUDA graph that walks
 `bench.kernels.LAYERS` layers, each with its own two routed experts in HBM (far more bytes than
 the L2 holds), so neither the host's launches nor a warm L2 enter the time. For gate_up (GLU
 fused) and down (split-K, with the combine) the sweep covers byte tiles, rows per program,
-warps and K-splits, checks that every setting gives the same bits, then times the whole layer with the best pair, from HBM and
-zero-copy from pinned host RAM. Writes the JSON that `--kernel-tuning` reads (``best``).
+warps and K-splits, checks that every setting gives the same bits, then times the whole layer
+with the best pair, from HBM and zero-copy from pinned host RAM. Writes the JSON that `--kernel-tuning` reads (``best``).
 
     python scripts/tune_moe.py --out tune.json [--bits 2,3] [--quick]
 """

@@ -247,9 +247,9 @@ def gemv(
 ) -> None:  # fmt: skip
     """x: [K] or [R, K] -> out: [R, split, N] (partials) or [R, N] when the split is 1 (default:
     `split_for(spec, glu)`; R = 1 may be left out). With ``glu`` the matrix is [2N, K] and
-    ``out`` receives silu(gate) * up. With `quant` = (xq, dx, xs) from `quantize_activations`
-    (blocks of `activation_block(spec, block_p(spec, INT8_BLOCK_P))` columns) the product is the exact int8
-    one (`gemv_i8`) and x is not read. Each row is computed as it would be alone."""
+    ``out`` receives silu(gate) * up. With `quant` = (xq, dx, xs) from `_quantized` the product
+    is the exact int8 one (`gemv_i8`) and x is not read. Each row is computed as it would be
+    alone."""
     grid, args, consts = _launch(spec, glu, split, bn, quant is not None)
     rows = x.numel() // spec.in_features
     if quant is not None:

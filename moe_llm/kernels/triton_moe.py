@@ -12,8 +12,9 @@ A layer is three launches: gate_up with the GLU fused (grid: row blocks x k),
 down split along K into partials (row blocks x k x splits), and `combine`,
 which applies the routing weights and sums in k order, so the result does not
 depend on where each expert was read from. The GEMVs take int8 activations and their
-partials are exact float64 sums, computed as the CPU kernel computes them (`gemv_i8`): an expert whose share the CPU computes
-(`experts.split`) gives the same bits as one the GPU computes alone.
+partials are exact float64 sums, computed as the CPU kernel computes them (`gemv_i8`): an
+expert whose share the CPU computes (`experts.split`) gives the same bits as one the GPU
+computes alone.
 """
 
 from __future__ import annotations
