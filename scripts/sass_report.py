@@ -89,6 +89,12 @@ def main() -> None:
             grid, ints, consts, _, _ = tm._launch(fmt, name, 2, tuning)
             P, P1, G, stride_q = tg._geometry(fmt.specs[name])
             values = dict(zip(("N", "P", "P1", "G", "stride_q", "p_split", "stride_split"), ints, strict=True))
+            # the strides MoeDecode._gemv passes: the int8 rows and block scales (0: one row shared by
+            # the positions), the output rows (h or the float64 parts: multiples of 16 here)
+            k_words, k_blocks = fmt.specs[name].in_features // 4, fmt.specs[name].in_features // 32
+            shared = name == "gate_up_proj"
+            values |= {"x_stride": 0 if shared else k_words, "s_stride": 0 if shared else k_blocks,
+                       "out_stride": 16 * fmt.hidden, "PD": P}  # fmt: skip
             k = build(gemv_i8._moe_gemv_i8_kernel, dict(consts, CPU=False), out, values)
             label = f"{bits}-bit {name} {consts['BLOCK_N']} rows x {consts['BLOCK_P']} B x {consts['num_warps']} warps"
             report(k, label, args.dump)

@@ -97,6 +97,20 @@ def test_shares_over_runs_of_blocks_are_the_exact_model(bits, inter):
         assert np.array_equal(got.numpy(), exact_expert.expert(buf, fmt, x, keep=neuron >= cut)), cut
 
 
+@pytest.mark.parametrize(("bits", "inter", "pd", "cuts"), [(2, 512, 128, (8, 40, 100)), (2, 64, 16, (4, 12)), (3, 64, 16, (4, 12))])
+def test_shares_cut_inside_a_block_are_the_exact_model(bits, inter, pd, cuts):
+    """Each gate_up item is one block of 32 neurons of h: a cut inside a block, or planes shorter
+    than a block (one block then holds the share's neurons of two planes), leave the block's
+    other neurons zero."""
+    fmt = ExpertFormat.build(256, inter, bits, torch.float32)
+    buf = _expert(fmt, 30 + inter)
+    x = torch.randn(256, generator=torch.Generator().manual_seed(11))
+    neuron = np.arange(fmt.intermediate) % pd
+    for cut in cuts:
+        got = expert_share(buf, fmt, x, cut, pd, threads=2)
+        assert np.array_equal(got.numpy(), exact_expert.expert(buf, fmt, x, keep=neuron >= cut)), cut
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_whole_share_equals_the_cpu_expert_kernel(bits):
     fmt = ExpertFormat.build(256, 512, bits, torch.float32)
@@ -227,6 +241,23 @@ def test_serving_thread_computes_each_batched_position_on_its_own_row(bits):
         _serve(split, 1, ids[:3], cuts[:3], toks[:3], xs)  # n = 3: expert 1's two positions, in one call
         assert split.stats()["cpu_expert_calls"] == 5
         assert torch.equal(split.box.views(1)[2][1], before)  # the hit's row is not written
+    finally:
+        split.close()
+
+
+def test_serving_thread_computes_more_missed_experts_than_one_job_holds():
+    """Three rows routed to six distinct experts, each with its own cut: the loop computes them in
+    jobs of a few experts (each expert's gate_up, then its down, on a shared team) and every
+    position equals its expert's share computed alone."""
+    fmt = ExpertFormat.build(256, 512, 2, torch.float32)
+    store, split = _split_over(fmt, 1, 8, [[0, 64, 128], [0] * 5, [0] * 7], threads=3)
+    try:
+        xs = torch.randn(3, 256, generator=torch.Generator().manual_seed(6))
+        ids, cuts, toks = [7, 1, 2, 5, 4, 6], [0, 32, 64, 96, 0, 32], [0, 0, 1, 1, 2, 2]
+        y = _serve(split, 0, ids, cuts, toks, xs).clone()
+        for j, (e, cut, t) in enumerate(zip(ids, cuts, toks, strict=True)):
+            assert torch.equal(y[j], expert_share(store.buffer(0, e), fmt, xs[t], cut, 128, threads=1)), j
+        assert split.stats()["cpu_expert_calls"] == 6
     finally:
         split.close()
 

@@ -168,13 +168,22 @@ static void pool_run(pool *p, pool_fn fn, void *arg, int items) {
   while (__atomic_load_n(&p->left, __ATOMIC_ACQUIRE)) CPU_RELAX();
 }
 
+/* One missed expert's working rows: its tokens' int8 x, gate/up, h and its int8 blocks, and the
+   down sums of a share of several tokens. */
 typedef struct {
   int8_t *xq, *hq, *xt, *ht; /* int8 activations, and transposed (`transpose_act`): [ntok][cols] */
   float *xd, *xs, *gu, *h, *hd, *hs;
-  double *yd; /* [ntok][H]: the down sums of a share of several tokens */
+  double *yd; /* [ntok][H] */
+  int32_t *blocks; /* [nbi] the h blocks that hold rows of the share */
+} group_ws;
+
+/* MAX_GROUPS experts' working rows and the team's scratch. */
+#define MAX_GROUPS 4 /* missed experts of one step computed as one job (top-2: a token's two) */
+typedef struct {
+  group_ws g[MAX_GROUPS];
   uint8_t *scr;
   size_t per_thread;
-  int ntok; /* tokens one share may take */
+  int ntok; /* tokens one expert's share may take */
 } share_ws;
 
 static int share_ws_alloc(const moe_cpu_expert_layout *L, int threads, int ntok, share_ws *w, void **mem) {
@@ -185,96 +194,164 @@ static int share_ws_alloc(const moe_cpu_expert_layout *L, int threads, int ntok,
   w->ntok = (int)T;
   w->per_thread = (scratch_bytes(maxG, maxcols) + 63) / 64 * 64;
   const size_t fl = sizeof(float);
-  size_t total = T * (2 * ((size_t)H + (size_t)I) + fl * (2 * (size_t)nbh + 3 * (size_t)I + 2 * (size_t)nbi) +
-                      sizeof(double) * (size_t)H) +
-                 (size_t)threads * w->per_thread + 16 * 64;
-  uint8_t *p = (uint8_t *)malloc(total);
+  const size_t group = T * (2 * ((size_t)H + (size_t)I) + fl * (2 * (size_t)nbh + 3 * (size_t)I + 2 * (size_t)nbi) +
+                            sizeof(double) * (size_t)H) +
+                       sizeof(int32_t) * (size_t)nbi + 16 * 64;
+  uint8_t *p = (uint8_t *)malloc(MAX_GROUPS * group + (size_t)threads * w->per_thread + 64);
   if (!p) return MOE_CPU_ENOMEM;
   *mem = p;
 #define TAKE(T_, N) ((T_ *)(p = (uint8_t *)(((uintptr_t)p + 63) & ~(uintptr_t)63), p += (N) * sizeof(T_), p - (N) * sizeof(T_)))
-  w->xq = TAKE(int8_t, T * H);
-  w->xt = TAKE(int8_t, T * H);
-  w->xd = TAKE(float, T * nbh);
-  w->xs = TAKE(float, T * nbh);
-  w->gu = TAKE(float, T * 2 * I);
-  w->h = TAKE(float, T * I);
-  w->hq = TAKE(int8_t, T * I);
-  w->ht = TAKE(int8_t, T * I);
-  w->hd = TAKE(float, T * nbi);
-  w->hs = TAKE(float, T * nbi);
-  w->yd = TAKE(double, T * H);
+  for (int k = 0; k < MAX_GROUPS; k++) {
+    group_ws *g = &w->g[k];
+    g->xq = TAKE(int8_t, T * H);
+    g->xt = TAKE(int8_t, T * H);
+    g->xd = TAKE(float, T * nbh);
+    g->xs = TAKE(float, T * nbh);
+    g->gu = TAKE(float, T * 2 * I);
+    g->h = TAKE(float, T * I);
+    g->hq = TAKE(int8_t, T * I);
+    g->ht = TAKE(int8_t, T * I);
+    g->hd = TAKE(float, T * nbi);
+    g->hs = TAKE(float, T * nbi);
+    g->yd = TAKE(double, T * H);
+    g->blocks = TAKE(int32_t, (size_t)nbi);
+  }
   w->scr = TAKE(uint8_t, (size_t)threads * w->per_thread);
 #undef TAKE
   return MOE_CPU_OK;
 }
 
-/* One share's work, as the pool's items see it: gate_up row chunks, then down row chunks. */
+/* One expert's share in a job: y[t][H] = the share (i % pd >= cut) of expert `base` for x[t]. */
 typedef struct {
-  const moe_cpu_expert_layout *L;
+  const uint8_t *base;
+  const float *const *x;
+  double *const *y;
+  int nt, cut;
+} share_req;
+
+typedef struct {
   qmat mg, md;
   qact ax, ah;
-  share_ws *w;
+  group_ws *w;
   double *yd;
-  int nt, cut, pd, chunks, maxG, maxcols;
+  int nt, cut, n_gu, first; /* gate_up items (h blocks with share rows); the job's first item of them */
+  int32_t gu_left;          /* gate_up items not finished: down waits for 0 */
+} share_group;
+
+/* A job: the shares of ng experts, as the pool's items see it: every group's gate_up items (one h
+   block each: its share rows of gate and up, then h and h's int8 block), then every group's down
+   row chunks. A group's down items wait for its own gate_up items only, so one expert's down runs
+   while the next one's gate_up is still being read: one tail a job, not two an expert. */
+typedef struct {
+  const moe_cpu_expert_layout *L;
+  share_group g[MAX_GROUPS];
+  share_ws *w;
+  int ng, pd, n_gu, n_dn, maxG, maxcols;
 } share_job;
 
 static scratch job_scratch(const share_job *j, int worker) {
   return scratch_at(j->w->scr + (size_t)worker * j->w->per_thread, j->maxG, j->maxcols);
 }
 
-/* gate and up rows [r0, r1) of the share's plane chunk, then h = silu(gate) * up over them */
-static void share_gate_up(void *arg, int item, int worker) {
-  share_job *j = (share_job *)arg;
-  share_ws *w = j->w;
-  const int I = j->L->intermediate;
-  const int plane = item / j->chunks, c0 = j->cut + (item % j->chunks) * GU_CHUNK;
-  const int r0 = plane * j->pd + c0, r1 = plane * j->pd + imin(c0 + GU_CHUNK, j->pd);
-  scratch ws = job_scratch(j, worker);
-  mat_rows(&j->mg, r0, r1, &j->ax, w->gu, NULL, 2 * (size_t)I, &ws);
-  mat_rows(&j->mg, I + r0, I + r1, &j->ax, w->gu, NULL, 2 * (size_t)I, &ws);
-  for (int t = 0; t < j->nt; t++) {
-    const float *gu = w->gu + (size_t)t * 2 * I;
-    for (int r = r0; r < r1; r++) w->h[(size_t)t * I + r] = silu(gu[r]) * gu[I + r];
+/* xq's block b into its place in xt (`transpose_act`: a tail of fewer than RUN blocks stays in xq). */
+static void transpose_block(const int8_t *xq, int cols, int b, int8_t *xt) {
+  const int q = b / RUN * 32 * RUN, j = b % RUN;
+  if (q + 32 * RUN > cols) return;
+  for (int i = 0; i < 8; i++) memcpy(xt + q + 4 * RUN * i + 4 * j, xq + 32 * b + 4 * i, 4);
+}
+
+/* h block b of group g: the share's rows of gate and up in it, h = silu(gate) * up over them (the
+   block's other rows stay zero), then the block's int8 codes, scale and sum, and their transpose. */
+static void share_gate_up(share_job *j, share_group *g, int b, scratch *ws) {
+  group_ws *w = g->w;
+  const int I = j->L->intermediate, nbi = (I + QB - 1) / QB, pd = j->pd;
+  const int lo = b * QB, hi = imin(lo + QB, I);
+  for (int q = lo / pd; q * pd < hi; q++) {
+    const int r0 = q * pd + g->cut > lo ? q * pd + g->cut : lo, r1 = imin(hi, (q + 1) * pd);
+    if (r0 >= r1) continue;
+    mat_rows(&g->mg, r0, r1, &g->ax, w->gu, NULL, 2 * (size_t)I, ws);
+    mat_rows(&g->mg, I + r0, I + r1, &g->ax, w->gu, NULL, 2 * (size_t)I, ws);
+    for (int t = 0; t < g->nt; t++) {
+      const float *gu = w->gu + (size_t)t * 2 * I;
+      for (int r = r0; r < r1; r++) w->h[(size_t)t * I + r] = silu(gu[r]) * gu[I + r];
+    }
+  }
+  for (int t = 0; t < g->nt; t++) {
+    const size_t at = (size_t)t * I;
+    w->hd[(size_t)t * nbi + b] = quantize_block(w->h + at + lo, hi - lo, w->hq + at + lo, w->hs + (size_t)t * nbi + b);
+    transpose_block(w->hq + at, I, b, w->ht + at);
   }
 }
 
-static void share_down(void *arg, int item, int worker) {
+static void share_item(void *arg, int item, int worker) {
   share_job *j = (share_job *)arg;
-  const int H = j->L->hidden, r0 = item * DOWN_CHUNK, r1 = imin(r0 + DOWN_CHUNK, H);
   scratch ws = job_scratch(j, worker);
-  mat_rows(&j->md, r0, r1, &j->ah, NULL, j->yd, (size_t)H, &ws);
+  if (item < j->n_gu) {
+    int k = 0;
+    while (item >= j->g[k].first + j->g[k].n_gu) k++;
+    share_group *g = &j->g[k];
+    share_gate_up(j, g, g->w->blocks[item - g->first], &ws);
+    __atomic_fetch_sub(&g->gu_left, 1, __ATOMIC_RELEASE);
+    return;
+  }
+  item -= j->n_gu;
+  share_group *g = &j->g[item / j->n_dn];
+  /* every gate_up item was handed out before this one: their workers are running them */
+  while (__atomic_load_n(&g->gu_left, __ATOMIC_ACQUIRE)) CPU_RELAX();
+  const int H = j->L->hidden, r0 = item % j->n_dn * DOWN_CHUNK, r1 = imin(r0 + DOWN_CHUNK, H);
+  mat_rows(&g->md, r0, r1, &g->ah, NULL, g->yd, (size_t)H, &ws);
 }
 
-/* y[t][H] = the CPU share (i % pd >= cut) of expert `base` applied to x[t][H], for nt <= w->ntok
-   tokens read from the expert's bytes once, as exact float64 sums (multiples of 2^-32): the
-   GPU adds its complement to them without rounding. Each token's sums are those of its share
-   alone: the integer dot products of one row do not depend on the other tokens. The team `p`
-   (at most the threads `w` has scratch for) runs the rows. */
-static void expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, const float *const *x, int nt, int cut,
-                         int pd, double *const *y, pool *p, share_ws *w) {
+/* The shares of n <= MAX_GROUPS experts (each nt <= w->ntok tokens, read from the expert's bytes
+   once) as exact float64 sums (multiples of 2^-32): the GPU adds its complement to them without
+   rounding. Each token's sums are those of its share alone: the integer dot products of one row
+   do not depend on the other tokens, nor on the other experts of the job. The team `p` (at most
+   the threads `w` has scratch for) runs the items. */
+static void expert_shares(const share_req *req, int n, const moe_cpu_expert_layout *L, int pd, pool *p, share_ws *w) {
   const int H = L->hidden, I = L->intermediate, Ggu = H / L->gs_gate_up, Gdn = I / L->gs_down;
   const int nbh = (H + QB - 1) / QB, nbi = (I + QB - 1) / QB;
-  share_job j = {.L = L, .w = w, .nt = nt, .cut = cut, .pd = pd};
+  share_job j = {.L = L, .w = w, .ng = n, .pd = pd, .n_dn = (H + DOWN_CHUNK - 1) / DOWN_CHUNK};
   j.maxcols = H > I ? H : I, j.maxG = Ggu > Gdn ? Ggu : Gdn;
-  expert_mats(L, base, &j.mg, &j.md);
-  if (L->bits != 3 || packed3_layout(&j.md)) j.md.skip = cut / QB; /* h is zero outside the share: read down's bytes [cut, pd) only */
-  for (int t = 0; t < nt; t++) {
-    quantize_act(x[t], H, w->xq + (size_t)t * H, w->xd + (size_t)t * nbh, w->xs + (size_t)t * nbh);
-    transpose_act(w->xq + (size_t)t * H, H, w->xt + (size_t)t * H);
+  for (int k = 0; k < n; k++) {
+    share_group *g = &j.g[k];
+    group_ws *gw = g->w = &w->g[k];
+    const share_req *r = &req[k];
+    g->nt = r->nt, g->cut = r->cut;
+    expert_mats(L, r->base, &g->mg, &g->md);
+    if (L->bits != 3 || packed3_layout(&g->md)) g->md.skip = r->cut / QB; /* h is zero outside the share: read down's bytes [cut, pd) only */
+    /* the same tokens as the group before (a token's top-k experts): its int8 x */
+    const int same = k > 0 && r->nt == req[k - 1].nt && !memcmp(r->x, req[k - 1].x, sizeof(*r->x) * (size_t)r->nt);
+    if (same) {
+      g->ax = j.g[k - 1].ax;
+    } else {
+      for (int t = 0; t < r->nt; t++) {
+        quantize_act(r->x[t], H, gw->xq + (size_t)t * H, gw->xd + (size_t)t * nbh, gw->xs + (size_t)t * nbh);
+        transpose_act(gw->xq + (size_t)t * H, H, gw->xt + (size_t)t * H);
+      }
+      g->ax = (qact){r->nt, H, nbh, gw->xq, gw->xd, gw->xs, gw->xt};
+    }
+    g->ah = (qact){r->nt, I, nbi, gw->hq, gw->hd, gw->hs, gw->ht};
+    g->yd = r->nt == 1 ? r->y[0] : gw->yd; /* one token: straight into its row */
+    g->n_gu = 0;
+    for (int b = 0; b < nbi; b++) { /* blocks holding a row i with i % pd >= cut */
+      const int lo = b * QB, last = imin(lo + QB, I) - 1; /* a block across two planes holds a plane's end */
+      if (r->cut < pd && (lo / pd != last / pd || last % pd >= r->cut)) gw->blocks[g->n_gu++] = b;
+    }
+    if (r->cut > 0) { /* rows and blocks outside the share are zero activations */
+      memset(gw->h, 0, sizeof(float) * (size_t)r->nt * I);
+      memset(gw->hq, 0, (size_t)r->nt * I);
+      memset(gw->ht, 0, (size_t)r->nt * I);
+      memset(gw->hd, 0, sizeof(float) * (size_t)r->nt * nbi);
+      memset(gw->hs, 0, sizeof(float) * (size_t)r->nt * nbi);
+    }
+    g->first = j.n_gu;
+    g->gu_left = g->n_gu;
+    j.n_gu += g->n_gu;
   }
-  j.ax = (qact){nt, H, nbh, w->xq, w->xd, w->xs, w->xt};
-  j.chunks = (pd - cut + GU_CHUNK - 1) / GU_CHUNK; /* rows [q*pd + cut, (q+1)*pd) of each plane q */
-  j.yd = nt == 1 ? y[0] : w->yd;                   /* one token: straight into its row */
-  memset(w->h, 0, sizeof(float) * (size_t)nt * I);
-  pool_run(p, share_gate_up, &j, (I / pd) * j.chunks);
-  for (int t = 0; t < nt; t++) {
-    quantize_act(w->h + (size_t)t * I, I, w->hq + (size_t)t * I, w->hd + (size_t)t * nbi, w->hs + (size_t)t * nbi);
-    transpose_act(w->hq + (size_t)t * I, I, w->ht + (size_t)t * I);
-  }
-  j.ah = (qact){nt, I, nbi, w->hq, w->hd, w->hs, w->ht};
-  pool_run(p, share_down, &j, (H + DOWN_CHUNK - 1) / DOWN_CHUNK);
-  if (nt > 1)
-    for (int t = 0; t < nt; t++) memcpy(y[t], w->yd + (size_t)t * H, sizeof(double) * (size_t)H);
+  pool_run(p, share_item, &j, j.n_gu + n * j.n_dn);
+  for (int k = 0; k < n; k++)
+    if (req[k].nt > 1)
+      for (int t = 0; t < req[k].nt; t++) memcpy(req[k].y[t], j.g[k].yd + (size_t)t * H, sizeof(double) * (size_t)H);
 }
 
 /* One expert's CPU share outside the serving loop (tests), on a team of `threads` made for it. */
@@ -290,7 +367,8 @@ int moe_split_expert_share(const uint8_t *base, const moe_cpu_expert_layout *L, 
   if (rc) return rc;
   pool p;
   pool_start(&p, threads);
-  expert_share(base, L, &x, 1, cut, pd, &y, &p, &w);
+  const share_req req = {base, &x, &y, 1, cut};
+  expert_shares(&req, 1, L, pd, &p, &w);
   pool_stop(&p);
   free(mem);
   return MOE_CPU_OK;
@@ -323,6 +401,14 @@ static int serve_start(const moe_split_ctx *c, int threads, share_ws *w, void **
   return share_ws_alloc(&c->layout, threads, c->tokens, w, mem);
 }
 
+/* A job of the serving loop, its time counted (stats[2]). */
+static void run_job(const share_req *req, int n, const moe_split_ctx *c, pool *team, share_ws *w) {
+  if (n < 1) return;
+  const double t0 = now_s();
+  expert_shares(req, n, &c->layout, c->pd, team, w);
+  c->stats[2] += (int64_t)((now_s() - t0) * 1e9);
+}
+
 int moe_split_serve(const moe_split_ctx *c) {
   const int threads = c->threads < 1 ? 1 : c->threads, H = c->layout.hidden, P = c->positions;
   share_ws w;
@@ -335,7 +421,7 @@ int moe_split_serve(const moe_split_ctx *c) {
   pool team;
   pool_start(&team, threads);
   *c->started = 1;
-  const int64_t gu_bytes = c->layout.off[4] - c->layout.off[0];
+  const int64_t gu_bytes = c->layout.off[4] - c->layout.off[0], dn_bytes = c->layout.off[7] - c->layout.off[4];
   int r = 0;
   double last = now_s(); /* when the last flag was served */
   while (!*c->stop) {
@@ -368,31 +454,36 @@ int moe_split_serve(const moe_split_ctx *c) {
     /* the positions of one missed expert (one per row that routes to it, all with the layer's
        cut) are computed together: the expert's bytes are read once for all of them */
     uint8_t taken[MAX_POSITIONS] = {0}; /* n <= P <= MAX_POSITIONS */
+    const float *xs_of[MAX_POSITIONS];
+    double *ys_of[MAX_POSITIONS];
+    share_req req[MAX_GROUPS];
+    int ng = 0, used = 0; /* experts in the job, positions they hold */
     for (int j = 0; j < n; j++) {
       const int cut = cuts[j];
       if (taken[j] || cut >= c->pd) continue;
       const int e = ids[j];
       /* cannot happen: the GPU wrote them */
       if (e < 0 || e >= c->experts || cut < 0) continue;
-      const float *xs_of[MAX_POSITIONS];
-      double *ys_of[MAX_POSITIONS];
       int nt = 0;
       for (int q = j; q < n && nt < w.ntok; q++) {
         if (taken[q] || ids[q] != e || cuts[q] != cut || toks[q] < 0 || toks[q] >= c->tokens) continue;
         taken[q] = 1;
-        xs_of[nt] = xs + (size_t)toks[q] * H;
-        ys_of[nt++] = y + (size_t)q * H;
+        xs_of[used + nt] = xs + (size_t)toks[q] * H;
+        ys_of[used + nt++] = y + (size_t)q * H;
       }
       if (!nt) continue;
-      const double t0 = now_s();
       const uint8_t *base = (const uint8_t *)(uintptr_t)c->addr[(size_t)r * c->experts + e];
-      expert_share(base, &c->layout, xs_of, nt, cut, c->pd, ys_of, &team, &w);
+      req[ng++] = (share_req){base, xs_of + used, ys_of + used, nt, cut};
+      used += nt;
       c->stats[0] += 1;
-      const int64_t dn_bytes = c->layout.off[7] - c->layout.off[4];
       c->stats[1] += (gu_bytes + (c->layout.bits != 3 ? dn_bytes : 0)) * (c->pd - cut) / c->pd +
                      (c->layout.bits != 3 ? 0 : dn_bytes);
-      c->stats[2] += (int64_t)((now_s() - t0) * 1e9);
+      if (ng == MAX_GROUPS) {
+        run_job(req, ng, c, &team, &w);
+        ng = used = 0;
+      }
     }
+    run_job(req, ng, c, &team, &w);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     c->dones[(size_t)r * WORD_STRIDE] = 1;
     r = (r + 1) % c->rows;
