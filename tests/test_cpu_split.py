@@ -97,7 +97,9 @@ def test_shares_over_runs_of_blocks_are_the_exact_model(bits, inter):
         assert np.array_equal(got.numpy(), exact_expert.expert(buf, fmt, x, keep=neuron >= cut)), cut
 
 
-@pytest.mark.parametrize(("bits", "inter", "pd", "cuts"), [(2, 512, 128, (8, 40, 100)), (2, 64, 16, (4, 12)), (3, 64, 16, (4, 12))])
+@pytest.mark.parametrize(
+    ("bits", "inter", "pd", "cuts"), [(2, 512, 128, (8, 40, 100)), (2, 64, 16, (4, 12)), (3, 64, 16, (4, 12))]
+)
 def test_shares_cut_inside_a_block_are_the_exact_model(bits, inter, pd, cuts):
     """Each gate_up item is one block of 32 neurons of h: a cut inside a block, or planes shorter
     than a block (one block then holds the share's neurons of two planes), leave the block's
