@@ -39,6 +39,21 @@ def test_auto_is_compared_with_the_better_road_at_each_budget():
     assert target["met"] is False and target["missed_by"] == pytest.approx(1 - 17 / 18)
 
 
+def test_a_budget_where_every_expert_is_resident_has_one_road():
+    """With every expert resident in the three rows nothing misses, so off, all and auto run the
+    same program: that budget's ratio is reported but decides nothing."""
+    rows = [_row("full", 60.0), _row("full-cpu-off", 30.0), _row("full-cpu-all", 50.0)]
+    same = [_row(n, t, 16 * GIB) | {"hit_rate": 1.0, "cpu_expert_calls_per_token": 0.0}
+            for n, t in (("full-16GiB", 308.2), ("full-cpu-off-16GiB", 308.4), ("full-cpu-all-16GiB", 308.3))]  # fmt: skip
+    run = summarize(_run(rows + same))
+    by_budget = {c["budget_bytes"]: c for c in run["auto_vs_roads"]}
+    assert by_budget[16 * GIB]["one_road"] and by_budget[16 * GIB]["auto_vs_best"] == pytest.approx(308.2 / 308.4)
+    assert not by_budget[12 * GIB]["one_road"]
+    assert run["auto_vs_best_road"] == pytest.approx(60 / 50)
+    same[1]["cpu_expert_calls_per_token"] = 0.5  # a row that computed on the CPU: two roads again
+    assert summarize(_run(rows + same))["auto_vs_best_road"] == pytest.approx(308.2 / 308.4)
+
+
 def test_without_the_three_rows_there_is_no_verdict():
     run = summarize(_run([_row("full", 60.0), _row("full-cpu-all", 50.0)]))
     assert run["auto_vs_roads"] == [] and run["auto_vs_best_road"] is None
