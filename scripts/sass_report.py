@@ -99,7 +99,7 @@ def main() -> None:
             label = f"{bits}-bit {name} {consts['BLOCK_N']} rows x {consts['BLOCK_P']} B x {consts['num_warps']} warps"
             report(k, label, args.dump)
     spec = QuantSpec(4, 64, 6144, 4096)  # q+k+v of Mixtral-8x7B as one matrix
-    _, ints, consts = tg._launch(spec, False, 1, None, True)
+    _, ints, consts = tg._launch(spec, False, 1)
     values = dict(zip(("N", "P", "P1", "G", "stride_q", "p_split", "stride_split"), ints, strict=True))
     report(build(gemv_i8._qgemv_i8_kernel, consts, "*bf16", values), "4-bit dense [6144, 4096]", args.dump)
 

@@ -22,7 +22,6 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 import moe_llm.experts  # noqa: F401
 from moe_llm.kernels import gemv_i8 as gi
-from moe_llm.kernels import triton_gemv as tg
 from moe_llm.kernels import triton_moe as tm
 from moe_llm.kernels import triton_moe_rows as tr
 from moe_llm.kernels import triton_trunk as tt
@@ -55,11 +54,9 @@ target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
 
 
-def ttir(fn, consts, fp_x=False, ptr=None, gluon=False, warps=4):
+def ttir(fn, consts, ptr=None, gluon=False, warps=4):
     """The kernel's IR: TTIR, or for a Gluon kernel the TTGIR its source gives (`gluon`)."""
     sig = {n: "constexpr" if n in consts else (ptr or PTR).get(n, "i32") for n in fn.arg_names}
-    if fp_x:
-        sig["x_ptr"] = "*fp32"
     source = GluonASTSource if gluon else ASTSource
     src = source(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     ctx = ir.context()
@@ -72,9 +69,6 @@ def ttir(fn, consts, fp_x=False, ptr=None, gluon=False, warps=4):
 
 
 out = []
-for bits, glu, magic in itertools.product((2, 3, 4), (False, True), (True, False)):
-    c = dict(BITS=bits, GROUP=64, BLOCK_N=16, BLOCK_P=256, GLU=glu, UNROLL=1, MAGIC=magic, ROW_META=True)
-    out.append((f"qgemv {c}", ttir(tg._qgemv_kernel, c, fp_x=True)))
 for bits, glu, bp, rows, warps in itertools.product((2, 3, 4), (False, True), (256, 1024), (2, 8), (1, 2)):
     c = dict(BITS=bits, GROUP=64, QB=32, BLOCK_N=rows, BLOCK_P=bp, GLU=glu, ROW_META=True,
              L3=gi.tile_layout(rows, bp // 32, 8, warps))  # fmt: skip

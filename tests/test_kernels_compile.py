@@ -78,7 +78,7 @@ def test_routed_expert_kernels_build(name, fmt):
 )  # fmt: skip
 def test_dense_int8_kernels_build(spec):
     """One matrix (o_proj, the LM head) and the q/k/v group, as `linear` and `GemvGroup` launch them."""
-    consts = tg._launch(spec, False, 1, None, True)[2]
+    consts = tg._launch(spec, False, 1)[2]
     kernel = _compile(gemv_i8._qgemv_i8_kernel, consts, "*bf16", gluon=True)
     assert kernel.metadata.shared == 0
     group = {k: v for k, v in consts.items() if k != "GLU"}
@@ -96,8 +96,6 @@ def _other_kernels():
 
     bf16, f32, f64, i32, i64 = "*bf16", "*fp32", "*fp64", "*i32", "*i64"
     spec = QuantSpec(2, 32, 14336, 4096)
-    float_gemv = tg._launch(QuantSpec(4, 64, 4096, 4096), False, None)[2]
-    yield tg._qgemv_kernel, {"x_ptr": bf16, "out_ptr": f32}, float_gemv
     for x in (bf16, f32):  # x of gate_up, h of down
         yield tg._quant_kernel, {"x_ptr": x, "xq_ptr": i32, "dx_ptr": f32, "xs_ptr": f32}, {"QB": 32, "BLOCK": 1024}
     for cpu in (False, True):

@@ -48,7 +48,7 @@ class GemvGroup:
         self.meta = torch.tensor(self.rows + [0] * pad + out_rows + [0] * pad, dtype=torch.int32, device=dev)
         self.grid = (sum(blocks), 1)
         spec = QuantSpec(s0.bits, s0.group_size, self.bn, s0.in_features)  # the shape of one row block
-        _, args, consts = _launch(spec, False, 1, self.bn, True)
+        _, args, consts = _launch(spec, False, 1, self.bn)
         self.args = args[1:6]  # P, P1, G, stride_q, p_split
         self.consts = {k: v for k, v in consts.items() if k != "GLU"}
         self.consts["L1"] = gl.BlockedLayout([1], [32], [consts["num_warps"]], [0])  # of the member table

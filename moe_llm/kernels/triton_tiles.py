@@ -1,7 +1,6 @@
-"""Tile dot products in plain Triton: one tile of BLOCK_N packed rows times float activations
-(`_tile_dot`, the float loop of `triton_gemv`), and the pieces of the exact int8 arithmetic
-that the batched rows kernel (`triton_moe_rows`) uses: the group scales, the tile's int32 words,
-a plane's codes and one row's block sums (`gemv_i8` is the lone token's Gluon version)."""
+"""The pieces of the exact int8 arithmetic in plain Triton that the batched rows kernel
+(`triton_moe_rows`) uses: the group scales, the tile's int32 words, a plane's codes and one
+row's block sums (`gemv_i8` is the lone token's Gluon version)."""
 
 from __future__ import annotations
 
@@ -34,53 +33,6 @@ def _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NB: tl.constexpr,
     scale = _add_rn(tl.load(sq_ptr + gidx, mask=m2, other=0).to(tl.float32) * s_step, s_min)
     zero = _add_rn(tl.load(zq_ptr + gidx, mask=m2, other=0).to(tl.float32) * z_step, z_min)
     return scale, zero
-
-
-@triton.jit
-def _tile_dot(
-    x_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, row_off, gbase, mask, p0, P, P1,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, MAGIC: tl.constexpr,
-    ROW_META: tl.constexpr,
-):  # fmt: skip
-    """sum over the columns encoded by packed bytes [p0, p0 + BLOCK_P) of W[rows] * x -> [BLOCK_N].
-    Each column tile splits into NG runs of SUB columns, each inside one group, so
-    code * x is reduced per (row, run) and scaled once per run. Rows outside `mask`
-    contribute 0 (their scale loads as 0)."""
-    MB: tl.constexpr = 4 if BITS == 4 else 2  # bits per code in the main plane
-    PER: tl.constexpr = 8 // MB  # codes per byte of the main plane
-    CODE_MASK: tl.constexpr = (1 << MB) - 1
-    SUB: tl.constexpr = GROUP if GROUP < BLOCK_P else BLOCK_P
-    NG: tl.constexpr = BLOCK_P // SUB
-    offs = tl.arange(0, BLOCK_P)
-    byte = tl.load(q_ptr + row_off[:, None] + p0 + offs[None, :], mask=mask[:, None], other=0).to(tl.int32)
-    if BITS == 3:
-        # high bit of column c sits in byte c % P1 of the 1-bit plane, bit c // P1
-        hi_byte = tl.load(q_ptr + row_off[:, None] + P + (p0 % P1) + offs[None, :], mask=mask[:, None], other=0)
-        hi_byte = hi_byte.to(tl.int32)
-        hi_sel = (p0 >= P1).to(tl.int32)
-    CB: tl.constexpr = 3 if BITS == 3 else MB  # bits of one code
-    acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-    for j in tl.static_range(PER):
-        col0 = j * P + p0
-        xv = tl.load(x_ptr + col0 + offs).to(tl.float32)  # [BLOCK_P]
-        sx = tl.sum(tl.reshape(xv, (NG, SUB)), axis=1)  # [NG]
-        if MAGIC:
-            # int->float conversion runs at a quarter of the FMA rate: instead, place the code in
-            # the top mantissa bits of 1.0, f = 1 + code / 2**CB exactly, and take sum(f*x) - sum(x)
-            bits = ((byte >> (MB * j)) & CODE_MASK) << (23 - CB)
-            if BITS == 3:
-                bits = bits | (((hi_byte >> (2 * j + hi_sel)) & 1) << 22)
-            f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
-            fx = tl.sum(tl.reshape(f * xv[None, :], (BLOCK_N, NG, SUB)), axis=2)  # [BLOCK_N, NG]
-            cx = (fx - sx[None, :]) * (1 << CB)
-        else:
-            code = (byte >> (MB * j)) & CODE_MASK
-            if BITS == 3:
-                code = code | (((hi_byte >> (2 * j + hi_sel)) & 1) << 2)
-            cx = tl.sum(tl.reshape(code.to(tl.float32) * xv[None, :], (BLOCK_N, NG, SUB)), axis=2)  # [BLOCK_N, NG]
-        scale, zero = _group_scales(sq_ptr, zq_ptr, meta_ptr, gbase, col0, mask, NG, SUB, GROUP, ROW_META)
-        acc += scale * (cx - zero * sx[None, :])
-    return tl.sum(acc, axis=1)
 
 
 @triton.jit
