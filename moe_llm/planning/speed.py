@@ -37,11 +37,11 @@ from typing import Any
 from ..errors import ConfigError
 from ..experts.roads import MODES, Roads, cpu_read_fraction, predicted_layer_s, take_table
 
-# The CPU road reads a missed expert at this fraction of the RAM read bandwidth. On the H200
-# host (16 cores) at tree bca5885, with every miss on the CPU, the engine's CPU threads read
-# 76 GB/s at 4 and 12 GiB and 66 at 2 GiB against the lease's 89.1 GB/s probe (0.74-0.85,
-# docs/benchmarks.md); on the 2-core development machine the kernel read 14.4 of 26.2 GB/s (55%).
-CPU_EFFICIENCY = 0.7
+# The CPU road reads a missed expert at this fraction of the RAM read bandwidth: the CPU kernel
+# read 14.4 of 26.2 GB/s (55%) with 2 threads on the 2-core development machine
+# (scripts/bench_cpu_kernel.py --bits 2 --threads 1 2); on the H200 host's 15 threads it reached
+# 38 GB/s in steady state at 4 GiB (docs/benchmarks.md).
+CPU_EFFICIENCY = 0.55
 # ...and at most this many GB/s per thread (the same run: 10.0 GB/s on one thread, 14.4 on two).
 CPU_GBPS_PER_THREAD = 7.0
 # What the decode kernels reach of the raw bandwidths (measured on the H200, docs/benchmarks.md):
