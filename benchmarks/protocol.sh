@@ -8,7 +8,7 @@
 #
 # Environment: OUT (results folder) [out], ROWS (moe-llm bench --rows) [the headline rows],
 # BUDGETS (the budgets besides 12 GiB) [16GiB 4GiB 2GiB], NCMOE (the -ncmoe sweep) [0 7 26 32],
-# TUNING [benchmarks/results/h200-kernel-tuning-gluon.json]
+# TUNING [benchmarks/results/h200-kernel-tuning-halfblock.json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -17,7 +17,7 @@ ROWS=${ROWS:-full,full-cpu-off,full-cpu-all,resident,full-16GiB,full-cpu-off-16G
 BUDGETS=${BUDGETS:-16GiB 4GiB 2GiB}
 extra=()
 for b in $BUDGETS; do extra+=(--extra-budget "$b"); done
-TUNING=${TUNING:-benchmarks/results/h200-kernel-tuning-gluon.json}
+TUNING=${TUNING:-benchmarks/results/h200-kernel-tuning-halfblock.json}
 GPU_TESTS=${GPU_TESTS:-tests/test_gpu_kernels.py tests/test_gpu_split.py tests/test_gpu_engine.py tests/test_batching_gpu.py}
 case "${1:-}" in
   prepare)

@@ -44,6 +44,8 @@ def build(fn, consts: dict, out: str, ints: dict):
     warps = consts.pop("num_warps")
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
+        if i in fn.constexprs and name in ints:  # the shapes, compiled in
+            consts[name] = ints[name]
         if name in consts:
             sig[name] = "constexpr"
         elif ints.get(name) == 1:

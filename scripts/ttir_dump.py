@@ -71,11 +71,11 @@ def ttir(fn, consts, ptr=None, gluon=False, warps=4):
 out = []
 for bits, glu, bp, rows, warps in itertools.product((2, 3, 4), (False, True), (256, 1024), (2, 8), (1, 2)):
     c = dict(BITS=bits, GROUP=64, QB=32, BLOCK_N=rows, BLOCK_P=bp, GLU=glu, ROW_META=True,
-             L3=gi.tile_layout(rows, bp // 32, 8, warps))  # fmt: skip
-    out.append((f"qgemv_i8 {c}", ttir(gi._qgemv_i8_kernel, c, gluon=True, warps=warps)))
+             L3=gi.tile_layout(rows, bp // 32, 8, warps), P=2048, P1=1024, G=128, stride_q=2048)  # fmt: skip
+    out.append((f"qgemv_i8 {c}", ttir(gi._qgemv_i8_kernel, dict(c, N=512), gluon=True, warps=warps)))
     for cpu in (False, True):
         cm = dict(c, CPU=cpu, OFF_Q=0, OFF_SQ=1024, OFF_ZQ=2048, OFF_META=4096)
-        out.append((f"moe_i8 {cm}", ttir(gi._moe_gemv_i8_kernel, cm, gluon=True, warps=warps)))
+        out.append((f"moe_i8 {cm}", ttir(gi._moe_gemv_i8_kernel, dict(cm, N=512), gluon=True, warps=warps)))
     if not glu:
         cg = dict(c, MP=4, L1=gl.BlockedLayout([1], [32], [warps], [0]))
         del cg["GLU"]

@@ -36,11 +36,11 @@ def _reference(fmt: ExpertFormat, bufs: list[torch.Tensor], x: torch.Tensor, w: 
 
 def _grids(quick: bool) -> tuple[list[dict], list[dict]]:
     """The gate_up and down settings swept (Tuning fields): byte tiles, rows and warps per program
-    (each thread holds whole 32-column blocks, `gemv_i8.tile_layout`; settings with fewer
+    (two lanes hold a 32-column block, `gemv_i8.tile_layout`; settings with fewer
     blocks than threads are left out) and down's K-splits."""
 
-    def fits(bp: int, rows: int, warps: int) -> bool:
-        return rows * (bp // 32) >= 32 * warps
+    def fits(bp: int, rows: int, warps: int) -> bool:  # two lanes a 32-column block
+        return rows * (bp // 32) * 2 >= 32 * warps
 
     gate_up = [
         dict(gate_up_block_p=bp, gate_up_rows=r, gate_up_warps=wp)

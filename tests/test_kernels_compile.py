@@ -5,8 +5,8 @@ builds, or that a new Triton release no longer accepts, before a GPU session spe
 on it. Each case takes its constexprs from the engine's own launch builders (`triton_moe._launch`
 with the built-in tiles, `triton_gemv._launch` for the dense int8 GEMVs, `GemvGroup`'s), for the
 Mixtral-8x7B shapes and tiny ones. The Gluon GEMVs (`kernels/gemv_i8.py`) must also use no shared
-memory: keeping each 32-column block in one thread's registers, with no layout moves through
-shared memory, is what made them fast.
+memory: keeping each 32-column block on one pair of lanes, whose sums meet by one shuffle, with
+no layout moves through shared memory, is what made them fast.
 """
 
 from __future__ import annotations
@@ -42,6 +42,13 @@ POINTERS = {  # pointer arguments by name; every other argument is an int32
 }  # fmt: skip
 
 
+SHAPES = ("N", "P", "P1", "G", "stride_q")  # the leading launch ints, compiled into the Gluon GEMVs
+
+
+def _shapes(ints: tuple, names=SHAPES) -> dict:
+    return {n: v for n, v in zip(SHAPES, ints, strict=False) if n in names}
+
+
 def _compile(fn, consts: dict, out: str, gluon: bool):
     consts = dict(consts)
     warps = consts.pop("num_warps", 4)
@@ -64,9 +71,9 @@ def test_routed_expert_kernels_build(name, fmt):
     rows kernel, with the tiles the engine takes for this width."""
     tuning = tm.default_tuning(fmt.bits)
     for proj, out in (("gate_up_proj", "*fp32"), ("down_proj", "*fp64")):
-        consts = tm._launch(fmt, proj, 2, tuning)[2]
+        _, ints, consts, _, _ = tm._launch(fmt, proj, 2, tuning)
         for cpu in (False, True):
-            kernel = _compile(gemv_i8._moe_gemv_i8_kernel, dict(consts, CPU=cpu), out, gluon=True)
+            kernel = _compile(gemv_i8._moe_gemv_i8_kernel, dict(consts, CPU=cpu, **_shapes(ints)), out, gluon=True)
             assert kernel.metadata.shared == 0, (name, proj, cpu)
         rows = {k: v for k, v in consts.items() if k not in ("QB", "L3")}
         _compile(tr._moe_rows_kernel, dict(rows, CPU=True, RB=4), out, gluon=False)
@@ -78,10 +85,10 @@ def test_routed_expert_kernels_build(name, fmt):
 )  # fmt: skip
 def test_dense_int8_kernels_build(spec):
     """One matrix (o_proj, the LM head) and the q/k/v group, as `linear` and `GemvGroup` launch them."""
-    consts = tg._launch(spec, False, 1)[2]
-    kernel = _compile(gemv_i8._qgemv_i8_kernel, consts, "*bf16", gluon=True)
+    _, ints, consts = tg._launch(spec, False, 1)
+    kernel = _compile(gemv_i8._qgemv_i8_kernel, dict(consts, **_shapes(ints)), "*bf16", gluon=True)
     assert kernel.metadata.shared == 0
-    group = {k: v for k, v in consts.items() if k != "GLU"}
+    group = {k: v for k, v in consts.items() if k != "GLU"} | _shapes(ints, SHAPES[1:])
     group.update(MP=4, L1=gl.BlockedLayout([1], [32], [consts["num_warps"]], [0]))
     kernel = _compile(gemv_i8._group_gemv_i8_kernel, group, "*bf16", gluon=True)
     assert kernel.metadata.shared == 0

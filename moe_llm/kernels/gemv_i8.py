@@ -34,17 +34,38 @@ _MAGIC_U8_F = gl.constexpr(8388608.0)
 
 
 def tile_layout(rows: int, blocks: int, words: int, num_warps: int) -> gl.BlockedLayout:
-    """The layout of a tile of `rows` rows x `blocks` blocks x `words` int32 words: each thread
-    holds whole blocks; the threads of a warp walk a row's blocks first (consecutive threads read
-    consecutive bytes), then rows; warps split the blocks, then the rows. Thread or warp counts
-    that the tile cannot use are given to rows as repeats (the tile then covers fewer rows per
-    repeat)."""
-    tb = min(32, blocks)
-    tr = 32 // tb
-    wb = min(num_warps, max(1, blocks // tb))
+    """The layout of a tile of `rows` rows x `blocks` blocks x `words` int32 words: a block of 8
+    words lies on two neighbouring lanes, 16 bytes each, so one 16-byte load of a warp reads 512
+    contiguous bytes (each sector once); the lanes walk a row's blocks first, then rows; warps
+    split the rows while each thread keeps two (for the epilogue to share out), then the blocks,
+    then the rows again. A thread holds its half-blocks of several rows (the rows
+    left over after lanes and warps), which the epilogue then shares out (`_epilogue_layout`).
+    Thread or warp counts that the tile cannot use are given to rows as repeats."""
+    h = 2 if words >= 8 else 1
+    tb = min(32 // h, blocks)
+    tr = 32 // (h * tb)
+    wr = min(num_warps, max(1, rows // (2 * tr)))  # warps take rows while each thread keeps two
+    wb = min(num_warps // wr, max(1, blocks // tb))
     wr = num_warps // wb
     spt_r = max(1, rows // (tr * wr))
-    return gl.BlockedLayout([spt_r, 1, words], [tr, tb, 1], [wr, wb, 1], [2, 1, 0])
+    return gl.BlockedLayout([spt_r, 1, words // h], [tr, tb, h], [wr, wb, 1], [2, 1, 0])
+
+
+@constexpr_function
+def _words_per_thread(l3):
+    return l3.size_per_thread[2]
+
+
+@constexpr_function
+def _epilogue_layout(l3):
+    """The [rows, blocks] layout the per-block epilogue runs in. After the sum over a block's two
+    half-blocks both lanes of the pair hold the block's sums for all of the thread's rows; where
+    the rows allow, the pair splits them (lane bit 0 becomes a row bit: no data moves), so each
+    block of each row is finished once. Otherwise both lanes finish it (the slice of the tile)."""
+    spt, tpw, wpc = l3.size_per_thread, l3.threads_per_warp, l3.warps_per_cta
+    if tpw[2] == 2 and tpw[0] == 1 and spt[0] % 2 == 0 and (wpc[0] == 1 or wpc[1] == 1):
+        return gl.BlockedLayout([spt[0] // 2, 1], [2, tpw[1]], [wpc[0], wpc[1]], [0, 1])
+    return gl.SliceLayout(2, l3)
 
 
 @constexpr_function
@@ -65,68 +86,91 @@ def _u8_float(v):
     return (v.to(gl.int32) | _MAGIC_U8).to(gl.float32, bitcast=True) - _MAGIC_U8_F
 
 
+@constexpr_function
+def _dp4a_chain(n):
+    """PTX for `pack` = n words of a block: one chain of dp4a into the first output (the others
+    are 0, which ptxas folds away in the sum over the words)."""
+    lines = [f"dp4a.u32.s32 $0, ${n}, ${2 * n}, 0;"]
+    lines += [f"dp4a.u32.s32 $0, ${n + i}, ${2 * n + i}, $0;" for i in range(1, n)]
+    lines += [f"mov.b32 ${i}, 0;" for i in range(1, n)]
+    return " ".join(lines)
+
+
+@constexpr_function
+def _chain_constraints(n):
+    return ",".join(["=r"] * n + ["r"] * (2 * n))
+
+
 @gluon.jit
-def _dot_blocks(codes, xw, SHIFT: gl.constexpr):
+def _dot_blocks(codes, xw, SHIFT: gl.constexpr, PACK: gl.constexpr):
     """Per (row, block): the dp4a sum of codes [R, B, W] (unsigned bytes, each code scaled by
-    2^SHIFT) with int8 activations xw [B, W], shifted back (exact: every term is a multiple)."""
+    2^SHIFT) with int8 activations xw [B, W], shifted back (exact: every term is a multiple).
+    A thread holds PACK consecutive words of a block, whose products accumulate in one dp4a chain."""
+    x3 = gl.expand_dims(xw, 0) + codes * 0  # broadcast to the codes' shape
     d = gl.inline_asm_elementwise(
-        "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [codes, gl.expand_dims(xw, 0), codes * 0],
-        dtype=gl.int32, is_pure=True, pack=1,
+        _dp4a_chain(PACK), _chain_constraints(PACK), [codes, x3], dtype=gl.int32, is_pure=True, pack=PACK,
     )  # fmt: skip
     return gl.sum(d, axis=2) >> SHIFT
 
 
 @gluon.jit
-def _block_isum(word, hi_word, hi_sel, xw, j: gl.constexpr, BITS: gl.constexpr):
+def _block_isum(word, hi_word, hi_sel, xw, j: gl.constexpr, BITS: gl.constexpr, PACK: gl.constexpr):
     """The exact integer dot products [R, B] of plane j's codes with one row's activations."""
     MB: gl.constexpr = 4 if BITS == 4 else 2
     LANE: gl.constexpr = 0x0F0F0F0F if MB == 4 else 0x03030303
-    isum = _dot_blocks(word & _lane_mask(LANE, MB * j), xw, MB * j)
+    isum = _dot_blocks(word & _lane_mask(LANE, MB * j), xw, MB * j, PACK)
     if BITS == 3:
         # the code's high bit: bit 2j + hi_sel of each byte of the 1-bit plane's words
-        hi = _dot_blocks(hi_word & (0x01010101 << (2 * j + hi_sel)), xw, 0)
+        hi = _dot_blocks(hi_word & (0x01010101 << (2 * j + hi_sel)), xw, 0, PACK)
         isum += (hi >> (2 * j + hi_sel)) << 2
     return isum
 
 
 @gluon.jit
 def _rows_i8(
-    xq_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, pid_n, pid_s, N, P, P1, G, stride_q, p_split,
-    stride_split, p_limit, BITS: gl.constexpr, GROUP: gl.constexpr, QB: gl.constexpr, BLOCK_N: gl.constexpr,
-    BLOCK_P: gl.constexpr, GLU: gl.constexpr, ROW_META: gl.constexpr, L3: gl.constexpr,
+    xq_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, pid_n, pid_s, N, P: gl.constexpr,
+    P1: gl.constexpr, G: gl.constexpr, stride_q: gl.constexpr, p_split, stride_split, p_limit, BITS: gl.constexpr,
+    GROUP: gl.constexpr, QB: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_P: gl.constexpr, GLU: gl.constexpr,
+    ROW_META: gl.constexpr, L3: gl.constexpr,
 ):  # fmt: skip
     """out[split, n] = sum_k W[n, k] x[k] over this split's bytes [pid_s * p_split, + p_split)
     (and below p_limit) for the BLOCK_N rows of row block pid_n, as float64 exact sums (times
     2^-32), or with GLU (W is [2N, K]: gate rows, then up rows) silu(gate) * up in float32."""
-    S: gl.constexpr = gl.SliceLayout(2, L3)  # [rows, blocks]
-    ROWS: gl.constexpr = gl.SliceLayout(1, S)
-    BLKS: gl.constexpr = gl.SliceLayout(0, S)
+    S: gl.constexpr = gl.SliceLayout(2, L3)  # [rows, blocks] of the codes' tile
+    E: gl.constexpr = _epilogue_layout(L3)  # [rows, blocks] of the epilogue
+    PACK: gl.constexpr = _words_per_thread(L3)
     XL: gl.constexpr = gl.SliceLayout(0, L3)  # [blocks, words] of the activations
     W: gl.constexpr = QB // 4
     NB: gl.constexpr = BLOCK_P // QB
     MB: gl.constexpr = 4 if BITS == 4 else 2
     PER: gl.constexpr = 8 // MB
-    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=ROWS)
-    row_mask = rows < N
-    rows_in = gl.minimum(rows, N - 1)  # rows past N read row N - 1 (never stored): no load masks
-    b = gl.arange(0, NB, layout=BLKS)
+    row0 = pid_n * BLOCK_N
+    rows_in = gl.minimum(row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S)), N - 1)  # rows past N read
+    # row N - 1 (never stored): no load masks
+    b = gl.arange(0, NB, layout=gl.SliceLayout(0, S))
     wi = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
     # loop-invariant pointers: each tile adds a scalar offset to them
     row_w = gl.expand_dims(gl.expand_dims((rows_in.to(gl.int64) * stride_q) >> 2, 1), 2)  # [R, 1, 1]
     tile_w = gl.expand_dims(gl.expand_dims(b * W, 0), 2) + gl.expand_dims(gl.expand_dims(wi, 0), 1)
     wp = q_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + row_w + tile_w  # [R, B, W] words
-    up_words = (N.to(gl.int64) * stride_q) >> 2  # gate row n's up row is n + N
+    up_words: gl.constexpr = (N * stride_q) >> 2 if GLU else 0  # gate row n's up row is n + N (GLU: N is a constant)
     xp = (
         xq_ptr
         + gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, XL)) * W, 1)
         + gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(0, XL)), 0)
     )  # [B, W] activation words
-    gbase = rows_in * G  # [R] first group of each row
-    g2 = gl.expand_dims(gbase, 1) + gl.expand_dims((b * QB) >> _log2(GROUP), 0)  # [R, B] group offsets
+    rows = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, E))
+    be = gl.arange(0, NB, layout=gl.SliceLayout(0, E))
+    gbase = gl.minimum(rows, N - 1) * G  # [R] first group of each row
+    g2 = gl.expand_dims(gbase, 1) + gl.expand_dims((be * QB) >> _log2(GROUP), 0)  # [R, B] group offsets
+    sq_t = sq_ptr + g2  # [R, B] each block's scale code at tile 0 of plane 0
+    zq_t = zq_ptr + g2
+    dx_t = dx_ptr + be  # [B] each block's activation scale at tile 0 of plane 0
+    xs_t = xs_ptr + be
     p_start = pid_s * p_split
     p_end = gl.minimum(p_start + p_split, p_limit)  # p_limit <= P: bytes past it are another road's
-    acc = gl.zeros([BLOCK_N, NB], gl.float64, layout=S)
-    acc_up = gl.zeros([BLOCK_N, NB], gl.float64, layout=S)
+    acc = gl.zeros([BLOCK_N, NB], gl.float64, layout=E)
+    acc_up = gl.zeros([BLOCK_N, NB], gl.float64, layout=E)
     for p0 in range(p_start, p_end, BLOCK_P):
         word = gl.load(wp + (p0 >> 2))
         up = word
@@ -140,27 +184,31 @@ def _rows_i8(
             hi_word = gl.load(wp + hi_off)
             if GLU:
                 hi_up = gl.load(wp + (up_words + hi_off))
+        # per-tile pointers; each plane j adds a constant (its columns start at j * P), so the
+        # plane loads take immediate offsets (P is a multiple of the tile, hence of QB)
+        xw_p = xp + (p0 >> 2)
+        dx_p = dx_t + (p0 >> _log2(QB))
+        xs_p = xs_t + (p0 >> _log2(QB))
+        g_tile = p0 >> _log2(GROUP)
         for j in gl.static_range(PER):
-            col0 = j * P + p0
-            xw = gl.load(xp + (col0 >> 2))  # [B, W] four int8 activations a word
-            blk = (col0 >> _log2(QB)) + b
-            dx = gl.expand_dims(gl.load(dx_ptr + blk), 0)
-            xs = gl.expand_dims(gl.load(xs_ptr + blk), 0)
-            g0 = col0 >> _log2(GROUP)
+            xw = gl.load(xw_p + (j * P) // 4)  # [B, W] four int8 activations a word
+            dx = gl.expand_dims(gl.load(dx_p + (j * P) // QB), 0)
+            xs = gl.expand_dims(gl.load(xs_p + (j * P) // QB), 0)
+            g0 = _plane_group(g_tile, p0, j * P, GROUP)
             acc += _block_terms(
-                _block_isum(word, hi_word, hi_sel, xw, j, BITS), g2 + g0, gbase + g0, dx, xs, sq_ptr, zq_ptr,
-                meta_ptr, ROW_META,
+                gl.convert_layout(_block_isum(word, hi_word, hi_sel, xw, j, BITS, PACK), E), sq_t + g0, zq_t + g0, g2 + g0, gbase + g0, dx,
+                xs, meta_ptr, ROW_META,
             )  # fmt: skip
             if GLU:
                 acc_up += _block_terms(
-                    _block_isum(up, hi_up, hi_sel, xw, j, BITS), g2 + (g0 + N * G), gbase + (g0 + N * G), dx, xs,
-                    sq_ptr, zq_ptr, meta_ptr, ROW_META,
+                    gl.convert_layout(_block_isum(up, hi_up, hi_sel, xw, j, BITS, PACK), E), sq_t + (g0 + N * G), zq_t + (g0 + N * G),
+                    g2 + (g0 + N * G), gbase + (g0 + N * G), dx, xs, meta_ptr, ROW_META,
                 )  # fmt: skip
     y = gl.sum(acc, axis=1) * 2.3283064365386963e-10  # 2^-32: exact
     if GLU:
         y_up = gl.sum(acc_up, axis=1) * 2.3283064365386963e-10
         y = _silu_det(y.to(gl.float32)) * y_up.to(gl.float32)
-    gl.store(out_ptr + pid_s * stride_split + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+    gl.store(out_ptr + pid_s * stride_split + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
 @gluon.jit
@@ -173,18 +221,37 @@ def _load4(ptr):
     )  # fmt: skip
 
 
+@constexpr_function
+def _const_group(c, group):
+    """Whether the columns at constant offset c start a group (c // group is then exact)."""
+    return c % group == 0
+
+
 @gluon.jit
-def _block_terms(isum, gidx, g_first, dx, xs, sq_ptr, zq_ptr, meta_ptr, ROW_META: gl.constexpr):
-    """rint(isum * (s * dx)) - rint((s * z) * xs) in float64 [R, B] (gidx: each block's group,
-    g_first [R]: each row's first group of the tile): s and z expanded from their 8-bit codes
-    with the float32 (min, step) of their run of 128 groups, as the CPU does."""
+def _plane_group(g_tile, p0, c: gl.constexpr, GROUP: gl.constexpr):
+    """The group of column c + p0 (p0 a tile start, g_tile = p0 // GROUP): a constant offset from
+    g_tile when c starts a group."""
+    if _const_group(c, GROUP):
+        g = g_tile + c // GROUP
+    else:
+        g = (p0 + c) >> _log2(GROUP)
+    return g
+
+
+@gluon.jit
+def _block_terms(isum, sqp, zqp, gidx, g_first, dx, xs, meta_ptr, ROW_META: gl.constexpr):
+    """rint(isum * (s * dx)) - rint((s * z) * xs) in float64 [R, B] (sqp, zqp: each block's
+    scale and zero codes, gidx: each block's group, g_first [R]: each row's first group of the
+    tile): s and z
+    expanded from their 8-bit codes with the float32 (min, step) of their run of 128 groups, as
+    the CPU does."""
     if ROW_META:  # the tile's groups of a row share one run
         m = gl.expand_dims((g_first >> 7) << 2, 1)
     else:
         m = (gidx >> 7) << 2
     s_min, s_step, z_min, z_step = _load4(meta_ptr + m)
-    scale = _add_rn(_u8_float(gl.load(sq_ptr + gidx)) * s_step, s_min)
-    zero = _add_rn(_u8_float(gl.load(zq_ptr + gidx)) * z_step, z_min)
+    scale = _add_rn(_u8_float(gl.load(sqp)) * s_step, s_min)
+    zero = _add_rn(_u8_float(gl.load(zqp)) * z_step, z_min)
     f = (isum + _MAGIC_I).to(gl.float32, bitcast=True) - _MAGIC_F  # float(isum), exactly
     p = libdevice.rint(f * (scale * dx))
     q = libdevice.rint((scale * zero) * xs)
@@ -193,8 +260,9 @@ def _block_terms(isum, gidx, g_first, dx, xs, sq_ptr, zq_ptr, meta_ptr, ROW_META
 
 @gluon.jit
 def _moe_gemv_i8_kernel(
-    xq_ptr, x_stride, dx_ptr, xs_ptr, s_stride, idx_ptr, table_ptr, base_ptr, out_ptr, out_stride, N, P, P1, G,
-    stride_q, p_split, stride_split, pcut_ptr, PD, CPU: gl.constexpr,
+    xq_ptr, x_stride, dx_ptr, xs_ptr, s_stride, idx_ptr, table_ptr, base_ptr, out_ptr, out_stride, N: gl.constexpr,
+    P: gl.constexpr, P1: gl.constexpr, G: gl.constexpr, stride_q: gl.constexpr, p_split, stride_split, pcut_ptr, PD,
+    CPU: gl.constexpr,
     OFF_Q: gl.constexpr, OFF_SQ: gl.constexpr, OFF_ZQ: gl.constexpr, OFF_META: gl.constexpr,
     BITS: gl.constexpr, GROUP: gl.constexpr, QB: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_P: gl.constexpr,
     GLU: gl.constexpr, ROW_META: gl.constexpr, L3: gl.constexpr,
@@ -216,8 +284,9 @@ def _moe_gemv_i8_kernel(
 
 @gluon.jit
 def _qgemv_i8_kernel(
-    xq_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N, P, P1, G, stride_q, p_split, stride_split,
-    x_stride, s_stride, out_stride, BITS: gl.constexpr, GROUP: gl.constexpr, QB: gl.constexpr,
+    xq_ptr, dx_ptr, xs_ptr, q_ptr, sq_ptr, zq_ptr, meta_ptr, out_ptr, N: gl.constexpr, P: gl.constexpr,
+    P1: gl.constexpr, G: gl.constexpr, stride_q: gl.constexpr, p_split, stride_split, x_stride, s_stride, out_stride,
+    BITS: gl.constexpr, GROUP: gl.constexpr, QB: gl.constexpr,
     BLOCK_N: gl.constexpr, BLOCK_P: gl.constexpr, GLU: gl.constexpr, ROW_META: gl.constexpr, L3: gl.constexpr,
 ):  # fmt: skip
     """One matrix whose tensors are passed as pointers (attention, the LM head, tests): input row
@@ -232,8 +301,8 @@ def _qgemv_i8_kernel(
 
 @gluon.jit
 def _group_gemv_i8_kernel(
-    xq_ptr, dx_ptr, xs_ptr, base_ptr, table_ptr, start_ptr, rows_ptr, out_ptr, P, P1, G, stride_q, p_split,
-    x_stride, s_stride, out_stride, BITS: gl.constexpr, GROUP: gl.constexpr, QB: gl.constexpr,
+    xq_ptr, dx_ptr, xs_ptr, base_ptr, table_ptr, start_ptr, rows_ptr, out_ptr, P: gl.constexpr, P1: gl.constexpr,
+    G: gl.constexpr, stride_q: gl.constexpr, p_split, x_stride, s_stride, out_stride, BITS: gl.constexpr, GROUP: gl.constexpr, QB: gl.constexpr,
     BLOCK_N: gl.constexpr, BLOCK_P: gl.constexpr, ROW_META: gl.constexpr, L3: gl.constexpr, MP: gl.constexpr,
     L1: gl.constexpr,
 ):  # fmt: skip

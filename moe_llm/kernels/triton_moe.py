@@ -41,8 +41,9 @@ class Tuning:
     """Tile shapes of the two expert GEMVs (`gemv_i8`; swept on an H200 with scripts/tune_moe.py,
     each GEMV timed in a CUDA graph over 8 layers' distinct experts): rows and warps per
     program, the widest packed-byte tile of a row, and down_proj's K-splits. The field defaults
-    are the 2-bit best of benchmarks/results/h200-kernel-tuning-gluon.json (a layer of two
-    experts in HBM 53.2 us, 2.10 TB/s); `default_tuning` has the 3-bit one."""
+    are the 2-bit tiles of benchmarks/results/h200-kernel-tuning-halfblock.json (a layer of two
+    experts in HBM 49.9 us, 2.24 TB/s; its best, 4 gate_up rows on 2 warps, was 0.1% faster);
+    `default_tuning` has the 3-bit best."""
 
     gate_up_rows: int = 2
     down_rows: int = 2
@@ -69,8 +70,8 @@ class Tuning:
         return replace(base, **{f.name: entry[f.name] for f in fields(cls) if f.name in entry})
 
 
-# the 3-bit best of the same sweep (a layer 82.5 us, 1.74 TB/s)
-_MEASURED = {3: Tuning(gate_up_rows=2, gate_up_warps=1, gate_up_block_p=1024, down_rows=8, down_warps=2, down_split=2)}
+# the 3-bit best of the same sweep (a layer 72.0 us, 2.00 TB/s)
+_MEASURED = {3: Tuning(gate_up_rows=4, gate_up_warps=2, gate_up_block_p=512, down_rows=2, down_warps=1, down_split=1)}
 
 
 def default_tuning(bits: int) -> Tuning:
