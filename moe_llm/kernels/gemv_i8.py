@@ -41,11 +41,10 @@ _MAGIC_U8_F = gl.constexpr(8388608.0)
 def tile_layout(rows: int, blocks: int, words: int, num_warps: int) -> gl.BlockedLayout:
     """The layout of a tile of `rows` rows x `blocks` blocks x `words` int32 words: a block of 8
     words lies on two neighbouring lanes, 16 bytes each, so one 16-byte load of a warp reads 512
-    contiguous bytes (each sector once); the lanes walk a row's blocks first, then rows; warps
-    split the rows while each thread keeps two (for the epilogue to share out), then the blocks,
-    then the rows again. A thread holds its half-blocks of several rows (the rows
-    left over after lanes and warps), which the epilogue then shares out (`_epilogue_layout`).
-    Thread or warp counts that the tile cannot use are given to rows as repeats."""
+    contiguous bytes (each sector once). The lanes walk a row's blocks first, then rows. Warps
+    take rows while each thread keeps two (which the epilogue shares out between the two lanes
+    of a block, `_epilogue_layout`), then blocks; warps the blocks cannot use take rows after
+    all. Thread or warp counts that the tile cannot use are given to rows as repeats."""
     h = 2 if words >= 8 else 1
     tb = min(32 // h, blocks)
     tr = 32 // (h * tb)
@@ -150,8 +149,8 @@ def _rows_i8(
     MB: gl.constexpr = 4 if BITS == 4 else 2
     PER: gl.constexpr = 8 // MB
     row0 = pid_n * BLOCK_N
-    rows_in = gl.minimum(row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S)), N - 1)  # rows past N read
-    # row N - 1 (never stored): no load masks
+    # rows past N read row N - 1 (never stored): no load masks
+    rows_in = gl.minimum(row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S)), N - 1)
     b = gl.arange(0, NB, layout=gl.SliceLayout(0, S))
     wi = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
     # loop-invariant pointers: each tile adds a scalar offset to them
@@ -200,15 +199,12 @@ def _rows_i8(
             dx = gl.expand_dims(gl.load(dx_p + (j * P) // QB), 0)
             xs = gl.expand_dims(gl.load(xs_p + (j * P) // QB), 0)
             g0 = _plane_group(g_tile, p0, j * P, GROUP)
-            acc += _block_terms(
-                gl.convert_layout(_block_isum(word, hi_word, hi_sel, xw, j, BITS, PACK), E), sq_t + g0, zq_t + g0, g2 + g0, gbase + g0, dx,
-                xs, meta_ptr, ROW_META,
-            )  # fmt: skip
+            isum = gl.convert_layout(_block_isum(word, hi_word, hi_sel, xw, j, BITS, PACK), E)
+            acc += _block_terms(isum, sq_t + g0, zq_t + g0, g2 + g0, gbase + g0, dx, xs, meta_ptr, ROW_META)
             if GLU:
-                acc_up += _block_terms(
-                    gl.convert_layout(_block_isum(up, hi_up, hi_sel, xw, j, BITS, PACK), E), sq_t + (g0 + N * G), zq_t + (g0 + N * G),
-                    g2 + (g0 + N * G), gbase + (g0 + N * G), dx, xs, meta_ptr, ROW_META,
-                )  # fmt: skip
+                gu = g0 + N * G  # the up rows' groups
+                isum = gl.convert_layout(_block_isum(up, hi_up, hi_sel, xw, j, BITS, PACK), E)
+                acc_up += _block_terms(isum, sq_t + gu, zq_t + gu, g2 + gu, gbase + gu, dx, xs, meta_ptr, ROW_META)
     y = gl.sum(acc, axis=1) * 2.3283064365386963e-10  # 2^-32: exact
     if GLU:
         y_up = gl.sum(acc_up, axis=1) * 2.3283064365386963e-10
@@ -226,17 +222,11 @@ def _load4(ptr):
     )  # fmt: skip
 
 
-@constexpr_function
-def _const_group(c, group):
-    """Whether the columns at constant offset c start a group (c // group is then exact)."""
-    return c % group == 0
-
-
 @gluon.jit
 def _plane_group(g_tile, p0, c: gl.constexpr, GROUP: gl.constexpr):
     """The group of column c + p0 (p0 a tile start, g_tile = p0 // GROUP): a constant offset from
     g_tile when c starts a group."""
-    if _const_group(c, GROUP):
+    if c % GROUP == 0:
         g = g_tile + c // GROUP
     else:
         g = (p0 + c) >> _log2(GROUP)
@@ -247,9 +237,8 @@ def _plane_group(g_tile, p0, c: gl.constexpr, GROUP: gl.constexpr):
 def _block_terms(isum, sqp, zqp, gidx, g_first, dx, xs, meta_ptr, ROW_META: gl.constexpr):
     """rint(isum * (s * dx)) - rint((s * z) * xs) in float64 [R, B] (sqp, zqp: each block's
     scale and zero codes, gidx: each block's group, g_first [R]: each row's first group of the
-    tile): s and z
-    expanded from their 8-bit codes with the float32 (min, step) of their run of 128 groups, as
-    the CPU does."""
+    tile): s and z expanded from their 8-bit codes with the float32 (min, step) of their run of
+    128 groups, as the CPU does."""
     if ROW_META:  # the tile's groups of a row share one run
         m = gl.expand_dims((g_first >> 7) << 2, 1)
     else:
@@ -307,7 +296,8 @@ def _qgemv_i8_kernel(
 @gluon.jit
 def _group_gemv_i8_kernel(
     xq_ptr, dx_ptr, xs_ptr, base_ptr, table_ptr, start_ptr, rows_ptr, out_ptr, P: gl.constexpr, P1: gl.constexpr,
-    G: gl.constexpr, stride_q: gl.constexpr, p_split, x_stride, s_stride, out_stride, BITS: gl.constexpr, GROUP: gl.constexpr, QB: gl.constexpr,
+    G: gl.constexpr, stride_q: gl.constexpr, p_split, x_stride, s_stride, out_stride, BITS: gl.constexpr,
+    GROUP: gl.constexpr, QB: gl.constexpr,
     BLOCK_N: gl.constexpr, BLOCK_P: gl.constexpr, ROW_META: gl.constexpr, L3: gl.constexpr, MP: gl.constexpr,
     L1: gl.constexpr,
 ):  # fmt: skip
